@@ -1,0 +1,34 @@
+# The README's commands. Each target sets up the virtual environment on first use.
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup demo test test-slow bench dashboard lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f .venv/.installed-* && touch $@
+
+# The main job on the embedded default (tiny backbones, CPU).
+demo: setup
+	$(PY) experiments/benchmarks/model_overhead.py --size tiny
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) experiments/benchmarks/model_overhead.py --size tiny
+
+dashboard: setup
+	@echo "MLflow dashboard: http://127.0.0.1:5000"
+	.venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+lint: setup
+	.venv/bin/ruff check coat experiments tests

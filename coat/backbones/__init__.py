@@ -1,0 +1,85 @@
+"""Backbones: one adapter per audio LLM, a registry, and `build_backbone(cfg)`.
+
+`backbone.size=tiny` builds a small random-weight instance of the real class (seeded, so the same config
+always gives the same weights); `size=real` loads `backbone.checkpoint` from a local path or the local hub
+cache, or without a checkpoint builds the 7B architecture with random weights (for benchmarks). Nothing is
+ever downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor
+
+from coat.backbones import audio_flamingo3, qwen2_5_omni, qwen2_audio
+from coat.backbones.base import Backbone, BackboneSpec, ThinkingTokens, add_thinking_tokens, find_llm
+from coat.backbones.tokenizer import train_tiny_tokenizer
+from coat.config import CoATConfig
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec for spec in (qwen2_audio.SPEC, qwen2_5_omni.SPEC, audio_flamingo3.SPEC)
+}
+
+__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "ThinkingTokens", "build_backbone"]
+
+
+def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backbone:
+    """The configured backbone on `device`, with `thinking.max_slots` thinking ids reserved in its tokenizer.
+
+    Random real-size weights are created on `device` directly (initialising 8 B parameters on a CPU takes
+    minutes).
+
+    Raises FileNotFoundError naming the checkpoint when it is neither a local path nor in the hub cache.
+    """
+    spec = BACKBONES[cfg.backbone.name]
+    dtype = getattr(torch, cfg.backbone.dtype)
+    if cfg.backbone.checkpoint is not None:
+        path = resolve_checkpoint(cfg.backbone.checkpoint)
+        model = spec.model_class.from_pretrained(path, dtype=dtype, local_files_only=True, device_map=device)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    elif cfg.backbone.size == "real":
+        with torch.device(device):
+            model = spec.model_class._from_config(spec.real_config(), dtype=dtype)
+        processor = None  # random real-size weights have no tokenizer of their own: benchmarks feed ids
+    else:
+        model, processor = _build_tiny(spec, cfg.backbone.seed, cfg.backbone.audio_window_s)
+        model = model.to(device=device, dtype=dtype)
+    model.eval()
+    thinking = (
+        add_thinking_tokens(processor.tokenizer, cfg.thinking.max_slots)
+        if processor is not None
+        else ThinkingTokens(first_id=model.config.get_text_config().vocab_size, max_slots=cfg.thinking.max_slots)
+    )
+    return Backbone(spec=spec, model=model, processor=processor, thinking=thinking, llm=find_llm(model))
+
+
+def _build_tiny(spec: BackboneSpec, seed: int, window_s: float):
+    from coat.data.synth import text_corpus
+
+    tokenizer = train_tiny_tokenizer(text_corpus(), list(spec.special_tokens), spec.named_tokens)
+    processor = spec.tiny_processor(tokenizer, window_s)
+    config = spec.tiny_config(tokenizer, window_s)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.model_class(config)
+    return model, processor
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """A local directory, or the snapshot of an already-cached hub id. Raises FileNotFoundError otherwise."""
+    if Path(checkpoint).is_dir():
+        return checkpoint
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(checkpoint, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError) as err:
+        raise FileNotFoundError(
+            f"backbone.checkpoint={checkpoint!r} is not a local directory nor a hub id in the local cache "
+            f"({err.__class__.__name__}). Nothing is downloaded at run time: copy the checkpoint to a local "
+            f"path (e.g. `huggingface-cli download {checkpoint} --local-dir DIR` on a machine with network) "
+            f"and set backbone.checkpoint=DIR."
+        ) from None

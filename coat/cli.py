@@ -1,0 +1,12 @@
+"""`coat ...`: the command line. Each area owns its sub-commands; this file only mounts them."""
+
+import typer
+
+from coat.data.cli import app as data_app
+from coat.experts.cli import app as experts_app
+
+app = typer.Typer(
+    help="Continuous Audio Thinking: data, experts, training, evaluation and sweeps.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+app.add_typer(experts_app, name="experts")

@@ -1,0 +1,209 @@
+"""CoATModel: a backbone with a thinking block, LoRA on its LLM and one projection head per expert.
+
+    L = ce_weight * CE(response) + sum_e lambda_e * D_e(head_e(h_slots), pooled target_e)
+
+`forward` returns the total and every component; `generate` runs the backbone's own `generate` on a prompt
+that already holds the block (heads unused), so thinking costs K prefill positions and no decode step.
+`save` writes only the trained parts (LoRA, slot table, heads) with the config; `load` rebuilds the base
+from that config and refuses parts made for another backbone or slot count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from coat.backbones import Backbone, build_backbone
+from coat.config import CoATConfig, ConfigError, expert_weight, from_yaml, to_yaml
+from coat.experts.base import ExpertSpec
+from coat.model.heads import make_head
+from coat.model.losses import distance, response_ce
+from coat.model.slots import SlotEmbedding
+from coat.model.targets import slot_targets
+
+WEIGHTS_FILE = "coat.safetensors"
+CONFIG_FILE = "coat.yaml"
+META_FILE = "coat.json"
+
+
+@dataclass
+class CoATOutput:
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]  # "ce" and one entry per expert, unweighted
+    logits: torch.Tensor
+    slot_states: torch.Tensor | None  # [B, K, H] at `heads.layer`, None when K = 0
+
+
+def check_experts(cfg: CoATConfig, experts: Mapping[str, ExpertSpec]) -> None:
+    """Expert specs against the config, before anything is built. Raises ConfigError naming the field."""
+    missing = [name for name in cfg.experts.names if name not in experts]
+    if missing:
+        raise ConfigError(f"config field 'experts.names': no spec for {missing}")
+    for name in cfg.experts.names:
+        if cfg.loss.distance.get(name) == "ce" and experts[name].kind != "discrete":
+            raise ConfigError(f"config field 'loss.distance.{name}': ce needs a discrete expert")
+
+
+def _lora_targets(cfg: CoATConfig) -> str:
+    """A regex on module names: the LLM's projections, nothing under the excluded towers."""
+    excluded = "|".join(cfg.lora.exclude)
+    projections = "|".join(cfg.lora.target_modules)
+    return rf"^(?!.*\b({excluded})\b).*\.({projections})$"
+
+
+class CoATModel(nn.Module):
+    def __init__(
+        self, cfg: CoATConfig, experts: Mapping[str, ExpertSpec] | None = None, device: str | torch.device = "cpu"
+    ):
+        """Build the configured backbone on `device`, wrap it, add LoRA and heads.
+
+        `experts` maps each name in `cfg.experts.names` to its spec (default: the expert registry).
+        Raises ConfigError before building anything when the experts don't fit the config.
+        """
+        super().__init__()
+        if experts is None:
+            from coat.experts.registry import expert_spec
+
+            experts = {name: expert_spec(name) for name in cfg.experts.names}
+        check_experts(cfg, experts)
+        self.cfg = cfg
+        self.experts = {name: experts[name] for name in cfg.experts.names}
+        self.backbone: Backbone = build_backbone(cfg, device)
+        model = self.backbone.model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.backbone.seed + 1)
+            model.set_input_embeddings(SlotEmbedding(model.get_input_embeddings(), self.backbone.thinking))
+            lora = LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=_lora_targets(cfg),
+            )
+            self.lm = get_peft_model(model, lora)
+            self.slot_table.requires_grad_(True)
+            hidden = self.backbone.hidden_size
+            self.heads = nn.ModuleDict(
+                {name: make_head(cfg.heads, hidden, spec) for name, spec in self.experts.items()}
+            ).to(device)
+
+    @property
+    def slot_table(self) -> nn.Parameter:
+        return self.backbone.model.get_input_embeddings().table
+
+    @property
+    def num_slots(self) -> int:
+        return self.cfg.thinking.num_slots
+
+    def encode(self, audio, prompts, responses=None) -> dict[str, torch.Tensor]:
+        """`Backbone.encode` with this model's K and placement."""
+        return self.backbone.encode(
+            audio, prompts, responses, num_slots=self.num_slots, placement=self.cfg.thinking.placement
+        )
+
+    def _model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.slot_table.device
+        keys = ("input_ids", "attention_mask", *self.backbone.spec.audio_keys)
+        return {key: batch[key].to(device) for key in keys}
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> CoATOutput:
+        """Losses on one batch from `encode` plus targets `target.<expert>` ([B, T, D] or [B, D]) and
+        `target_len.<expert>` ([B], frame-level experts). Raises KeyError naming a missing target."""
+        k = self.num_slots
+        supervise = k > 0 and len(self.heads) > 0
+        inputs = self._model_inputs(batch)
+        out = self.lm(**inputs, output_hidden_states=supervise, use_cache=False)
+        losses = {"ce": response_ce(out.logits, batch["labels"])}
+        total = self.cfg.loss.ce_weight * losses["ce"]
+        slot_states = None
+        if supervise:
+            hidden = out.hidden_states[self.cfg.heads.layer]
+            is_slot = self.backbone.thinking.is_slot(inputs["input_ids"])
+            slot_states = hidden[is_slot].view(hidden.shape[0], k, hidden.shape[-1])
+            for name, spec in self.experts.items():
+                if f"target.{name}" not in batch:
+                    raise KeyError(f"batch has no target for expert {name!r} (key 'target.{name}')")
+                lengths = batch.get(f"target_len.{name}")
+                target = slot_targets(spec, batch[f"target.{name}"].to(hidden.device), lengths, k)
+                prediction = self.heads[name](slot_states.float())
+                kind = self.cfg.loss.distance.get(name, "ce" if spec.kind == "discrete" else "cosine")
+                losses[name] = distance(kind, prediction, target)
+                total = total + expert_weight(self.cfg, name) * losses[name]
+        return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)
+
+    @torch.no_grad()
+    def generate(
+        self, batch: Mapping[str, torch.Tensor], max_new_tokens: int, min_new_tokens: int = 0
+    ) -> torch.Tensor:
+        """Greedy continuation of a prompt batch (`encode` without responses): new token ids [B, <=N].
+
+        `min_new_tokens` holds off the end-of-turn token, for latency measurements at a fixed length."""
+        inputs = self._model_inputs(batch)
+        tokenizer = self.backbone.tokenizer
+        sequences = self.lm.generate(
+            **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+            eos_token_id=self.backbone.end_of_turn_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return sequences[:, inputs["input_ids"].shape[1]:]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the trained parts (safetensors), the config and what they were made for."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in self.trained_state().items()}, directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        meta = {"made_for": self._made_for(), "experts": {n: asdict(s) for n, s in self.experts.items()}}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    def _made_for(self) -> dict:
+        b, t = self.cfg.backbone, self.cfg.thinking
+        return {"backbone.name": b.name, "backbone.size": b.size, "backbone.checkpoint": b.checkpoint,
+                "thinking.num_slots": t.num_slots, "thinking.max_slots": t.max_slots,
+                "heads.kind": self.cfg.heads.kind, "experts.names": list(self.experts)}
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Load trained parts saved by `save`. Raises ValueError when they were made for another backbone,
+        slot count, head kind or expert set, and FileNotFoundError when `directory` holds no checkpoint."""
+        directory = Path(directory)
+        if not (directory / META_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a CoAT checkpoint (no {META_FILE})")
+        made_for = json.loads((directory / META_FILE).read_text())["made_for"]
+        for key, ours in self._made_for().items():
+            if made_for[key] != ours:
+                raise ValueError(
+                    f"checkpoint {directory} was made for {key}={made_for[key]!r}, but this model has "
+                    f"{key}={ours!r}: load it with its own config (CoATModel.load(dir)) or retrain."
+                )
+        state = load_file(directory / WEIGHTS_FILE)
+        params = dict(self.named_parameters())
+        expected = set(self.trained_state())
+        if set(state) != expected:
+            raise ValueError(
+                f"checkpoint {directory} does not match this model's trained parts: "
+                f"missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    @classmethod
+    def load(cls, directory: str | Path, config: CoATConfig | None = None) -> CoATModel:
+        """Rebuild a saved model: its own config by default, or `config` (which must fit the checkpoint)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a CoAT checkpoint (no {CONFIG_FILE})")
+        cfg = config or from_yaml((directory / CONFIG_FILE).read_text())
+        meta = json.loads((directory / META_FILE).read_text())
+        experts = {name: ExpertSpec(**spec) for name, spec in meta["experts"].items()}
+        model = cls(cfg, experts if set(cfg.experts.names) <= set(experts) else None)
+        model.load_trained(directory)
+        return model

@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny configs and batches of real audio decoded from WAV files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from coat.config import load_config
+from coat.experts.base import ExpertSpec
+
+BACKBONE_NAMES = ["qwen2-audio", "qwen2.5-omni", "audio-flamingo-3"]
+
+# Synthetic expert shapes covering every kind the model supports: frame-level continuous, discrete, clip-level.
+SYNTHETIC_EXPERTS = {
+    "pitch": ExpertSpec("pitch", 2, 100.0),
+    "phonetic": ExpertSpec("phonetic", 6, 100.0, "discrete"),
+    "speaker": ExpertSpec("speaker", 8, None),
+}
+
+
+def tiny_config(backbone: str, *overrides: str):
+    return load_config(overrides=[
+        f"backbone.name={backbone}", "backbone.audio_window_s=2", "thinking.max_slots=8",
+        "thinking.num_slots=4", "experts.names=[pitch,phonetic,speaker]", "heads.dim=32", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> list[np.ndarray]:
+    """Two clips written to WAV and decoded back: a 1.5 s chirp-on-noise and a 1 s two-tone clip."""
+    root: Path = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(0)
+    t1, t2 = np.arange(24000) / 16000, np.arange(16000) / 16000
+    signals = [
+        0.3 * np.sin(2 * np.pi * (200 + 300 * t1) * t1) + 0.01 * rng.standard_normal(t1.size),
+        0.3 * np.sin(2 * np.pi * np.where(t2 < 0.5, 220, 330) * t2),
+    ]
+    decoded = []
+    for i, signal in enumerate(signals):
+        sf.write(root / f"clip{i}.wav", signal.astype(np.float32), 16000, subtype="PCM_16")
+        audio, rate = sf.read(root / f"clip{i}.wav", dtype="float32")
+        assert rate == 16000
+        decoded.append(audio)
+    return decoded
+
+
+def synthetic_targets(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Learnable synthetic targets: frame experts constant within each of the K segments (so every slot has a
+    well-defined target), of different valid lengths per clip, padded with garbage past the length."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([150, 100])
+    frames = 160
+    batch = {}
+    pitch_levels = torch.randn(2, k, 2, generator=g)
+    phone_classes = torch.randint(0, 6, (2, k), generator=g)
+    pitch = torch.randn(2, frames, 2, generator=g) * 10
+    phones = torch.randint(0, 6, (2, frames), generator=g)
+    for b, n in enumerate(lengths.tolist()):
+        for i in range(k):
+            pitch[b, i * n // k:(i + 1) * n // k] = pitch_levels[b, i]
+            phones[b, i * n // k:(i + 1) * n // k] = phone_classes[b, i]
+    batch["target.pitch"], batch["target_len.pitch"] = pitch, lengths
+    batch["target.phonetic"], batch["target_len.phonetic"] = phones, lengths
+    batch["target.speaker"] = torch.randn(2, 8, generator=g)
+    return batch

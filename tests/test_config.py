@@ -1,0 +1,55 @@
+"""Bad configs fail in `load_config`, before any model is built, naming the dotted field."""
+
+import pytest
+
+from coat.config import ConfigError, flatten, from_yaml, load_config, to_yaml
+from coat.model import CoATModel
+from coat.model.coat_model import check_experts
+from tests.conftest import SYNTHETIC_EXPERTS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["thinking.num_slot=8"], "thinking.num_slot"),
+        (["bogus.key=1"], "bogus"),
+        (["thinking.num_slots=eight"], "thinking.num_slots"),
+        (["thinking.num_slots=65"], "thinking.num_slots"),
+        (["thinking.max_slots=4", "thinking.num_slots=8"], "thinking.num_slots"),
+        (["experts.names=[pitch]", "loss.weights.speaker=1.0"], "loss.weights.speaker"),
+        (["loss.weights.pitch=-0.5"], "loss.weights.pitch"),
+        (["loss.ce_weight=-1"], "loss.ce_weight"),
+        (["loss.distance.pitch=l3"], "loss.distance.pitch"),
+        (["backbone.name=whisper"], "backbone.name"),
+        (["backbone.checkpoint=/models/qwen"], "backbone.size"),
+        (["thinking.placement=before_audio"], "thinking.placement"),
+        (["heads.kind=mlp"], "heads.kind"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        load_config(overrides=overrides)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("thinking:\n  num_slots: 8\nloss:\n  weights:\n    pitch: 0.5\n")
+    cfg = load_config(path, ["thinking.placement=after_audio", "loss.ce_weight=0"])
+    assert (cfg.thinking.num_slots, cfg.thinking.placement, cfg.loss.ce_weight) == (8, "after_audio", 0.0)
+    assert cfg.loss.weights == {"pitch": 0.5}
+    assert from_yaml(to_yaml(cfg)) == cfg
+    assert flatten(cfg)["loss.weights.pitch"] == 0.5 and flatten(cfg)["thinking.num_slots"] == 8
+
+    path.write_text("thinking:\n  num_slots: 99\n")
+    with pytest.raises(ConfigError, match=r"'thinking.num_slots'"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_experts_are_checked_before_the_model_is_built():
+    cfg = load_config(overrides=["experts.names=[pitch,phonetic]", "loss.distance.pitch=ce"])
+    with pytest.raises(ConfigError, match="'loss.distance.pitch'"):
+        check_experts(cfg, SYNTHETIC_EXPERTS)
+    with pytest.raises(ConfigError, match="'experts.names'"):
+        CoATModel(load_config(overrides=["experts.names=[pitch,formants]"]), SYNTHETIC_EXPERTS)

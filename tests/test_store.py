@@ -1,0 +1,213 @@
+"""Feature store, Ray Data precompute and the training stream: real coat-mini audio, a real local Ray."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from coat.config import load_config
+from coat.data.audio import decode
+from coat.data.precompute import manifest_clips, precompute
+from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows
+from coat.data.stream import MissingFeaturesError, iter_training_batches, training_dataset, training_items
+from coat.data.synth import synthesize
+from coat.experts.registry import build_expert
+from coat.model import CoATModel
+
+SIZE = 16
+EXPERTS = ["mel", "prosody"]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray for the whole module; subprocesses attach to it through RAY_ADDRESS."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init()
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """coat-mini (16 clips) plus two bad rows: one whose audio is not audio, one without an answer."""
+    root = tmp_path_factory.mktemp("mini")
+    path = synthesize(root, size=SIZE, seed=0)
+    (root / "audio" / "broken.wav").write_bytes(b"not a wav file at all")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows.append({**rows[0], "id": "broken-audio", "audio": "audio/broken.wav"})
+    rows.append({k: v for k, v in {**rows[1], "id": "no-answer"}.items() if k != "answer"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_address, manifest, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    return store, precompute(manifest, EXPERTS, store, batch_size=4, progress=False)
+
+
+def test_store_roundtrip_dedup_and_stats_without_ray(tmp_path):
+    store = FeatureStore(tmp_path)
+    a, b = np.arange(6, dtype=np.float32).reshape(3, 2), np.array([[10.0, -1.0]], np.float32)
+    store.write("e", "v1", feature_rows(["a", "b"], [a, b]))
+    store.write("e", "v1", feature_rows(["b", "c"], [b, np.array([7.0, 8.0])]))  # "b" twice: two runs raced
+    (store.folder("e", "v1") / "part-killed.tmp").write_bytes(b"half a part")  # an interrupted write
+    assert store.present("e", "v1") == {"a", "b", "c"}
+    assert store.missing("e", "v1", ["a", "c", "d"]) == {"d"}
+    got = store.read("e", "v1", ["c", "a", "b"])
+    assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b) and got["c"].shape == (1, 2)
+    frames = np.concatenate([a, b, [[7.0, 8.0]]])
+    stats = store.compute_stats("e", "v1")
+    assert stats == store.stats("e", "v1") and stats["frames"] == 5 and stats["clips"] == 3
+    np.testing.assert_allclose(stats["mean"], frames.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], frames.std(0), rtol=1e-6)
+    with pytest.raises(KeyError, match="e/v1 has no features for clip d"):
+        store.read("e", "v1", ["a", "d"])
+    with pytest.raises(FileNotFoundError, match="no statistics for expert 'e' version v2"):
+        store.stats("e", "v2")
+
+
+def test_precompute_stores_every_good_clip_and_a_second_run_computes_nothing(first_run, manifest):
+    store_dir, summary = first_run
+    store = FeatureStore(store_dir)
+    good, _ = manifest_clips(manifest)
+    hashes = set(good["clip_hash"]) - {clip_hash(manifest.parent / "audio" / "broken.wav")}
+    assert len(hashes) == SIZE
+    for run in summary.experts:
+        assert (run.clips, run.computed, run.present, run.failed) == (SIZE + 1, SIZE, 0, 1)
+        assert store.present(run.name, run.version) == hashes
+    reasons = dict(zip(summary.quarantine["id"], summary.quarantine["reason"], strict=True))
+    assert reasons["no-answer"] == "missing_field:answer"
+    assert reasons["broken-audio"].startswith("undecodable")
+
+    # Stored features are the expert's own output for that clip.
+    row = good.iloc[3]
+    for name in EXPERTS:
+        expert = build_expert(name)
+        want = expert([decode(row["audio_path"], expert.sample_rate)])[0][0].numpy()
+        got = store.read(name, expert.version, [row["clip_hash"]])[row["clip_hash"]]
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+    files = sorted(p for p in Path(store_dir).rglob("*") if p.is_file())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = precompute(manifest, EXPERTS, store_dir, batch_size=4, progress=False)
+    for run in again.experts:
+        assert (run.computed, run.present, run.failed) == (0, SIZE, 1)
+    assert sorted(p for p in Path(store_dir).rglob("*") if p.is_file()) == files
+    assert [p.stat().st_mtime_ns for p in files] == stamps, "a finished store must not be rewritten"
+
+
+def test_stats_equal_numpy_over_the_stored_frames(first_run):
+    store = FeatureStore(first_run[0])
+    for run in first_run[1].experts:
+        frames = np.concatenate(list(store.read(run.name, run.version, store.present(run.name, run.version))
+                                     .values())).astype(np.float64)
+        stats = store.stats(run.name, run.version)
+        assert stats["frames"] == len(frames) and stats["clips"] == SIZE
+        np.testing.assert_allclose(stats["mean"], frames.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats["std"], frames.std(0), rtol=1e-5, atol=1e-9)
+
+
+def test_a_changed_expert_version_recomputes_only_that_expert(first_run, manifest):
+    store_dir, before = first_run
+    summary = precompute(manifest, EXPERTS, store_dir, settings={"mel": {"n_mels": 40}}, batch_size=8,
+                         progress=False)
+    mel, prosody = summary.experts
+    old_mel = before.experts[0]
+    assert mel.version != old_mel.version and (mel.computed, mel.present) == (SIZE, 0)
+    assert (prosody.version, prosody.computed, prosody.present) == (before.experts[1].version, 0, SIZE)
+    store = FeatureStore(store_dir)
+    assert store.stats("mel", mel.version)["dim"] == 40
+    assert store.present("mel", old_mel.version) == store.present("mel", mel.version)  # old version kept
+
+
+def test_a_killed_run_resumes_and_computes_only_the_missing_clips(ray_address, manifest, tmp_path):
+    store_dir, name = tmp_path / "store", "vad"
+    version = build_expert(name).version
+    script = (f"from coat.data.precompute import precompute; "
+              f"precompute({str(manifest)!r}, [{name!r}], {str(store_dir)!r}, batch_size=1, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RAY_ADDRESS": ray_address},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder, deadline = store_dir / name / version, time.monotonic() + 120
+    while not list(folder.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = FeatureStore(store_dir).present(name, version)
+    assert 0 < len(done) < SIZE, f"kill landed after {len(done)} of {SIZE} clips"
+
+    summary = precompute(manifest, [name], store_dir, batch_size=4, progress=False)
+    (run,) = summary.experts
+    assert (run.computed, run.present) == (SIZE - len(done), len(done))
+    assert len(FeatureStore(store_dir).present(name, version)) == SIZE
+    assert FeatureStore(store_dir).stats(name, version)["clips"] == SIZE
+
+
+def test_stream_gives_standardised_targets_of_the_right_clips(first_run, manifest):
+    store_dir, summary = first_run
+    store = FeatureStore(store_dir)
+    versions = {run.name: run.version for run in summary.experts}
+    rows = list(training_dataset(manifest, "train", EXPERTS, store_dir, 16000).iter_rows())
+    good, _ = manifest_clips(manifest)
+    train = good[(good["split"] == "train") & (good["id"] != "broken-audio")].set_index("id")
+    assert sorted(r["id"] for r in rows) == sorted(train.index)
+    for r in rows[:4]:
+        clip = train.loc[r["id"]]
+        assert np.array_equal(r["audio"], decode(clip["audio_path"], 16000).numpy())
+        for name in EXPERTS:
+            stats = store.stats(name, versions[name])
+            stored = store.read(name, versions[name], [clip["clip_hash"]])[clip["clip_hash"]]
+            want = (stored - np.array(stats["mean"])) / np.maximum(stats["std"], STD_FLOOR)
+            got = np.asarray(r[f"target.{name}"])
+            np.testing.assert_allclose(got, want[0] if name == "prosody" else want, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_reads_only_the_requested_experts(first_run, manifest, tmp_path):
+    store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    for part in (store_dir / "mel").rglob("part-*.parquet"):
+        part.write_bytes(b"garbage: reading mel now would fail")
+    rows = list(training_dataset(manifest, "train", ["prosody"], store_dir, 16000).iter_rows())
+    assert rows and all(set(r) == {"id", "prompt", "answer", "audio", "target.prosody"} for r in rows)
+
+
+def test_a_clip_missing_from_the_store_is_a_clear_error(first_run, manifest, tmp_path):
+    store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    good, _ = manifest_clips(manifest)
+    victim = good[good["split"] == "train"].iloc[2]
+    mel = first_run[1].experts[0]
+    for part in (store_dir / "mel" / mel.version).glob("part-*.parquet"):
+        table = pq.read_table(part)
+        keep = pa.array(np.array(table.column("clip_hash").to_pylist()) != victim["clip_hash"])
+        pq.write_table(table.filter(keep), part)
+    with pytest.raises(MissingFeaturesError) as err:
+        training_items(manifest, "train", EXPERTS, store_dir)
+    message = str(err.value)
+    assert f"expert 'mel' (version {mel.version})" in message and f"clip {victim['id']!r}" in message
+    assert f"coat experts precompute --data {manifest} --experts mel --store {store_dir}" in message
+
+
+def test_collated_stream_batch_gives_finite_losses_for_each_expert(first_run, manifest):
+    cfg = load_config(overrides=["experts.names=[mel,prosody]", "thinking.num_slots=4",
+                                 "thinking.max_slots=8", "backbone.audio_window_s=8"])
+    model = CoATModel(cfg, experts=None)
+    dataset = training_dataset(manifest, "train", EXPERTS, first_run[0], model.backbone.sample_rate)
+    batch = next(iter_training_batches(dataset, model, batch_size=3))
+    lengths = batch["target_len.mel"]
+    assert batch["target.mel"].shape == (3, int(lengths.max()), 80)
+    assert batch["target.prosody"].shape == (3, 8)
+    for i, n in enumerate(lengths.tolist()):  # zero padding past each clip's frames, real frames before
+        assert batch["target.mel"][i, n:].abs().sum() == 0 and batch["target.mel"][i, n - 1].abs().sum() > 0
+    out = model(batch)
+    assert set(out.losses) == {"ce", "mel", "prosody"}
+    assert all(torch.isfinite(v) for v in out.losses.values()) and torch.isfinite(out.loss)
