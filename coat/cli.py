@@ -4,9 +4,11 @@ import typer
 
 from coat.data.cli import app as data_app
 from coat.experts.cli import app as experts_app
+from coat.experts.precompute_cli import precompute_command
 
 app = typer.Typer(
     help="Continuous Audio Thinking: data, experts, training, evaluation and sweeps.", no_args_is_help=True
 )
+experts_app.command("precompute")(precompute_command)
 app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")

@@ -61,5 +61,7 @@ class VadExpert:
         clips = check_waveforms(self.name, waveforms, SAMPLE_RATE, sample_rate)
         counts = [-(-len(c) // CHUNK) for c in clips]
         batch = torch.nn.utils.rnn.pad_sequence(clips, batch_first=True)
-        probs = self.model.audio_forward(batch.to(self.device), SAMPLE_RATE).cpu()
+        # The profiling JIT executor re-specialises on new shapes: ~50x slower for the first calls of each.
+        with torch.jit.optimized_execution(False):
+            probs = self.model.audio_forward(batch.to(self.device), SAMPLE_RATE).cpu()
         return [p[:n, None].float() for p, n in zip(probs, counts, strict=True)], counts
