@@ -27,7 +27,7 @@ bench: setup
 
 dashboard: setup
 	@echo "MLflow dashboard: http://127.0.0.1:5000"
-	.venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
 lint: setup

@@ -3,8 +3,10 @@
 import typer
 
 from coat.data.cli import app as data_app
+from coat.eval.cli import eval_command
 from coat.experts.cli import app as experts_app
 from coat.experts.precompute_cli import precompute_command
+from coat.train.cli import train_command
 
 app = typer.Typer(
     help="Continuous Audio Thinking: data, experts, training, evaluation and sweeps.", no_args_is_help=True
@@ -12,3 +14,5 @@ app = typer.Typer(
 experts_app.command("precompute")(precompute_command)
 app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")
+app.command("train")(train_command)
+app.command("eval")(eval_command)

@@ -81,6 +81,72 @@ class LoraConfig:
 
 
 @dataclass
+class DataConfig:
+    # Relative paths resolve against the working directory of the command that loads the config.
+    manifest: str = "data/coat-mini/manifest.jsonl"
+    store: str = "data/coat-mini/store"
+    # When `manifest` does not exist, generate coat-mini there with this many clips (0: fail instead).
+    synth_size: int = 2000
+    synth_seed: int = 0
+    max_seconds: float = 8.0  # longer clips are quarantined
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+@dataclass
+class StageConfig:
+    """One stage of the schedule: the paper grounds the slots first (little CE), then trains jointly."""
+
+    steps: int = 100
+    ce_weight: float = 1.0  # replaces loss.ce_weight during the stage
+    expert_scale: float = 1.0  # multiplies every expert weight during the stage
+
+
+@dataclass
+class TrainConfig:
+    run_name: str | None = None  # re-running with the same name resumes; default: derived from the config
+    storage: str = "runs"  # Ray Train storage (checkpoints, results); a shared path on clusters
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Fractional by default: Ray Data's decode tasks need CPU left over on a 2-core machine, else they never start.
+    cpus_per_worker: float = 0.5
+    strategy: str = "ddp"  # "ddp" or "fsdp" (shards the frozen 7B weights too)
+    batch_size: int = 8  # per worker, per micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [StageConfig(steps=60, ce_weight=0.1), StageConfig(steps=240, ce_weight=1.0)]
+    )
+    checkpoint_every: int = 50  # optimizer steps; metrics reach MLflow with each checkpoint
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 16
+    bootstrap: int = 1000  # resamples for the 95% intervals
+    max_examples: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    # None: $MLFLOW_TRACKING_URI, else the embedded sqlite:///<cwd>/mlruns.db.
+    uri: str | None = None
+    experiment: str = "coat"
+
+
+@dataclass
 class CoATConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
@@ -88,6 +154,10 @@ class CoATConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CoATConfig:
@@ -167,6 +237,30 @@ def validate(cfg: CoATConfig) -> None:
 
     if cfg.lora.r < 1:
         fail("lora.r", "must be >= 1")
+
+    t = cfg.train
+    if not t.stages:
+        fail("train.stages", "needs at least one stage")
+    for i, stage in enumerate(t.stages):
+        if stage.steps < 1:
+            fail(f"train.stages.{i}.steps", f"{stage.steps} must be >= 1")
+        if stage.ce_weight < 0 or stage.expert_scale < 0:
+            fail(f"train.stages.{i}", "ce_weight and expert_scale must be >= 0")
+    for key in ("num_workers", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, key) < (0 if key == "num_workers" else 1):
+            fail(f"train.{key}", f"{getattr(t, key)} is too small")
+    if t.max_failures < 0:
+        fail("train.max_failures", "must be >= 0")
+    if t.strategy not in ("ddp", "fsdp"):
+        fail("train.strategy", f"{t.strategy!r} must be 'ddp' or 'fsdp'")
+    if t.cpus_per_worker <= 0:
+        fail("train.cpus_per_worker", "must be positive")
+    if t.lr <= 0:
+        fail("train.lr", "must be positive")
+    if cfg.data.max_seconds > cfg.backbone.audio_window_s and cfg.backbone.size == "tiny":
+        fail("data.max_seconds", f"{cfg.data.max_seconds} exceeds the tiny audio window backbone.audio_window_s")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1 or cfg.eval.bootstrap < 1:
+        fail("eval", "batch_size, max_new_tokens and bootstrap must be >= 1")
 
 
 def expert_weight(cfg: CoATConfig, name: str) -> float:

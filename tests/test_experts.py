@@ -315,6 +315,8 @@ def test_hub_errors_name_the_problem(hub_models, tmp_path):
         expert_spec("hub:" + hub_models["whisper"], output="posteriors")
     with pytest.raises(ValueError, match="path"):
         build_expert("hub")
+    with pytest.raises(ValueError, match="layer=5 is out of range for 1 layers"):
+        build_expert("hub:" + hub_models["whisper"], layer=5)
 
 
 def test_cli_lists_every_expert(hub_models, experts):

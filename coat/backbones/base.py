@@ -39,6 +39,7 @@ class BackboneSpec:
     tiny_processor: Callable[[PreTrainedTokenizerBase, float], ProcessorMixin]
     system_prompt: str | None = None
     end_of_turn: str = "<|im_end|>"
+    sample_rate: int = 16000  # all three take 16 kHz Whisper-style log-mel
 
     def conversation(self, prompt: str) -> list[dict]:
         """One user turn: the audio, then the instruction (the order all three models are tuned on)."""

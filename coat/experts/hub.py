@@ -100,7 +100,7 @@ class HubExpert:
 
         Raises:
             FileNotFoundError: `path` holds no saved model.
-            ValueError: a bad `output` for this model (see `hub_spec`).
+            ValueError: a bad `output` for this model (see `hub_spec`), or `layer` out of range.
             OSError: transformers cannot load the weights or feature extractor from `path`.
         """
         root = _model_dir(path)
@@ -109,6 +109,10 @@ class HubExpert:
         self.name, self.output, self.layer = self.spec.name, output or _default_output(config), layer
         self.role = role or ("classes" if self.output == "posteriors" else "encoder frames")
         self.device, self.family = torch.device(device), config.model_type
+        depth = getattr(config, "encoder_layers", None) or config.num_hidden_layers
+        if self.output == "frames" and not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"hub expert {self.name!r}: layer={layer} is out of range for {depth} layers "
+                             f"(0 = embeddings, -1 = last)")
         self.extractor = AutoFeatureExtractor.from_pretrained(root, local_files_only=True)
         self.sample_rate = self.extractor.sampling_rate
         model_class = getattr(transformers, _architecture(config), transformers.AutoModel)

@@ -45,7 +45,7 @@ class PitchExpert:
         """Load the CREPE `model` ("tiny" or "full"); `batch_frames` bounds memory, not results.
 
         Raises:
-            ValueError: unknown `model`, or an empty or inverted [fmin, fmax] range.
+            ValueError: unknown `model`, an empty or inverted [fmin, fmax] range, or `threshold` outside [0, 1].
         """
         # torchcrepe imports librosa (seconds): keep it out of the import path of specs and the registry.
         import torchcrepe
@@ -55,6 +55,8 @@ class PitchExpert:
         if not 0 < fmin < fmax <= torchcrepe.MAX_FMAX:
             raise ValueError(f"pitch expert {name!r}: need 0 < fmin < fmax <= {torchcrepe.MAX_FMAX}, "
                              f"got fmin={fmin}, fmax={fmax}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"pitch expert {name!r}: threshold={threshold} must be in [0, 1]")
         self._crepe = torchcrepe
         self.name, self.model, self.fmin, self.fmax, self.threshold = name, model, fmin, fmax, threshold
         self.device, self.batch_frames = torch.device(device), batch_frames

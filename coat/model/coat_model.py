@@ -87,9 +87,12 @@ class CoATModel(nn.Module):
             )
             self.lm = get_peft_model(model, lora)
             self.slot_table.requires_grad_(True)
+            # K = 0 is the plain LoRA baseline: nothing to supervise, so no heads (DDP wants every trained
+            # parameter to get a gradient).
             hidden = self.backbone.hidden_size
             self.heads = nn.ModuleDict(
                 {name: make_head(cfg.heads, hidden, spec) for name, spec in self.experts.items()}
+                if cfg.thinking.num_slots > 0 else {}
             ).to(device)
 
     @property
@@ -111,15 +114,19 @@ class CoATModel(nn.Module):
         keys = ("input_ids", "attention_mask", *self.backbone.spec.audio_keys)
         return {key: batch[key].to(device) for key in keys}
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> CoATOutput:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], *, ce_weight: float | None = None, expert_scale: float = 1.0
+    ) -> CoATOutput:
         """Losses on one batch from `encode` plus targets `target.<expert>` ([B, T, D] or [B, D]) and
-        `target_len.<expert>` ([B], frame-level experts). Raises KeyError naming a missing target."""
+        `target_len.<expert>` ([B], frame-level experts). Raises KeyError naming a missing target.
+
+        `ce_weight` and `expert_scale` override the config's weights for a training stage."""
         k = self.num_slots
         supervise = k > 0 and len(self.heads) > 0
         inputs = self._model_inputs(batch)
         out = self.lm(**inputs, output_hidden_states=supervise, use_cache=False)
         losses = {"ce": response_ce(out.logits, batch["labels"])}
-        total = self.cfg.loss.ce_weight * losses["ce"]
+        total = (self.cfg.loss.ce_weight if ce_weight is None else ce_weight) * losses["ce"]
         slot_states = None
         if supervise:
             hidden = out.hidden_states[self.cfg.heads.layer]
@@ -133,7 +140,7 @@ class CoATModel(nn.Module):
                 prediction = self.heads[name](slot_states.float())
                 kind = self.cfg.loss.distance.get(name, "ce" if spec.kind == "discrete" else "cosine")
                 losses[name] = distance(kind, prediction, target)
-                total = total + expert_weight(self.cfg, name) * losses[name]
+                total = total + expert_scale * expert_weight(self.cfg, name) * losses[name]
         return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)
 
     @torch.no_grad()

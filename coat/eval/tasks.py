@@ -1,0 +1,107 @@
+"""From a model's free text to an answer: the choice it names, or normalised transcript text.
+
+Models answer in sentences ("I think the speaker sounds sad."), so multiple-choice answers are read the way
+MMAU's and MMAR's own scorers read them: an exact match first, then the first choice mentioned as a whole
+word. When the text holds an `Answer:` mark (the chain-of-thought prompt asks for one), only what follows the
+last mark counts, so choices named while reasoning don't.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+
+ANSWER_MARK = re.compile(r"\banswer\s*:", re.IGNORECASE)
+# Sentence punctuation and brackets always separate words; other symbols ("C#", "men's", "post-exercise")
+# stay when a choice contains them, so "C#" and "C" remain different answers.
+SEPARATORS = frozenset('.,;:!?"()[]{}')
+LETTER_PREFIX = re.compile(r"^\s*\(?([A-Za-z])[).:]\s+(?=\S)")
+LETTER_ANSWER = (
+    re.compile(r"\(([A-Za-z])\)"),  # "(B)"
+    re.compile(r"(?<![A-Za-z])([A-Z])\)"),  # "B)"
+    re.compile(r"^\s*([A-Za-z])\s*[.)]?\s*$"),  # the whole answer is one letter
+)
+
+
+def final_answer(text: str) -> str:
+    """The part of `text` after its last `Answer:` mark, or all of it when there is none. Raises nothing."""
+    marks = list(ANSWER_MARK.finditer(text))
+    return text[marks[-1].end():] if marks else text
+
+
+def normalise_text(text: str) -> str:
+    """Lower case, punctuation stripped, whitespace collapsed: how transcripts are compared.
+
+    Apostrophes are dropped ("don't" -> "dont") and other punctuation becomes a space ("well-known" ->
+    "well known"), so LibriSpeech's "DON'T" and a model's "don't" agree."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("\u2019", "")
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    return " ".join(text.split())
+
+
+def _normalise_for(text: str, keep: frozenset[str]) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(
+        " " if unicodedata.category(ch)[0] in "PS" and (ch in SEPARATORS or ch not in keep) else ch for ch in text
+    )
+    return " ".join(text.split())
+
+
+def lettered(choices: Sequence[str]) -> bool:
+    """Whether the choices carry their own letters in order: "(A) dog", "B. cat", "C) cow". Raises nothing."""
+    letters = [LETTER_PREFIX.match(c) for c in choices]
+    return all(m and m.group(1).upper() == chr(ord("A") + i) for i, m in enumerate(letters))
+
+
+def parse_answer(task: str, text: str, choices: Sequence[str] | None) -> str:
+    """The answer `text` gives: one of `choices` (as spelled there) or "" when it names none; without
+    choices (transcription, open questions) the normalised text.
+
+    Multiple choice, in order: the whole answer equals a choice (normalised); else the choice mentioned
+    first as a whole word (the longest one when two start at the same place); else, when the choices are
+    lettered, a letter such as "(B)" or "B)". `task` is accepted for symmetry with `is_correct`; the rule
+    depends only on whether there are choices. Raises nothing.
+    """
+    answer = final_answer(text)
+    if not choices:
+        return normalise_text(answer)
+    keep = frozenset(ch for c in choices for ch in c if unicodedata.category(ch)[0] in "PS")
+    has_letters = lettered(choices)
+    candidates = []  # (normalised form, index of its choice)
+    for i, choice in enumerate(choices):
+        forms = [choice, LETTER_PREFIX.sub("", choice)] if has_letters else [choice]
+        candidates += [(_normalise_for(form, keep), i) for form in forms if _normalise_for(form, keep)]
+    said = _normalise_for(answer, keep)
+    for form, i in candidates:
+        if said == form:
+            return choices[i]
+    mentions = []
+    for form, i in candidates:
+        found = re.search(rf"(?<!\S){re.escape(form)}(?!\S)", said)
+        if found:
+            mentions.append((found.start(), -len(form), i))
+    if mentions:
+        return choices[min(mentions)[2]]
+    if has_letters:
+        for pattern in LETTER_ANSWER:
+            found = pattern.search(answer)
+            index = ord(found.group(1).upper()) - ord("A") if found else -1
+            if 0 <= index < len(choices):
+                return choices[index]
+    return ""
+
+
+def is_correct(task: str, prediction: str, answer: str, choices: Sequence[str] | None = None) -> bool:
+    """Whether a parsed `prediction` (from `parse_answer`) is the reference `answer`.
+
+    With choices: the same choice (compared normalised; "" never counts). Without: the normalised texts are
+    equal and not empty (exact match; transcription quality is measured by WER in `coat.eval.metrics`).
+    Raises nothing.
+    """
+    if not prediction:
+        return False
+    if choices:
+        keep = frozenset(ch for c in choices for ch in c if unicodedata.category(ch)[0] in "PS")
+        return _normalise_for(prediction, keep) == _normalise_for(answer, keep)
+    return normalise_text(prediction) == normalise_text(answer) != ""

@@ -1,0 +1,140 @@
+"""The driver: prepare data, open the MLflow run, run the Ray Train `TorchTrainer`, evaluate, log.
+
+    coat train --config experiments/configs/train_tiny.yaml [dotted.key=value ...]
+
+Re-running with the same `train.run_name` (by default derived from the config) resumes from the run's last
+checkpoint and logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from coat import tracking
+from coat.backbones import BACKBONES
+from coat.config import CoATConfig, to_yaml
+from coat.data.precompute import ensure_ray, precompute
+from coat.data.stream import dataset_of, training_items
+from coat.experts.registry import expert_spec
+from coat.train.checkpoint import latest_checkpoint, load_training_state
+from coat.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    checkpoint: Path  # the last checkpoint: trained parts (CoATModel.load) + training state
+    metrics: dict  # the last reported training metrics
+    mlflow_run_id: str | None
+    eval_metrics: dict
+
+
+def run_name(cfg: CoATConfig) -> str:
+    """`train.run_name`, else backbone, K and a hash of the whole config: the same command, the same run."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    digest = hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:8]
+    return f"{cfg.backbone.name}-k{cfg.thinking.num_slots}-{digest}"
+
+
+def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
+    """The manifest (coat-mini generated on first use when `data.synth_size` > 0) and a store holding every
+    configured expert's features. Raises FileNotFoundError naming the manifest when it is missing."""
+    manifest, store = Path(cfg.data.manifest).resolve(), Path(cfg.data.store).resolve()
+    if not manifest.is_file():
+        if cfg.data.synth_size <= 0 or manifest.name != "manifest.jsonl":
+            raise FileNotFoundError(
+                f"data.manifest={manifest} does not exist; point it at a manifest, or set data.synth_size>0 with "
+                "a path ending in manifest.jsonl to generate coat-mini there"
+            )
+        from coat.data.synth import synthesize
+
+        synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed)
+    if cfg.experts.names:
+        precompute(manifest, list(cfg.experts.names), store)
+    return manifest, store
+
+
+def train(cfg: CoATConfig, *, evaluate_after: bool = True) -> TrainResult:
+    """Train per `cfg` on Ray Train; evaluate the result on the test split; log everything to MLflow.
+
+    Raises TrackingUnavailableError before any compute when the tracking server is down.
+    """
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    name = run_name(cfg)
+    manifest, store = prepare_data(cfg)
+    ensure_ray()
+
+    items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
+    dataset = dataset_of(items, sources, BACKBONES[cfg.backbone.name].sample_rate)
+    train_rows = len(items)
+    world = max(1, cfg.train.num_workers)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    batches_per_epoch = (train_rows // (world * per_step)) * cfg.train.grad_accum
+    if batches_per_epoch == 0:
+        raise ValueError(f"{train_rows} training rows cannot fill one step of {world} workers x {per_step} examples: "
+                         "lower train.batch_size or train.num_workers")
+
+    storage = Path(cfg.train.storage).resolve()
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg,
+                                tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_yaml(cfg),
+            "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
+            "batches_per_epoch": batches_per_epoch,
+            "mlflow_uri": uri,
+            "mlflow_run_id": run_id,
+            "local_checkpoints": str(storage / name) if cfg.train.num_workers == 0 else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    # A re-run of a finished run trains nothing and reports nothing: its result is the last checkpoint.
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(storage / name)
+    metrics = dict(result.metrics or {"step": load_training_state(checkpoint)["step"]})
+    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
+    tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
+    eval_metrics = {}
+    if evaluate_after:
+        eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, uri, run_id)
+    tracking.end_run(uri, run_id)
+    return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
+
+
+def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:
+    """The test-split evaluation of the trained model, logged to the run (metrics and the table)."""
+    from coat.data.manifest import read_manifest
+    from coat.eval.runner import evaluate, print_report
+    from coat.model import CoATModel
+
+    model = CoATModel.load(checkpoint).eval()
+    rows = read_manifest(manifest)
+    report = evaluate(model, rows[rows["split"] == cfg.data.test_split], cfg.eval)
+    print_report(report)
+    metrics = report.metrics()
+    tracking.log_metrics(uri, run_id, metrics, step=cfg.train.total_steps)
+    tracking.log_table(uri, run_id, report.table, "eval/table.json")
+    return metrics

@@ -1,0 +1,142 @@
+"""The per-worker training loop: batch, forward, losses, backward, step, log, checkpoint — top to bottom.
+
+Runs inside each Ray Train worker (or in-process with `train.num_workers=0`). Rank 0 alone writes
+checkpoints and talks to MLflow. Per-step metrics are buffered and reach MLflow right after the checkpoint
+that covers them is committed, so a worker restart (which resumes from that checkpoint) never logs a step
+twice.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from coat import tracking
+from coat.config import CoATConfig, from_yaml
+from coat.data.stream import iter_training_batches
+from coat.experts.base import ExpertSpec
+from coat.model import CoATModel
+from coat.train.checkpoint import latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
+
+
+def stage_at(cfg: CoATConfig, step: int):
+    """The schedule's stage that optimizer step `step` (0-based) belongs to."""
+    for stage in cfg.train.stages:
+        if step < stage.steps:
+            return stage
+        step -= stage.steps
+    return cfg.train.stages[-1]
+
+
+def lr_factor(cfg: CoATConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of `train.lr` over all stages."""
+    warmup, total = cfg.train.warmup_steps, cfg.train.total_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `batches_per_epoch`, and
+    `mlflow_uri` / `mlflow_run_id` (None: no tracking)."""
+    cfg = from_yaml(loop_config["config"])
+    experts = {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed + rank)
+
+    coat = CoATModel(cfg, experts, device=device)
+    coat.train()
+    # In-process runs (train.num_workers=0) get no persistence from Ray: they keep checkpoints themselves.
+    local_root = Path(loop_config["local_checkpoints"]) if loop_config.get("local_checkpoints") else None
+    step, epoch, batch_in_epoch = 0, 0, 0
+    restored = ray.train.get_checkpoint()
+    if restored is None and local_root is not None and latest_checkpoint(local_root):
+        restored = ray.train.Checkpoint.from_directory(latest_checkpoint(local_root))
+    state = None
+    if restored:
+        with restored.as_directory() as directory:
+            coat.load_trained(directory)
+            state = load_training_state(Path(directory))
+        torch.set_rng_state(state["rng"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+    strategy_kwargs = {"use_orig_params": True} if cfg.train.strategy == "fsdp" else {}
+    model = ray.train.torch.prepare_model(
+        coat, parallel_strategy=cfg.train.strategy, parallel_strategy_kwargs=strategy_kwargs
+    )
+    params = [p for p in coat.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+
+    shard = ray.train.get_dataset_shard("train")
+    batches_per_epoch = loop_config["batches_per_epoch"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
+    pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics not yet covered by a checkpoint
+    samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    total = cfg.train.total_steps
+    last_step_end = time.perf_counter()
+
+    while step < total:
+        micro = 0
+        for index, batch in enumerate(iter_training_batches(shard, coat, cfg.train.batch_size)):
+            if index >= batches_per_epoch or step >= total:
+                break
+            if index < batch_in_epoch:  # resumed mid-epoch: these batches were trained on before the restart
+                continue
+            stage = stage_at(cfg, step)
+            with autocast:
+                out = model(batch, ce_weight=stage.ce_weight, expert_scale=stage.expert_scale)
+            (out.loss / cfg.train.grad_accum).backward()
+            micro += 1
+            if micro < cfg.train.grad_accum:
+                continue
+            micro = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, batch_in_epoch = step + 1, index + 1
+
+            now = time.perf_counter()
+            metrics = {f"train/{name}": value.item() for name, value in out.losses.items()}
+            metrics |= {
+                "train/loss": out.loss.item(), "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
+                "train/samples_per_s": samples_per_step / (now - last_step_end),
+            }
+            last_step_end = now
+            pending.append((step, metrics))
+
+            if step % cfg.train.checkpoint_every == 0 or step == total:
+                report = {"step": step, "epoch": epoch, **metrics}
+                if rank == 0:
+                    position = (step, epoch, batch_in_epoch)
+                    if local_root is None:
+                        with tempfile.TemporaryDirectory() as directory:  # Ray copies it to the run's storage
+                            save_checkpoint(Path(directory), coat, optimizer, scheduler, *position)
+                            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    else:
+                        directory = save_checkpoint(local_root / f"checkpoint_{step:06d}", coat, optimizer,
+                                                    scheduler, *position)
+                        prune_checkpoints(local_root, cfg.train.keep_checkpoints)
+                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    if loop_config.get("mlflow_run_id"):
+                        for logged_step, values in pending:
+                            tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values,
+                                                 logged_step)
+                    pending.clear()
+                else:
+                    ray.train.report(report)
+        epoch, batch_in_epoch = epoch + 1, 0

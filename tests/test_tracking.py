@@ -1,0 +1,264 @@
+"""MLflow tracking against real stores: an embedded SQLite file, and a real `mlflow server` on loopback."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from coat import tracking
+from coat.config import flatten, from_yaml, load_config, to_yaml
+from coat.tracking import TrackingUnavailableError
+
+OVERRIDES = ["thinking.num_slots=4", "experts.names=[pitch,mel]", "loss.weights.pitch=0.5", "train.lr=0.001"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory) -> str:
+    """One embedded store for the module (creating its tables takes seconds); tests use their own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store').resolve()}/mlruns.db"
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    return request.node.name
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real tracking server that proxies artifacts (clients upload over HTTP into <root>/art)."""
+    root = tmp_path_factory.mktemp("server").resolve()
+    uri = f"http://127.0.0.1:{free_port()}"
+    # The GenAI job executor starts ~7 huey consumer processes and doubles start-up time; tracking needs none.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db",
+        "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+        "--workers", "1",
+    ]
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri, root / "art"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn worker goes too
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_resolve_uri_precedence_and_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cwd = tmp_path.resolve()
+    assert tracking.resolve_uri(None) == f"sqlite:///{cwd}/mlruns.db"
+    assert tracking.resolve_uri("sqlite:///sub/x.db") == f"sqlite:///{cwd}/sub/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.resolve_uri(None) == "http://tracking.example:5000"
+    assert tracking.resolve_uri("http://127.0.0.1:5001") == "http://127.0.0.1:5001"
+
+
+def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
+    long_modules = [f"module_{i:04d}" for i in range(700)]  # str() of this list exceeds MLflow's 6000-char limit
+    cfg = load_config(overrides=[*OVERRIDES, f"lora.target_modules=[{','.join(long_modules)}]"])
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "path": "a.wav"}\n')
+    fingerprint = tracking.dataset_fingerprint(manifest)
+    run_id = tracking.start_run(sqlite_uri, experiment, "k4", cfg, tags={"dataset_fingerprint": fingerprint})
+
+    run = MlflowClient(sqlite_uri).get_run(run_id)
+    expected = {key: str(value)[:6000] for key, value in flatten(cfg).items()}
+    assert run.data.params == expected
+    assert len(run.data.params["lora.target_modules"]) == 6000
+    assert run.data.params["loss.weights.pitch"] == "0.5"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(tracking.__file__).parent, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
+    assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} == {
+        "backbone": "qwen2-audio", "experts": "pitch,mel", "thinking.num_slots": "4", "git_commit": head,
+        "coat.run_name": "k4", "dataset_fingerprint": fingerprint,
+    }
+    assert run.info.run_name == "k4" and run.info.status == "RUNNING"
+    assert MlflowClient(sqlite_uri).get_experiment(run.info.experiment_id).name == experiment
+    # Artifacts sit beside the database, not in whatever the working directory was.
+    db_dir = Path(sqlite_uri.removeprefix("sqlite:///")).parent
+    assert run.info.artifact_uri == f"{(db_dir / 'mlartifacts').as_uri()}/{run_id}/artifacts"
+
+    manifest.write_text('{"id": "b", "path": "b.wav"}\n')
+    assert tracking.dataset_fingerprint(manifest) != fingerprint and len(fingerprint) == 16
+
+
+def test_metrics_round_trip_with_steps(sqlite_uri, experiment):
+    run_id = tracking.start_run(sqlite_uri, experiment, "metrics", load_config(overrides=OVERRIDES))
+    for step, loss in [(0, 2.5), (10, 1.25), (20, 0.75)]:
+        tracking.log_metrics(sqlite_uri, run_id, {"loss": loss, "loss.pitch": loss / 2}, step)
+    assert tracking.metric_history(sqlite_uri, run_id, "loss") == [(0, 2.5), (10, 1.25), (20, 0.75)]
+    assert tracking.metric_history(sqlite_uri, run_id, "loss.pitch") == [(0, 1.25), (10, 0.625), (20, 0.375)]
+    assert tracking.metric_history(sqlite_uri, run_id, "never_logged") == []
+    with pytest.raises(ValueError, match="'acc'"):
+        tracking.log_metrics(sqlite_uri, run_id, {"acc": "high"}, 30)
+
+
+def test_artifacts_land_and_download_back(sqlite_uri, experiment, tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    run_id = tracking.start_run(sqlite_uri, experiment, "artifacts", cfg)
+    parts = tmp_path / "parts"
+    (parts / "heads").mkdir(parents=True)
+    payload = os.urandom(4096)
+    (parts / "heads" / "pitch.bin").write_bytes(payload)
+    (parts / "slots.bin").write_bytes(payload[::-1])
+    table = pd.DataFrame({"task": ["asr", "emotion"], "score": [0.125, 0.5], "n": [10, 20]})
+
+    tracking.log_text(sqlite_uri, run_id, to_yaml(cfg), "config.yaml")
+    tracking.log_dict_artifact(sqlite_uri, run_id, {"k": 4, "experts": ["pitch", "mel"]}, "meta/info.json")
+    tracking.log_artifacts(sqlite_uri, run_id, parts, "trained")
+    tracking.log_table(sqlite_uri, run_id, table.iloc[:1], "eval/table.csv")
+    tracking.log_table(sqlite_uri, run_id, table, "eval/table.csv")  # a re-run replaces, never appends
+    tracking.log_table(sqlite_uri, run_id, table, "eval/table.json")
+
+    down = Path(MlflowClient(sqlite_uri).download_artifacts(run_id, "", str(tmp_path / "down")))
+    assert from_yaml((down / "config.yaml").read_text()) == cfg
+    assert json.loads((down / "meta" / "info.json").read_text()) == {"k": 4, "experts": ["pitch", "mel"]}
+    assert (down / "trained" / "heads" / "pitch.bin").read_bytes() == payload
+    assert (down / "trained" / "slots.bin").read_bytes() == payload[::-1]
+    pd.testing.assert_frame_equal(pd.read_csv(down / "eval" / "table.csv"), table)
+    pd.testing.assert_frame_equal(pd.read_json(down / "eval" / "table.json", orient="split"), table)
+    stored = Path(sqlite_uri.removeprefix("sqlite:///")).parent / "mlartifacts" / run_id / "artifacts"
+    assert (stored / "trained" / "heads" / "pitch.bin").read_bytes() == payload
+
+    with pytest.raises(ValueError, match="table.xlsx"):
+        tracking.log_table(sqlite_uri, run_id, table, "eval/table.xlsx")
+    with pytest.raises(NotADirectoryError, match="missing"):
+        tracking.log_artifacts(sqlite_uri, run_id, tmp_path / "missing")
+
+
+def test_same_run_name_resumes_the_run(sqlite_uri, experiment):
+    cfg = load_config(overrides=OVERRIDES)
+    client = MlflowClient(sqlite_uri)
+    first = tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg)
+    tracking.log_metrics(sqlite_uri, first, {"loss": 1.0}, 50)
+    tracking.end_run(sqlite_uri, first, "FAILED")
+    assert client.get_run(first).info.status == "FAILED"
+
+    changed = load_config(overrides=[*OVERRIDES, "train.lr=0.01"])
+    again = tracking.start_run(sqlite_uri, experiment, "it's resumable", changed)
+    assert again == first
+    run = client.get_run(first)
+    assert run.info.status == "RUNNING"
+    assert run.data.params["train.lr"] == "0.001"  # params are immutable: the first value stays
+    tracking.log_metrics(sqlite_uri, again, {"loss": 0.5}, 100)
+    assert tracking.metric_history(sqlite_uri, first, "loss") == [(50, 1.0), (100, 0.5)]
+    tracking.end_run(sqlite_uri, again)
+    assert client.get_run(first).info.status == "FINISHED"
+
+    assert tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg, resume=False) != first
+    client.delete_run(first)
+    assert tracking.start_run(sqlite_uri, experiment, "another", cfg) != first
+
+    # A run that crashed before its params were logged gets all of them on resume.
+    experiment_id = tracking.get_or_create_experiment(sqlite_uri, experiment)
+    bare = client.create_run(experiment_id, tags={"coat.run_name": "crashed"}).info.run_id
+    assert tracking.start_run(sqlite_uri, experiment, "crashed", cfg) == bare
+    assert client.get_run(bare).data.params == {key: str(value) for key, value in flatten(cfg).items()}
+
+    with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
+        tracking.end_run(sqlite_uri, first, "DONE")
+
+
+def test_child_run_gets_parent_id(sqlite_uri, experiment):
+    cfg = load_config(overrides=OVERRIDES)
+    parent = tracking.start_run(sqlite_uri, experiment, "sweep", cfg)
+    children = [
+        tracking.start_run(sqlite_uri, experiment, f"trial_{i}", cfg, parent_run_id=parent) for i in range(2)
+    ]
+    client = MlflowClient(sqlite_uri)
+    assert [client.get_run(c).data.tags["mlflow.parentRunId"] for c in children] == [parent, parent]
+    assert "mlflow.parentRunId" not in client.get_run(parent).data.tags
+    found = client.search_runs([client.get_run(parent).info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_id for r in found) == sorted(children)
+
+
+def test_bad_inputs_name_the_culprit(sqlite_uri, tmp_path):
+    client = MlflowClient(sqlite_uri)
+    client.delete_experiment(tracking.get_or_create_experiment(sqlite_uri, "gone"))
+    with pytest.raises(ValueError, match="'gone'.*deleted"):
+        tracking.get_or_create_experiment(sqlite_uri, "gone")
+    with pytest.raises(TrackingUnavailableError, match="nowhere"):
+        tracking.check_reachable(f"sqlite:///{tmp_path}/nowhere/mlruns.db")
+    tracking.check_reachable(sqlite_uri)
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        tracking.dataset_fingerprint(tmp_path / "absent.jsonl")
+    with pytest.raises(ValueError, match="run_name"):
+        tracking.start_run(sqlite_uri, "x", "", load_config())
+
+
+def test_run_through_a_real_server(server, tmp_path):
+    uri, artifact_root = server
+    tracking.check_reachable(uri)
+    cfg = load_config(overrides=OVERRIDES)
+    run_id = tracking.start_run(uri, "coat", "served", cfg, tags={"dataset_fingerprint": "abc"})
+    tracking.log_metrics(uri, run_id, {"loss": 2.0}, 0)
+    tracking.log_metrics(uri, run_id, {"loss": 1.5}, 5)
+    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
+    table = pd.DataFrame({"task": ["asr"], "wer": [0.25]})
+    tracking.log_table(uri, run_id, table, "eval/table.csv")
+    tracking.end_run(uri, run_id)
+
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {key: str(value) for key, value in flatten(cfg).items()}
+    assert run.data.tags["coat.run_name"] == "served" and run.data.tags["experts"] == "pitch,mel"
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server, not to a path
+
+    raw = requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
+    assert {p["key"]: p["value"] for p in raw["data"]["params"]}["thinking.num_slots"] == "4"
+    assert {t["key"]: t["value"] for t in raw["data"]["tags"]}["dataset_fingerprint"] == "abc"
+    assert raw["info"]["status"] == "FINISHED"
+    history = requests.get(f"{uri}/api/2.0/mlflow/metrics/get-history", params={"run_id": run_id, "metric_key": "loss"},
+                           timeout=10).json()["metrics"]
+    assert sorted((m["step"], m["value"]) for m in history) == [(0, 2.0), (5, 1.5)]
+    assert tracking.metric_history(uri, run_id, "loss") == [(0, 2.0), (5, 1.5)]
+
+    down = Path(MlflowClient(uri).download_artifacts(run_id, "", str(tmp_path / "down")))
+    assert from_yaml((down / "config.yaml").read_text()) == cfg
+    pd.testing.assert_frame_equal(pd.read_csv(down / "eval" / "table.csv"), table)
+    on_server = list(artifact_root.rglob(f"{run_id}/artifacts/eval/table.csv"))
+    assert len(on_server) == 1 and pd.read_csv(on_server[0]).equals(table)
+
+    assert tracking.start_run(uri, "coat", "served", cfg) == run_id
+
+
+@pytest.mark.timeout(30)
+def test_server_down_fails_fast():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingUnavailableError, match=f"{uri}.*not reachable.*make dashboard"):
+        tracking.check_reachable(uri, timeout_s=3)

@@ -1,0 +1,87 @@
+"""Training on a real local Ray with real coat-mini audio, a real feature store and a real MLflow store."""
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from coat import tracking
+from coat.config import load_config
+from coat.data.synth import synthesize
+from coat.train.launch import train
+from coat.train.loop import lr_factor, stage_at
+
+
+@pytest.fixture(scope="module")
+def coat_mini(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coat-mini")
+    return synthesize(root, size=40, seed=3)
+
+
+def train_config(tmp_path: Path, manifest: Path, *overrides: str):
+    return load_config(overrides=[
+        f"data.manifest={manifest}", f"data.store={manifest.parent / 'store'}", f"train.storage={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", "experts.names=[mel,prosody]",
+        "thinking.num_slots=4", "thinking.max_slots=8", "train.batch_size=2", "train.warmup_steps=2",
+        "heads.dim=32", "train.stages=[{steps: 4, ce_weight: 0.1}, {steps: 4, ce_weight: 1.0}]",
+        "train.checkpoint_every=2", *overrides,
+    ])
+
+
+def steps_logged(uri: str, run_id: str, key: str = "train/loss") -> list[int]:
+    return [step for step, _ in tracking.metric_history(uri, run_id, key)]
+
+
+def test_schedule_stages_and_learning_rate():
+    cfg = load_config(overrides=["train.stages=[{steps: 3, ce_weight: 0.0}, {steps: 5}]", "train.warmup_steps=2"])
+    assert [stage_at(cfg, s).ce_weight for s in range(8)] == [0.0] * 3 + [1.0] * 5
+    factors = [lr_factor(cfg, s) for s in range(8)]
+    assert factors[0] == 0.5 and factors[1] == 1.0 and factors[-1] < factors[2] and min(factors) >= 0.1
+
+
+def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(tmp_path, coat_mini):
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", "train.run_name=local")
+    first = train(cfg, evaluate_after=False)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    assert first.metrics["step"] == 8
+    assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
+    for key in ("train/ce", "train/mel", "train/prosody", "train/lr", "train/samples_per_s"):
+        assert len(steps_logged(uri, first.mlflow_run_id, key)) == 8, key
+    run = mlflow.tracking.MlflowClient(uri).get_run(first.mlflow_run_id)
+    assert run.data.params["thinking.num_slots"] == "4" and run.data.tags["backbone"] == "qwen2-audio"
+    assert (first.checkpoint / "coat.safetensors").is_file() and (first.checkpoint / "training_state.pt").is_file()
+
+    again = train(cfg, evaluate_after=False)  # the same command: resumes from the finished run's checkpoint
+    assert again.mlflow_run_id == first.mlflow_run_id
+    assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
+
+
+def kill_one_worker_after_first_checkpoint(storage: Path, killed: list[int]) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not killed:
+        if list(storage.glob("*/checkpoint_*")):
+            for process in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+        time.sleep(0.2)
+
+
+def test_two_ddp_workers_survive_a_killed_worker(tmp_path, coat_mini):
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=2", "train.max_failures=1", "train.run_name=ddp",
+                       "train.stages=[{steps: 4, ce_weight: 0.1}, {steps: 8, ce_weight: 1.0}]")
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(tmp_path / "runs", killed))
+    killer.start()
+    result = train(cfg, evaluate_after=False)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert result.metrics["step"] == 12
+    steps = steps_logged(tracking.resolve_uri(cfg.tracking.uri), result.mlflow_run_id)
+    assert steps == list(range(1, 13)), "every optimizer step logged exactly once across the restart"
