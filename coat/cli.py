@@ -7,6 +7,7 @@ from coat.eval.cli import eval_command
 from coat.experts.cli import app as experts_app
 from coat.experts.precompute_cli import precompute_command
 from coat.train.cli import train_command
+from coat.tune.cli import sweep_command
 
 app = typer.Typer(
     help="Continuous Audio Thinking: data, experts, training, evaluation and sweeps.", no_args_is_help=True
@@ -16,3 +17,4 @@ app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("sweep")(sweep_command)

@@ -29,6 +29,8 @@ class BackboneConfig:
     size: str = "tiny"
     # Local path or an already-cached hub id of the real checkpoint; never downloaded.
     checkpoint: str | None = None
+    # Per-backbone checkpoints, used when `checkpoint` is unset: lets a sweep vary backbone.name.
+    checkpoints: dict[str, str] = field(default_factory=dict)
     # Seeds the tiny random weights, so trained parts saved without the base reload onto the same base.
     seed: int = 0
     dtype: str = "float32"
@@ -42,6 +44,11 @@ class ThinkingConfig:
     max_slots: int = 64
     # "after_prompt": between the instruction and the response; "after_audio": right after the audio.
     placement: str = "after_prompt"
+
+    @property
+    def prefill_positions(self) -> int:
+        """Extra prompt positions the block costs: K slots and its two delimiters (none at K = 0)."""
+        return self.num_slots + 2 if self.num_slots else 0
 
 
 @dataclass
@@ -64,7 +71,7 @@ class LossConfig:
     # lambda_e per expert; an expert in `experts.names` without an entry gets `default_weight`.
     weights: dict[str, float] = field(default_factory=dict)
     default_weight: float = 1.0
-    # D_e per expert; default: cosine for continuous experts, ce for discrete ones.
+    # D_e per expert; default: cosine for continuous experts (mse when one-dimensional), ce for discrete ones.
     distance: dict[str, str] = field(default_factory=dict)
 
 
@@ -78,6 +85,9 @@ class LoraConfig:
     )
     # Module path parts that never get LoRA: the audio tower stays frozen, as does Omni's vision tower.
     exclude: list[str] = field(default_factory=lambda: ["audio_tower", "visual"])
+    # Modules trained in full beside LoRA. Tiny random backbones need ["lm_head"]: behind a frozen final norm,
+    # their frozen random head caps every logit near zero, so the response loss cannot fall.
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,7 +131,8 @@ class TrainConfig:
     stages: list[StageConfig] = field(
         default_factory=lambda: [StageConfig(steps=60, ce_weight=0.1), StageConfig(steps=240, ce_weight=1.0)]
     )
-    checkpoint_every: int = 50  # optimizer steps; metrics reach MLflow with each checkpoint
+    checkpoint_every: int = 50  # optimizer steps; validation runs and metrics reach MLflow with each checkpoint
+    val_batches: int = 4  # per worker, per validation
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint
     seed: int = 0
@@ -147,6 +158,21 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    name: str | None = None  # default: the space file's name; `--resume` continues the sweep of this name
+    num_samples: int = 8  # sampled spaces (Optuna TPE); a grid runs each point once
+    metric: str = "val/ce"  # comparable across loss weights and expert sets, unlike the total loss
+    mode: str = "min"
+    scheduler: str = "asha"  # "asha" or "none"; grids always run every trial to the end
+    grace_steps: int = 20  # ASHA: no trial is stopped before this many optimizer steps
+    reduction_factor: int = 3
+    max_concurrent: int | None = None  # None: derived from the cluster's CPUs/GPUs
+    trial_retries: int = 1  # a crashed trial is retried from its checkpoint this often, then marked failed
+    multi_objective: bool = False  # Optuna on (metric, prefill positions) instead of the metric alone
+    seed: int = 0
+
+
+@dataclass
 class CoATConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
@@ -158,6 +184,7 @@ class CoATConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CoATConfig:
@@ -195,6 +222,9 @@ def validate(cfg: CoATConfig) -> None:
         fail("backbone.name", f"{cfg.backbone.name!r} is not one of {', '.join(BACKBONES)}")
     if cfg.backbone.size not in ("tiny", "real"):
         fail("backbone.size", f"{cfg.backbone.size!r} must be 'tiny' or 'real'")
+    for name in cfg.backbone.checkpoints:
+        if name not in BACKBONES:
+            fail(f"backbone.checkpoints.{name}", f"{name!r} is not one of {', '.join(BACKBONES)}")
     if cfg.backbone.checkpoint is not None and cfg.backbone.size != "real":
         fail("backbone.size", "a checkpoint holds the real architecture: set backbone.size=real with it")
     if cfg.backbone.dtype not in ("float32", "bfloat16", "float16"):
@@ -259,8 +289,37 @@ def validate(cfg: CoATConfig) -> None:
         fail("train.lr", "must be positive")
     if cfg.data.max_seconds > cfg.backbone.audio_window_s and cfg.backbone.size == "tiny":
         fail("data.max_seconds", f"{cfg.data.max_seconds} exceeds the tiny audio window backbone.audio_window_s")
+    sw = cfg.sweep
+    if sw.mode not in ("min", "max"):
+        fail("sweep.mode", f"{sw.mode!r} must be 'min' or 'max'")
+    if sw.scheduler not in ("asha", "none"):
+        fail("sweep.scheduler", f"{sw.scheduler!r} must be 'asha' or 'none'")
+    if sw.num_samples < 1 or sw.grace_steps < 1 or sw.reduction_factor < 2 or sw.trial_retries < 0:
+        fail("sweep", "num_samples, grace_steps >= 1, reduction_factor >= 2 and trial_retries >= 0 are required")
+    if not (sw.metric.startswith("val/") or sw.metric.startswith("eval/")):
+        fail("sweep.metric", f"{sw.metric!r} must be a reported validation (val/...) or evaluation (eval/...) metric")
     if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1 or cfg.eval.bootstrap < 1:
         fail("eval", "batch_size, max_new_tokens and bootstrap must be >= 1")
+
+
+def apply_overrides(cfg: CoATConfig, overrides: list[str]) -> CoATConfig:
+    """`cfg` with dotted overrides applied, validated. Raises ConfigError naming the field."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config field {err.full_key!r}: {err.msg.splitlines()[0]}") from None
+    validate(out)
+    return out
+
+
+def with_absolute_paths(cfg: CoATConfig) -> CoATConfig:
+    """Relative data/storage paths resolved against this process's working directory: Ray Tune and Train run
+    trials and workers elsewhere."""
+    return apply_overrides(cfg, [
+        f"data.manifest={Path(cfg.data.manifest).resolve()}", f"data.store={Path(cfg.data.store).resolve()}",
+        f"train.storage={Path(cfg.train.storage).resolve()}",
+    ])
 
 
 def expert_weight(cfg: CoATConfig, name: str) -> float:

@@ -151,7 +151,7 @@ def start_run(
         raise ValueError(f"start_run: run_name {run_name!r} must be non-empty and not hold both ' and \"")
     experiment_id = get_or_create_experiment(uri, experiment)
     client = _client(uri)
-    run_id = _find_run(uri, experiment_id, run_name) if resume else None
+    run_id = find_run(uri, experiment_id, run_name) if resume else None
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
         logged: dict[str, str] = {}
@@ -179,7 +179,7 @@ def start_run(
     return run_id
 
 
-def _find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
+def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
     """The newest non-deleted run of the experiment tagged with this coat run name."""
     quote = "'" if "'" not in run_name else '"'  # MLflow's filter grammar has no escapes, only two quote styles
     runs = _client(uri).search_runs(

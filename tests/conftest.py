@@ -1,9 +1,16 @@
-"""Shared test helpers: tiny configs and batches of real audio decoded from WAV files."""
+"""Shared test helpers: tiny configs, real audio decoded from WAV files, a real MLflow server on loopback."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
 import torch
 
@@ -38,8 +45,8 @@ def clips(tmp_path_factory) -> list[np.ndarray]:
         0.3 * np.sin(2 * np.pi * np.where(t2 < 0.5, 220, 330) * t2),
     ]
     decoded = []
-    for i, signal in enumerate(signals):
-        sf.write(root / f"clip{i}.wav", signal.astype(np.float32), 16000, subtype="PCM_16")
+    for i, wave in enumerate(signals):
+        sf.write(root / f"clip{i}.wav", wave.astype(np.float32), 16000, subtype="PCM_16")
         audio, rate = sf.read(root / f"clip{i}.wav", dtype="float32")
         assert rate == 16000
         decoded.append(audio)
@@ -65,3 +72,47 @@ def synthetic_targets(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
     batch["target.phonetic"], batch["target_len.phonetic"] = phones, lengths
     batch["target.speaker"] = torch.randn(2, 8, generator=g)
     return batch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real tracking server that proxies artifacts (clients upload over HTTP into <root>/art)."""
+    root = tmp_path_factory.mktemp("server").resolve()
+    uri = f"http://127.0.0.1:{free_port()}"
+    # The GenAI job executor starts ~7 huey consumer processes and doubles start-up time; tracking needs none.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db",
+        "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+        "--workers", "1",
+    ]
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri, root / "art"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn worker goes too
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -2,11 +2,7 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,14 +13,9 @@ from mlflow.tracking import MlflowClient
 from coat import tracking
 from coat.config import flatten, from_yaml, load_config, to_yaml
 from coat.tracking import TrackingUnavailableError
+from tests.conftest import free_port
 
 OVERRIDES = ["thinking.num_slots=4", "experts.names=[pitch,mel]", "loss.weights.pitch=0.5", "train.lr=0.001"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,44 +27,6 @@ def sqlite_uri(tmp_path_factory) -> str:
 @pytest.fixture
 def experiment(request) -> str:
     return request.node.name
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real tracking server that proxies artifacts (clients upload over HTTP into <root>/art)."""
-    root = tmp_path_factory.mktemp("server").resolve()
-    uri = f"http://127.0.0.1:{free_port()}"
-    # The GenAI job executor starts ~7 huey consumer processes and doubles start-up time; tracking needs none.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db",
-        "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-        "--workers", "1",
-    ]
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield uri, root / "art"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn worker goes too
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_resolve_uri_precedence_and_absolute_sqlite(tmp_path, monkeypatch):

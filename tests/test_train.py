@@ -8,12 +8,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import requests
 
 from coat import tracking
 from coat.config import load_config
 from coat.data.synth import synthesize
 from coat.train.launch import train
 from coat.train.loop import lr_factor, stage_at
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,28 @@ def test_two_ddp_workers_survive_a_killed_worker(tmp_path, coat_mini):
     assert result.metrics["step"] == 12
     steps = steps_logged(tracking.resolve_uri(cfg.tracking.uri), result.mlflow_run_id)
     assert steps == list(range(1, 13)), "every optimizer step logged exactly once across the restart"
+
+
+def test_training_logs_to_a_real_tracking_server(tmp_path, coat_mini, server):
+    uri, _ = server
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", f"tracking.uri={uri}",
+                       "train.stages=[{steps: 4}]", "train.run_name=served")
+    result = train(cfg, evaluate_after=False)
+    run = requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": result.mlflow_run_id}, timeout=10).json()
+    params = {p["key"]: p["value"] for p in run["run"]["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in run["run"]["data"]["tags"]}
+    assert params["train.stages"] and params["experts.names"] == "['mel', 'prosody']"
+    assert tags["experts"] == "mel,prosody" and run["run"]["info"]["status"] == "FINISHED"
+    history = requests.get(f"{uri}/api/2.0/mlflow/metrics/get-history",
+                           params={"run_id": result.mlflow_run_id, "metric_key": "train/mel"}, timeout=10).json()
+    assert sorted(m["step"] for m in history["metrics"]) == [1, 2, 3, 4]
+    artifacts = mlflow.tracking.MlflowClient(uri).list_artifacts(result.mlflow_run_id, "trained_parts")
+    assert "trained_parts/coat.safetensors" in {a.path for a in artifacts}
+
+
+def test_tracking_server_down_fails_before_any_compute(tmp_path):
+    missing = tmp_path / "not-yet" / "manifest.jsonl"
+    cfg = train_config(tmp_path, missing, f"tracking.uri=http://127.0.0.1:{free_port()}")
+    with pytest.raises(tracking.TrackingUnavailableError, match="127.0.0.1"):
+        train(cfg)
+    assert not missing.parent.exists() and not (tmp_path / "runs").exists()

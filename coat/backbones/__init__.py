@@ -35,8 +35,10 @@ def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backb
     """
     spec = BACKBONES[cfg.backbone.name]
     dtype = getattr(torch, cfg.backbone.dtype)
-    if cfg.backbone.checkpoint is not None:
-        path = resolve_checkpoint(cfg.backbone.checkpoint)
+    checkpoint = cfg.backbone.checkpoint or (cfg.backbone.checkpoints.get(spec.name) if cfg.backbone.size == "real"
+                                             else None)
+    if checkpoint is not None:
+        path = resolve_checkpoint(checkpoint)
         model = spec.model_class.from_pretrained(path, dtype=dtype, local_files_only=True, device_map=device)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     elif cfg.backbone.size == "real":

@@ -51,6 +51,14 @@ def check_experts(cfg: CoATConfig, experts: Mapping[str, ExpertSpec]) -> None:
             raise ConfigError(f"config field 'loss.distance.{name}': ce needs a discrete expert")
 
 
+def default_distance(spec: ExpertSpec) -> str:
+    """ce for discrete experts; cosine for feature vectors; mse for one-dimensional ones (whose cosine is
+    only a sign)."""
+    if spec.kind == "discrete":
+        return "ce"
+    return "mse" if spec.dim == 1 else "cosine"
+
+
 def _lora_targets(cfg: CoATConfig) -> str:
     """A regex on module names: the LLM's projections, nothing under the excluded towers."""
     excluded = "|".join(cfg.lora.exclude)
@@ -83,7 +91,7 @@ class CoATModel(nn.Module):
             model.set_input_embeddings(SlotEmbedding(model.get_input_embeddings(), self.backbone.thinking))
             lora = LoraConfig(
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=_lora_targets(cfg),
+                target_modules=_lora_targets(cfg), modules_to_save=list(cfg.lora.modules_to_save) or None,
             )
             self.lm = get_peft_model(model, lora)
             self.slot_table.requires_grad_(True)
@@ -138,7 +146,7 @@ class CoATModel(nn.Module):
                 lengths = batch.get(f"target_len.{name}")
                 target = slot_targets(spec, batch[f"target.{name}"].to(hidden.device), lengths, k)
                 prediction = self.heads[name](slot_states.float())
-                kind = self.cfg.loss.distance.get(name, "ce" if spec.kind == "discrete" else "cosine")
+                kind = self.cfg.loss.distance.get(name, default_distance(spec))
                 losses[name] = distance(kind, prediction, target)
                 total = total + expert_scale * expert_weight(self.cfg, name) * losses[name]
         return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)

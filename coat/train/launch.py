@@ -9,12 +9,15 @@ checkpoint and logs into the same MLflow run.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
 import ray.train
+import ray.tune
 from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
 from coat.backbones import BACKBONES
@@ -61,19 +64,25 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
     return manifest, store
 
 
-def train(cfg: CoATConfig, *, evaluate_after: bool = True) -> TrainResult:
+def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
+          report_to_tune: bool = False) -> TrainResult:
     """Train per `cfg` on Ray Train; evaluate the result on the test split; log everything to MLflow.
 
+    Inside a sweep trial: `parent_run_id` makes the MLflow run a child of the sweep's, and `report_to_tune`
+    forwards every checkpoint's metrics (validation included) and the final evaluation to Tune.
     Raises TrackingUnavailableError before any compute when the tracking server is down.
     """
+    launched_at = time.time()
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     name = run_name(cfg)
     manifest, store = prepare_data(cfg)
     ensure_ray()
 
+    rate = BACKBONES[cfg.backbone.name].sample_rate
     items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
-    dataset = dataset_of(items, sources, BACKBONES[cfg.backbone.name].sample_rate)
+    datasets = {"train": dataset_of(items, sources, rate),
+                "val": dataset_of(*training_items(manifest, cfg.data.val_split, cfg.experts.names, store), rate)}
     train_rows = len(items)
     world = max(1, cfg.train.num_workers)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
@@ -83,17 +92,21 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True) -> TrainResult:
                          "lower train.batch_size or train.num_workers")
 
     storage = Path(cfg.train.storage).resolve()
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg,
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
                                 tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
+    in_process = cfg.train.num_workers == 0
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_yaml(cfg),
             "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
             "batches_per_epoch": batches_per_epoch,
+            "launched_at": launched_at,
             "mlflow_uri": uri,
             "mlflow_run_id": run_id,
-            "local_checkpoints": str(storage / name) if cfg.train.num_workers == 0 else None,
+            "local_checkpoints": str(storage / name) if in_process else None,
+            # Ray Train's callbacks don't run in-process: the loop reports to Tune itself there.
+            "report_to_tune": report_to_tune and in_process,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -104,8 +117,9 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True) -> TrainResult:
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[TuneReportCallback()] if report_to_tune and not in_process else None,
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
@@ -120,6 +134,8 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True) -> TrainResult:
     eval_metrics = {}
     if evaluate_after:
         eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, uri, run_id)
+        if report_to_tune:
+            ray.tune.report({**metrics, **eval_metrics})
     tracking.end_run(uri, run_id)
     return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 
 from coat import tracking
@@ -43,9 +44,33 @@ def lr_factor(cfg: CoATConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@torch.no_grad()
+def validation_losses(coat: CoATModel, shard, cfg: CoATConfig, device) -> dict[str, float]:
+    """Mean losses over (at most `train.val_batches` batches of) this worker's validation shard, averaged over
+    workers. `val/ce` compares across trials whatever their loss weights: it is what sweeps rank by."""
+    coat.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for index, batch in enumerate(iter_training_batches(shard, coat, cfg.train.batch_size)):
+        if index >= cfg.train.val_batches:
+            break
+        out = coat(batch)
+        n = batch["input_ids"].shape[0]
+        for name, value in {"loss": out.loss, **out.losses}.items():
+            sums[name] = sums.get(name, 0.0) + value.item() * n
+        count += n
+    coat.train()
+    names = sorted(sums)
+    totals = torch.tensor([sums[n] for n in names] + [count], dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return {f"val/{name}": (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `batches_per_epoch`, and
-    `mlflow_uri` / `mlflow_run_id` (None: no tracking)."""
+    """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `batches_per_epoch`,
+    `launched_at` (the driver's start, epoch seconds), `local_checkpoints` and `report_to_tune` (in-process
+    runs), and `mlflow_uri` / `mlflow_run_id` (None: no tracking)."""
     cfg = from_yaml(loop_config["config"])
     experts = {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}
     context = ray.train.get_context()
@@ -81,6 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
 
     shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
     batches_per_epoch = loop_config["batches_per_epoch"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
     pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics not yet covered by a checkpoint
@@ -115,12 +141,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "train/loss": out.loss.item(), "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": grad_norm.item(), "train/epoch": epoch,
                 "train/samples_per_s": samples_per_step / (now - last_step_end),
+                "train/since_launch_s": time.time() - loop_config["launched_at"],
             }
             last_step_end = now
             pending.append((step, metrics))
 
             if step % cfg.train.checkpoint_every == 0 or step == total:
-                report = {"step": step, "epoch": epoch, **metrics}
+                metrics |= validation_losses(coat, val_shard, cfg, device)
+                report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
+                          **metrics}
                 if rank == 0:
                     position = (step, epoch, batch_in_epoch)
                     if local_root is None:
@@ -132,6 +161,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                     scheduler, *position)
                         prune_checkpoints(local_root, cfg.train.keep_checkpoints)
                         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    if loop_config.get("report_to_tune"):
+                        ray.tune.report(report)
                     if loop_config.get("mlflow_run_id"):
                         for logged_step, values in pending:
                             tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values,

@@ -1,0 +1,197 @@
+"""Sweeps: Ray Tune over a search space, one training run per trial, a parent MLflow run per sweep.
+
+Three levels, as Ray's guide has them: the sweep driver (`run_sweep`) builds the `Tuner`; each trial is a
+Tune function (`run_trial`) that calls `coat.train.launch.train`, which runs the `TorchTrainer` (or, with
+`train.num_workers=0`, the loop in the trial's own process — what short trials on one machine want); the
+per-worker loop does the GPU work. Trial run names come from the trial id, so a restarted trial resumes from
+its checkpoint and logs into the same MLflow child run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import ray
+import ray.tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from coat import tracking
+from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
+from coat.data.precompute import ensure_ray
+from coat.train.launch import prepare_data, train
+from coat.tune.space import Space, load_space, overrides
+
+PREFILL_COST = "cost/prefill_positions"  # reported by every training run
+
+
+@dataclass
+class SweepResult:
+    name: str
+    table: pd.DataFrame  # one row per trial: its setting, status, validation and evaluation metrics
+    best: dict | None  # the best finished trial's row
+    parent_run_id: str
+    path: Path  # Tune's experiment directory (what `--resume` restores)
+
+
+def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str) -> None:
+    """One trial: the base config with the sampled point applied, trained and evaluated as a child run."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = apply_overrides(from_yaml(base_yaml), [
+        *overrides(config["point"]), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
+    ])
+    train(cfg, parent_run_id=parent_run_id, report_to_tune=True)
+
+
+def max_concurrent(cfg: CoATConfig) -> int:
+    """`sweep.max_concurrent`, else as many trials as the cluster's resources hold, keeping half the CPUs
+    for Ray Data's decode tasks on CPU-only clusters."""
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    resources = ray.cluster_resources()
+    if cfg.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // max(1, cfg.train.num_workers)))
+    return max(1, int(resources.get("CPU", 1) // (2 * trial_cpus(cfg))))
+
+
+def trial_cpus(cfg: CoATConfig) -> float:
+    """CPUs a trial's Tune function holds: all of the training when it runs in-process, else the driver's."""
+    return cfg.train.cpus_per_worker if cfg.train.num_workers == 0 else 0.5
+
+
+def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str] | tuple[str, ...] = (),
+              *, resume: bool = False) -> SweepResult:
+    """Run (or with `resume`, continue) the sweep of `space_file` over the config `config` + `extra`.
+
+    Bad spaces and configs fail here, naming the path, before any trial starts; so does an unreachable
+    tracking server. The expert features of every expert set in the space are computed once, up front.
+    """
+    base = with_absolute_paths(load_config(config, list(extra)))
+    space = load_space(space_file, config, list(extra))
+    name = base.sweep.name or Path(space_file).stem
+    uri = tracking.resolve_uri(base.tracking.uri)
+    base = apply_overrides(base, [f"tracking.uri={uri}"])
+    tracking.check_reachable(uri)
+    prepare_data(_with_experts(base, _all_experts(base, space)))
+    ensure_ray()
+
+    storage = Path(base.train.storage).resolve() / "sweeps"
+    parent = tracking.start_run(uri, base.tracking.experiment, f"sweep-{name}", base,
+                                tags={"coat.kind": "sweep", "coat.sweep": name})
+    tracking.log_text(uri, parent, Path(space_file).read_text(), "space.yaml")
+    search = {"search": "grid" if space.is_grid else "optuna-tpe", "num_samples": base.sweep.num_samples,
+              "scheduler": "none" if space.is_grid else base.sweep.scheduler, "metric": base.sweep.metric,
+              "mode": base.sweep.mode, "multi_objective": base.sweep.multi_objective}
+    tracking.log_dict_artifact(uri, parent, search, "search.json")
+
+    trainable = ray.tune.with_resources(
+        partial(run_trial, base_yaml=to_yaml(base), sweep_name=name, parent_run_id=parent, storage=str(storage)),
+        {"CPU": trial_cpus(base)},
+    )
+    path = storage / name
+    if resume and ray.tune.Tuner.can_restore(str(path)):
+        tuner = ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(base, space, trainable, name, storage)
+    grid = tuner.fit()
+
+    table = _results_table(grid, uri, base, name)
+    best = _best(table, base)
+    tracking.log_table(uri, parent, table, "sweep/results.json")
+    if best is not None:
+        tracking.log_metrics(uri, parent, {f"best/{k}": v for k, v in best.items()
+                                           if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
+        tracking.log_dict_artifact(uri, parent, {k: v for k, v in best.items()}, "sweep/best.json")
+    tracking.end_run(uri, parent)
+    return SweepResult(name, table, best, parent, path)
+
+
+def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Path) -> ray.tune.Tuner:
+    s = cfg.sweep
+    if space.is_grid:
+        param_space = {"point": ray.tune.grid_search(space.grid())}
+        search_alg, scheduler, num_samples = None, None, 1
+    else:
+        param_space = {}
+        if s.multi_objective:
+            metric, mode = [s.metric, PREFILL_COST], [s.mode, "min"]
+            sampler = optuna.samplers.NSGAIISampler(seed=s.seed)
+        else:
+            metric, mode = s.metric, s.mode
+            sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
+        search_alg = ConcurrencyLimiter(
+            OptunaSearch(space=lambda trial: {"point": space.suggest(trial)}, metric=metric, mode=mode,
+                         sampler=sampler),
+            max_concurrent=max_concurrent(cfg),
+        )
+        scheduler = None
+        if s.scheduler == "asha":
+            scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, max_t=cfg.train.total_steps,
+                                      grace_period=min(s.grace_steps, cfg.train.total_steps),
+                                      reduction_factor=s.reduction_factor)
+        num_samples = s.num_samples
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+            max_concurrent_trials=max_concurrent(cfg) if space.is_grid else None,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.tune.FailureConfig(max_failures=s.trial_retries),
+            verbose=1,
+        ),
+    )
+
+
+def _all_experts(cfg: CoATConfig, space: Space) -> list[str]:
+    names = list(cfg.experts.names)
+    for param in space.params:
+        if param.path == "experts.names":
+            for value in param.values:
+                names += [n for n in value if n not in names]
+    return names
+
+
+def _with_experts(cfg: CoATConfig, names: list[str]) -> CoATConfig:
+    """`cfg` training every expert in `names` (for preparing the store only)."""
+    cfg = apply_overrides(cfg, [f"experts.names=[{','.join(names)}]"])
+    cfg.loss.weights, cfg.loss.distance = {}, {}
+    return cfg
+
+
+def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
+    """One row per trial; trials that ended in error get their MLflow child run marked FAILED."""
+    experiment = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        status = "error" if result.error else "done"
+        if result.error:
+            run_id = tracking.find_run(uri, experiment, f"{name}-{trial_id}")
+            if run_id:
+                tracking.end_run(uri, run_id, "FAILED")
+        point = result.config.get("point", {})
+        row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
+               "steps": metrics.get("step", 0)}
+        row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/"))}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _best(table: pd.DataFrame, cfg: CoATConfig) -> dict | None:
+    metric = cfg.sweep.metric
+    done = table[(table["status"] == "done") & table.get(metric, pd.Series(dtype=float)).notna()] \
+        if metric in table else table.iloc[0:0]
+    if done.empty:
+        return None
+    row = done.sort_values(metric, ascending=cfg.sweep.mode == "min").iloc[0]
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

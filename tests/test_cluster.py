@@ -1,0 +1,222 @@
+"""Offline checks of the cluster configs in cluster/: Ray's own schema validator on the launcher YAMLs, the
+environment their setup commands leave on a node (run through Ray's own command wrapping in a scratch home), the
+KubeRay RayJob's shape, and that every path they name exists in the repository. No network, no cloud credentials."""
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.command_runner import _with_interactive
+from ray.autoscaler._private.util import prepare_config, validate_config, with_head_node_ip
+from ray.runtime_env import RuntimeEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER_CONFIGS = ["gpu.yaml", "local.yaml"]
+# Written alongside these configs; a check on one of them skips until it exists.
+EXPERIMENTS = [
+    "experiments/ablate_thinking_len.py",
+    "experiments/ablate_loss_weights.py",
+    "experiments/ablate_expert_sets.py",
+    "experiments/compare_backbones.py",
+]
+ENV_VARS = ("COAT_STORAGE", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")
+SCRIPT_PATH = re.compile(r"experiments/[\w/.-]+\.py")
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def all_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [cmd for key in keys for cmd in config.get(key, [])]
+
+
+def require_script(path: str) -> None:
+    """Fail if a script the configs name is missing, or skip while it is one of the experiments being written."""
+    if not (ROOT / path).exists() and path in EXPERIMENTS:
+        pytest.skip(f"{path} not written yet")
+    assert (ROOT / path).is_file(), f"{path} is named in cluster/ but does not exist"
+
+
+def run_like_ray(cmd: str, home: Path, head_ip: str | None = None) -> str:
+    """Run `cmd` as Ray's SSH command runner runs it on a node: `bash --login -i` after `source ~/.bashrc`, with
+    RAY_HEAD_IP exported first on a worker (as the autoscaler does). `home` stands in for the node's home."""
+    if head_ip is not None:
+        cmd = with_head_node_ip([cmd], head_ip)[0]
+    result = subprocess.run(" ".join(_with_interactive(cmd)), shell=True, stdin=subprocess.DEVNULL, capture_output=True,
+                            env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def node_env(home: Path) -> dict[str, str]:
+    out = run_like_ray("env", home)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_ray_validator_accepts_launcher_config(name):
+    validate_config(prepare_config(load(name)))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_ray_validator_rejects_unknown_keys(name):
+    """Proves the validator above is strict: a misspelt key at the top or inside a node type fails."""
+    raw = load(name)
+    raw["max_worker"] = 4
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(raw))
+    prepared = prepare_config(load(name))
+    node_type = next(iter(prepared["available_node_types"].values()))
+    node_type["gpus"] = 8
+    with pytest.raises(jsonschema.ValidationError, match="gpus"):
+        validate_config(prepared)
+
+
+def test_gpu_cluster_has_cpu_head_and_autoscaling_gpu_workers():
+    config = prepare_config(load("gpu.yaml"))
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["max_workers"] == 0
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert [t["resources"].get("GPU", 0) >= 1 for t in workers.values()] == [True]
+    (worker,) = workers.values()
+    assert worker["min_workers"] == 0 < worker["max_workers"] <= config["max_workers"]
+    assert all(t["node_config"].get("InstanceType") for t in types.values())
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_file_mounts_carry_what_the_install_needs(name):
+    """Every mount source exists, and the directory `pip install -e` installs receives pyproject.toml, its readme,
+    the package and the experiment scripts."""
+    config = load(name)
+    mounts = config["file_mounts"]
+    for remote, local in mounts.items():
+        assert (ROOT / local).exists(), f"{name}: file_mounts source {local!r} (for {remote}) is missing"
+    installs = [cmd for cmd in all_commands(config) if "pip install" in cmd and " -e " in cmd]
+    assert len(installs) == 1, installs
+    tokens = shlex.split(installs[0])
+    target = tokens[tokens.index("-e") + 1]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "coat"
+    for needed in ["pyproject.toml", project["readme"], "coat", "experiments"]:
+        assert mounts.get(f"{target}/{needed}") == needed, f"{name}: {target}/{needed} is not mounted from {needed}"
+
+
+def test_ray_version_pins_match_installed_ray():
+    """The cluster must run the Ray that drives it from here."""
+    pins = [pin for name in LAUNCHER_CONFIGS for cmd in all_commands(load(name))
+            for pin in re.findall(r"ray\[[\w,]+\]==([\w.]+)", cmd)]
+    assert pins and set(pins) == {ray.__version__}
+    assert load("rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_setup_commands_give_every_process_the_environment(name, tmp_path):
+    """Runs the env-file setup command as Ray would, on a worker (RAY_HEAD_IP set) and on the head (unset), then
+    checks what a later command (`ray start`, the `ray submit` driver) sees, including the activated venv."""
+    config = load(name)
+    (env_cmd,) = [cmd for cmd in config["setup_commands"] if "> ~/coat.env" in cmd]
+    worker, head = tmp_path / "worker", tmp_path / "head"
+    for home in (worker, head):
+        home.mkdir()
+        (home / ".bashrc").write_text("")
+    for _ in range(2):  # `ray up` reruns setup commands: the ~/.bashrc hook must not pile up
+        run_like_ray(env_cmd, worker, head_ip="10.1.2.3")
+    assert (worker / ".bashrc").read_text().splitlines() == [". ~/coat.env"]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", worker / "coat-venv"], check=True)
+
+    env = node_env(worker)
+    assert {k: env.get(k) for k in ENV_VARS} == {
+        "COAT_STORAGE": "/mnt/shared/coat", "HF_HOME": "/mnt/shared/hf", "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": "http://10.1.2.3:5000",
+    }
+    assert run_like_ray("command -v python", worker).strip() == str(worker / "coat-venv/bin/python")
+
+    run_like_ray(env_cmd, head)
+    head_ip = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
+    assert node_env(head)["MLFLOW_TRACKING_URI"] == f"http://{head_ip}:5000"
+
+
+def test_mlflow_server_uses_the_configured_uri_port():
+    for name in LAUNCHER_CONFIGS:
+        (server,) = [cmd for cmd in load(name)["head_start_ray_commands"] if "mlflow server" in cmd]
+        assert "--host 0.0.0.0 --port 5000" in server and "127.0.0.1:5000/health" in server
+        assert '"$COAT_STORAGE/mlflow' in server
+
+
+NAMED_SCRIPTS = sorted({path for f in sorted(CLUSTER.iterdir()) for path in SCRIPT_PATH.findall(f.read_text())})
+
+
+def test_configs_name_the_main_experiment():
+    """Guards the scan behind the next test: each config names its script by repository path."""
+    for name in [*LAUNCHER_CONFIGS, "rayjob.yaml", "README.md"]:
+        assert "experiments/ablate_thinking_len.py" in SCRIPT_PATH.findall((CLUSTER / name).read_text()), name
+
+
+@pytest.mark.parametrize("path", NAMED_SCRIPTS)
+def test_named_script_exists(path):
+    require_script(path)
+
+
+def test_rayjob_header():
+    job = load("rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["metadata"]["name"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def test_rayjob_entrypoint_runs_an_experiment_script():
+    tokens = shlex.split(load("rayjob.yaml")["spec"]["entrypoint"])
+    assert tokens[0] == "python" and tokens[1] in EXPERIMENTS, tokens
+    require_script(tokens[1])
+
+
+def test_rayjob_cluster_spec():
+    """Fields the RayJob CRD requires, GPUs requested only by worker containers, the environment in every container,
+    and every volume mount backed by a volume of its pod."""
+    spec = load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    groups = spec["workerGroupSpecs"]
+    assert groups
+    pods = [("head", head["template"]["spec"])]
+    for group in groups:
+        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        pods.append(("worker", group["template"]["spec"]))
+    for role, pod in pods:
+        volumes = {v["name"] for v in pod.get("volumes", [])}
+        assert pod["containers"]
+        for container in pod["containers"]:
+            assert container["image"]
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert set(ENV_VARS) <= env.keys() and env["HF_HUB_OFFLINE"] == "1"
+            assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
+            resources = container["resources"]
+            gpus = resources.get("limits", {}).get("nvidia.com/gpu", 0)
+            if role == "worker":
+                # Kubernetes schedules extended resources from limits; a request, if given, must equal it.
+                assert gpus >= 1
+                assert resources.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus
+            else:
+                assert gpus == 0 and "nvidia.com/gpu" not in resources.get("requests", {})
+
+
+def test_rayjob_runtime_env_matches_the_image():
+    """runtimeEnvYAML holds only runtime_env fields Ray knows, and its working_dir is where the README's image puts
+    the repository (the submitter pod runs the head's image and uploads that copy)."""
+    runtime_env = yaml.safe_load(load("rayjob.yaml")["spec"]["runtimeEnvYAML"])
+    assert set(runtime_env) <= set(RuntimeEnv.known_fields), set(runtime_env) - set(RuntimeEnv.known_fields)
+    install = re.search(r"RUN pip install .*-e (\S+)", (CLUSTER / "README.md").read_text())
+    assert install and runtime_env["working_dir"] == install.group(1)
