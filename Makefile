@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	rm -f .venv/.installed-* && touch $@
 
-# The main job on the embedded default (tiny backbones, CPU).
+# The main job on the embedded default: the thinking-length ablation (local Ray, tiny qwen2-audio, coat-mini,
+# MLflow in ./mlruns.db — `make dashboard` shows it).
 demo: setup
-	$(PY) experiments/benchmarks/model_overhead.py --size tiny
+	$(PY) experiments/ablate_thinking_len.py
 
 test: setup
 	$(PY) -m pytest -q
@@ -24,6 +25,9 @@ test-slow: setup
 
 bench: setup
 	$(PY) experiments/benchmarks/model_overhead.py --size tiny
+	$(PY) experiments/benchmarks/data_throughput.py
+	$(PY) experiments/benchmarks/train_throughput.py
+	$(PY) experiments/benchmarks/sweep_efficiency.py
 
 dashboard: setup
 	@echo "MLflow dashboard: http://127.0.0.1:5000"

@@ -275,3 +275,11 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric, in step order; [] if never logged. Raises MlflowException."""
     history = sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return [(m.step, m.value) for m in history]
+
+
+def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
+    """The runs whose parent is `parent_run_id` (a sweep's trials)."""
+    client = _client(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return [run.info.run_id for run in runs]

@@ -4,12 +4,16 @@ KubeRay RayJob's shape, and that every path they name exists in the repository. 
 
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import jsonschema
+import mlflow
+import psutil
 import pytest
 import ray
 import yaml
@@ -148,11 +152,60 @@ def test_setup_commands_give_every_process_the_environment(name, tmp_path):
     assert node_env(head)["MLFLOW_TRACKING_URI"] == f"http://{head_ip}:5000"
 
 
-def test_mlflow_server_uses_the_configured_uri_port():
-    for name in LAUNCHER_CONFIGS:
-        (server,) = [cmd for cmd in load(name)["head_start_ray_commands"] if "mlflow server" in cmd]
-        assert "--host 0.0.0.0 --port 5000" in server and "127.0.0.1:5000/health" in server
-        assert '"$COAT_STORAGE/mlflow' in server
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mlflow_server_command(name: str) -> str:
+    (cmd,) = [c for c in load(name)["head_start_ray_commands"] if "mlflow server" in c]
+    return cmd
+
+
+def test_launcher_configs_share_the_mlflow_server_command():
+    """The slow test below runs gpu.yaml's command; local.yaml's must be the same, on the port the URI names."""
+    cmd = mlflow_server_command("gpu.yaml")
+    assert mlflow_server_command("local.yaml") == cmd
+    assert cmd.count(":5000") == 1 and cmd.count("--port 5000") == 1
+
+
+@pytest.mark.slow
+def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path):
+    """Runs the head's MLflow start command as Ray would (on a free port instead of the URI's 5000): it must return at
+    once (an SSH session that waits on the server would hang `ray up`), serve runs whose store and artifacts land
+    under $COAT_STORAGE, and not start a second server when `ray up` reruns it. ~15 s: the server's start-up."""
+    port = free_port()
+    cmd = mlflow_server_command("gpu.yaml").replace("5000", str(port))
+    shared = tmp_path / "shared"
+    venv_bin = Path(sys.executable).parent
+    (tmp_path / ".bashrc").write_text(f"export COAT_STORAGE={shared}\nexport PATH={venv_bin}:$PATH\n")
+
+    def servers() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
+
+    try:
+        run_like_ray(cmd, tmp_path)
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            if subprocess.run(["curl", "-sf", f"{uri}/health"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.25)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(client.create_experiment("cluster-test")).info.run_id
+        client.log_metric(run_id, "loss", 0.5)
+        (tmp_path / "table.txt").write_text("k,loss\n4,0.5\n")
+        client.log_artifact(run_id, str(tmp_path / "table.txt"))
+        assert client.get_run(run_id).data.metrics == {"loss": 0.5}
+        assert (shared / "mlflow/mlruns.db").is_file()
+        assert [p.name for p in (shared / "mlflow/artifacts").rglob("table.txt")] == ["table.txt"]
+        running = {p.pid for p in servers()}
+        run_like_ray(cmd, tmp_path)
+        assert {p.pid for p in servers()} == running
+    finally:
+        for proc in servers():
+            proc.terminate()
+        psutil.wait_procs(servers(), timeout=10)
 
 
 NAMED_SCRIPTS = sorted({path for f in sorted(CLUSTER.iterdir()) for path in SCRIPT_PATH.findall(f.read_text())})

@@ -20,7 +20,8 @@ from coat.tune.space import SpaceError, load_space, overrides
 from coat.tune.sweep import run_sweep
 
 SWEEP = [
-    "experts.names=[mel]", "thinking.max_slots=8", "heads.dim=32", "lora.modules_to_save=[lm_head]",
+    "experts.names=[mel]", "thinking.max_slots=8", "thinking.num_slots=4", "heads.dim=32",
+    "lora.modules_to_save=[lm_head]",
     "train.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.val_batches=1",
     "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 2}]", "train.checkpoint_every=2",
     "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "sweep.grace_steps=2",

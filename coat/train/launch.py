@@ -26,7 +26,8 @@ from coat.data.precompute import ensure_ray, precompute
 from coat.data.stream import dataset_of, training_items
 from coat.experts.registry import expert_spec
 from coat.train.checkpoint import latest_checkpoint, load_training_state
-from coat.train.loop import train_loop_per_worker
+from coat.train.loop import run_loop, train_loop_per_worker
+from coat.train.session import InProcessSession
 
 
 @dataclass
@@ -94,41 +95,28 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     storage = Path(cfg.train.storage).resolve()
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
                                 tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
-    in_process = cfg.train.num_workers == 0
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "config": to_yaml(cfg),
-            "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
-            "batches_per_epoch": batches_per_epoch,
-            "launched_at": launched_at,
-            "mlflow_uri": uri,
-            "mlflow_run_id": run_id,
-            "local_checkpoints": str(storage / name) if in_process else None,
-            # Ray Train's callbacks don't run in-process: the loop reports to Tune itself there.
-            "report_to_tune": report_to_tune and in_process,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[TuneReportCallback()] if report_to_tune and not in_process else None,
-        ),
-        datasets=datasets,
-    )
+    loop_config = {
+        "config": to_yaml(cfg),
+        "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
+        "batches_per_epoch": batches_per_epoch,
+        "launched_at": launched_at,
+        "mlflow_uri": uri,
+        "mlflow_run_id": run_id,
+    }
     try:
-        result = trainer.fit()
+        if cfg.train.num_workers == 0:
+            session = InProcessSession(storage / name, datasets, cfg.train.keep_checkpoints, report_to_tune)
+            run_loop(loop_config, session)
+            metrics, checkpoint = session.last
+        else:
+            result = _trainer(cfg, loop_config, datasets, storage, name, report_to_tune).fit()
+            metrics, checkpoint = result.metrics, result.checkpoint and Path(result.checkpoint.path)
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise
     # A re-run of a finished run trains nothing and reports nothing: its result is the last checkpoint.
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(storage / name)
-    metrics = dict(result.metrics or {"step": load_training_state(checkpoint)["step"]})
+    checkpoint = checkpoint or latest_checkpoint(storage / name)
+    metrics = dict(metrics or {"step": load_training_state(checkpoint)["step"]})
     tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
     eval_metrics = {}
@@ -138,6 +126,26 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
             ray.tune.report({**metrics, **eval_metrics})
     tracking.end_run(uri, run_id)
     return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
+
+
+def _trainer(cfg: CoATConfig, loop_config: dict, datasets: dict, storage: Path, name: str,
+             report_to_tune: bool) -> TorchTrainer:
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[TuneReportCallback()] if report_to_tune else None,
+        ),
+        datasets=datasets,
+    )
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:

@@ -9,13 +9,8 @@ twice.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from pathlib import Path
 
-import ray.train
-import ray.train.torch
-import ray.tune
 import torch
 
 from coat import tracking
@@ -23,7 +18,8 @@ from coat.config import CoATConfig, from_yaml
 from coat.data.stream import iter_training_batches
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
-from coat.train.checkpoint import latest_checkpoint, load_training_state, prune_checkpoints, save_checkpoint
+from coat.train.checkpoint import load_training_state, save_checkpoint
+from coat.train.session import RayTrainSession
 
 
 def stage_at(cfg: CoATConfig, step: int):
@@ -68,36 +64,32 @@ def validation_losses(coat: CoATModel, shard, cfg: CoATConfig, device) -> dict[s
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """The entry point of each Ray Train worker."""
+    run_loop(loop_config, RayTrainSession())
+
+
+def run_loop(loop_config: dict, session) -> None:
     """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `batches_per_epoch`,
-    `launched_at` (the driver's start, epoch seconds), `local_checkpoints` and `report_to_tune` (in-process
-    runs), and `mlflow_uri` / `mlflow_run_id` (None: no tracking)."""
+    `launched_at` (the driver's start, epoch seconds) and `mlflow_uri` / `mlflow_run_id` (None: no tracking).
+    `session`: a `coat.train.session` session (Ray Train worker or in-process)."""
     cfg = from_yaml(loop_config["config"])
     experts = {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    rank, world = session.rank, session.world
+    device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed + rank)
 
     coat = CoATModel(cfg, experts, device=device)
     coat.train()
-    # In-process runs (train.num_workers=0) get no persistence from Ray: they keep checkpoints themselves.
-    local_root = Path(loop_config["local_checkpoints"]) if loop_config.get("local_checkpoints") else None
     step, epoch, batch_in_epoch = 0, 0, 0
-    restored = ray.train.get_checkpoint()
-    if restored is None and local_root is not None and latest_checkpoint(local_root):
-        restored = ray.train.Checkpoint.from_directory(latest_checkpoint(local_root))
     state = None
-    if restored:
-        with restored.as_directory() as directory:
+    with session.restored() as directory:
+        if directory is not None:
             coat.load_trained(directory)
-            state = load_training_state(Path(directory))
+            state = load_training_state(directory)
+    if state is not None:
         torch.set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-
-    strategy_kwargs = {"use_orig_params": True} if cfg.train.strategy == "fsdp" else {}
-    model = ray.train.torch.prepare_model(
-        coat, parallel_strategy=cfg.train.strategy, parallel_strategy_kwargs=strategy_kwargs
-    )
+    model = session.wrap(coat, cfg.train.strategy)
     params = [p for p in coat.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
@@ -105,8 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
 
-    shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    shard, val_shard = session.dataset("train"), session.dataset("val")
     batches_per_epoch = loop_config["batches_per_epoch"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
     pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics not yet covered by a checkpoint
@@ -151,23 +142,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
                           **metrics}
                 if rank == 0:
-                    position = (step, epoch, batch_in_epoch)
-                    if local_root is None:
-                        with tempfile.TemporaryDirectory() as directory:  # Ray copies it to the run's storage
-                            save_checkpoint(Path(directory), coat, optimizer, scheduler, *position)
-                            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                    else:
-                        directory = save_checkpoint(local_root / f"checkpoint_{step:06d}", coat, optimizer,
-                                                    scheduler, *position)
-                        prune_checkpoints(local_root, cfg.train.keep_checkpoints)
-                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
-                    if loop_config.get("report_to_tune"):
-                        ray.tune.report(report)
+                    with session.checkpoint_dir(step) as directory:
+                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch)
+                        session.report(report, directory)
                     if loop_config.get("mlflow_run_id"):
                         for logged_step, values in pending:
                             tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values,
                                                  logged_step)
                     pending.clear()
                 else:
-                    ray.train.report(report)
+                    session.report(report, None)
+                last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         epoch, batch_in_epoch = epoch + 1, 0

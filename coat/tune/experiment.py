@@ -32,13 +32,13 @@ SMOKE = [
 
 
 def attach_ray() -> bool:
-    """Attach to a running cluster if there is one (True), else start a local Ray (False)."""
+    """Attach to a running cluster if there is one. Without one, the sweep starts a local Ray itself, after
+    the config and space have been checked."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         ray.init(address="auto")
         return True
     except ConnectionError:
-        ray.init()
         return False
 
 
@@ -53,8 +53,12 @@ def main(name: str, argv: list[str] | None = None) -> None:
     config = CONFIGS / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
     space = CONFIGS / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
     extra = [*(SMOKE if args.smoke else []), f"sweep.name={name}{'-smoke' if args.smoke else ''}"]
-    if on_cluster and os.environ.get("COAT_STORAGE"):
-        extra.append(f"train.storage={os.environ['COAT_STORAGE']}")
+    shared = os.environ.get("COAT_STORAGE") if on_cluster else None
+    if shared:  # every node must see the data, results and checkpoints
+        extra.append(f"train.storage={shared}")
+        if args.smoke:
+            extra += [f"data.manifest={shared}/data/coat-mini-smoke/manifest.jsonl",
+                      f"data.store={shared}/data/coat-mini-smoke/store"]
     extra += args.overrides
 
     from coat.tune.report import print_results

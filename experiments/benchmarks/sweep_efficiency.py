@@ -1,0 +1,91 @@
+"""ASHA + Optuna against the full grid over the same space, on the embedded default, side by side.
+
+    python experiments/benchmarks/sweep_efficiency.py                 # 4 x 3 grid vs 4 Optuna trials
+    python experiments/benchmarks/sweep_efficiency.py --steps 60 --samples 4
+
+Reports, for each: the best validation score (`val/ce`) and the emotion accuracy (with its bootstrap 95%
+interval) of the best trial, the trial-steps spent (ASHA stops trials early), and the share of the sweep's
+wall-clock x concurrency spent outside training steps (scheduling, start-up, data, evaluation, logging).
+Goal: the Optuna + ASHA best within the grid best's interval for at most a third of the grid's steps.
+Prints one JSON line and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from coat import tracking
+from coat.tune.sweep import run_sweep
+
+K_VALUES = [0, 4, 8, 16]
+LR_VALUES = [1.0e-3, 3.0e-3, 1.0e-2]
+
+
+def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) -> dict:
+    table = result.table
+    train_seconds = 0.0
+    for run_id in tracking.child_run_ids(uri, result.parent_run_id):
+        rates = [v for _, v in tracking.metric_history(uri, run_id, "train/samples_per_s")]
+        train_seconds += sum(batch_size / r for r in rates if r > 0)
+    best = result.best or {}
+    return {
+        "trials": len(table), "trial_steps": int(table["steps"].sum()),
+        "best_val_ce": best.get("val/ce"), "best_setting": best.get("setting"),
+        "best_emotion_accuracy": best.get("eval/emotion/accuracy"),
+        "best_emotion_ci": [best.get("eval/emotion/accuracy_ci_low"), best.get("eval/emotion/accuracy_ci_high")],
+        "wall_s": wall, "outside_training_share": 1 - train_seconds / (wall * concurrency),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--samples", type=int, default=4, help="Optuna trials (the grid has 12)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="coat-sweep-bench-"))
+    grid_space, tpe_space = work / "grid.yaml", work / "tpe.yaml"
+    grid_space.write_text(f"thinking.num_slots: {{grid: {K_VALUES}}}\ntrain.lr: {{grid: {LR_VALUES}}}\n")
+    tpe_space.write_text(f"thinking.num_slots: {{choice: {K_VALUES}}}\ntrain.lr: {{choice: {LR_VALUES}}}\n")
+    common = [
+        f"data.manifest={work / 'coat-mini' / 'manifest.jsonl'}", f"data.store={work / 'store'}",
+        "data.synth_size=400", f"train.storage={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'mlruns.db'}",
+        "experts.names=[prosody,mel]", "lora.modules_to_save=[lm_head]", "train.num_workers=0",
+        "train.batch_size=8", f"train.stages=[{{steps: {args.steps}}}]", f"train.checkpoint_every={args.steps // 4}",
+        "train.warmup_steps=5", "eval.max_examples=60", "eval.max_new_tokens=8", "sweep.max_concurrent=2",
+        f"sweep.grace_steps={args.steps // 4}",
+    ]
+    uri = f"sqlite:///{work / 'mlruns.db'}"
+    out = {}
+    for label, space, extra in (("grid", grid_space, ["sweep.name=grid"]),
+                                ("optuna_asha", tpe_space, ["sweep.name=tpe", f"sweep.num_samples={args.samples}"])):
+        start = time.perf_counter()
+        result = run_sweep(None, space, [*common, *extra])
+        out[label] = summarise(result, uri, time.perf_counter() - start, 2, 8)
+    out["steps_ratio"] = out["optuna_asha"]["trial_steps"] / out["grid"]["trial_steps"]
+    low, high = out["grid"]["best_emotion_ci"]
+    found = out["optuna_asha"]["best_emotion_accuracy"]
+    out["within_grid_interval"] = None if None in (low, high, found) else low <= found <= high
+    print(json.dumps(out))
+    table = Table(title="sweep efficiency: Optuna TPE + ASHA vs the full grid (same space)")
+    for column in ("sweep", "trials", "trial-steps", "best val/ce", "best setting", "emotion acc [95% CI]",
+                   "outside training"):
+        table.add_column(column)
+    for label in ("grid", "optuna_asha"):
+        r = out[label]
+        ci = r["best_emotion_ci"]
+        table.add_row(label, str(r["trials"]), str(r["trial_steps"]), f"{r['best_val_ce']:.3f}", str(r["best_setting"]),
+                      f"{r['best_emotion_accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                      f"{r['outside_training_share']:.0%}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The experiment scripts end to end on the embedded default (`--smoke`), as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["ablate_thinking_len", "ablate_loss_weights", "ablate_expert_sets", "compare_backbones"]
+
+
+def run_script(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=1500)
+
+
+def sweep_children(cwd: Path) -> tuple[object, list]:
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (parent,) = client.search_runs(experiments, "tags.`coat.kind` = 'sweep'")
+    children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, children
+
+
+def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
+    done = run_script("ablate_thinking_len", tmp_path, "--smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sweep ablate_thinking_len-smoke: 2 trials" in done.stdout
+    assert "thinking.num_slots=0" in done.stdout and "thinking.num_slots=4" in done.stdout
+    assert (tmp_path / "data" / "coat-mini-smoke" / "manifest.jsonl").is_file(), "coat-mini generated on first use"
+    parent, children = sweep_children(tmp_path)
+    assert sorted(c.data.params["thinking.num_slots"] for c in children) == ["0", "4"]
+    assert {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert any(key.startswith("eval/") for key in children[0].data.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCRIPTS[1:])
+def test_other_experiments_smoke(tmp_path, name):
+    done = run_script(name, tmp_path, "--smoke")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, children = sweep_children(tmp_path)
+    assert children and {c.info.status for c in children} == {"FINISHED"}
+
+
+def test_bad_override_fails_before_any_compute(tmp_path):
+    done = run_script("ablate_thinking_len", tmp_path, "--smoke", "--", "thinking.num_slot=3")
+    assert done.returncode != 0 and "thinking.num_slot" in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlruns.db").exists()
