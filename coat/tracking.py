@@ -283,3 +283,8 @@ def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
     experiment = client.get_run(parent_run_id).info.experiment_id
     runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
     return [run.info.run_id for run in runs]
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return _client(uri).get_run(run_id).info.status

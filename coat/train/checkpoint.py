@@ -10,11 +10,13 @@ import torch
 STATE_FILE = "training_state.pt"
 
 
-def save_checkpoint(directory: Path, coat, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int) -> Path:
+def save_checkpoint(directory: Path, coat, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int,
+                    metrics: dict) -> Path:
+    """`metrics`: what was reported with this checkpoint (a re-run of a finished run reports them again)."""
     coat.save(directory)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-         "batch_in_epoch": batch_in_epoch, "rng": torch.get_rng_state()},
+         "batch_in_epoch": batch_in_epoch, "rng": torch.get_rng_state(), "metrics": metrics},
         directory / STATE_FILE,
     )
     return directory

@@ -116,7 +116,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         raise
     # A re-run of a finished run trains nothing and reports nothing: its result is the last checkpoint.
     checkpoint = checkpoint or latest_checkpoint(storage / name)
-    metrics = dict(metrics or {"step": load_training_state(checkpoint)["step"]})
+    metrics = dict(metrics or load_training_state(checkpoint)["metrics"])
     tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
     eval_metrics = {}

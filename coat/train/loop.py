@@ -143,7 +143,7 @@ def run_loop(loop_config: dict, session) -> None:
                           **metrics}
                 if rank == 0:
                     with session.checkpoint_dir(step) as directory:
-                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch)
+                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch, report)
                         session.report(report, directory)
                     if loop_config.get("mlflow_run_id"):
                         for logged_step, values in pending:

@@ -126,13 +126,13 @@ def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Pat
             metric, mode = s.metric, s.mode
             sampler = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True)
         search_alg = ConcurrencyLimiter(
-            OptunaSearch(space=lambda trial: {"point": space.suggest(trial)}, metric=metric, mode=mode,
-                         sampler=sampler),
+            OptunaSearch(space=partial(_define_by_run, space), metric=metric, mode=mode, sampler=sampler),
             max_concurrent=max_concurrent(cfg),
         )
         scheduler = None
         if s.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, max_t=cfg.train.total_steps,
+            # max_t past the last step: a trial that trains to the end still reports its evaluation.
+            scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, max_t=cfg.train.total_steps + 1,
                                       grace_period=min(s.grace_steps, cfg.train.total_steps),
                                       reduction_factor=s.reduction_factor)
         num_samples = s.num_samples
@@ -149,6 +149,11 @@ def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Pat
             verbose=1,
         ),
     )
+
+
+def _define_by_run(space: Space, trial) -> dict:
+    """Optuna's define-by-run space (a module-level function: Tune pickles the searcher to resume it)."""
+    return {"point": space.suggest(trial)}
 
 
 def _all_experts(cfg: CoATConfig, space: Space) -> list[str]:
@@ -168,17 +173,18 @@ def _with_experts(cfg: CoATConfig, names: list[str]) -> CoATConfig:
 
 
 def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
-    """One row per trial; trials that ended in error get their MLflow child run marked FAILED."""
+    """One row per trial. Child runs that could not close themselves are closed here: FAILED for trials that
+    crashed past their retries, KILLED for trials ASHA stopped early."""
     experiment = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        status = "error" if result.error else "done"
-        if result.error:
-            run_id = tracking.find_run(uri, experiment, f"{name}-{trial_id}")
-            if run_id:
-                tracking.end_run(uri, run_id, "FAILED")
+        run_id = tracking.find_run(uri, experiment, f"{name}-{trial_id}")
+        running = run_id is not None and tracking.run_status(uri, run_id) == "RUNNING"
+        status = "error" if result.error else "stopped" if running else "done"
+        if running:
+            tracking.end_run(uri, run_id, "FAILED" if result.error else "KILLED")
         point = result.config.get("point", {})
         row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
                "steps": metrics.get("step", 0)}
