@@ -287,8 +287,6 @@ def validate(cfg: CoATConfig) -> None:
         fail("train.cpus_per_worker", "must be positive")
     if t.lr <= 0:
         fail("train.lr", "must be positive")
-    if cfg.data.max_seconds > cfg.backbone.audio_window_s and cfg.backbone.size == "tiny":
-        fail("data.max_seconds", f"{cfg.data.max_seconds} exceeds the tiny audio window backbone.audio_window_s")
     sw = cfg.sweep
     if sw.mode not in ("min", "max"):
         fail("sweep.mode", f"{sw.mode!r} must be 'min' or 'max'")

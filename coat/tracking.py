@@ -288,3 +288,8 @@ def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
 def run_status(uri: str, run_id: str) -> str:
     """RUNNING, FINISHED, FAILED or KILLED."""
     return _client(uri).get_run(run_id).info.status
+
+
+def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """Each metric's last logged value."""
+    return dict(_client(uri).get_run(run_id).data.metrics)

@@ -1,5 +1,6 @@
 """The experiment scripts end to end on the embedded default (`--smoke`), as a user runs them."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ SCRIPTS = ["ablate_thinking_len", "ablate_loss_weights", "ablate_expert_sets", "
 
 def run_script(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, env={**os.environ, "COLUMNS": "250"})
 
 
 def sweep_children(cwd: Path) -> tuple[object, list]:

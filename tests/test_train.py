@@ -91,8 +91,8 @@ def test_two_ddp_workers_survive_a_killed_worker(tmp_path, coat_mini):
 
 def test_training_logs_to_a_real_tracking_server(tmp_path, coat_mini, server):
     uri, _ = server
-    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", f"tracking.uri={uri}",
-                       "train.stages=[{steps: 4}]", "train.run_name=served")
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", f"tracking.uri={uri}", "train.run_name=served",
+                       "tracking.experiment=served", "train.stages=[{steps: 4}]")
     result = train(cfg, evaluate_after=False)
     run = requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": result.mlflow_run_id}, timeout=10).json()
     params = {p["key"]: p["value"] for p in run["run"]["data"]["params"]}

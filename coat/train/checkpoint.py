@@ -11,12 +11,14 @@ STATE_FILE = "training_state.pt"
 
 
 def save_checkpoint(directory: Path, coat, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int,
-                    metrics: dict) -> Path:
-    """`metrics`: what was reported with this checkpoint (a re-run of a finished run reports them again)."""
+                    metrics: dict, unlogged: list[tuple[int, dict]]) -> Path:
+    """`metrics`: what is reported with this checkpoint; `unlogged`: per-step metrics the checkpoint covers that
+    are logged to MLflow only after it is committed (a restart logs whichever of them are missing)."""
     coat.save(directory)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-         "batch_in_epoch": batch_in_epoch, "rng": torch.get_rng_state(), "metrics": metrics},
+         "batch_in_epoch": batch_in_epoch, "rng": torch.get_rng_state(), "metrics": metrics,
+         "unlogged": list(unlogged)},
         directory / STATE_FILE,
     )
     return directory

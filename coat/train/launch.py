@@ -47,6 +47,21 @@ def run_name(cfg: CoATConfig) -> str:
     return f"{cfg.backbone.name}-k{cfg.thinking.num_slots}-{digest}"
 
 
+def finished_run(cfg: CoATConfig, uri: str, name: str, storage: Path) -> TrainResult | None:
+    """The result of this run if it already trained to the end and closed its MLflow run: re-running the
+    same command (or Tune restoring a trial that finished just before a crash) redoes nothing."""
+    run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, cfg.tracking.experiment), name)
+    checkpoint = latest_checkpoint(storage / name)
+    if run_id is None or checkpoint is None or tracking.run_status(uri, run_id) != "FINISHED":
+        return None
+    state = load_training_state(checkpoint)
+    if state["step"] < cfg.train.total_steps:
+        return None
+    logged = tracking.latest_metrics(uri, run_id)
+    return TrainResult(name, checkpoint, state["metrics"], run_id,
+                       {k: v for k, v in logged.items() if k.startswith("eval/")})
+
+
 def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
     """The manifest (coat-mini generated on first use when `data.synth_size` > 0) and a store holding every
     configured expert's features. Raises FileNotFoundError naming the manifest when it is missing."""
@@ -77,6 +92,12 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     name = run_name(cfg)
+    storage = Path(cfg.train.storage).resolve()
+    finished = finished_run(cfg, uri, name, storage)
+    if finished is not None:
+        if report_to_tune:
+            ray.tune.report({**finished.metrics, **finished.eval_metrics})
+        return finished
     manifest, store = prepare_data(cfg)
     ensure_ray()
 
@@ -92,7 +113,6 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         raise ValueError(f"{train_rows} training rows cannot fill one step of {world} workers x {per_step} examples: "
                          "lower train.batch_size or train.num_workers")
 
-    storage = Path(cfg.train.storage).resolve()
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
                                 tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
     loop_config = {

@@ -89,6 +89,13 @@ def run_loop(loop_config: dict, session) -> None:
     if state is not None:
         torch.set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if rank == 0 and loop_config.get("mlflow_run_id"):
+            # A restart can come between committing a checkpoint and logging its steps: log what is missing.
+            logged = {s for s, _ in tracking.metric_history(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
+                                                            "train/loss")}
+            for logged_step, values in state["unlogged"]:
+                if logged_step not in logged:
+                    tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values, logged_step)
     model = session.wrap(coat, cfg.train.strategy)
     params = [p for p in coat.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -100,7 +107,7 @@ def run_loop(loop_config: dict, session) -> None:
     shard, val_shard = session.dataset("train"), session.dataset("val")
     batches_per_epoch = loop_config["batches_per_epoch"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
-    pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics not yet covered by a checkpoint
+    pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics since the last checkpoint
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     total = cfg.train.total_steps
     last_step_end = time.perf_counter()
@@ -143,7 +150,8 @@ def run_loop(loop_config: dict, session) -> None:
                           **metrics}
                 if rank == 0:
                     with session.checkpoint_dir(step) as directory:
-                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch, report)
+                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch, report,
+                                        unlogged=pending)
                         session.report(report, directory)
                     if loop_config.get("mlflow_run_id"):
                         for logged_step, values in pending:

@@ -1,9 +1,8 @@
 """What every script in `experiments/` does: find its config and space, attach to a cluster or start a local
 Ray, run the sweep, print and log the results table.
 
-On a cluster (`ray submit`, `ray job submit`, or anywhere `ray.init(address="auto")` finds a running Ray) the
-script uses `<name>.cluster.yaml` (real checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and
-`$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. `ray submit` copies only
+On a cluster (`ray submit`, `ray job submit`: see `attach_ray`) the script uses `<name>.cluster.yaml` (real
+checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and `$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. `ray submit` copies only
 the script, so configs are found through the installed `coat` package (the cluster's setup installs it).
 """
 
@@ -32,14 +31,15 @@ SMOKE = [
 
 
 def attach_ray() -> bool:
-    """Attach to a running cluster if there is one. Without one, the sweep starts a local Ray itself, after
-    the config and space have been checked."""
+    """Attach to the cluster when there is one: `ray job submit` sets RAY_ADDRESS, and the cluster configs set
+    COAT_STORAGE on every node (`ray submit` runs the script on the head). Not by probing with
+    address="auto" alone, which would also attach to any local Ray left running on a workstation.
+    Without a cluster the sweep starts a local Ray itself, after the config and space have been checked."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
-        ray.init(address="auto")
-        return True
-    except ConnectionError:
+    if not (os.environ.get("RAY_ADDRESS") or os.environ.get("COAT_STORAGE")):
         return False
+    ray.init(address="auto")
+    return True
 
 
 def main(name: str, argv: list[str] | None = None) -> None:
