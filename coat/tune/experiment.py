@@ -2,8 +2,9 @@
 Ray, run the sweep, print and log the results table.
 
 On a cluster (`ray submit`, `ray job submit`: see `attach_ray`) the script uses `<name>.cluster.yaml` (real
-checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and `$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. `ray submit` copies only
-the script, so configs are found through the installed `coat` package (the cluster's setup installs it).
+checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and `$MLFLOW_TRACKING_URI` for MLflow;
+otherwise `<name>.yaml`, the embedded default. `ray submit` copies only the script, so configs are found
+through the installed `coat` package (the cluster's setup installs it).
 """
 
 from __future__ import annotations
