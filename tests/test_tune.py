@@ -195,3 +195,15 @@ def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_min
     assert again.info.end_time == first.info.end_time, "a finished trial is not rerun"
     lrs = {float(r.data.params["train.lr"]) for r in children}
     assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+
+
+def test_multi_objective_sweep_trades_quality_against_prefill_cost(tmp_path, coat_mini):
+    space = write(tmp_path / "m.yaml", "thinking.num_slots: {choice: [0, 2, 4]}\n")
+    result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=m", "sweep.multi_objective=true",
+                                               "sweep.num_samples=3", "sweep.scheduler=none"))
+    assert len(result.table) == 3 and set(result.table["status"]) == {"done"}
+    costs = dict(zip(result.table["setting"], result.table["cost/prefill_positions"], strict=True))
+    assert all(costs[s] == (int(s.split("=")[1]) + 2 if s != "thinking.num_slots=0" else 0) for s in costs)
+    search = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").download_artifacts(
+        result.parent_run_id, "search.json", str(tmp_path))
+    assert '"multi_objective": true' in Path(search).read_text()
