@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +34,8 @@ def print_results(result, cfg: CoATConfig, console: Console | None = None) -> No
             cells.append(_scored(row, task))
         cells += [_num(row.get("cost/prefill_positions"), "{:.0f}"), _num(row.get("eval/latency/ttft_s"))]
         out.add_row(*cells)
-    (console or Console()).print(out)
+    # Logs and `ray submit` output are not terminals: give the table room instead of folding every cell.
+    (console or Console(width=None if sys.stdout.isatty() else 220)).print(out)
 
 
 def _scored(row: pd.Series, task: str) -> str:
