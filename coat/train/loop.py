@@ -1,9 +1,9 @@
 """The per-worker training loop: batch, forward, losses, backward, step, log, checkpoint — top to bottom.
 
-Runs inside each Ray Train worker (or in-process with `train.num_workers=0`). Rank 0 alone writes
-checkpoints and talks to MLflow. Per-step metrics are buffered and reach MLflow right after the checkpoint
-that covers them is committed, so a worker restart (which resumes from that checkpoint) never logs a step
-twice.
+Runs inside each Ray Train worker, or in this process with `train.num_workers=0` (see `session.py`). Rank 0
+alone writes checkpoints and talks to MLflow. Per-step metrics reach MLflow right after the checkpoint that
+covers them is committed, and the checkpoint carries them too: a restart resumes from it, logs what a kill
+left unlogged and never logs a step twice.
 """
 
 from __future__ import annotations
