@@ -72,8 +72,8 @@ def main() -> None:
     out["steps_ratio"] = out["optuna_asha"]["trial_steps"] / out["grid"]["trial_steps"]
     low, high = out["grid"]["best_emotion_ci"]
     found = out["optuna_asha"]["best_emotion_accuracy"]
-    out["within_grid_interval"] = None if None in (low, high, found) else low <= found <= high
-    print(json.dumps(out))
+    out["within_grid_interval"] = None if None in (low, high, found) else bool(low <= found <= high)
+    print(json.dumps(out, default=float))
     table = Table(title="sweep efficiency: Optuna TPE + ASHA vs the full grid (same space)")
     for column in ("sweep", "trials", "trial-steps", "best val/ce", "best setting", "emotion acc [95% CI]",
                    "outside training"):
