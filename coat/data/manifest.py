@@ -1,0 +1,184 @@
+"""The manifest: one row per example, read from JSONL or Parquet, checked row by row.
+
+A bad row never sinks the manifest: `validate_rows` moves it to a quarantine table (`id`, `path`, `reason`)
+and the rest go on. `reason` starts with a machine-stable code (`reason_code` extracts it), optionally
+followed by `:` and a human detail, e.g. `missing_field:answer` or `too_long: 41.2s > 30.0s`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REQUIRED = ("id", "audio", "task", "prompt", "answer", "split")
+TASKS = frozenset({"reasoning", "understanding", "music", "emotion", "transcription"})
+SPLITS = frozenset({"train", "val", "test"})
+QUARANTINE_COLUMNS = ("id", "path", "reason")
+SUFFIXES = (".jsonl", ".parquet")
+
+
+class ManifestError(ValueError):
+    """The manifest file as a whole cannot be read (missing, wrong suffix, malformed)."""
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a JSONL or Parquet manifest (chosen by suffix) into a DataFrame, one row per example.
+
+    Adds `audio_path`: the absolute, normalised audio path (`audio` is relative to the manifest's folder;
+    the original column is kept). Required columns absent from the file are added empty, so their rows
+    quarantine as `missing_field`. `choices` cells become lists or None whatever the format, so JSONL and
+    Parquet read the same. Rows are not validated here: see `validate_rows`.
+
+    Raises:
+        ManifestError: naming the file, if it is missing, has another suffix, or cannot be parsed.
+    """
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ManifestError(f"{path}: unsupported manifest suffix {path.suffix!r}; expected {SUFFIXES}")
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    df = _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
+    for col in REQUIRED:  # a column absent from the whole file is a missing field on every row
+        if col not in df.columns:
+            df[col] = None
+    if "choices" in df.columns:
+        df["choices"] = [_as_choices(c) for c in df["choices"]]
+    root = path.absolute().parent
+    df["audio_path"] = pd.Series([os.path.normpath(root / a) if isinstance(a, str) and a.strip() else None
+                                  for a in df["audio"]], index=df.index, dtype=object)
+    return df
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise ManifestError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from e
+
+
+def _as_choices(value: object) -> object:
+    """Parquet gives numpy arrays, JSONL lists, absent cells NaN or None: make them list or None."""
+    if isinstance(value, np.ndarray | tuple):
+        return list(value)
+    return None if _missing(value) else value
+
+
+def _missing(value: object) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _row_problem(row: pd.Series) -> str | None:
+    missing = [f for f in REQUIRED if _missing(row.get(f))]
+    if missing:
+        return "missing_field:" + ",".join(missing)
+    wrong_type = [f for f in REQUIRED if f != "id" and not isinstance(row[f], str)]
+    if wrong_type:
+        return "bad_type:" + ",".join(wrong_type)
+    if row["task"] not in TASKS:
+        return f"unknown_task:{row['task']}"
+    if row["split"] not in SPLITS:
+        return f"unknown_split:{row['split']}"
+    choices = row.get("choices")
+    if choices is None or (not isinstance(choices, list) and _missing(choices)):
+        return None
+    if not isinstance(choices, list):
+        return f"bad_choices: expected a list of str, got {type(choices).__name__}"
+    if not choices or not all(isinstance(c, str) for c in choices):
+        return "bad_choices: expected a non-empty list of str"
+    if row["answer"] not in choices:
+        return "answer_not_in_choices"
+    return None
+
+
+def validate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a manifest into rows fit to use and a quarantine table (`id`, `path`, `reason`).
+
+    Checks: every field of `REQUIRED` present and non-empty (`missing_field:<fields>`), text fields are
+    strings (`bad_type:<fields>`), `task` in `TASKS`, `split` in `SPLITS`, `choices` (when given) a
+    non-empty list of str that contains `answer`. Duplicate ids are checked last, among rows that passed:
+    the first keeps its place and later ones get `duplicate_id`, so a broken first copy does not take a good
+    one down with it. Audio files are not opened here: see `coat.data.audio.check_audio_rows`.
+
+    Raises nothing for bad rows; a DataFrame without the columns `read_manifest` adds raises KeyError.
+    """
+    reasons = pd.Series([_row_problem(row) for _, row in df.iterrows()], index=df.index, dtype=object)
+    ok = reasons.isna()
+    dup = df.loc[ok, "id"].astype(str).duplicated(keep="first")
+    reasons[dup.index[dup]] = "duplicate_id"
+    bad = reasons.notna()
+    return df[~bad].reset_index(drop=True), quarantine_records(df[bad], reasons[bad])
+
+
+def quarantine_records(rows: pd.DataFrame, reasons: pd.Series | list[str]) -> pd.DataFrame:
+    """The quarantine table for `rows` of a manifest (as `read_manifest` gives them), one reason per row."""
+    out = pd.DataFrame({
+        "id": [_plain(i) for i in (rows["id"] if "id" in rows else [None] * len(rows))],
+        "path": [_plain(p) for p in (rows["audio_path"] if "audio_path" in rows else [None] * len(rows))],
+        "reason": list(reasons),
+    }, columns=list(QUARANTINE_COLUMNS))
+    return out.astype(object)
+
+
+def _plain(value: object) -> object:
+    """numpy scalars (Parquet ints) as Python values, missing as None, so the table writes as JSON."""
+    if value is None or value is pd.NA or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def reason_code(reason: str) -> str:
+    """The stable code of a quarantine reason: `too_long: 41.2s > 30.0s` -> `too_long`."""
+    return reason.split(":", 1)[0].strip()
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table (e.g. a quarantine) as JSONL or Parquet, chosen by suffix; creates parent folders.
+
+    Raises:
+        ValueError: naming the path, for any other suffix.
+    """
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported table suffix {path.suffix!r}; expected one of {SUFFIXES}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            for rec in df.to_dict(orient="records"):
+                rec = {k: _plain(v) for k, v in rec.items()}
+                f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+def model_prompt(prompt: str, choices: object = None) -> str:
+    """The instruction the model sees: the row's prompt, with the options spelled out for multiple choice,
+    so training and evaluation ask the same question."""
+    if isinstance(choices, list | tuple) and len(choices):
+        return f"{prompt} Options: {', '.join(map(str, choices))}."
+    return prompt

@@ -1,0 +1,208 @@
+"""Run experts over a manifest's clips on Ray Data and fill the feature store with what it lacks.
+
+Per expert: hash the clips, ask the store which (clip, version) pairs are missing, stream only those through
+an actor pool that loads the expert once per actor and decodes each clip at the expert's rate inside the
+batch function, and write every output batch as a part as it arrives. A run killed part-way keeps its
+finished parts; the next run computes the rest. Statistics are (re)written when an expert's precompute
+completes with new clips. Clips whose audio cannot be decoded go to the store's quarantine, never retried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from coat.data.manifest import quarantine_records, read_manifest, validate_rows
+from coat.data.store import STATS_FILE, FeatureStore, clip_hash, feature_rows
+
+
+@dataclass
+class ExpertRun:
+    """One expert's share of a precompute: clips it needed, found stored, computed, and failed to decode."""
+
+    name: str
+    version: str
+    clips: int
+    present: int
+    computed: int
+    failed: int
+    seconds: float
+
+
+@dataclass
+class PrecomputeSummary:
+    experts: list[ExpertRun]
+    quarantine: pd.DataFrame  # id, path, reason: manifest rows no expert was run on
+
+
+class ExpertActor:
+    """Ray Data batch function: decode each clip at the expert's rate, run the expert on the batch.
+
+    Returns the store's columns plus `error` (the quarantine reason of a clip that did not decode, else null).
+    Raises RuntimeError when the actor's expert version differs from the driver's, and whatever the expert
+    raises on a bad batch (see `check_waveforms`).
+    """
+
+    def __init__(self, name: str, settings: Mapping[str, object], version: str, device: str):
+        from coat.experts.registry import build_expert
+
+        extra = {"device": device} if device != "cpu" and "device" not in settings else {}
+        try:
+            self.expert = build_expert(name, **settings, **extra)
+        except ValueError:  # an expert without a `device` setting runs where it runs
+            self.expert = build_expert(name, **settings)
+        if self.expert.version != version:
+            raise RuntimeError(f"expert {name!r}: the actor built version {self.expert.version}, the driver "
+                               f"{version}; features would land under the wrong version")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from coat.data.audio import AudioError, decode
+
+        rate = self.expert.sample_rate
+        hashes, paths = batch.column("clip_hash").to_pylist(), batch.column("path").to_pylist()
+        waves, good, errors = [], [], []
+        for h, p in zip(hashes, paths, strict=True):
+            try:
+                waves.append(decode(p, rate))
+                good.append(h)
+            except AudioError as err:
+                errors.append((h, err.reason))
+        features = self.expert(waves, sample_rate=rate)[0] if waves else []
+        table = feature_rows(good, [f.numpy() for f in features])
+        failed = feature_rows([h for h, _ in errors], [[0.0]] * len(errors))  # placeholders, never stored
+        reasons = [None] * len(good) + [r for _, r in errors]
+        return pa.concat_tables([table, failed]).append_column("error", pa.array(reasons, pa.string()))
+
+
+def ensure_ray() -> None:
+    """Start a local Ray (or attach to RAY_ADDRESS) unless this process already has one."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for local clusters
+        ray.init()
+
+
+def hash_clips(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add `clip_hash` to manifest rows (one read per distinct file); rows whose file cannot be read go to a
+    quarantine table (`missing_file` / `unreadable`)."""
+    hashes, reasons = {}, {}
+    for path in dict.fromkeys(good["audio_path"]):
+        try:
+            hashes[path] = clip_hash(path)
+        except FileNotFoundError:
+            reasons[path] = "missing_file"
+        except OSError as err:
+            reasons[path] = f"unreadable: {err.strerror}"
+    bad = good["audio_path"].isin(reasons)
+    quarantine = quarantine_records(good[bad], [reasons[p] for p in good.loc[bad, "audio_path"]])
+    good = good[~bad].reset_index(drop=True)
+    good["clip_hash"] = good["audio_path"].map(hashes)
+    return good, quarantine
+
+
+def manifest_clips(manifest: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Good manifest rows with `clip_hash`, and the quarantine of rows that failed validation or hashing.
+
+    Raises:
+        ManifestError: the manifest cannot be read.
+    """
+    good, bad_rows = validate_rows(read_manifest(manifest))
+    good, bad_files = hash_clips(good)
+    return good, pd.concat([bad_rows, bad_files], ignore_index=True)
+
+
+def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Path, *,
+               settings: Mapping[str, Mapping[str, object]] | None = None, num_cpus_per_actor: float = 0.5,
+               batch_size: int = 8, num_actors: int | None = None, progress: bool = True
+               ) -> PrecomputeSummary:
+    """Compute and store each expert's features for every good clip of `manifest` the store lacks.
+
+    `settings` maps an expert name to its settings (`build_expert(name, **settings)`); they set its version.
+    Actors: `num_actors` (default: one per GPU, or 1 on CPU), each `num_cpus_per_actor` CPUs and one GPU when
+    the cluster has GPUs. Ray starts (or attaches to RAY_ADDRESS) only when something is missing.
+
+    Raises:
+        ManifestError: the manifest cannot be read.
+        UnknownExpertError, ValueError: an expert name or its settings are invalid (before any compute).
+        ValueError: `experts` is empty or `batch_size` < 1.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from coat.experts.registry import build_expert
+
+    if not experts:
+        raise ValueError("precompute: give at least one expert")
+    if batch_size < 1:
+        raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
+    settings = settings or {}
+    built = {name: build_expert(name, **settings.get(name, {})) for name in experts}  # fail before compute
+    good, quarantine = manifest_clips(manifest)
+    clips = good.drop_duplicates("clip_hash")
+    store = FeatureStore(store_dir)
+
+    runs = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        for name, expert in built.items():
+            start = time.perf_counter()
+            failed_before = clips["clip_hash"].isin(store.quarantined())
+            todo = clips[~failed_before]
+            todo = todo[todo["clip_hash"].isin(store.missing(name, expert.version, todo["clip_hash"]))]
+            task = bar.add_task(f"{name} ({expert.version})", total=len(todo))
+            computed, failed = 0, 0
+            if len(todo):
+                computed, failed = _compute(
+                    store, expert, dict(settings.get(name, {})), todo, batch_size=batch_size,
+                    num_cpus=num_cpus_per_actor, num_actors=num_actors, advance=partial(bar.advance, task))
+            stats_absent = not (store.folder(name, expert.version) / STATS_FILE).is_file()
+            if (computed or stats_absent) and store.parts(name, expert.version):
+                store.compute_stats(name, expert.version)
+            present = len(clips) - len(todo) - int(failed_before.sum())
+            runs.append(ExpertRun(name, expert.version, len(clips), present, computed,
+                                  failed + int(failed_before.sum()), time.perf_counter() - start))
+
+    undecodable = store.quarantined()
+    bad = good[good["clip_hash"].isin(undecodable)]
+    quarantine = pd.concat([quarantine, quarantine_records(bad, bad["clip_hash"].map(undecodable))],
+                           ignore_index=True)
+    return PrecomputeSummary(runs, quarantine)
+
+
+def _compute(store: FeatureStore, expert, settings: dict, todo: pd.DataFrame, *, batch_size: int,
+             num_cpus: float, num_actors: int | None, advance) -> tuple[int, int]:
+    """Stream `todo` clips through an actor pool of `expert`, writing a part per output batch as it arrives.
+    Returns (clips computed, clips that did not decode)."""
+    import ray
+
+    ensure_ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    paths = dict(zip(todo["clip_hash"], todo["audio_path"], strict=True))
+    out = ray.data.from_items([{"clip_hash": h, "path": p} for h, p in paths.items()]).map_batches(
+        ExpertActor, batch_format="pyarrow", batch_size=batch_size,
+        fn_constructor_kwargs={"name": expert.name, "settings": settings, "version": expert.version,
+                               "device": "cuda" if gpus else "cpu"},
+        compute=ray.data.ActorPoolStrategy(size=num_actors or max(gpus, 1)),
+        num_cpus=num_cpus, num_gpus=1 if gpus else 0)
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False  # rich shows progress instead
+    computed, failed = 0, 0
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+            store.write(expert.name, expert.version, batch.filter(pa.array(ok)).drop_columns(["error"]))
+            bad = batch.filter(pa.array(~ok)).to_pylist()
+            store.quarantine([{"clip_hash": r["clip_hash"], "path": paths[r["clip_hash"]],
+                               "reason": r["error"]} for r in bad])
+            computed, failed = computed + int(ok.sum()), failed + len(bad)
+            advance(len(ok))
+    finally:
+        context.enable_progress_bars = bars
+    return computed, failed
