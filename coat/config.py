@@ -102,6 +102,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # Decode the train and val splits once, into Ray's object store, instead of on every epoch (Ray's advice for
+    # data that fits there, as coat-mini does). Leave it off for corpora larger than the object store.
+    cache_decoded: bool = False
 
 
 @dataclass

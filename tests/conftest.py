@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 import soundfile as sf
@@ -72,6 +73,20 @@ def synthetic_targets(k: int, seed: int = 0) -> dict[str, torch.Tensor]:
     batch["target.phonetic"], batch["target_len.phonetic"] = phones, lengths
     batch["target.speaker"] = torch.randn(2, 8, generator=g)
     return batch
+
+
+def kill_when(root: Path, pattern: str, marker: str, killed: list[int]) -> None:
+    """Once a path under `root` matches glob `pattern`, SIGKILL the first process whose command line holds
+    `marker` and append its pid to `killed`. Gives up after ten minutes. Run it in a thread beside the job."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not killed:
+        if any(root.glob(pattern)):
+            for process in psutil.process_iter(["cmdline"]):
+                if any(marker in part for part in process.info["cmdline"] or []):
+                    process.send_signal(signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+        time.sleep(0.1)
 
 
 def free_port() -> int:

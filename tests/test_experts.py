@@ -20,6 +20,7 @@ from coat.experts import UnknownExpertError, available_experts, build_expert, ex
 from coat.experts.cli import app as experts_app
 from coat.experts.features import PROSODY_FIELDS
 from coat.experts.phonetic import PHONES
+from coat.experts.registry import expert_version
 
 SR = 16_000
 SENTENCE_1 = "The quick brown fox jumps over the lazy dog."
@@ -226,6 +227,8 @@ def test_versions_hash_weights_and_settings(experts):
     assert build_expert("mel", n_mels=64).version != versions["mel"]
     assert build_expert("pitch", threshold=0.5).version != versions["pitch"]
     assert build_expert("prosody", fmax=400.0).version != versions["prosody"]
+    assert expert_version("pitch", threshold=0.5) == build_expert("pitch", threshold=0.5).version
+    assert expert_version("mel") == versions["mel"] and expert_version("mel", n_mels=64) != versions["mel"]
 
 
 # ---- hub experts: tiny random-weight instances of the real classes, saved and loaded from disk ----

@@ -1,8 +1,7 @@
 """Training on a real local Ray with real coat-mini audio, a real feature store and a real MLflow store."""
 
-import signal
+import shutil
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -13,9 +12,9 @@ import requests
 from coat import tracking
 from coat.config import load_config
 from coat.data.synth import synthesize
-from coat.train.launch import train
+from coat.train.launch import prepare_data, train, training_datasets
 from coat.train.loop import lr_factor, stage_at
-from tests.conftest import free_port
+from tests.conftest import free_port, kill_when
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +61,26 @@ def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(tmp_
     assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
 
 
-def kill_one_worker_after_first_checkpoint(storage: Path, killed: list[int]) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not killed:
-        if list(storage.glob("*/checkpoint_*")):
-            for process in psutil.process_iter(["cmdline"]):
-                if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
-                    process.send_signal(signal.SIGKILL)
-                    killed.append(process.pid)
-                    return
-        time.sleep(0.2)
+def test_cached_streams_decode_each_clip_once(tmp_path, coat_mini):
+    data = shutil.copytree(coat_mini.parent, tmp_path / "coat-mini")
+    cfg = train_config(tmp_path, data / "manifest.jsonl", "data.cache_decoded=true")
+    manifest, store = prepare_data(cfg)
+    cached, rows = training_datasets(cfg, manifest, store)
+    streamed, _ = training_datasets(train_config(tmp_path, manifest, "data.cache_decoded=false"), manifest, store)
+    for wav in (data / "audio").glob("*.wav"):
+        wav.unlink()
+    for _epoch in range(2):  # every epoch reads the clips decoded before the files went away
+        ids = [row["id"] for row in cached["train"].iter_rows() if len(row["audio"]) > 0]
+        assert len(ids) == len(set(ids)) == rows
+    with pytest.raises(Exception, match=r"(?s)AudioError.*\.wav: missing_file"):  # uncached: decodes every epoch
+        list(streamed["train"].iter_rows())
 
 
 def test_two_ddp_workers_survive_a_killed_worker(tmp_path, coat_mini):
     cfg = train_config(tmp_path, coat_mini, "train.num_workers=2", "train.max_failures=1", "train.run_name=ddp",
                        "train.stages=[{steps: 4, ce_weight: 0.1}, {steps: 8, ce_weight: 1.0}]")
     killed: list[int] = []
-    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, args=(tmp_path / "runs", killed))
+    killer = threading.Thread(target=kill_when, args=(tmp_path / "runs", "*/checkpoint_*", "RayTrainWorker", killed))
     killer.start()
     result = train(cfg, evaluate_after=False)
     killer.join()
@@ -91,8 +93,8 @@ def test_two_ddp_workers_survive_a_killed_worker(tmp_path, coat_mini):
 
 def test_training_logs_to_a_real_tracking_server(tmp_path, coat_mini, server):
     uri, _ = server
-    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", f"tracking.uri={uri}", "train.run_name=served",
-                       "tracking.experiment=served", "train.stages=[{steps: 4}]")
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=1", f"tracking.uri={uri}", "train.run_name=served",
+                       "tracking.experiment=served", "train.stages=[{steps: 4}]", "data.cache_decoded=true")
     result = train(cfg, evaluate_after=False)
     run = requests.get(f"{uri}/api/2.0/mlflow/runs/get", params={"run_id": result.mlflow_run_id}, timeout=10).json()
     params = {p["key"]: p["value"] for p in run["run"]["data"]["params"]}

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import optuna
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -18,6 +17,7 @@ from coat.data.store import FeatureStore
 from coat.data.synth import synthesize
 from coat.tune.space import SpaceError, load_space, overrides
 from coat.tune.sweep import run_sweep
+from tests.conftest import kill_when
 
 SWEEP = [
     "experts.names=[mel]", "thinking.max_slots=8", "thinking.num_slots=4", "heads.dim=32",
@@ -26,6 +26,7 @@ SWEEP = [
     "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 2}]", "train.checkpoint_every=2",
     "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "sweep.grace_steps=2",
 ]
+TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 
 
 def write(path: Path, text: str) -> Path:
@@ -115,22 +116,10 @@ def test_grid_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, coat_mini):
         assert len(index) == index["clip_hash"].nunique() == 40
 
 
-def kill_first_trial_after_checkpoint(root: Path, killed: list[int]) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not killed:
-        if list(root.glob("trials/*/checkpoint_*/training_state.pt")):
-            for process in psutil.process_iter(["cmdline"]):
-                if any("ImplicitFunc" in part for part in process.info["cmdline"] or []):
-                    process.send_signal(signal.SIGKILL)
-                    killed.append(process.pid)
-                    return
-        time.sleep(0.1)
-
-
 def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(tmp_path, coat_mini):
     space = write(tmp_path / "f.yaml", "thinking.num_slots: {grid: [2, 4]}\n")
     killed: list[int] = []
-    killer = threading.Thread(target=kill_first_trial_after_checkpoint, args=(tmp_path / "sweeps", killed))
+    killer = threading.Thread(target=kill_when, args=(tmp_path / "sweeps", TRIAL_CHECKPOINT, "ImplicitFunc", killed))
     killer.start()
     result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=f", "sweep.trial_retries=0",
                                                "sweep.max_concurrent=1",
@@ -145,7 +134,7 @@ def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(
 def test_a_retried_trial_resumes_from_its_checkpoint(tmp_path, coat_mini):
     space = write(tmp_path / "r.yaml", "thinking.num_slots: {grid: [4]}\n")
     killed: list[int] = []
-    killer = threading.Thread(target=kill_first_trial_after_checkpoint, args=(tmp_path / "sweeps", killed))
+    killer = threading.Thread(target=kill_when, args=(tmp_path / "sweeps", TRIAL_CHECKPOINT, "ImplicitFunc", killed))
     killer.start()
     result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=r", "sweep.trial_retries=1",
                                                "train.stages=[{steps: 8}]", "train.checkpoint_every=1"))

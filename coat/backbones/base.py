@@ -8,8 +8,9 @@ the thinking block and the response are token ids appended around that, so label
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -93,6 +94,9 @@ class Backbone:
     processor: ProcessorMixin
     thinking: ThinkingTokens
     llm: nn.Module  # the decoder stack, whose forward calls are the cost of prefill and decoding
+    # A fast tokenizer switches padding on and off per call and raises "Already borrowed" when two threads do so at
+    # once, as the training and validation streams' collate threads can.
+    encode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -144,6 +148,10 @@ class Backbone:
         """
         if num_slots > self.thinking.max_slots:
             raise ValueError(f"num_slots={num_slots} exceeds the {self.thinking.max_slots} reserved slot tokens")
+        with self.encode_lock:
+            return self._encode(audio, prompts, responses, num_slots, placement)
+
+    def _encode(self, audio, prompts, responses, num_slots: int, placement: str) -> dict[str, torch.Tensor]:
         texts = [self.prompt_text(p, num_slots, placement) for p in prompts]
         processed = self.processor(
             text=texts,

@@ -44,8 +44,8 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
     """The split's rows (`id`, `audio_path`, `prompt`, `answer`, `clip_hash`, and `part.<e>`/`row.<e>`: where
     each expert's features sit in the store) and one `TargetSource` per expert.
 
-    Builds each expert only to learn its version (from weights and `settings`); computes nothing. Clips the
-    store's quarantine lists as undecodable are left out.
+    Learns each expert's version (from weights and `settings`); computes nothing. Clips the store's quarantine
+    lists as undecodable are left out.
 
     Raises:
         ManifestError: the manifest cannot be read.
@@ -54,7 +54,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         MissingFeaturesError: naming the expert, the first missing clip id and the precompute command.
         FileNotFoundError: an expert's precompute never completed (no statistics).
     """
-    from coat.experts.registry import build_expert
+    from coat.experts.registry import expert_spec, expert_version
 
     settings = settings or {}
     store = FeatureStore(store_dir)
@@ -67,21 +67,22 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
     rows = rows[["id", "audio_path", "prompt", "answer", "clip_hash"]].astype({"id": str})
     sources = {}
     for name in experts:
-        expert = build_expert(name, **settings.get(name, {}))
-        index = store.index(name, expert.version).set_index("clip_hash")
+        chosen = settings.get(name, {})
+        spec, version = expert_spec(name, **chosen), expert_version(name, **chosen)
+        index = store.index(name, version).set_index("clip_hash")
         absent = rows[~rows["clip_hash"].isin(index.index)]
         if len(absent):
             first = absent.iloc[0]
             with_settings = f" with settings {dict(settings[name])}" if settings.get(name) else ""
             raise MissingFeaturesError(
-                f"feature store {store_dir} has no features of expert {name!r} (version {expert.version}) "
+                f"feature store {store_dir} has no features of expert {name!r} (version {version}) "
                 f"for clip {first['id']!r} ({first['audio_path']}) and {len(absent) - 1} more clips of split "
                 f"{split!r}; run: coat experts precompute --data {manifest} --experts {name} "
                 f"--store {store_dir}{with_settings}")
         located = index.loc[rows["clip_hash"]]
         rows[f"part.{name}"], rows[f"row.{name}"] = located["part"].to_numpy(), located["row"].to_numpy()
-        stats = store.stats(name, expert.version) if expert.spec.kind == "continuous" else None
-        sources[name] = TargetSource(name, expert.version, expert.spec.clip_level, stats)
+        stats = store.stats(name, version) if spec.kind == "continuous" else None
+        sources[name] = TargetSource(name, version, spec.clip_level, stats)
     return rows.to_dict(orient="records"), sources
 
 
@@ -161,10 +162,18 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str
 
 
 def iter_training_batches(dataset, model, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Model batches from a Ray Dataset or a Ray Train worker's shard (`ray.train.get_dataset_shard`).
+    """Model batches, on the model's device, from a Ray Dataset or a Ray Train worker's shard
+    (`ray.train.get_dataset_shard`). Ray collates the next batch in a background thread while the model trains
+    on this one: tokenising and audio features cost a third of a tiny model's CPU step.
 
     Raises:
         as `collate` and `load_batch`.
     """
-    for rows in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield collate(rows, model)
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class ModelCollate(NumpyBatchCollateFn):
+        def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return collate(rows, model)
+
+    yield from dataset.iter_torch_batches(batch_size=batch_size, collate_fn=ModelCollate(),
+                                          device=model.slot_table.device)

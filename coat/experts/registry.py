@@ -6,7 +6,9 @@ Offline experts go by their names below. A hub expert goes by `hub:<local model 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 
 from coat.experts.base import Expert, ExpertSpec
 from coat.experts.features import MelExpert, ProsodyExpert
@@ -93,3 +95,17 @@ def build_expert(name: str, /, **settings) -> Expert:
     """
     cls, kwargs = _resolve(name, settings)
     return cls(**kwargs)
+
+
+def expert_version(name: str, /, **settings) -> str:
+    """The version of expert `name` with `settings`: what the store files its features under.
+
+    A version hashes the expert's weights, which only a built expert knows where to find; each (name, settings)
+    is built once per process, however many splits and trials ask. Raises as `build_expert`.
+    """
+    return _built_version(name, json.dumps(settings, sort_keys=True))
+
+
+@functools.cache
+def _built_version(name: str, settings: str) -> str:
+    return build_expert(name, **json.loads(settings)).version

@@ -35,7 +35,7 @@ class TrainResult:
     run_name: str
     checkpoint: Path  # the last checkpoint: trained parts (CoATModel.load) + training state
     metrics: dict  # the last reported training metrics
-    mlflow_run_id: str | None
+    mlflow_run_id: str
     eval_metrics: dict
 
 
@@ -80,6 +80,17 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
     return manifest, store
 
 
+def training_datasets(cfg: CoATConfig, manifest: Path, store: Path) -> tuple[dict, int]:
+    """The `train` and `val` streams (decoded once up front with `data.cache_decoded`) and the train rows' count."""
+    rate = BACKBONES[cfg.backbone.name].sample_rate
+    items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
+    datasets = {"train": dataset_of(items, sources, rate),
+                "val": dataset_of(*training_items(manifest, cfg.data.val_split, cfg.experts.names, store), rate)}
+    if cfg.data.cache_decoded:
+        datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
+    return datasets, len(items)
+
+
 def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
           report_to_tune: bool = False) -> TrainResult:
     """Train per `cfg` on Ray Train; evaluate the result on the test split; log everything to MLflow.
@@ -101,11 +112,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     manifest, store = prepare_data(cfg)
     ensure_ray()
 
-    rate = BACKBONES[cfg.backbone.name].sample_rate
-    items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
-    datasets = {"train": dataset_of(items, sources, rate),
-                "val": dataset_of(*training_items(manifest, cfg.data.val_split, cfg.experts.names, store), rate)}
-    train_rows = len(items)
+    datasets, train_rows = training_datasets(cfg, manifest, store)
     world = max(1, cfg.train.num_workers)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     batches_per_epoch = (train_rows // (world * per_step)) * cfg.train.grad_accum
@@ -165,6 +172,9 @@ def _trainer(cfg: CoATConfig, loop_config: dict, datasets: dict, storage: Path, 
             callbacks=[TuneReportCallback()] if report_to_tune else None,
         ),
         datasets=datasets,
+        # One worker has nothing to split; splitting anyway routes every batch through a coordinator actor that
+        # took a third of a core in experiments/benchmarks/train_throughput.py.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if cfg.train.num_workers == 1 else "all"),
     )
 
 

@@ -195,8 +195,9 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
 
 def _best(table: pd.DataFrame, cfg: CoATConfig) -> dict | None:
     metric = cfg.sweep.metric
-    done = table[(table["status"] == "done") & table.get(metric, pd.Series(dtype=float)).notna()] \
-        if metric in table else table.iloc[0:0]
+    if metric not in table:
+        return None
+    done = table[(table["status"] == "done") & table[metric].notna()]
     if done.empty:
         return None
     row = done.sort_values(metric, ascending=cfg.sweep.mode == "min").iloc[0]

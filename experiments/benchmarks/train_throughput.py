@@ -3,10 +3,13 @@
     python experiments/benchmarks/train_throughput.py                 # tiny qwen2-audio, CPU, 40 steps
     python experiments/benchmarks/train_throughput.py --steps 60 --batch-size 8
 
-Both run the same model, the same rows from the same feature store and the same number of optimizer steps,
-side by side in one run. Reported: steady-state samples/s of each (median over steps after the first few) and
-their ratio (goal >= 0.9), end-to-end samples/s, and the time from calling `coat train` to its first optimizer
-step. Prints one JSON line and a table.
+All four runs train the same model on the same rows of the same feature store for the same number of optimizer
+steps, side by side in one run: the plain loop decoding every batch (what the issue's goal is measured against)
+and decoding each clip once, and `coat train` with `data.cache_decoded` off and on. The plain loop runs right before
+and right after each `coat train` (A-B-A), so a machine that slows down during the run, as shared 2-core VMs
+do, shifts both sides alike. Reported: steady-state samples/s (median over steps after the first few), end-to-end
+samples/s, `coat train`'s time from its call to its first optimizer step, and the ratios to the plain loop that
+decodes the same way. Prints one JSON line and a table.
 """
 
 from __future__ import annotations
@@ -30,26 +33,45 @@ from coat.model import CoATModel
 from coat.train.launch import prepare_data, train
 
 
-def plain_loop(cfg, manifest: Path, store: Path, steps: int) -> tuple[list[float], float]:
-    """The same model, rows and optimizer in one process: per-step samples/s and total seconds."""
+def plain_loop(cfg, manifest: Path, store: Path, steps: int, cache: bool) -> tuple[list[float], float]:
+    """The same model, rows and optimizer in one process: per-step samples/s and total seconds. With `cache`,
+    each clip is decoded once, before the first step, as `data.cache_decoded` does."""
+    start = time.perf_counter()
     items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
     model = CoATModel(cfg, {e: expert_spec(e) for e in cfg.experts.names}).train()
+    rate = model.backbone.sample_rate
+
+    def decode(rows: list[dict]) -> dict[str, list]:
+        return load_batch({key: [row[key] for row in rows] for key in rows[0]}, sources, rate)
+
+    decoded = decode(items) if cache else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     size = cfg.train.batch_size
-    rates, start = [], time.perf_counter()
+    rates = []
     for step in range(steps):
         begin = time.perf_counter()
-        rows = [items[(step * size + i) % len(items)] for i in range(size)]
-        columns = {key: [row[key] for row in rows] for key in rows[0]}
-        batch = collate(load_batch(columns, sources, model.backbone.sample_rate), model)
-        loss = model(batch).loss
+        at = [(step * size + i) % len(items) for i in range(size)]
+        rows = {key: [values[i] for i in at] for key, values in decoded.items()} if cache else decode(
+            [items[i] for i in at])
+        loss = model(collate(rows, model)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rates.append(size / (time.perf_counter() - begin))
     return rates, time.perf_counter() - start
+
+
+def coat_train(cfg) -> tuple[list[float], float, float]:
+    """`coat train` as the CLI runs it: per-step samples/s, total seconds and seconds to the first step."""
+    start = time.perf_counter()
+    result = train(cfg, evaluate_after=False)
+    total = time.perf_counter() - start
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    rates = [v for _, v in tracking.metric_history(uri, result.mlflow_run_id, "train/samples_per_s")]
+    first_step = tracking.metric_history(uri, result.mlflow_run_id, "train/since_launch_s")[0][1]
+    return rates, total, first_step
 
 
 def main() -> None:
@@ -61,34 +83,33 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coat-train-bench-"))
-    cfg = load_config(overrides=[
+    overrides = [
         f"data.manifest={workdir / 'coat-mini' / 'manifest.jsonl'}", f"data.store={workdir / 'store'}",
         f"data.synth_size={args.clips}", f"train.storage={workdir / 'runs'}",
         f"tracking.uri=sqlite:///{workdir / 'mlruns.db'}", "experts.names=[mel,prosody]", "thinking.num_slots=8",
         "train.num_workers=1", "train.cpus_per_worker=1", f"train.batch_size={args.batch_size}",
         f"train.stages=[{{steps: {args.steps}}}]", f"train.checkpoint_every={args.steps}",
-    ])
+    ]
+    cfg = load_config(overrides=overrides)
     manifest, store = prepare_data(cfg)
 
-    plain_rates, plain_total = plain_loop(cfg, manifest, store, args.steps)
-    start = time.perf_counter()
-    result = train(cfg, evaluate_after=False)
-    ray_total = time.perf_counter() - start
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    ray_rates = [v for _, v in tracking.metric_history(uri, result.mlflow_run_id, "train/samples_per_s")]
-    first_step = tracking.metric_history(uri, result.mlflow_run_id, "train/since_launch_s")[0][1]
-
     samples = args.steps * args.batch_size
-    out = {
-        "steps": args.steps, "batch_size": args.batch_size,
-        "plain_samples_per_s": statistics.median(plain_rates[args.skip:]),
-        "ray_samples_per_s": statistics.median(ray_rates[args.skip:]),
-        "plain_end_to_end_samples_per_s": samples / plain_total,
-        "ray_end_to_end_samples_per_s": samples / ray_total,
-        "ray_time_to_first_step_s": first_step,
-    }
-    out["steady_ratio"] = out["ray_samples_per_s"] / out["plain_samples_per_s"]
-    out["end_to_end_ratio"] = out["ray_end_to_end_samples_per_s"] / out["plain_end_to_end_samples_per_s"]
+    out: dict[str, object] = {"steps": args.steps, "batch_size": args.batch_size}
+    for cached in (False, True):
+        suffix = "_cached" if cached else ""
+        before, before_total = plain_loop(cfg, manifest, store, args.steps, cached)
+        ray_rates, ray_total, first_step = coat_train(load_config(overrides=[*overrides,
+                                                                            f"data.cache_decoded={cached}"]))
+        after, after_total = plain_loop(cfg, manifest, store, args.steps, cached)
+        out |= {
+            f"plain{suffix}_samples_per_s": statistics.median(before[args.skip:] + after[args.skip:]),
+            f"ray{suffix}_samples_per_s": statistics.median(ray_rates[args.skip:]),
+            f"plain{suffix}_end_to_end_samples_per_s": 2 * samples / (before_total + after_total),
+            f"ray{suffix}_end_to_end_samples_per_s": samples / ray_total,
+            f"ray{suffix}_time_to_first_step_s": first_step,
+        }
+        out[f"steady_ratio{suffix}"] = out[f"ray{suffix}_samples_per_s"] / out[f"plain{suffix}_samples_per_s"]
+    out["steady_ratio_cached_ray_vs_plain"] = out["ray_cached_samples_per_s"] / out["plain_samples_per_s"]
     print(json.dumps(out))
     table = Table(title=f"coat train (Ray Train, 1 worker) vs a plain loop: {args.steps} steps x {args.batch_size}")
     table.add_column("measure")
