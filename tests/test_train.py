@@ -1,5 +1,6 @@
 """Training on a real local Ray with real coat-mini audio, a real feature store and a real MLflow store."""
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -8,13 +9,20 @@ import mlflow
 import psutil
 import pytest
 import requests
+import torch
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import load_config
 from coat.data.synth import synthesize
+from coat.model import CoATModel
+from coat.model.coat_model import WEIGHTS_FILE
+from coat.train.checkpoint import load_optimizer_shard, save_optimizer_shard, whole_trained_parts
 from coat.train.launch import prepare_data, train, training_datasets
-from coat.train.loop import lr_factor, stage_at
-from tests.conftest import free_port, kill_when
+from coat.train.loop import clip_gradients, lr_factor, stage_at
+from coat.train.session import fsdp_options
+from tests.conftest import SYNTHETIC_EXPERTS, free_port, kill_when, synthetic_targets, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +122,59 @@ def test_tracking_server_down_fails_before_any_compute(tmp_path):
     with pytest.raises(tracking.TrackingUnavailableError, match="127.0.0.1"):
         train(cfg)
     assert not missing.parent.exists() and not (tmp_path / "runs").exists()
+
+
+def fsdp_batch(coat: CoATModel, clips: list, step: int) -> dict:
+    """A different batch per step, so that a restart without Adam's moments would update differently."""
+    prompts, responses = ["What is the first sound?", "Is the second tone higher?"], ["a rising chirp", "yes"]
+    return {**coat.encode(clips, prompts, responses), **synthetic_targets(coat.num_slots, seed=step)}
+
+
+def fsdp_model() -> CoATModel:
+    torch.manual_seed(0)
+    return CoATModel(tiny_config("qwen2-audio"), SYNTHETIC_EXPERTS).eval()  # eval: no dropout, same on every rank
+
+
+def fsdp_step(model, coat: CoATModel, optimizer, batch: dict) -> float:
+    """A step as the loop takes it, with clipping that binds: the update depends on the whole gradient's norm."""
+    model(batch).loss.backward()
+    norm = clip_gradients(model, [p for p in coat.parameters() if p.requires_grad], 0.05).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def fsdp_rank(rank: int, port: int, clips: list, out: Path) -> None:
+    """One of two gloo ranks training under FSDP as `run_loop` does: a step, a checkpoint, a restart from it, a
+    second step. Rank 0 writes the trained parts after each step, every rank its optimizer shard."""
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for step in (1, 2):
+            coat = fsdp_model()
+            if step == 2:
+                coat.load_trained(out / "step1")
+            model = FullyShardedDataParallel(coat, device_id=torch.device("cpu"), **fsdp_options(coat))
+            optimizer = torch.optim.AdamW([p for p in coat.parameters() if p.requires_grad], lr=1e-2)
+            if step == 2:
+                optimizer.load_state_dict(load_optimizer_shard(out, rank))
+            assert fsdp_step(model, coat, optimizer, fsdp_batch(coat, clips, step)) > 0.05
+            trained = whole_trained_parts(model, coat)
+            if rank == 0:
+                coat.save(out / f"step{step}", trained)
+            save_optimizer_shard(out, rank, optimizer)
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_checkpoints_hold_the_whole_trained_parts_and_optimizer_state(clips, tmp_path):
+    torch.multiprocessing.spawn(fsdp_rank, args=(free_port(), clips, tmp_path), nprocs=2)
+    coat = fsdp_model()  # the same two steps in one process, unsharded
+    optimizer = torch.optim.AdamW([p for p in coat.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2):
+        fsdp_step(coat, coat, optimizer, fsdp_batch(coat, clips, step))
+        saved, expected = load_file(tmp_path / f"step{step}" / WEIGHTS_FILE), coat.trained_state()
+        assert saved.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(saved[name], value, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")

@@ -169,11 +169,13 @@ class CoATModel(nn.Module):
     def trained_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the trained parts (safetensors), the config and what they were made for."""
+    def save(self, directory: str | Path, trained: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained parts (safetensors), the config and what they were made for. `trained`: the trained
+        parts when this model's own are shards (FSDP, see `coat.train.checkpoint.whole_training_state`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.trained_state().items()}, directory / WEIGHTS_FILE)
+        trained = self.trained_state() if trained is None else trained
+        save_file({k: v.contiguous().cpu() for k, v in trained.items()}, directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(to_yaml(self.cfg))
         meta = {"made_for": self._made_for(), "experts": {n: asdict(s) for n, s in self.experts.items()}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -12,13 +12,20 @@ import math
 import time
 
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import CoATConfig, from_yaml
 from coat.data.stream import iter_training_batches
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
-from coat.train.checkpoint import load_training_state, save_checkpoint
+from coat.train.checkpoint import (
+    load_optimizer_shard,
+    load_training_state,
+    save_checkpoint,
+    save_optimizer_shard,
+    whole_trained_parts,
+)
 from coat.train.session import RayTrainSession
 
 
@@ -40,17 +47,29 @@ def lr_factor(cfg: CoATConfig, step: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def clip_gradients(model, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` by the norm of the whole gradient, and return that norm. FSDP ranks hold gradient
+    shards: only the wrapper knows the whole norm."""
+    if isinstance(model, FullyShardedDataParallel):
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 @torch.no_grad()
-def validation_losses(coat: CoATModel, shard, cfg: CoATConfig, device) -> dict[str, float]:
+def validation_losses(model, coat: CoATModel, shard, cfg: CoATConfig, device) -> dict[str, float]:
     """Mean losses over (at most `train.val_batches` batches of) this worker's validation shard, averaged over
-    workers. `val/ce` compares across trials whatever their loss weights: it is what sweeps rank by."""
+    workers. `val/ce` compares across trials whatever their loss weights: it is what sweeps rank by.
+
+    Forwards through `coat` itself unless FSDP holds its weights in shards (then every rank must run the same
+    number of batches, as equal shards do); DDP's wrapper would sync buffers on every call."""
+    forward = model if isinstance(model, FullyShardedDataParallel) else coat
     coat.eval()
     sums: dict[str, float] = {}
     count = 0
     for index, batch in enumerate(iter_training_batches(shard, coat, cfg.train.batch_size)):
         if index >= cfg.train.val_batches:
             break
-        out = coat(batch)
+        out = forward(batch)
         n = batch["input_ids"].shape[0]
         for name, value in {"loss": out.loss, **out.losses}.items():
             sums[name] = sums.get(name, 0.0) + value.item() * n
@@ -86,6 +105,8 @@ def run_loop(loop_config: dict, session) -> None:
         if directory is not None:
             coat.load_trained(directory)
             state = load_training_state(directory)
+            if state["optimizer"] is None:  # FSDP: every rank saved its own shard
+                state["optimizer"] = load_optimizer_shard(directory, rank)
     if state is not None:
         torch.set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -127,7 +148,7 @@ def run_loop(loop_config: dict, session) -> None:
             if micro < cfg.train.grad_accum:
                 continue
             micro = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            grad_norm = clip_gradients(model, params, cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -145,20 +166,26 @@ def run_loop(loop_config: dict, session) -> None:
             pending.append((step, metrics))
 
             if step % cfg.train.checkpoint_every == 0 or step == total:
-                metrics |= validation_losses(coat, val_shard, cfg, device)
+                metrics |= validation_losses(model, coat, val_shard, cfg, device)
                 report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
                           **metrics}
-                if rank == 0:
+                sharded = isinstance(model, FullyShardedDataParallel)
+                trained = whole_trained_parts(model, coat)  # every rank, under FSDP
+                if rank == 0 or sharded:
                     with session.checkpoint_dir(step) as directory:
-                        save_checkpoint(directory, coat, optimizer, scheduler, step, epoch, batch_in_epoch, report,
-                                        unlogged=pending)
+                        if sharded:
+                            save_optimizer_shard(directory, rank, optimizer)
+                        if rank == 0:
+                            save_checkpoint(directory, coat, trained, None if sharded else optimizer.state_dict(),
+                                            scheduler, step, epoch, batch_in_epoch, report, unlogged=pending)
                         session.report(report, directory)
+                else:
+                    session.report(report, None)
+                if rank == 0:
                     if loop_config.get("mlflow_run_id"):
                         for logged_step, values in pending:
                             tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values,
                                                  logged_step)
                     pending.clear()
-                else:
-                    session.report(report, None)
                 last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         epoch, batch_in_epoch = epoch + 1, 0

@@ -17,8 +17,16 @@ import ray.train
 import ray.train.torch
 import ray.tune
 import torch
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from coat.train.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+
+
+def fsdp_options(coat) -> dict:
+    """FSDP's options for a CoAT model: a unit per decoder layer, so that no rank ever gathers a 7B backbone
+    whole, and the original parameters, since LoRA trains a few of each layer's and freezes the rest."""
+    return {"use_orig_params": True,
+            "auto_wrap_policy": ModuleWrapPolicy({type(layer) for layer in coat.backbone.llm.layers})}
 
 
 class RayTrainSession:
@@ -33,7 +41,7 @@ class RayTrainSession:
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
     def wrap(self, model, strategy: str):
-        kwargs = {"use_orig_params": True} if strategy == "fsdp" else {}
+        kwargs = fsdp_options(model) if strategy == "fsdp" else {}
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
 
     def dataset(self, name: str):
