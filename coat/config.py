@@ -105,6 +105,9 @@ class DataConfig:
     # Decode the train and val splits once, into Ray's object store, instead of on every epoch (Ray's advice for
     # data that fits there, as coat-mini does). Leave it off for corpora larger than the object store.
     cache_decoded: bool = False
+    # At most this many decode tasks at once (None: as many as free CPUs allow). Where training shares the CPUs,
+    # Ray Data otherwise decodes far ahead in bursts that stall training steps: 1 suits the 2-core default.
+    decode_tasks: int | None = None
 
 
 @dataclass
@@ -271,6 +274,8 @@ def validate(cfg: CoATConfig) -> None:
     if cfg.lora.r < 1:
         fail("lora.r", "must be >= 1")
 
+    if cfg.data.decode_tasks is not None and cfg.data.decode_tasks < 1:
+        fail("data.decode_tasks", f"{cfg.data.decode_tasks} must be >= 1, or null for as many as CPUs allow")
     t = cfg.train
     if not t.stages:
         fail("train.stages", "needs at least one stage")

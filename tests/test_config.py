@@ -24,6 +24,7 @@ from tests.conftest import SYNTHETIC_EXPERTS
         (["backbone.checkpoint=/models/qwen"], "backbone.size"),
         (["thinking.placement=before_audio"], "thinking.placement"),
         (["heads.kind=mlp"], "heads.kind"),
+        (["data.decode_tasks=0"], "data.decode_tasks"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):

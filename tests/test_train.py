@@ -74,7 +74,7 @@ def test_cached_streams_decode_each_clip_once(tmp_path, coat_mini):
     cfg = train_config(tmp_path, data / "manifest.jsonl", "data.cache_decoded=true")
     manifest, store = prepare_data(cfg)
     cached, rows = training_datasets(cfg, manifest, store)
-    streamed, _ = training_datasets(train_config(tmp_path, manifest, "data.cache_decoded=false"), manifest, store)
+    streamed, _ = training_datasets(train_config(tmp_path, manifest, "data.decode_tasks=1"), manifest, store)
     for wav in (data / "audio").glob("*.wav"):
         wav.unlink()
     for _epoch in range(2):  # every epoch reads the clips decoded before the files went away

@@ -110,24 +110,27 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
 
 
 def training_dataset(manifest: str | Path, split: str, experts: Sequence[str], store_dir: str | Path,
-                     sample_rate: int, *, settings: Mapping[str, Mapping[str, object]] | None = None):
+                     sample_rate: int, *, settings: Mapping[str, Mapping[str, object]] | None = None,
+                     decode_tasks: int | None = None):
     """A Ray Data dataset of the split's rows with decoded audio and standardised targets (see `load_batch`).
 
     Raises:
         as `training_items`, before any Ray work starts.
     """
     items, sources = training_items(manifest, split, experts, store_dir, settings=settings)
-    return dataset_of(items, sources, sample_rate)
+    return dataset_of(items, sources, sample_rate, decode_tasks)
 
 
-def dataset_of(items: list[dict], sources: Mapping[str, TargetSource], sample_rate: int):
-    """The stream over rows already located by `training_items`."""
+def dataset_of(items: list[dict], sources: Mapping[str, TargetSource], sample_rate: int,
+               decode_tasks: int | None = None):
+    """The stream over rows already located by `training_items`, decoded by at most `decode_tasks` tasks at
+    once (None: as many as free CPUs allow)."""
     import ray
 
     ensure_ray()
     return ray.data.from_items(items).map_batches(
         load_batch, fn_kwargs={"sources": sources, "sample_rate": sample_rate}, batch_size=8,
-        batch_format="numpy", num_cpus=0.5)
+        batch_format="numpy", num_cpus=0.5, concurrency=decode_tasks)
 
 
 def _columns(rows: Mapping[str, Sequence] | Sequence[Mapping]) -> Mapping[str, Sequence]:

@@ -84,8 +84,9 @@ def training_datasets(cfg: CoATConfig, manifest: Path, store: Path) -> tuple[dic
     """The `train` and `val` streams (decoded once up front with `data.cache_decoded`) and the train rows' count."""
     rate = BACKBONES[cfg.backbone.name].sample_rate
     items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
-    datasets = {"train": dataset_of(items, sources, rate),
-                "val": dataset_of(*training_items(manifest, cfg.data.val_split, cfg.experts.names, store), rate)}
+    val_items, val_sources = training_items(manifest, cfg.data.val_split, cfg.experts.names, store)
+    datasets = {"train": dataset_of(items, sources, rate, cfg.data.decode_tasks),
+                "val": dataset_of(val_items, val_sources, rate, cfg.data.decode_tasks)}
     if cfg.data.cache_decoded:
         datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
     return datasets, len(items)

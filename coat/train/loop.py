@@ -95,9 +95,9 @@ def run_loop(loop_config: dict, session) -> None:
     experts = {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}
     rank, world = session.rank, session.world
     device = session.device(cfg.train.use_gpu)
-    torch.manual_seed(cfg.train.seed + rank)
-
+    torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
     coat = CoATModel(cfg, experts, device=device)
+    torch.manual_seed(cfg.train.seed + rank)
     coat.train()
     step, epoch, batch_in_epoch = 0, 0, 0
     state = None
