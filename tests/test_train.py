@@ -15,6 +15,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import load_config
+from coat.data.stream import training_items
 from coat.data.synth import synthesize
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
@@ -73,8 +74,11 @@ def test_cached_streams_decode_each_clip_once(tmp_path, coat_mini):
     data = shutil.copytree(coat_mini.parent, tmp_path / "coat-mini")
     cfg = train_config(tmp_path, data / "manifest.jsonl", "data.cache_decoded=true")
     manifest, store = prepare_data(cfg)
-    cached, rows = training_datasets(cfg, manifest, store)
+    cached, _ = training_datasets(cfg, manifest, store)
     streamed, _ = training_datasets(train_config(tmp_path, manifest, "data.decode_tasks=1"), manifest, store)
+    rows = len(training_items(manifest, "train", cfg.experts.names, store)[0])
+    with pytest.raises(ValueError, match="train.batch_size"):
+        training_datasets(train_config(tmp_path, manifest, "train.batch_size=1000"), manifest, store)
     for wav in (data / "audio").glob("*.wav"):
         wav.unlink()
     for _epoch in range(2):  # every epoch reads the clips decoded before the files went away

@@ -81,15 +81,25 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
 
 
 def training_datasets(cfg: CoATConfig, manifest: Path, store: Path) -> tuple[dict, int]:
-    """The `train` and `val` streams (decoded once up front with `data.cache_decoded`) and the train rows' count."""
+    """The `train` and `val` streams (decoded once up front with `data.cache_decoded`) and how many batches
+    each worker takes from its shard per epoch.
+
+    Raises ValueError, before decoding anything, when the training rows cannot fill one step of every worker.
+    """
     rate = BACKBONES[cfg.backbone.name].sample_rate
     items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
+    world = max(1, cfg.train.num_workers)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    batches_per_epoch = (len(items) // (world * per_step)) * cfg.train.grad_accum
+    if batches_per_epoch == 0:
+        raise ValueError(f"{len(items)} training rows cannot fill one step of {world} workers x {per_step} examples: "
+                         "lower train.batch_size or train.num_workers")
     val_items, val_sources = training_items(manifest, cfg.data.val_split, cfg.experts.names, store)
     datasets = {"train": dataset_of(items, sources, rate, cfg.data.decode_tasks),
                 "val": dataset_of(val_items, val_sources, rate, cfg.data.decode_tasks)}
     if cfg.data.cache_decoded:
         datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
-    return datasets, len(items)
+    return datasets, batches_per_epoch
 
 
 def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
@@ -113,13 +123,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     manifest, store = prepare_data(cfg)
     ensure_ray()
 
-    datasets, train_rows = training_datasets(cfg, manifest, store)
-    world = max(1, cfg.train.num_workers)
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    batches_per_epoch = (train_rows // (world * per_step)) * cfg.train.grad_accum
-    if batches_per_epoch == 0:
-        raise ValueError(f"{train_rows} training rows cannot fill one step of {world} workers x {per_step} examples: "
-                         "lower train.batch_size or train.num_workers")
+    datasets, batches_per_epoch = training_datasets(cfg, manifest, store)
 
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
                                 tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
