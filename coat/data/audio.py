@@ -47,8 +47,7 @@ def _shortfall(log: str) -> str | None:
     return None
 
 
-def load(path: str | Path, max_seconds: float | None = None,
-         silence_peak: float = SILENCE_PEAK) -> tuple[torch.Tensor, int, int]:
+def load(path: str | Path, max_seconds: float | None = None) -> tuple[torch.Tensor, int, int]:
     """Read `path` at its native rate and mix it down to mono.
 
     Returns (float32 waveform [N], native sample rate, channels in the file). The length cap is checked
@@ -58,7 +57,7 @@ def load(path: str | Path, max_seconds: float | None = None,
         AudioError: naming the file, with code `missing_file`, `empty_file` (0 bytes or 0 frames),
             `undecodable` (not a format libsndfile reads), `truncated` (the header promises more than the
             file holds), `too_long` (over `max_seconds`), `non_finite` (NaN/inf samples) or `silent` (peak
-            below `silence_peak`).
+            below `SILENCE_PEAK`).
     """
     path = Path(path)
     if not path.is_file():
@@ -91,13 +90,12 @@ def load(path: str | Path, max_seconds: float | None = None,
         raise AudioError("non_finite", f"{int((~finite).sum())} NaN/inf samples", path)
     mono = np.ascontiguousarray(data.mean(axis=1), dtype=np.float32)
     peak = float(np.abs(mono).max())
-    if peak < silence_peak:
-        raise AudioError("silent", f"peak {peak:.2g} < {silence_peak:g}", path)
+    if peak < SILENCE_PEAK:
+        raise AudioError("silent", f"peak {peak:.2g} < {SILENCE_PEAK:g}", path)
     return torch.from_numpy(mono), rate, channels
 
 
-def decode(path: str | Path, target_rate: int, max_seconds: float | None = None,
-           silence_peak: float = SILENCE_PEAK) -> torch.Tensor:
+def decode(path: str | Path, target_rate: int, max_seconds: float | None = None) -> torch.Tensor:
     """Decode `path` to a float32 mono waveform [N] at `target_rate` (what every row of a pipeline gets).
 
     Raises:
@@ -106,7 +104,7 @@ def decode(path: str | Path, target_rate: int, max_seconds: float | None = None,
     """
     if target_rate <= 0:
         raise ValueError(f"target_rate must be positive, got {target_rate}")
-    wave, rate, _ = load(path, max_seconds, silence_peak)
+    wave, rate, _ = load(path, max_seconds)
     return wave if rate == target_rate else AF.resample(wave, rate, target_rate)
 
 

@@ -108,13 +108,16 @@ def hash_clips(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return good, quarantine
 
 
-def manifest_clips(manifest: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Good manifest rows with `clip_hash`, and the quarantine of rows that failed validation or hashing.
+def manifest_clips(manifest: str | Path, split: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Good manifest rows (of `split` only, when given: hashing reads every clip) with `clip_hash`, and the
+    quarantine of rows that failed validation or hashing.
 
     Raises:
         ManifestError: the manifest cannot be read.
     """
     good, bad_rows = validate_rows(read_manifest(manifest))
+    if split is not None:
+        good = good[good["split"] == split]
     good, bad_files = hash_clips(good)
     return good, pd.concat([bad_rows, bad_files], ignore_index=True)
 
@@ -136,14 +139,14 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from coat.experts.registry import build_expert
+    from coat.experts.registry import expert_version
 
     if not experts:
         raise ValueError("precompute: give at least one expert")
     if batch_size < 1:
         raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
     settings = settings or {}
-    built = {name: build_expert(name, **settings.get(name, {})) for name in experts}  # fail before compute
+    versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     good, quarantine = manifest_clips(manifest)
     clips = good.drop_duplicates("clip_hash")
     store = FeatureStore(store_dir)
@@ -151,22 +154,22 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     runs = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:
-        for name, expert in built.items():
+        for name, version in versions.items():
             start = time.perf_counter()
             failed_before = clips["clip_hash"].isin(store.quarantined())
             todo = clips[~failed_before]
-            todo = todo[todo["clip_hash"].isin(store.missing(name, expert.version, todo["clip_hash"]))]
-            task = bar.add_task(f"{name} ({expert.version})", total=len(todo))
+            todo = todo[todo["clip_hash"].isin(store.missing(name, version, todo["clip_hash"]))]
+            task = bar.add_task(f"{name} ({version})", total=len(todo))
             computed, failed = 0, 0
             if len(todo):
                 computed, failed = _compute(
-                    store, expert, dict(settings.get(name, {})), todo, batch_size=batch_size,
+                    store, name, version, dict(settings.get(name, {})), todo, batch_size=batch_size,
                     num_cpus=num_cpus_per_actor, num_actors=num_actors, advance=partial(bar.advance, task))
-            stats_absent = not (store.folder(name, expert.version) / STATS_FILE).is_file()
-            if (computed or stats_absent) and store.parts(name, expert.version):
-                store.compute_stats(name, expert.version)
+            stats_absent = not (store.folder(name, version) / STATS_FILE).is_file()
+            if (computed or stats_absent) and store.parts(name, version):
+                store.compute_stats(name, version)
             present = len(clips) - len(todo) - int(failed_before.sum())
-            runs.append(ExpertRun(name, expert.version, len(clips), present, computed,
+            runs.append(ExpertRun(name, version, len(clips), present, computed,
                                   failed + int(failed_before.sum()), time.perf_counter() - start))
 
     undecodable = store.quarantined()
@@ -176,9 +179,9 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     return PrecomputeSummary(runs, quarantine)
 
 
-def _compute(store: FeatureStore, expert, settings: dict, todo: pd.DataFrame, *, batch_size: int,
-             num_cpus: float, num_actors: int | None, advance) -> tuple[int, int]:
-    """Stream `todo` clips through an actor pool of `expert`, writing a part per output batch as it arrives.
+def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo: pd.DataFrame, *,
+             batch_size: int, num_cpus: float, num_actors: int | None, advance) -> tuple[int, int]:
+    """Stream `todo` clips through an actor pool of expert `name`, writing a part per output batch as it arrives.
     Returns (clips computed, clips that did not decode)."""
     import ray
 
@@ -187,7 +190,7 @@ def _compute(store: FeatureStore, expert, settings: dict, todo: pd.DataFrame, *,
     paths = dict(zip(todo["clip_hash"], todo["audio_path"], strict=True))
     out = ray.data.from_items([{"clip_hash": h, "path": p} for h, p in paths.items()]).map_batches(
         ExpertActor, batch_format="pyarrow", batch_size=batch_size,
-        fn_constructor_kwargs={"name": expert.name, "settings": settings, "version": expert.version,
+        fn_constructor_kwargs={"name": name, "settings": settings, "version": version,
                                "device": "cuda" if gpus else "cpu"},
         compute=ray.data.ActorPoolStrategy(size=num_actors or max(gpus, 1)),
         num_cpus=num_cpus, num_gpus=1 if gpus else 0)
@@ -197,7 +200,7 @@ def _compute(store: FeatureStore, expert, settings: dict, todo: pd.DataFrame, *,
     try:
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-            store.write(expert.name, expert.version, batch.filter(pa.array(ok)).drop_columns(["error"]))
+            store.write(name, version, batch.filter(pa.array(ok)).drop_columns(["error"]))
             bad = batch.filter(pa.array(~ok)).to_pylist()
             store.quarantine([{"clip_hash": r["clip_hash"], "path": paths[r["clip_hash"]],
                                "reason": r["error"]} for r in bad])

@@ -58,8 +58,8 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
 
     settings = settings or {}
     store = FeatureStore(store_dir)
-    good, _ = manifest_clips(manifest)
-    rows = good[(good["split"] == split) & ~good["clip_hash"].isin(store.quarantined())]
+    good, _ = manifest_clips(manifest, split)
+    rows = good[~good["clip_hash"].isin(store.quarantined())]
     if rows.empty:
         raise ValueError(f"{manifest}: no usable rows in split {split!r}")
     choices = rows["choices"] if "choices" in rows else [None] * len(rows)

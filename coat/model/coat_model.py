@@ -171,7 +171,7 @@ class CoATModel(nn.Module):
 
     def save(self, directory: str | Path, trained: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the trained parts (safetensors), the config and what they were made for. `trained`: the trained
-        parts when this model's own are shards (FSDP, see `coat.train.checkpoint.whole_training_state`)."""
+        parts when this model's own are shards (FSDP, see `coat.train.checkpoint.whole_trained_parts`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         trained = self.trained_state() if trained is None else trained

@@ -118,6 +118,7 @@ def run_loop(loop_config: dict, session) -> None:
                 if logged_step not in logged:
                     tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values, logged_step)
     model = session.wrap(coat, cfg.train.strategy)
+    sharded = isinstance(model, FullyShardedDataParallel)
     params = [p for p in coat.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
@@ -169,7 +170,6 @@ def run_loop(loop_config: dict, session) -> None:
                 metrics |= validation_losses(model, coat, val_shard, cfg, device)
                 report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
                           **metrics}
-                sharded = isinstance(model, FullyShardedDataParallel)
                 trained = whole_trained_parts(model, coat)  # every rank, under FSDP
                 if rank == 0 or sharded:
                     with session.checkpoint_dir(step) as directory:
