@@ -214,9 +214,13 @@ def dataset_fingerprint(manifest_path: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log every metric at `step` in one batched call. Raises ValueError naming a non-numeric metric."""
-    now = int(time.time() * 1000)
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None
+                ) -> None:
+    """Log every metric at `step` in one batched call. Raises ValueError naming a non-numeric metric.
+
+    With a fixed `timestamp_ms`, logging the same metrics again stores nothing new (MLflow keys a metric by
+    key, value, timestamp and step): a restarted worker and the one it replaced cannot log a step twice."""
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     batch = []
     for key, value in metrics.items():
         try:

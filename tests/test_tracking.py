@@ -80,6 +80,14 @@ def test_metrics_round_trip_with_steps(sqlite_uri, experiment):
         tracking.log_metrics(sqlite_uri, run_id, {"acc": "high"}, 30)
 
 
+def test_relogging_a_step_with_its_timestamp_stores_it_once(sqlite_uri, experiment):
+    run_id = tracking.start_run(sqlite_uri, experiment, "relog", load_config(overrides=OVERRIDES))
+    for _writer in range(2):  # a restarted worker and the one it replaced, logging the same checkpointed steps
+        for step in (1, 2):
+            tracking.log_metrics(sqlite_uri, run_id, {"loss": 1.0 / step}, step, timestamp_ms=1_000 + step)
+    assert tracking.metric_history(sqlite_uri, run_id, "loss") == [(1, 1.0), (2, 0.5)]
+
+
 def test_artifacts_land_and_download_back(sqlite_uri, experiment, tmp_path):
     cfg = load_config(overrides=OVERRIDES)
     run_id = tracking.start_run(sqlite_uri, experiment, "artifacts", cfg)

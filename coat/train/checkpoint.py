@@ -40,10 +40,10 @@ def load_optimizer_shard(directory: Path, rank: int) -> dict:
 
 def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], optimizer_state: dict | None,
                     scheduler, step: int, epoch: int, batch_in_epoch: int, metrics: dict,
-                    unlogged: list[tuple[int, dict]]) -> Path:
+                    unlogged: list[tuple[int, int, dict]]) -> Path:
     """`trained`: from `whole_trained_parts`; `optimizer_state`: None when each rank saves its shard.
-    `metrics`: what is reported with this checkpoint; `unlogged`: per-step metrics the checkpoint covers that are
-    logged to MLflow only after it is committed (a restart logs whichever of them are missing)."""
+    `metrics`: what is reported with this checkpoint; `unlogged`: (step, timestamp ms, metrics) of the steps it
+    covers, logged to MLflow only after it is committed (a restart logs them again, idempotently)."""
     coat.save(directory, trained)
     torch.save(
         {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,

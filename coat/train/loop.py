@@ -111,12 +111,11 @@ def run_loop(loop_config: dict, session) -> None:
         torch.set_rng_state(state["rng"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if rank == 0 and loop_config.get("mlflow_run_id"):
-            # A restart can come between committing a checkpoint and logging its steps: log what is missing.
-            logged = {s for s, _ in tracking.metric_history(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
-                                                            "train/loss")}
-            for logged_step, values in state["unlogged"]:
-                if logged_step not in logged:
-                    tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values, logged_step)
+            # A restart can come between committing a checkpoint and logging its steps. Logging them again is
+            # idempotent (same timestamps), even if the replaced worker is still finishing its own logging.
+            for logged_step, stamp, values in state["unlogged"]:
+                tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values, logged_step,
+                                     stamp)
     model = session.wrap(coat, cfg.train.strategy)
     sharded = isinstance(model, FullyShardedDataParallel)
     params = [p for p in coat.parameters() if p.requires_grad]
@@ -129,7 +128,7 @@ def run_loop(loop_config: dict, session) -> None:
     shard, val_shard = session.dataset("train"), session.dataset("val")
     batches_per_epoch = loop_config["batches_per_epoch"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
-    pending: list[tuple[int, dict[str, float]]] = []  # rank 0's metrics since the last checkpoint
+    pending: list[tuple[int, int, dict[str, float]]] = []  # rank 0's (step, ms, metrics) since the last checkpoint
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     total = cfg.train.total_steps
     last_step_end = time.perf_counter()
@@ -164,7 +163,7 @@ def run_loop(loop_config: dict, session) -> None:
                 "train/since_launch_s": time.time() - loop_config["launched_at"],
             }
             last_step_end = now
-            pending.append((step, metrics))
+            pending.append((step, int(time.time() * 1000), metrics))
 
             if step % cfg.train.checkpoint_every == 0 or step == total:
                 metrics |= validation_losses(model, coat, val_shard, cfg, device)
@@ -183,9 +182,9 @@ def run_loop(loop_config: dict, session) -> None:
                     session.report(report, None)
                 if rank == 0:
                     if loop_config.get("mlflow_run_id"):
-                        for logged_step, values in pending:
+                        for logged_step, stamp, values in pending:
                             tracking.log_metrics(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], values,
-                                                 logged_step)
+                                                 logged_step, stamp)
                     pending.clear()
                 last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         epoch, batch_in_epoch = epoch + 1, 0
