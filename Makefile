@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test test-slow bench dashboard lint
+.PHONY: setup demo test test-slow test-faults bench dashboard lint
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-faults: setup
+	$(PY) -m pytest -q -m faults
 
 bench: setup
 	$(PY) experiments/benchmarks/model_overhead.py --size tiny

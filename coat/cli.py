@@ -4,6 +4,7 @@ import typer
 
 from coat.data.cli import app as data_app
 from coat.eval.cli import eval_command
+from coat.eval.score_cli import score_command
 from coat.experts.cli import app as experts_app
 from coat.experts.precompute_cli import precompute_command
 from coat.train.cli import train_command
@@ -17,4 +18,5 @@ app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("score")(score_command)
 app.command("sweep")(sweep_command)

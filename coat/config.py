@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 BACKBONES = ("qwen2-audio", "qwen2.5-omni", "audio-flamingo-3")
-DISTANCES = ("cosine", "mse", "smooth_l1", "ce")
+DISTANCES = ("cosine", "mse", "smooth_l1", "ce", "bce")
 
 
 class ConfigError(ValueError):
@@ -71,7 +71,8 @@ class LossConfig:
     # lambda_e per expert; an expert in `experts.names` without an entry gets `default_weight`.
     weights: dict[str, float] = field(default_factory=dict)
     default_weight: float = 1.0
-    # D_e per expert; default: cosine for continuous experts (mse when one-dimensional), ce for discrete ones.
+    # D_e per expert (coat.model.losses): default smooth_l1 for continuous experts of up to 16 dims (magnitude
+    # matters: pitch, prosody), cosine for wider ones (embeddings, spectra), ce for discrete, bce for multi-label.
     distance: dict[str, str] = field(default_factory=dict)
 
 
@@ -98,13 +99,13 @@ class DataConfig:
     # When `manifest` does not exist, generate coat-mini there with this many clips (0: fail instead).
     synth_size: int = 2000
     synth_seed: int = 0
-    max_seconds: float = 8.0  # longer clips are quarantined
+    # Clips longer than this are cut to it ("crop": experts and the model hear the same first max_seconds) or left
+    # out ("reject"), in training and evaluation alike.
+    max_seconds: float = 8.0
+    long_clips: str = "crop"
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    # Decode the train and val splits once, into Ray's object store, instead of on every epoch (Ray's advice for
-    # data that fits there, as coat-mini does). Leave it off for corpora larger than the object store.
-    cache_decoded: bool = False
     # At most this many decode tasks at once (None: as many as free CPUs allow). Where training shares the CPUs,
     # Ray Data otherwise decodes far ahead in bursts that stall training steps: 1 suits the 2-core default.
     decode_tasks: int | None = None
@@ -148,12 +149,53 @@ class TrainConfig:
         return sum(stage.steps for stage in self.stages)
 
 
+SCORING_RULES = ("string_match", "choice", "wer")
+SCORING_MODES = ("generate", "loglik")
+SUITE_METRICS = ("accuracy", "weighted_f1")
+
+
+@dataclass
+class SuiteRecipe:
+    """How one evaluation suite is asked and scored; `coat eval --help` lists every suite's recipe.
+
+    Rules: `string_match` is MMAU's and MMAR's published scorer (the answer's lower-cased word tokens all in the
+    output, none of the tokens only other choices have); `choice` reads the one choice the output names (naming
+    two is no answer); `wer` scores transcripts by word error rate after Whisper's English normaliser. Items
+    without choices are always scored by WER."""
+
+    prompt: str | None = None  # the instruction for every item; None: each item's own question
+    max_new_tokens: int | None = None  # None: 1.5 x the longest reference answer in tokens, plus 4
+    rule: str = "choice"
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])  # and/or "weighted_f1" (choice suites)
+    breakdowns: list[str] = field(default_factory=list)  # item fields reported per value, e.g. MMAU's difficulty
+
+
+def default_suites() -> dict[str, SuiteRecipe]:
+    return {
+        "coat-mini": SuiteRecipe(),
+        "mmau": SuiteRecipe(max_new_tokens=64, rule="string_match", breakdowns=["task", "difficulty"]),
+        "mmar": SuiteRecipe(max_new_tokens=64, rule="string_match", breakdowns=["modality", "category"]),
+        "meld": SuiteRecipe(prompt="What emotion does the speaker convey?", metrics=["accuracy", "weighted_f1"]),
+        "librispeech": SuiteRecipe(prompt="Transcribe the speech.", rule="wer"),
+        "gtzan": SuiteRecipe(prompt="Which music genre is this?"),
+    }
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 16
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # every suite's token budget; None: each suite's own (`suites`)
     bootstrap: int = 1000  # resamples for the 95% intervals
+    # A subsample of this many examples, stratified by task family and drawn with `seed`; None: every example.
     max_examples: int | None = None
+    seed: int = 0
+    # "generate": free text scored by each suite's rule; "loglik": the choice the model finds most likely
+    # (for small or untrained models whose text cannot be parsed; transcription is always generated).
+    scoring: str = "generate"
+    # Latency is measured apart from accuracy: this many examples one at a time, after `latency_warmup` calls.
+    latency_examples: int = 16
+    latency_warmup: int = 2
+    suites: dict[str, SuiteRecipe] = field(default_factory=default_suites)
 
 
 @dataclass
@@ -274,6 +316,10 @@ def validate(cfg: CoATConfig) -> None:
     if cfg.lora.r < 1:
         fail("lora.r", "must be >= 1")
 
+    if cfg.data.max_seconds <= 0:
+        fail("data.max_seconds", f"{cfg.data.max_seconds} must be positive")
+    if cfg.data.long_clips not in ("crop", "reject"):
+        fail("data.long_clips", f"{cfg.data.long_clips!r} must be 'crop' or 'reject'")
     if cfg.data.decode_tasks is not None and cfg.data.decode_tasks < 1:
         fail("data.decode_tasks", f"{cfg.data.decode_tasks} must be >= 1, or null for as many as CPUs allow")
     t = cfg.train
@@ -304,8 +350,23 @@ def validate(cfg: CoATConfig) -> None:
         fail("sweep", "num_samples, grace_steps >= 1, reduction_factor >= 2 and trial_retries >= 0 are required")
     if not (sw.metric.startswith("val/") or sw.metric.startswith("eval/")):
         fail("sweep.metric", f"{sw.metric!r} must be a reported validation (val/...) or evaluation (eval/...) metric")
-    if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1 or cfg.eval.bootstrap < 1:
+    e = cfg.eval
+    if e.batch_size < 1 or e.bootstrap < 1 or (e.max_new_tokens is not None and e.max_new_tokens < 1):
         fail("eval", "batch_size, max_new_tokens and bootstrap must be >= 1")
+    if e.max_examples is not None and e.max_examples < 1:
+        fail("eval.max_examples", f"{e.max_examples} must be >= 1, or null for every example")
+    if e.scoring not in SCORING_MODES:
+        fail("eval.scoring", f"{e.scoring!r} must be one of {', '.join(SCORING_MODES)}")
+    if e.latency_examples < 0 or e.latency_warmup < 0:
+        fail("eval", "latency_examples and latency_warmup must be >= 0")
+    for suite, recipe in e.suites.items():
+        if recipe.rule not in SCORING_RULES:
+            fail(f"eval.suites.{suite}.rule", f"{recipe.rule!r} must be one of {', '.join(SCORING_RULES)}")
+        if recipe.max_new_tokens is not None and recipe.max_new_tokens < 1:
+            fail(f"eval.suites.{suite}.max_new_tokens", "must be >= 1, or null for the references' length")
+        unknown = [m for m in recipe.metrics if m not in SUITE_METRICS]
+        if unknown:
+            fail(f"eval.suites.{suite}.metrics", f"{unknown} are not among {', '.join(SUITE_METRICS)}")
 
 
 def apply_overrides(cfg: CoATConfig, overrides: list[str]) -> CoATConfig:

@@ -163,7 +163,7 @@ def start_run(
         "backbone": cfg.backbone.name,
         "experts": ",".join(cfg.experts.names),
         "thinking.num_slots": str(cfg.thinking.num_slots),
-        "git_commit": _git_commit(),
+        **code_provenance(),
         RUN_NAME_TAG: run_name,
         **(tags or {}),
     }
@@ -190,17 +190,39 @@ def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+PACKAGES = ("torch", "torchaudio", "transformers", "peft", "ray", "mlflow", "optuna", "numpy")
+
+
 @functools.cache
-def _git_commit() -> str:
-    """HEAD of the repository this package lives in; "unknown" outside a git checkout."""
+def code_provenance() -> dict[str, str]:
+    """Tags that say which code made a run: the git commit of the checkout this package lives in and whether its
+    tracked files had changes (`unknown` outside a checkout), a hash of the package's own source files (which
+    identifies the code even when installed from a wheel), and the versions of the packages the numbers depend
+    on. Raises nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode() + source.read_bytes())
+    tags = {"git_commit": _git(package, "rev-parse", "HEAD"), "code_sha256": digest.hexdigest()[:16]}
+    status = _git(package, "status", "--porcelain", "--untracked-files=no")
+    tags["git_dirty"] = "unknown" if tags["git_commit"] == "unknown" else str(status not in ("", "unknown")).lower()
+    for name in PACKAGES:
+        try:
+            tags[f"version.{name}"] = version(name)
+        except PackageNotFoundError:
+            tags[f"version.{name}"] = "absent"
+    return tags
+
+
+def _git(where: Path, *args: str) -> str:
+    """`git args` run in `where`, stripped; "unknown" when git or the checkout is not there."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-            timeout=10, check=True,
-        )
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    return out.stdout.strip() if args[0] == "status" else out.stdout.strip() or "unknown"
 
 
 def dataset_fingerprint(manifest_path: str | Path) -> str:
@@ -266,6 +288,13 @@ def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> No
             df.to_parquet(local, index=False)
         parent = str(Path(artifact_file).parent)
         _client(uri).log_artifact(run_id, str(local), None if parent == "." else parent)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set (or overwrite) tags on a run, values truncated to MLflow's limit. Raises MlflowException."""
+    run_tags = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
+    for i in range(0, len(run_tags), MAX_PARAMS_TAGS_PER_BATCH):
+        _client(uri).log_batch(run_id, tags=run_tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 
 from coat.config import load_config
+from coat.data.synth import synthesize
 from coat.experts.base import ExpertSpec
 
 BACKBONE_NAMES = ["qwen2-audio", "qwen2.5-omni", "audio-flamingo-3"]
@@ -36,6 +37,12 @@ def tiny_config(backbone: str, *overrides: str):
 
 
 @pytest.fixture(scope="session")
+def coat_mini(tmp_path_factory) -> Path:
+    """One small coat-mini (40 clips) for every test that trains or sweeps: its feature store fills once."""
+    return synthesize(tmp_path_factory.mktemp("coat-mini"), size=40, seed=3)
+
+
+@pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> list[np.ndarray]:
     """Two clips written to WAV and decoded back: a 1.5 s chirp-on-noise and a 1 s two-tone clip."""
     root: Path = tmp_path_factory.mktemp("clips")
@@ -52,6 +59,29 @@ def clips(tmp_path_factory) -> list[np.ndarray]:
         assert rate == 16000
         decoded.append(audio)
     return decoded
+
+
+def write_tone(path: Path, seconds: float = 1.0, hz: float = 440.0, rate: int = 16000) -> Path:
+    """A real audio file holding a sine tone; the format follows the suffix (.wav, .flac)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), rate)
+    return path
+
+
+@pytest.fixture(scope="session")
+def librispeech(tmp_path_factory) -> Path:
+    """A LibriSpeech subset folder in its published layout: two chapters, three utterances."""
+    root = tmp_path_factory.mktemp("LibriSpeech") / "test-clean"
+    transcripts = {("84", "121123"): ["GO DO YOU HEAR", "BUT IN LESS THAN FIVE MINUTES THE STAIRCASE GROANED"],
+                   ("1089", "134686"): ["HE HOPED THERE WOULD BE STEW FOR DINNER"]}
+    for (speaker, chapter), lines in transcripts.items():
+        folder = root / speaker / chapter
+        for i, _ in enumerate(lines):
+            write_tone(folder / f"{speaker}-{chapter}-{i:04d}.flac", hz=200 + 50 * i)
+        text = "".join(f"{speaker}-{chapter}-{i:04d} {line}\n" for i, line in enumerate(lines))
+        (folder / f"{speaker}-{chapter}.trans.txt").write_text(text)
+    return root
 
 
 def synthetic_targets(k: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -289,7 +289,7 @@ def test_audio_classifier_posteriors(hub_models, audio):
     assert torch.allclose(torch.stack(probs).sum(1), torch.ones(3))
     assert torch.allclose(emotion([clips[1]])[0][0], probs[1], atol=1e-5)
     events = build_expert("hub:" + hub_models["ast"])  # AudioSet-style multi-label: independent sigmoids
-    assert events.spec.kind == "continuous" and events.spec.dim == 5
+    assert events.spec.kind == "multilabel" and events.spec.dim == 5
     scores, _ = events(clips)
     assert all(((s > 0) & (s < 1)).all() for s in scores)
     assert not torch.allclose(torch.stack(scores).sum(1), torch.ones(3))
@@ -331,4 +331,4 @@ def test_cli_lists_every_expert(hub_models, experts):
         line = next(row for row in result.output.splitlines() if f" {name} " in row)
         assert experts(name).version in line and f" {experts(name).spec.dim} " in line
     hub_line = next(row for row in result.output.splitlines() if hub_models["ast"] in row)
-    assert "clip" in hub_line and "continuous" in hub_line
+    assert "clip" in hub_line and "multilabel" in hub_line

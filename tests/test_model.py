@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from coat.backbones import build_backbone
+from coat.config import ConfigError
+from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
+from coat.model.coat_model import default_distance
+from coat.model.losses import distance, response_ce
 from tests.conftest import BACKBONE_NAMES, SYNTHETIC_EXPERTS, synthetic_targets, tiny_config
 
 PROMPTS = ["What is the pitch of the first tone?", "Is the second tone higher?"]
@@ -125,3 +129,59 @@ def test_loading_into_another_backbone_or_slot_count_fails(tmp_path):
         CoATModel.load(tmp_path / "ckpt", tiny_config("qwen2-audio", "thinking.num_slots=2"))
     with pytest.raises(FileNotFoundError, match="not a CoAT checkpoint"):
         CoATModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_padding_does_not_change_outputs(backbone, clips):
+    """Clips of different lengths with prompts and answers of different lengths: each row's logits in a padded
+    batch equal its logits alone, right-padded for training and left-padded for generation (M-RoPE included)."""
+    model = coat_model(backbone).eval()
+    prompts, responses = [PROMPTS[0], "Is it higher?"], ["a rising chirp that ends high", "yes"]
+    for answers in (responses, None):
+        batch = model.encode(clips, prompts, answers)
+        assert (batch["attention_mask"] == 0).any(), "the batch must hold padding"
+        with torch.no_grad():
+            together = model.lm(**model._model_inputs(batch)).logits
+            for i in range(2):
+                alone = model.encode([clips[i]], [prompts[i]], None if answers is None else [answers[i]])
+                single = model.lm(**model._model_inputs(alone)).logits[0]
+                kept = together[i][batch["attention_mask"][i].bool()]
+                torch.testing.assert_close(kept, single, atol=1e-4, rtol=1e-4)
+
+
+def test_uninformed_predictions_score_about_one_under_every_distance():
+    g = torch.Generator().manual_seed(0)
+    standardised = torch.randn(1024, 16, 2, generator=g)
+    assert distance("mse", torch.zeros_like(standardised), standardised).item() == pytest.approx(1, abs=0.05)
+    assert distance("smooth_l1", torch.zeros_like(standardised), standardised).item() == pytest.approx(1, abs=0.05)
+    embeddings = torch.randn(64, 8, 256, generator=g)
+    assert distance("cosine", torch.randn(64, 8, 256, generator=g), embeddings).item() == pytest.approx(1, abs=0.01)
+    phones = torch.nn.functional.one_hot(torch.randint(0, 40, (64, 8), generator=g), 40).float()
+    assert distance("ce", torch.zeros(64, 8, 40), phones).item() == pytest.approx(1, abs=1e-6)
+    tags = torch.rand(64, 527, generator=g)
+    assert distance("bce", torch.zeros(64, 527), tags).item() == pytest.approx(1, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown distance 'l3'"):
+        distance("l3", tags, tags)
+
+
+def test_each_expert_kind_gets_the_loss_that_suits_it():
+    assert default_distance(ExpertSpec("pitch", 2, 100.0)) == "smooth_l1"  # magnitude matters
+    assert default_distance(ExpertSpec("mel", 80, 100.0)) == "cosine"
+    assert default_distance(ExpertSpec("phonetic", 40, 100.0, "discrete")) == "ce"
+    assert default_distance(ExpertSpec("events", 527, None, "multilabel")) == "bce"
+    experts = {**SYNTHETIC_EXPERTS, "events": ExpertSpec("events", 5, None, "multilabel")}
+    with pytest.raises(ConfigError, match="loss.distance.events.*ce needs a discrete expert"):
+        CoATModel(tiny_config("qwen2-audio", "experts.names=[events]", "loss.distance={events: ce}"), experts)
+    with pytest.raises(ConfigError, match="loss.distance.pitch.*bce needs a multi-label expert"):
+        CoATModel(tiny_config("qwen2-audio", "loss.distance={pitch: bce}"), experts)
+
+
+def test_response_ce_equals_the_full_cross_entropy_on_the_labelled_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 50, generator=g).bfloat16()
+    labels = torch.full((2, 7), -100)
+    labels[0, 4:], labels[1, 2:5] = torch.tensor([3, 9, 11]), torch.tensor([1, 2, 49])
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+    assert response_ce(logits, labels).dtype == torch.float32
+    torch.testing.assert_close(response_ce(logits, labels), full)

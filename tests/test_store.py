@@ -20,7 +20,7 @@ from coat.config import load_config
 from coat.data.audio import decode
 from coat.data.precompute import manifest_clips, precompute
 from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows
-from coat.data.stream import MissingFeaturesError, iter_training_batches, training_dataset, training_items
+from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
@@ -57,7 +57,7 @@ def first_run(ray_address, manifest, tmp_path_factory):
     return store, precompute(manifest, EXPERTS, store, batch_size=4, progress=False)
 
 
-def test_store_roundtrip_dedup_and_stats_without_ray(tmp_path):
+def test_store_roundtrip_dedup_and_split_stats_without_ray(tmp_path):
     store = FeatureStore(tmp_path)
     a, b = np.arange(6, dtype=np.float32).reshape(3, 2), np.array([[10.0, -1.0]], np.float32)
     store.write("e", "v1", feature_rows(["a", "b"], [a, b]))
@@ -67,15 +67,16 @@ def test_store_roundtrip_dedup_and_stats_without_ray(tmp_path):
     assert store.missing("e", "v1", ["a", "c", "d"]) == {"d"}
     got = store.read("e", "v1", ["c", "a", "b"])
     assert np.array_equal(got["a"], a) and np.array_equal(got["b"], b) and got["c"].shape == (1, 2)
-    frames = np.concatenate([a, b, [[7.0, 8.0]]])
-    stats = store.compute_stats("e", "v1")
-    assert stats == store.stats("e", "v1") and stats["frames"] == 5 and stats["clips"] == 3
+    stats = store.split_stats("e", "v1", ["a", "b", "a"])  # the clips of one split: "c" is not among them
+    frames = np.concatenate([a, b])
+    assert stats["frames"] == 4 and stats["clips"] == 2 and stats == store.split_stats("e", "v1", ["b", "a"])
     np.testing.assert_allclose(stats["mean"], frames.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], frames.std(0), rtol=1e-6)
+    assert store.split_stats("e", "v1", ["a", "b", "c"])["id"] != stats["id"]
     with pytest.raises(KeyError, match="e/v1 has no features for clip d"):
         store.read("e", "v1", ["a", "d"])
-    with pytest.raises(FileNotFoundError, match="no statistics for expert 'e' version v2"):
-        store.stats("e", "v2")
+    with pytest.raises(KeyError, match="e/v1 has no features for clip d"):
+        store.split_stats("e", "v1", ["a", "d"])
 
 
 def test_precompute_stores_every_good_clip_and_a_second_run_computes_nothing(first_run, manifest):
@@ -108,15 +109,32 @@ def test_precompute_stores_every_good_clip_and_a_second_run_computes_nothing(fir
     assert [p.stat().st_mtime_ns for p in files] == stamps, "a finished store must not be rewritten"
 
 
-def test_stats_equal_numpy_over_the_stored_frames(first_run):
-    store = FeatureStore(first_run[0])
+def test_statistics_come_from_the_training_split_alone(first_run, manifest, tmp_path):
+    store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    store = FeatureStore(store_dir)
+    good, _ = manifest_clips(manifest)
+    train = good[(good["split"] == "train") & (good["id"] != "broken-audio")]
+    items, sources, _ = training_items(manifest, "train", EXPERTS, store_dir)
     for run in first_run[1].experts:
-        frames = np.concatenate(list(store.read(run.name, run.version, store.present(run.name, run.version))
-                                     .values())).astype(np.float64)
-        stats = store.stats(run.name, run.version)
-        assert stats["frames"] == len(frames) and stats["clips"] == SIZE
-        np.testing.assert_allclose(stats["mean"], frames.mean(0), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(stats["std"], frames.std(0), rtol=1e-5, atol=1e-9)
+        frames = np.concatenate(list(store.read(run.name, run.version, train["clip_hash"]).values()))
+        stats = sources[run.name].stats
+        assert stats["clips"] == train["clip_hash"].nunique() and stats["frames"] == len(frames)
+        np.testing.assert_allclose(stats["mean"], frames.astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats["std"], frames.astype(np.float64).std(0), rtol=1e-5, atol=1e-9)
+    before = next(iter(Stream(items, sources, 16000).dataset([0]).iter_rows()))
+
+    # Extreme test-split clips join the store (as precomputing a benchmark beside coat-mini would add them).
+    for run in first_run[1].experts:
+        dim = len(sources[run.name].stats["mean"])
+        store.write(run.name, run.version, feature_rows([f"test-{i}" for i in range(3)],
+                                                        [np.full((50, dim), 1e6, np.float32)] * 3))
+    items, again, _ = training_items(manifest, "train", EXPERTS, store_dir)
+    assert {n: s.stats for n, s in again.items()} == {n: s.stats for n, s in sources.items()}
+    after = next(iter(Stream(items, again, 16000).dataset([0]).iter_rows()))
+    for name in EXPERTS:
+        np.testing.assert_array_equal(before[f"target.{name}"], after[f"target.{name}"])
+    _, val_sources, _ = training_items(manifest, "val", EXPERTS, store_dir, stats_from=again)
+    assert {n: s.stats["id"] for n, s in val_sources.items()} == {n: s.stats["id"] for n, s in sources.items()}
 
 
 def test_a_changed_expert_version_recomputes_only_that_expert(first_run, manifest):
@@ -128,7 +146,8 @@ def test_a_changed_expert_version_recomputes_only_that_expert(first_run, manifes
     assert mel.version != old_mel.version and (mel.computed, mel.present) == (SIZE, 0)
     assert (prosody.version, prosody.computed, prosody.present) == (before.experts[1].version, 0, SIZE)
     store = FeatureStore(store_dir)
-    assert store.stats("mel", mel.version)["dim"] == 40
+    clip = next(iter(store.present("mel", mel.version)))
+    assert store.read("mel", mel.version, [clip])[clip].shape[1] == 40
     assert store.present("mel", old_mel.version) == store.present("mel", mel.version)  # old version kept
 
 
@@ -151,33 +170,75 @@ def test_a_killed_run_resumes_and_computes_only_the_missing_clips(ray_address, m
     (run,) = summary.experts
     assert (run.computed, run.present) == (SIZE - len(done), len(done))
     assert len(FeatureStore(store_dir).present(name, version)) == SIZE
-    assert FeatureStore(store_dir).stats(name, version)["clips"] == SIZE
 
 
-def test_stream_gives_standardised_targets_of_the_right_clips(first_run, manifest):
+def test_stream_gives_standardised_targets_of_the_right_clips_in_the_given_order(first_run, manifest):
     store_dir, summary = first_run
     store = FeatureStore(store_dir)
     versions = {run.name: run.version for run in summary.experts}
-    rows = list(training_dataset(manifest, "train", EXPERTS, store_dir, 16000).iter_rows())
+    items, sources, left_out = training_items(manifest, "train", EXPERTS, store_dir)
+    assert set(left_out["id"]) == {"broken-audio", "no-answer"}
+    order = [5, 0, 3, 1]
+    rows = list(Stream(items, sources, 16000).dataset(order).iter_rows())
+    assert [r["id"] for r in rows] == [items[i]["id"] for i in order]
     good, _ = manifest_clips(manifest)
     train = good[(good["split"] == "train") & (good["id"] != "broken-audio")].set_index("id")
-    assert sorted(r["id"] for r in rows) == sorted(train.index)
-    for r in rows[:4]:
+    assert sorted(item["id"] for item in items) == sorted(train.index)
+    for r in rows:
         clip = train.loc[r["id"]]
         assert np.array_equal(r["audio"], decode(clip["audio_path"], 16000).numpy())
         for name in EXPERTS:
-            stats = store.stats(name, versions[name])
+            stats = sources[name].stats
             stored = store.read(name, versions[name], [clip["clip_hash"]])[clip["clip_hash"]]
             want = (stored - np.array(stats["mean"])) / np.maximum(stats["std"], STD_FLOOR)
             got = np.asarray(r[f"target.{name}"])
             np.testing.assert_allclose(got, want[0] if name == "prosody" else want, rtol=1e-4, atol=1e-4)
 
 
+def test_epoch_order_is_random_per_epoch_reproducible_and_dealt_to_disjoint_ranks():
+    def order(epoch, rank, seed=0):
+        return epoch_order(30, seed=seed, epoch=epoch, world=2, rank=rank, step_rows=4).tolist()
+
+    assert order(0, 0) == order(0, 0) and order(0, 0) != order(1, 0) and order(0, 0) != order(0, 0, seed=1)
+    for epoch in range(3):
+        ranks = [order(epoch, 0), order(epoch, 1)]
+        assert all(len(r) == 12 for r in ranks)  # 30 rows: 3 whole steps of 2 ranks x 4 rows
+        seen = ranks[0] + ranks[1]
+        assert len(set(seen)) == 24 and set(seen) <= set(range(30))
+    assert order(0, 0) != sorted(order(0, 0))
+    left_over = [set(range(30)) - set(order(e, 0) + order(e, 1)) for e in range(3)]
+    assert left_over[0] != left_over[1] or left_over[1] != left_over[2]
+
+
+def test_cropped_clips_give_model_and_experts_the_same_samples(ray_address, manifest, tmp_path):
+    store_dir = tmp_path / "store"
+    (run,) = precompute(manifest, ["mel"], store_dir, batch_size=4, crop_seconds=1.0, progress=False).experts
+    assert run.version == f"{build_expert('mel').version}-crop1s"
+    items, sources, _ = training_items(manifest, "train", ["mel"], store_dir, max_seconds=1.0, long_clips="crop")
+    stream = Stream(items, sources, 16000, crop_seconds=1.0)
+    longest = max(range(len(items)), key=lambda i: decode(items[i]["audio_path"], 16000).numel())
+    whole = decode(items[longest]["audio_path"], 16000)
+    assert len(whole) > 16000
+    (row,) = stream.dataset([longest]).iter_rows()
+    assert np.array_equal(row["audio"], whole[:16000].numpy())  # the model hears the first second only
+    mel = build_expert("mel")
+    heard = mel([whole[:16000]])[0][0].numpy()
+    stored = FeatureStore(store_dir).read("mel", run.version, [items[longest]["clip_hash"]])
+    np.testing.assert_allclose(stored[items[longest]["clip_hash"]], heard, rtol=1e-5, atol=1e-5)
+    assert len(heard) == 1 + 16000 // 160 < len(mel([whole])[0][0])
+
+    rejected, _, left_out = training_items(manifest, "train", [], store_dir, max_seconds=1.0, long_clips="reject")
+    long_ids = {i["id"] for i in items if decode(i["audio_path"], 16000).numel() > 16000}
+    assert {i["id"] for i in rejected}.isdisjoint(long_ids)
+    assert long_ids <= set(left_out.loc[left_out["reason"].str.startswith("too_long"), "id"])
+
+
 def test_stream_reads_only_the_requested_experts(first_run, manifest, tmp_path):
     store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    items, sources, _ = training_items(manifest, "train", ["prosody"], store_dir)
     for part in (store_dir / "mel").rglob("part-*.parquet"):
         part.write_bytes(b"garbage: reading mel now would fail")
-    rows = list(training_dataset(manifest, "train", ["prosody"], store_dir, 16000).iter_rows())
+    rows = list(Stream(items, sources, 16000).dataset().iter_rows())
     assert rows and all(set(r) == {"id", "prompt", "answer", "audio", "target.prosody"} for r in rows)
 
 
@@ -201,7 +262,8 @@ def test_collated_stream_batch_gives_finite_losses_for_each_expert(first_run, ma
     cfg = load_config(overrides=["experts.names=[mel,prosody]", "thinking.num_slots=4",
                                  "thinking.max_slots=8", "backbone.audio_window_s=8"])
     model = CoATModel(cfg, experts=None)
-    dataset = training_dataset(manifest, "train", EXPERTS, first_run[0], model.backbone.sample_rate)
+    items, sources, _ = training_items(manifest, "train", EXPERTS, first_run[0])
+    dataset = Stream(items, sources, model.backbone.sample_rate).dataset()
     batch = next(iter_training_batches(dataset, model, batch_size=3))
     lengths = batch["target_len.mel"]
     assert batch["target.mel"].shape == (3, int(lengths.max()), 80)

@@ -57,7 +57,7 @@ def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
                           text=True).stdout.strip() or "unknown"
     assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} == {
         "backbone": "qwen2-audio", "experts": "pitch,mel", "thinking.num_slots": "4", "git_commit": head,
-        "coat.run_name": "k4", "dataset_fingerprint": fingerprint,
+        "coat.run_name": "k4", "dataset_fingerprint": fingerprint, **tracking.code_provenance(),
     }
     assert run.info.run_name == "k4" and run.info.status == "RUNNING"
     assert MlflowClient(sqlite_uri).get_experiment(run.info.experiment_id).name == experiment

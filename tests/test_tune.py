@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from coat import tracking
 from coat.data.store import FeatureStore
-from coat.data.synth import synthesize
 from coat.tune.space import SpaceError, load_space, overrides
 from coat.tune.sweep import run_sweep
 from tests.conftest import kill_when
@@ -32,11 +31,6 @@ TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-@pytest.fixture(scope="module")
-def coat_mini(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("coat-mini"), size=40, seed=5)
 
 
 def sweep_args(tmp_path: Path, manifest: Path, *extra: str) -> list[str]:
@@ -116,6 +110,7 @@ def test_grid_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, coat_mini):
         assert len(index) == index["clip_hash"].nunique() == 40
 
 
+@pytest.mark.faults
 def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(tmp_path, coat_mini):
     space = write(tmp_path / "f.yaml", "thinking.num_slots: {grid: [2, 4]}\n")
     killed: list[int] = []
@@ -131,6 +126,7 @@ def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(
     assert statuses == {"FINISHED", "FAILED"}
 
 
+@pytest.mark.faults
 def test_a_retried_trial_resumes_from_its_checkpoint(tmp_path, coat_mini):
     space = write(tmp_path / "r.yaml", "thinking.num_slots: {grid: [4]}\n")
     killed: list[int] = []
@@ -153,6 +149,7 @@ def finished_children(uri: str) -> list:
             if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.faults
 def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_mini):
     space = write(tmp_path / "o.yaml", "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     args = sweep_args(tmp_path, coat_mini, "sweep.name=o", "sweep.num_samples=3", "sweep.max_concurrent=1")

@@ -69,6 +69,21 @@ def _build_tiny(spec: BackboneSpec, seed: int, window_s: float):
     return model, processor
 
 
+def backbone_source(cfg: CoATConfig) -> str:
+    """Where the backbone's weights come from, for the run's record: a local directory, a hub id with the cached
+    snapshot's revision, or random weights (tiny, with their seed, or real size).
+
+    Raises FileNotFoundError as `resolve_checkpoint`."""
+    checkpoint = cfg.backbone.checkpoint or (cfg.backbone.checkpoints.get(cfg.backbone.name)
+                                             if cfg.backbone.size == "real" else None)
+    if checkpoint is None:
+        return f"random {cfg.backbone.size} weights, seed {cfg.backbone.seed}"
+    if Path(checkpoint).is_dir():
+        return f"local {Path(checkpoint).resolve()}"
+    snapshot = Path(resolve_checkpoint(checkpoint))
+    return f"hub {checkpoint}@{snapshot.name if snapshot.parent.name == 'snapshots' else snapshot}"
+
+
 def resolve_checkpoint(checkpoint: str) -> str:
     """A local directory, or the snapshot of an already-cached hub id. Raises FileNotFoundError otherwise."""
     if Path(checkpoint).is_dir():

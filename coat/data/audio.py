@@ -47,11 +47,12 @@ def _shortfall(log: str) -> str | None:
     return None
 
 
-def load(path: str | Path, max_seconds: float | None = None) -> tuple[torch.Tensor, int, int]:
+def load(path: str | Path, max_seconds: float | None = None, crop: bool = False) -> tuple[torch.Tensor, int, int]:
     """Read `path` at its native rate and mix it down to mono.
 
     Returns (float32 waveform [N], native sample rate, channels in the file). The length cap is checked
-    from the header, before any samples are read.
+    from the header, before any samples are read: a longer file is refused, or with `crop` only its first
+    `int(max_seconds * rate)` samples are read.
 
     Raises:
         AudioError: naming the file, with code `missing_file`, `empty_file` (0 bytes or 0 frames),
@@ -77,9 +78,11 @@ def load(path: str | Path, max_seconds: float | None = None) -> tuple[torch.Tens
             raise AudioError("empty_file", "0 frames", path)
         seconds = frames / rate
         if max_seconds is not None and seconds > max_seconds:
-            raise AudioError("too_long", f"{seconds:.1f}s > {max_seconds:.1f}s", path)
+            if not crop:
+                raise AudioError("too_long", f"{seconds:.1f}s > {max_seconds:.1f}s", path)
+            frames = crop_length(max_seconds, rate)
         try:
-            data = f.read(dtype="float32", always_2d=True)
+            data = f.read(frames, dtype="float32", always_2d=True)
         except (RuntimeError, ValueError) as e:
             raise AudioError("truncated", f"read failed after the header promised {frames} frames: {e}",
                              path) from e
@@ -95,8 +98,16 @@ def load(path: str | Path, max_seconds: float | None = None) -> tuple[torch.Tens
     return torch.from_numpy(mono), rate, channels
 
 
-def decode(path: str | Path, target_rate: int, max_seconds: float | None = None) -> torch.Tensor:
+def crop_length(seconds: float, rate: int) -> int:
+    """Samples of a clip cropped to `seconds` at `rate`: the same span whatever the rate, so an expert at its
+    rate and a backbone at its own hear the same audio."""
+    return max(1, int(seconds * rate))
+
+
+def decode(path: str | Path, target_rate: int, max_seconds: float | None = None, crop: bool = False
+           ) -> torch.Tensor:
     """Decode `path` to a float32 mono waveform [N] at `target_rate` (what every row of a pipeline gets).
+    Audio longer than `max_seconds` is refused (`too_long`), or with `crop` cut to its first `max_seconds`.
 
     Raises:
         AudioError: as `load`, naming the file.
@@ -104,7 +115,7 @@ def decode(path: str | Path, target_rate: int, max_seconds: float | None = None)
     """
     if target_rate <= 0:
         raise ValueError(f"target_rate must be positive, got {target_rate}")
-    wave, rate, _ = load(path, max_seconds)
+    wave, rate, _ = load(path, max_seconds, crop)
     return wave if rate == target_rate else AF.resample(wave, rate, target_rate)
 
 

@@ -54,8 +54,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    rows = []
+def json_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file.
+
+    Raises:
+        ManifestError: naming the file and line of invalid JSON or of a line that is not an object.
+    """
+    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -66,8 +71,12 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
                 raise ManifestError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return pd.DataFrame(rows)
+            records.append((lineno, row))
+    return records
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    return pd.DataFrame([row for _, row in json_lines(path)])
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

@@ -3,8 +3,9 @@
 Per expert: hash the clips, ask the store which (clip, version) pairs are missing, stream only those through
 an actor pool that loads the expert once per actor and decodes each clip at the expert's rate inside the
 batch function, and write every output batch as a part as it arrives. A run killed part-way keeps its
-finished parts; the next run computes the rest. Statistics are (re)written when an expert's precompute
-completes with new clips. Clips whose audio cannot be decoded go to the store's quarantine, never retried.
+finished parts; the next run computes the rest. Clips whose audio cannot be decoded go to the store's
+quarantine, never retried. With `crop_seconds`, experts hear each clip's first `crop_seconds` only, as the
+model does under `data.long_clips=crop`; those features are filed under a version of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from coat.data.manifest import quarantine_records, read_manifest, validate_rows
-from coat.data.store import STATS_FILE, FeatureStore, clip_hash, feature_rows
+from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
 
 
 @dataclass
@@ -50,7 +51,8 @@ class ExpertActor:
     raises on a bad batch (see `check_waveforms`).
     """
 
-    def __init__(self, name: str, settings: Mapping[str, object], version: str, device: str):
+    def __init__(self, name: str, settings: Mapping[str, object], version: str, device: str,
+                 crop_seconds: float | None = None):
         from coat.experts.registry import build_expert
 
         extra = {"device": device} if device != "cpu" and "device" not in settings else {}
@@ -61,6 +63,7 @@ class ExpertActor:
         if self.expert.version != version:
             raise RuntimeError(f"expert {name!r}: the actor built version {self.expert.version}, the driver "
                                f"{version}; features would land under the wrong version")
+        self.crop_seconds = crop_seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from coat.data.audio import AudioError, decode
@@ -70,7 +73,7 @@ class ExpertActor:
         waves, good, errors = [], [], []
         for h, p in zip(hashes, paths, strict=True):
             try:
-                waves.append(decode(p, rate))
+                waves.append(decode(p, rate, self.crop_seconds, crop=True))
                 good.append(h)
             except AudioError as err:
                 errors.append((h, err.reason))
@@ -124,18 +127,20 @@ def manifest_clips(manifest: str | Path, split: str | None = None) -> tuple[pd.D
 
 def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Path, *,
                settings: Mapping[str, Mapping[str, object]] | None = None, num_cpus_per_actor: float = 0.5,
-               batch_size: int = 8, num_actors: int | None = None, progress: bool = True
-               ) -> PrecomputeSummary:
+               batch_size: int = 8, num_actors: int | None = None, crop_seconds: float | None = None,
+               progress: bool = True) -> PrecomputeSummary:
     """Compute and store each expert's features for every good clip of `manifest` the store lacks.
 
     `settings` maps an expert name to its settings (`build_expert(name, **settings)`); they set its version.
     Actors: `num_actors` (default: one per GPU, or 1 on CPU), each `num_cpus_per_actor` CPUs and one GPU when
-    the cluster has GPUs. Ray starts (or attaches to RAY_ADDRESS) only when something is missing.
+    the cluster has GPUs. Ray starts (or attaches to RAY_ADDRESS) only when something is missing. With
+    `crop_seconds`, experts run on each clip's first `crop_seconds` and the features are filed under
+    `feature_version(version, crop_seconds)` (the versions the summary reports).
 
     Raises:
         ManifestError: the manifest cannot be read.
         UnknownExpertError, ValueError: an expert name or its settings are invalid (before any compute).
-        ValueError: `experts` is empty or `batch_size` < 1.
+        ValueError: `experts` is empty, `batch_size` < 1 or `crop_seconds` <= 0.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -145,6 +150,8 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
         raise ValueError("precompute: give at least one expert")
     if batch_size < 1:
         raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
+    if crop_seconds is not None and crop_seconds <= 0:
+        raise ValueError(f"precompute: crop_seconds must be positive, got {crop_seconds}")
     settings = settings or {}
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     good, quarantine = manifest_clips(manifest)
@@ -154,8 +161,8 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     runs = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:
-        for name, version in versions.items():
-            start = time.perf_counter()
+        for name, built in versions.items():
+            start, version = time.perf_counter(), feature_version(built, crop_seconds)
             failed_before = clips["clip_hash"].isin(store.quarantined())
             todo = clips[~failed_before]
             todo = todo[todo["clip_hash"].isin(store.missing(name, version, todo["clip_hash"]))]
@@ -163,11 +170,9 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
             computed, failed = 0, 0
             if len(todo):
                 computed, failed = _compute(
-                    store, name, version, dict(settings.get(name, {})), todo, batch_size=batch_size,
-                    num_cpus=num_cpus_per_actor, num_actors=num_actors, advance=partial(bar.advance, task))
-            stats_absent = not (store.folder(name, version) / STATS_FILE).is_file()
-            if (computed or stats_absent) and store.parts(name, version):
-                store.compute_stats(name, version)
+                    store, name, built, dict(settings.get(name, {})), todo, batch_size=batch_size,
+                    num_cpus=num_cpus_per_actor, num_actors=num_actors, crop_seconds=crop_seconds,
+                    advance=partial(bar.advance, task))
             present = len(clips) - len(todo) - int(failed_before.sum())
             runs.append(ExpertRun(name, version, len(clips), present, computed,
                                   failed + int(failed_before.sum()), time.perf_counter() - start))
@@ -180,9 +185,10 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
 
 
 def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo: pd.DataFrame, *,
-             batch_size: int, num_cpus: float, num_actors: int | None, advance) -> tuple[int, int]:
-    """Stream `todo` clips through an actor pool of expert `name`, writing a part per output batch as it arrives.
-    Returns (clips computed, clips that did not decode)."""
+             batch_size: int, num_cpus: float, num_actors: int | None, crop_seconds: float | None, advance
+             ) -> tuple[int, int]:
+    """Stream `todo` clips through an actor pool of expert `name` (expert version `version`), writing a part per
+    output batch as it arrives. Returns (clips computed, clips that did not decode)."""
     import ray
 
     ensure_ray()
@@ -191,16 +197,16 @@ def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo:
     out = ray.data.from_items([{"clip_hash": h, "path": p} for h, p in paths.items()]).map_batches(
         ExpertActor, batch_format="pyarrow", batch_size=batch_size,
         fn_constructor_kwargs={"name": name, "settings": settings, "version": version,
-                               "device": "cuda" if gpus else "cpu"},
+                               "device": "cuda" if gpus else "cpu", "crop_seconds": crop_seconds},
         compute=ray.data.ActorPoolStrategy(size=num_actors or max(gpus, 1)),
         num_cpus=num_cpus, num_gpus=1 if gpus else 0)
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # rich shows progress instead
-    computed, failed = 0, 0
+    computed, failed, stored_as = 0, 0, feature_version(version, crop_seconds)
     try:
         for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
             ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-            store.write(name, version, batch.filter(pa.array(ok)).drop_columns(["error"]))
+            store.write(name, stored_as, batch.filter(pa.array(ok)).drop_columns(["error"]))
             bad = batch.filter(pa.array(~ok)).to_pylist()
             store.quarantine([{"clip_hash": r["clip_hash"], "path": paths[r["clip_hash"]],
                                "reason": r["error"]} for r in bad])

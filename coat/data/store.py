@@ -3,13 +3,17 @@
 Layout under `root`:
 
     <expert>/<version>/part-<uuid>.parquet   rows (clip_hash, frames, dim, values: list<float32>, row-major)
-    <expert>/<version>/stats.json            per-dim mean/std over all stored frames (continuous experts)
+    <expert>/<version>/stats/<id>.json       per-dim mean/std over one training split's frames (see `split_stats`)
     quarantine.jsonl                         clips whose audio no expert can read (clip_hash, path, reason)
 
 A clip is keyed by the sha256 of its audio file's bytes: hashing needs no decode, and an expert's output is a
 function of those bytes and the expert's version, which hashes its weights and settings. (A re-encoded copy
 of the same sound hashes differently and is computed again: the price of not decoding to hash.) Parts are
 written to a temporary name and renamed, so a writer killed mid-run leaves only whole parts behind.
+
+Standardisation statistics belong to a training split, not to the store: they are computed over exactly that
+split's clips and filed under an id that hashes the expert version and those clips, so adding clips of any
+other split (or another corpus) never changes the targets a run trained on.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import pyarrow.parquet as pq
 
 SCHEMA = pa.schema([("clip_hash", pa.string()), ("frames", pa.int32()), ("dim", pa.int32()),
                     ("values", pa.list_(pa.float32()))])
-STATS_FILE = "stats.json"
+STATS_FOLDER = "stats"
 QUARANTINE_FILE = "quarantine.jsonl"
 STD_FLOOR = 1e-6  # a constant feature dim (silent mel bin) standardises to 0, not to inf
 
@@ -139,20 +143,35 @@ class FeatureStore:
                            f"{absent[0]} ({len(absent)} missing)")
         return read_located(found)
 
-    def compute_stats(self, name: str, version: str) -> dict:
-        """Per-dim mean and std (population) over every stored frame; written to `stats.json` and returned.
+    def split_stats(self, name: str, version: str, clip_hashes: Iterable[str]) -> dict:
+        """Per-dim mean and std (population) over every frame of exactly `clip_hashes` (a training split's clips).
 
-        Accumulates float64 sums part by part, so memory stays one part whatever the store's size.
+        Returns `id` (sha256 of the version and the sorted distinct hashes: the identity a run records), `expert`,
+        `version`, `dim`, `clips`, `frames`, `mean`, `std`. Computed once and kept in `stats/<id>.json`; float64
+        sums accumulate part by part, so memory stays one part whatever the split's size.
 
         Raises:
-            FileNotFoundError: the expert version holds no features.
-            ValueError: its parts disagree on `dim`.
+            KeyError: the store lacks features of one of the clips (see `read`).
+            ValueError: the clips' features disagree on `dim`, or `clip_hashes` is empty.
         """
+        hashes = sorted(set(clip_hashes))
+        if not hashes:
+            raise ValueError(f"{name}/{version}: statistics need at least one clip")
+        digest = hashlib.sha256(version.encode())
+        for h in hashes:
+            digest.update(h.encode())
+        stats_id = digest.hexdigest()[:16]
+        path = self.folder(name, version) / STATS_FOLDER / f"{stats_id}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
         index = self.index(name, version)
-        if index.empty:
-            raise FileNotFoundError(f"feature store {self.root}: no features for {name}/{version}")
-        total, total_sq, count, clips, dim = 0.0, 0.0, 0, 0, None
-        for part, rows in index.groupby("part", sort=False):
+        located = index[index["clip_hash"].isin(hashes)]
+        if len(located) < len(hashes):
+            absent = sorted(set(hashes) - set(located["clip_hash"]))
+            raise KeyError(f"feature store {self.root}: {name}/{version} has no features for clip {absent[0]} "
+                           f"({len(absent)} missing)")
+        total, total_sq, count, dim = 0.0, 0.0, 0, None
+        for part, rows in located.groupby("part", sort=False):
             table = pq.read_table(part, columns=["dim", "values"]).take(rows["row"].to_numpy())
             dims = set(table.column("dim").to_pylist()) | ({dim} if dim is not None else set())
             if len(dims) != 1:
@@ -160,29 +179,16 @@ class FeatureStore:
             dim = dims.pop()
             x = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             x = x.reshape(-1, dim).astype(np.float64)
-            total, total_sq = total + x.sum(0), total_sq + (x * x).sum(0)
-            count, clips = count + len(x), clips + table.num_rows
+            total, total_sq, count = total + x.sum(0), total_sq + (x * x).sum(0), count + len(x)
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-        stats = {"expert": name, "version": version, "dim": dim, "clips": clips, "frames": count,
-                 "mean": mean.tolist(), "std": std.tolist()}
-        path = self.folder(name, version) / STATS_FILE
-        tmp = path.with_suffix(".tmp")
+        stats = {"id": stats_id, "expert": name, "version": version, "dim": dim, "clips": len(hashes),
+                 "frames": count, "mean": mean.tolist(), "std": std.tolist()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(stats))
         os.replace(tmp, path)
         return stats
-
-    def stats(self, name: str, version: str) -> dict:
-        """The statistics `compute_stats` wrote: `mean`, `std` (lists of `dim`), `frames`, `clips`.
-
-        Raises:
-            FileNotFoundError: naming the file, when precompute has not completed for this version.
-        """
-        path = self.folder(name, version) / STATS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no statistics for expert {name!r} version {version}; "
-                                    "run `coat experts precompute` for it to completion")
-        return json.loads(path.read_text())
 
     def quarantine(self, records: Iterable[Mapping[str, object]]) -> None:
         """Append records (`clip_hash`, `path`, `reason`) of clips whose audio cannot be decoded."""
@@ -218,6 +224,12 @@ def read_located(located: pd.DataFrame) -> dict[str, np.ndarray]:
         for h, f, d, end in zip(rows["clip_hash"], frames, dims, ends, strict=True):
             out[h] = data[end - f * d:end].reshape(f, d)
     return out
+
+
+def feature_version(version: str, crop_seconds: float | None) -> str:
+    """Where an expert's features of clips cropped to `crop_seconds` are filed: they differ from the whole clip's
+    features whenever a clip is longer, so they get a version of their own."""
+    return version if crop_seconds is None else f"{version}-crop{crop_seconds:g}s"
 
 
 def standardise(values: np.ndarray, stats: Mapping[str, object]) -> np.ndarray:

@@ -1,27 +1,35 @@
 """The training stream: decoded audio, prompt, answer and standardised expert targets, read from the store.
 
-`training_dataset` checks up front, on the driver, that the store holds every chosen expert's features for
-every clip of the split (experts are never run here), then returns a Ray Data dataset whose batch function
-decodes audio and reads only the chosen experts' parts, and only their value columns. `collate` turns rows
-into a model batch; `iter_training_batches` does both per Ray Train worker (pass the dataset to
-`TorchTrainer(datasets=...)` and the worker's `ray.train.get_dataset_shard(name)` here).
+`training_items` checks up front, on the driver, that the store holds every chosen expert's features for
+every clip of a split (experts are never run here) and locates them. A `Stream` holds those rows and how to
+read them; it is small and picklable, so each Ray Train worker builds its own Ray Data pipeline per epoch, over
+the rows `epoch_order` deals it in a seeded order (Ray's own split of a dataset across workers is not
+reproducible, and resuming mid-epoch needs the exact order). The batch function decodes audio and reads only
+the chosen experts' parts, and only their value columns. `collate` turns rows into a model batch;
+`iter_training_batches` does both.
+
+Targets are standardised with statistics of the training split only (`FeatureStore.split_stats`): the
+validation and test splits reuse the training split's, so no information from them reaches training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from coat.data.audio import decode
-from coat.data.manifest import model_prompt
+from coat.data.manifest import model_prompt, quarantine_records
 from coat.data.precompute import ensure_ray, manifest_clips
-from coat.data.store import FeatureStore, read_located, standardise
+from coat.data.store import FeatureStore, feature_version, read_located, standardise
+
+LONG_CLIPS = ("crop", "reject")
 
 
 class MissingFeaturesError(LookupError):
@@ -30,7 +38,8 @@ class MissingFeaturesError(LookupError):
 
 @dataclass(frozen=True)
 class TargetSource:
-    """Where one expert's targets come from and how to standardise them (stats None: discrete, kept as is)."""
+    """Where one expert's targets come from and how to standardise them (`stats` None: discrete or multi-label
+    targets, kept as they are). `version` is the store's: the expert's, cropped where clips are."""
 
     name: str
     version: str
@@ -38,28 +47,87 @@ class TargetSource:
     stats: Mapping[str, object] | None
 
 
-def training_items(manifest: str | Path, split: str, experts: Sequence[str], store_dir: str | Path, *,
-                   settings: Mapping[str, Mapping[str, object]] | None = None,
-                   ) -> tuple[list[dict], dict[str, TargetSource]]:
-    """The split's rows (`id`, `audio_path`, `prompt`, `answer`, `clip_hash`, and `part.<e>`/`row.<e>`: where
-    each expert's features sit in the store) and one `TargetSource` per expert.
+@dataclass
+class Stream:
+    """One split's rows (from `training_items`) and how to read them; `dataset` builds the Ray Data pipeline."""
 
-    Learns each expert's version (from weights and `settings`); computes nothing. Clips the store's quarantine
-    lists as undecodable are left out.
+    items: list[dict]
+    sources: dict[str, TargetSource]
+    sample_rate: int
+    crop_seconds: float | None = None  # audio is cut to this, as the experts' features were (`precompute`)
+    decode_tasks: int | None = None  # concurrent decode tasks; None: as many as free CPUs allow
+    quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def dataset(self, order: Sequence[int] | None = None):
+        """A Ray Data dataset of the rows at `order` (default: all, in manifest order), in exactly that order,
+        decoded by at most `decode_tasks` tasks at once (see `load_batch`)."""
+        import ray
+
+        ensure_ray()
+        rows = self.items if order is None else [self.items[i] for i in order]
+        dataset = ray.data.from_items(rows).map_batches(
+            load_batch, fn_kwargs={"sources": self.sources, "sample_rate": self.sample_rate,
+                                   "crop_seconds": self.crop_seconds},
+            batch_size=8, batch_format="numpy", num_cpus=0.5, concurrency=self.decode_tasks)
+        dataset.context.execution_options.preserve_order = True
+        dataset.context.enable_progress_bars = False  # one pipeline per worker and epoch: bars would flood the logs
+        return dataset
+
+
+def epoch_order(rows: int, *, seed: int, epoch: int, world: int, rank: int, step_rows: int) -> np.ndarray:
+    """The row indices rank `rank` of `world` trains on in `epoch`, in order.
+
+    A permutation of all rows drawn from (`seed`, `epoch`) — random, new each epoch, the same for the same
+    seed — cut to whole optimizer steps of every rank (`step_rows`: rows per rank per step) and dealt to the
+    ranks in turn, so no row is seen twice in an epoch and the rows left over differ from epoch to epoch.
+    """
+    permutation = np.random.default_rng([seed, epoch]).permutation(rows)
+    usable = rows // (world * step_rows) * world * step_rows
+    return permutation[:usable][rank::world]
+
+
+def training_items(manifest: str | Path, split: str, experts: Sequence[str], store_dir: str | Path, *,
+                   settings: Mapping[str, Mapping[str, object]] | None = None, max_seconds: float | None = None,
+                   long_clips: str = "crop", stats_from: Mapping[str, TargetSource] | None = None,
+                   ) -> tuple[list[dict], dict[str, TargetSource], pd.DataFrame]:
+    """The split's rows (`id`, `audio_path`, `prompt`, `answer`, `clip_hash`, and `part.<e>`/`row.<e>`: where
+    each expert's features sit in the store), one `TargetSource` per expert, and the quarantine of the split's
+    rows left out (`id`, `path`, `reason`).
+
+    Clips longer than `max_seconds` are cut to it (`long_clips="crop"`: the store must hold features of the
+    cropped clips, see `precompute(crop_seconds=)`) or left out as `too_long` (`"reject"`). Continuous targets
+    are standardised with `stats_from`'s statistics (the training split's) or, without it, with statistics of
+    this split's own clips: pass the training split's sources when reading any other split. Learns each expert's
+    version (from weights and `settings`); computes no expert. Rows that fail validation or hashing, and clips
+    the store's quarantine lists as undecodable, are left out.
 
     Raises:
         ManifestError: the manifest cannot be read.
-        ValueError: the split has no usable rows.
+        ValueError: the split has no usable rows, or `long_clips` is unknown.
         UnknownExpertError, ValueError: an expert name or its settings are invalid.
         MissingFeaturesError: naming the expert, the first missing clip id and the precompute command.
-        FileNotFoundError: an expert's precompute never completed (no statistics).
     """
     from coat.experts.registry import expert_spec, expert_version
 
+    if long_clips not in LONG_CLIPS:
+        raise ValueError(f"long_clips={long_clips!r} must be one of {LONG_CLIPS}")
+    crop = max_seconds if long_clips == "crop" else None
     settings = settings or {}
     store = FeatureStore(store_dir)
-    good, _ = manifest_clips(manifest, split)
-    rows = good[~good["clip_hash"].isin(store.quarantined())]
+    rows, quarantine = manifest_clips(manifest, split)
+    undecodable = store.quarantined()
+    bad = rows["clip_hash"].isin(undecodable)
+    left_out = [quarantine, quarantine_records(rows[bad], list(rows.loc[bad, "clip_hash"].map(undecodable)))]
+    rows = rows[~bad]
+    if long_clips == "reject" and max_seconds is not None and len(rows):
+        seconds = rows["audio_path"].map(lambda p: sf.info(p).duration)
+        too_long = seconds > max_seconds
+        left_out.append(quarantine_records(rows[too_long], [f"too_long: {s:.1f}s > {max_seconds:.1f}s"
+                                                            for s in seconds[too_long]]))
+        rows = rows[~too_long]
     if rows.empty:
         raise ValueError(f"{manifest}: no usable rows in split {split!r}")
     choices = rows["choices"] if "choices" in rows else [None] * len(rows)
@@ -68,28 +136,35 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
     sources = {}
     for name in experts:
         chosen = settings.get(name, {})
-        spec, version = expert_spec(name, **chosen), expert_version(name, **chosen)
+        spec, version = expert_spec(name, **chosen), feature_version(expert_version(name, **chosen), crop)
         index = store.index(name, version).set_index("clip_hash")
         absent = rows[~rows["clip_hash"].isin(index.index)]
         if len(absent):
             first = absent.iloc[0]
             with_settings = f" with settings {dict(settings[name])}" if settings.get(name) else ""
+            cropped = f" --crop-seconds {crop:g}" if crop is not None else ""
             raise MissingFeaturesError(
                 f"feature store {store_dir} has no features of expert {name!r} (version {version}) "
                 f"for clip {first['id']!r} ({first['audio_path']}) and {len(absent) - 1} more clips of split "
                 f"{split!r}; run: coat experts precompute --data {manifest} --experts {name} "
-                f"--store {store_dir}{with_settings}")
+                f"--store {store_dir}{cropped}{with_settings}")
         located = index.loc[rows["clip_hash"]]
         rows[f"part.{name}"], rows[f"row.{name}"] = located["part"].to_numpy(), located["row"].to_numpy()
-        stats = store.stats(name, version) if spec.kind == "continuous" else None
+        if spec.kind != "continuous":
+            stats = None
+        elif stats_from is not None:
+            stats = stats_from[name].stats
+        else:
+            stats = store.split_stats(name, version, rows["clip_hash"])
         sources[name] = TargetSource(name, version, spec.clip_level, stats)
-    return rows.to_dict(orient="records"), sources
+    return rows.to_dict(orient="records"), sources, pd.concat(left_out, ignore_index=True)
 
 
-def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource], sample_rate: int
-               ) -> dict[str, list]:
-    """Batch function of the stream: rows from `training_items` -> `id`, `audio` (float32 at `sample_rate`),
-    `prompt`, `answer` and `target.<e>` ([T, D] or [D] for clip-level experts, standardised when continuous).
+def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource], sample_rate: int,
+               crop_seconds: float | None = None) -> dict[str, list]:
+    """Batch function of the stream: rows from `training_items` -> `id`, `audio` (float32 at `sample_rate`, cut
+    to `crop_seconds`), `prompt`, `answer` and `target.<e>` ([T, D] or [D] for clip-level experts, standardised
+    when continuous).
 
     Raises:
         AudioError: a clip does not decode (precompute would have quarantined it).
@@ -97,7 +172,7 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
     """
     out = {"id": [str(i) for i in batch["id"]], "prompt": [str(p) for p in batch["prompt"]],
            "answer": [str(a) for a in batch["answer"]],
-           "audio": [decode(p, sample_rate).numpy() for p in batch["audio_path"]]}
+           "audio": [decode(p, sample_rate, crop_seconds, crop=True).numpy() for p in batch["audio_path"]]}
     for name, src in sources.items():
         where = pd.DataFrame({"clip_hash": batch["clip_hash"], "part": batch[f"part.{name}"],
                               "row": batch[f"row.{name}"]}).drop_duplicates("clip_hash")
@@ -107,30 +182,6 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
             targets = [standardise(t, src.stats) for t in targets]
         out[f"target.{name}"] = [t[0] if src.clip_level else t for t in targets]
     return out
-
-
-def training_dataset(manifest: str | Path, split: str, experts: Sequence[str], store_dir: str | Path,
-                     sample_rate: int, *, settings: Mapping[str, Mapping[str, object]] | None = None,
-                     decode_tasks: int | None = None):
-    """A Ray Data dataset of the split's rows with decoded audio and standardised targets (see `load_batch`).
-
-    Raises:
-        as `training_items`, before any Ray work starts.
-    """
-    items, sources = training_items(manifest, split, experts, store_dir, settings=settings)
-    return dataset_of(items, sources, sample_rate, decode_tasks)
-
-
-def dataset_of(items: list[dict], sources: Mapping[str, TargetSource], sample_rate: int,
-               decode_tasks: int | None = None):
-    """The stream over rows already located by `training_items`, decoded by at most `decode_tasks` tasks at
-    once (None: as many as free CPUs allow)."""
-    import ray
-
-    ensure_ray()
-    return ray.data.from_items(items).map_batches(
-        load_batch, fn_kwargs={"sources": sources, "sample_rate": sample_rate}, batch_size=8,
-        batch_format="numpy", num_cpus=0.5, concurrency=decode_tasks)
 
 
 def _columns(rows: Mapping[str, Sequence] | Sequence[Mapping]) -> Mapping[str, Sequence]:
@@ -165,9 +216,9 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str
 
 
 def iter_training_batches(dataset, model, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Model batches, on the model's device, from a Ray Dataset or a Ray Train worker's shard
-    (`ray.train.get_dataset_shard`). Ray collates the next batch in a background thread while the model trains
-    on this one: tokenising and audio features cost a third of a tiny model's CPU step.
+    """Model batches, on the model's device, from a Ray Dataset (`Stream.dataset`). Ray collates the next batch in
+    a background thread while the model trains on this one: tokenising and audio features cost a third of a tiny
+    model's CPU step.
 
     Raises:
         as `collate` and `load_batch`.

@@ -1,9 +1,9 @@
 """Evaluation: answer parsing, metrics with bootstrap intervals, benchmark loaders, the runner and `coat eval`."""
 
-from coat.eval.metrics import accuracy, bootstrap_ci, chance_level, latency_summary, word_error_rate
+from coat.eval.metrics import accuracy, bootstrap_ci, chance_level, word_error_rate
 from coat.eval.tasks import is_correct, normalise_text, parse_answer
 
 __all__ = [
-    "accuracy", "bootstrap_ci", "chance_level", "is_correct", "latency_summary", "normalise_text", "parse_answer",
+    "accuracy", "bootstrap_ci", "chance_level", "is_correct", "normalise_text", "parse_answer",
     "word_error_rate",
 ]

@@ -1,14 +1,20 @@
 """Loaders that turn a local copy of the paper's benchmarks into manifest rows, in their published layouts.
 
 Each returns a DataFrame with the manifest columns (`id`, `audio` and `audio_path` as absolute paths, `task`,
-`prompt`, `answer`, `choices`, `split`) plus `category` where the benchmark reports per category. Nothing is
-downloaded: a missing copy is a FileNotFoundError that names the path and the layout expected there. Items
-with missing fields or answers outside their choices are kept as they are, for `evaluate` to quarantine.
+`prompt`, `answer`, `choices`, `split`), `category` (the benchmark's headline split: MMAU's task, MMAR's
+modality), `item` (the benchmark's own record, whole, so predictions can be written in its submission format)
+and `group.<field>` columns for the fields its official scorer reports per value. Nothing is downloaded: a
+missing copy is a FileNotFoundError that names the path and the layout expected there.
+
+Nothing is dropped either: an item with missing fields becomes a row with those fields None, and one whose
+answer is not among its choices stays as it is, for the runner to quarantine with the reason. Suites without
+per-item questions (MELD, LibriSpeech, GTZAN) leave `prompt` None: the suite recipe
+(`coat.config.default_suites`) owns their instruction. `load_suite` also counts each quirk it met.
 
 | suite | layout under the root (`--data`) | task |
 | --- | --- | --- |
-| mmau | `mmau-test-mini.json` (`id`, `audio_id`, `question`, `choices`, `answer`, `task`) | reasoning |
-| mmar | `MMAR-meta.json` (`id`, `audio_path`, `question`, `choices`, `answer`, `modality`) | reasoning |
+| mmau | `mmau-test-mini.json` (`id`, `audio_id`, `question`, `choices`, `answer`, `task`, `difficulty`) | reasoning |
+| mmar | `MMAR-meta.jsonl` or `.json` (`id`, `audio_path`, `question`, `choices`, `answer`, `modality`) | reasoning |
 | meld | `test_sent_emo.csv` (`Utterance`, `Emotion`, `Dialogue_ID`, `Utterance_ID`) + WAV folder | emotion |
 | librispeech | subset folder: `<speaker>/<chapter>/<speaker>-<chapter>.trans.txt` + `.flac` | transcription |
 | gtzan | one folder per genre of `<genre>.000NN.wav` (or `.au`) | music |
@@ -17,33 +23,49 @@ with missing fields or answers outside their choices are kept as they are, for `
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from coat.data.manifest import SPLITS
+from coat.data.manifest import SPLITS, json_lines, read_manifest
 
-COLUMNS = ("id", "audio", "audio_path", "task", "prompt", "answer", "choices", "split", "category")
-MMAU_FILE = "mmau-test-mini.json"
-MMAR_FILE = "MMAR-meta.json"
+COLUMNS = ("id", "audio", "audio_path", "task", "prompt", "answer", "choices", "split", "category", "item")
 MELD_CSV = {"train": "train_sent_emo.csv", "val": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
 # MELD.Raw's folder names, holding the utterances converted to WAV.
 MELD_AUDIO = {"train": "train_splits", "val": "dev_splits_complete", "test": "output_repeated_splits_test"}
 MELD_COLUMNS = ("Utterance", "Emotion", "Dialogue_ID", "Utterance_ID")
 MELD_EMOTIONS = ("neutral", "joy", "sadness", "anger", "surprise", "fear", "disgust")
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
-# The same instructions coat-mini trains on, so a fine-tuned model is asked what it learned to answer.
-EMOTION_PROMPT = "What emotion does the speaker convey?"
-TRANSCRIBE_PROMPT = "Transcribe the speech."
-GENRE_PROMPT = "Which music genre is this?"
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
+@dataclass(frozen=True)
+class QuestionLayout:
+    """A benchmark of per-item questions in one JSON (Lines) file, and the fields its official scorer groups by."""
+
+    files: tuple[str, ...]  # looked for in this order
+    audio_key: str
+    category_key: str
+    groups: tuple[str, ...]
+
+
+QUESTION_SUITES = {
+    # MMAU's script reports per task, difficulty and sub-category; `category` is MMAU's skill (13 are lists).
+    "mmau": QuestionLayout(("mmau-test-mini.json",), "audio_id", "task",
+                           ("task", "difficulty", "category", "sub-category")),
+    "mmar": QuestionLayout(("MMAR-meta.jsonl", "MMAR-meta.json"), "audio_path", "modality",
+                           ("modality", "category", "sub-category")),
+}
+
+
+def _frame(rows: list[dict], groups: Iterable[str] = ()) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=[*COLUMNS, *(f"group.{g}" for g in groups)])
     df["audio_path"] = df["audio"]
-    return df.astype({"choices": object})
+    return df.astype({"choices": object, "item": object})
 
 
 def _check_split(split: str) -> None:
@@ -51,85 +73,130 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split {split!r} is not one of {sorted(SPLITS)}")
 
 
-def _file(root: Path, name: str, layout: str) -> Path:
-    """`root` itself when it is the file, else `root/name`."""
-    path = root if root.is_file() else root / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{root}: no {name} there; expected {layout}")
-    return path
+def _file(root: Path, names: tuple[str, ...], layout: str) -> Path:
+    """`root` itself when it is a file, else the first of `root/name` that exists."""
+    if root.is_file():
+        return root
+    found = next((root / name for name in names if (root / name).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{root}: no {' or '.join(names)} there; expected {layout}")
+    return found
 
 
-def _json_items(path: Path) -> list[dict]:
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise ValueError(f"{path}: expected a JSON list of objects")
-    return items
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """The objects of a JSON list or a JSON Lines file, each with where it is (`file:line` or `file item N`).
+
+    JSON Lines is read by suffix (`.jsonl`), or when a `.json` file holds one object per line.
+    Raises ValueError naming the file and line of invalid JSON or of an entry that is not an object.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # "Extra data" after a first object: JSON Lines under a .json name
+                raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+        else:
+            entries = data if isinstance(data, list) else [data]
+            records = [(f"{path} item {i}", entry) for i, entry in enumerate(entries, 1)]
+            for where, entry in records:
+                if not isinstance(entry, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+            return records
+    return [(f"{path}:{lineno}", entry) for lineno, entry in json_lines(path)]
+
+
+def _missing(value: object) -> bool:
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _text(value: object) -> object:
     return value.strip() if isinstance(value, str) else value
 
 
-def _choices(value: object) -> object:
-    return [_text(c) for c in value] if isinstance(value, list) else value
+def _scalar(value: object) -> object:
+    """A list-valued field as its one element, or its elements joined by "+"; empty as None."""
+    if not isinstance(value, list):
+        return value
+    return "+".join(map(str, value)) or None
 
 
 def _resolve(folder: Path, relative: object) -> str | None:
     return os.path.normpath(folder / relative) if isinstance(relative, str) and relative.strip() else None
 
 
-def _question_rows(path: Path, audio_key: str, category_key: str, split: str) -> pd.DataFrame:
-    return _frame([
-        {"id": str(item.get("id")), "audio": _resolve(path.parent, item.get(audio_key)), "task": "reasoning",
-         "prompt": _text(item.get("question")), "answer": _text(item.get("answer")),
-         "choices": _choices(item.get("choices")), "split": split, "category": item.get(category_key)}
-        for item in _json_items(path)
-    ])
+def question_rows(suite: str, items: Iterable[dict], folder: str | Path, split: str = "test",
+                  ) -> tuple[pd.DataFrame, Counter]:
+    """Manifest rows for MMAU or MMAR items (audio resolved against `folder`), and the quirks counted.
+
+    Answers and choices are stripped; duplicate choices are dropped (order kept) for what is asked and scored,
+    while `item` keeps the original. Quirks: `duplicate_choices`, `list_valued_fields` (a breakdown field given
+    as a list), `missing_fields`, `answer_not_in_choices`. Raises KeyError for a suite other than mmau/mmar.
+    """
+    layout = QUESTION_SUITES[suite]
+    folder = Path(folder)
+    quirks: Counter = Counter()
+    rows = []
+    for item in items:
+        choices = item.get("choices")
+        if isinstance(choices, list):
+            stripped = [_text(c) for c in choices]
+            choices = list(dict.fromkeys(stripped)) if all(isinstance(c, str) for c in stripped) else stripped
+            quirks["duplicate_choices"] += len(choices) < len(stripped)
+        answer = _text(item.get("answer"))
+        groups = {f"group.{g}": _scalar(item.get(g)) for g in layout.groups}
+        quirks["list_valued_fields"] += any(isinstance(item.get(g), list) for g in layout.groups)
+        needed = ("id", "question", "answer", "choices", layout.audio_key)
+        quirks["missing_fields"] += any(_missing(item.get(k)) for k in needed)
+        quirks["answer_not_in_choices"] += (isinstance(choices, list) and not _missing(answer)
+                                            and answer not in choices)
+        rows.append({
+            "id": None if _missing(item.get("id")) else str(item["id"]),
+            "audio": _resolve(folder, item.get(layout.audio_key)), "task": "reasoning",
+            "prompt": _text(item.get("question")), "answer": answer, "choices": choices, "split": split,
+            "category": _scalar(item.get(layout.category_key)), "item": item, **groups,
+        })
+    return _frame(rows, layout.groups), +quirks
+
+
+def _load_questions(suite: str, root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
+    _check_split(split)
+    root = Path(root).absolute()
+    layout = QUESTION_SUITES[suite]
+    path = _file(root, layout.files, f"{' or '.join(layout.files)} (a JSON list or JSON Lines of items with id, "
+                                     f"{layout.audio_key}, question, choices, answer) beside their audio folder")
+    return question_rows(suite, (item for _, item in read_records(path)), path.parent, split)
 
 
 def load_mmau(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """MMAU test-mini (audio reasoning, per sound/music/speech): `root` is the folder holding
-    `mmau-test-mini.json` (or that file); audio paths (`audio_id`) resolve against its folder.
+    """MMAU test-mini (audio reasoning): `root` is the folder holding `mmau-test-mini.json` (or that file);
+    audio paths (`audio_id`) resolve against its folder. Breakdowns: `group.task` (sound/music/speech),
+    `group.difficulty`, `group.category`, `group.sub-category`.
 
     Raises FileNotFoundError naming `root` and the layout, ValueError for malformed JSON or an unknown split.
     """
-    _check_split(split)
-    root = Path(root).absolute()
-    path = _file(root, MMAU_FILE, f"{MMAU_FILE} (a JSON list of items with id, audio_id, question, choices, "
-                                  "answer, task) beside test-mini-audios/")
-    return _question_rows(path, "audio_id", "task", split)
+    return _load_questions("mmau", root, split)[0]
 
 
 def load_mmar(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """MMAR (audio reasoning, per modality): `root` is the folder holding `MMAR-meta.json` (or that file);
-    `audio_path` resolves against its folder.
+    """MMAR (audio reasoning): `root` is the folder holding `MMAR-meta.jsonl` (the current release) or
+    `MMAR-meta.json` (or that file); `audio_path` resolves against its folder. Breakdowns: `group.modality`,
+    `group.category`, `group.sub-category`.
 
     Raises FileNotFoundError naming `root` and the layout, ValueError for malformed JSON or an unknown split.
     """
-    _check_split(split)
-    root = Path(root).absolute()
-    path = _file(root, MMAR_FILE, f"{MMAR_FILE} (a JSON list of items with id, audio_path, question, choices, "
-                                  "answer, modality) beside audio/")
-    return _question_rows(path, "audio_path", "modality", split)
+    return _load_questions("mmar", root, split)[0]
 
 
-def load_meld(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """MELD speech emotion (7 classes): `root` holds `<split>_sent_emo.csv` (`dev_` for val) and MELD.Raw's
-    folder for that split (`output_repeated_splits_test/`, `dev_splits_complete/`, `train_splits/`) with each
-    utterance as `dia{Dialogue_ID}_utt{Utterance_ID}.wav`. Utterances without a WAV are kept, to be
-    quarantined as `missing_file`.
-
-    Raises FileNotFoundError naming the missing CSV or folder and the layout, ValueError for an unknown split
-    or a CSV without the MELD columns.
-    """
+def _load_meld(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
     _check_split(split)
     root = Path(root).absolute()
     layout = (f"{MELD_CSV[split]} (columns {', '.join(MELD_COLUMNS)}) and {MELD_AUDIO[split]}/ "
               "holding dia{D}_utt{U}.wav")
-    csv = _file(root, MELD_CSV[split], layout)
+    csv = _file(root, (MELD_CSV[split],), layout)
     audio = root / MELD_AUDIO[split]
     if not audio.is_dir():
         raise FileNotFoundError(f"{root}: no {MELD_AUDIO[split]}/ folder there; expected {layout}")
@@ -137,22 +204,34 @@ def load_meld(root: str | Path, split: str = "test") -> pd.DataFrame:
     missing = [c for c in MELD_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{csv}: lacks the MELD columns {missing}")
-    return _frame([
-        {"id": f"dia{d}_utt{u}", "audio": str(audio / f"dia{d}_utt{u}.wav"), "task": "emotion",
-         "prompt": EMOTION_PROMPT, "answer": str(emotion).strip().lower(), "choices": list(MELD_EMOTIONS),
-         "split": split, "category": None}
-        for d, u, emotion in zip(table["Dialogue_ID"], table["Utterance_ID"], table["Emotion"], strict=True)
-    ])
+    quirks: Counter = Counter()
+    rows = []
+    for item in table.to_dict(orient="records"):
+        item = {k: None if _missing(v) else v for k, v in item.items()}
+        d, u, emotion = item["Dialogue_ID"], item["Utterance_ID"], item["Emotion"]
+        name = None if d is None or u is None else f"dia{int(d)}_utt{int(u)}"
+        answer = None if emotion is None else str(emotion).strip().lower()
+        quirks["missing_fields"] += name is None or answer is None
+        quirks["answer_not_in_choices"] += answer is not None and answer not in MELD_EMOTIONS
+        rows.append({"id": name, "audio": name and str(audio / f"{name}.wav"), "task": "emotion", "prompt": None,
+                     "answer": answer, "choices": list(MELD_EMOTIONS), "split": split, "category": None,
+                     "item": item})
+    return _frame(rows), +quirks
 
 
-def load_librispeech(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """LibriSpeech transcription: `root` is one subset folder (e.g. `LibriSpeech/test-clean`) of
-    `<speaker>/<chapter>/<speaker>-<chapter>.trans.txt` with `<utterance id>.flac` beside it. Answers are the
-    transcripts in lower case, as coat-mini's are.
+def load_meld(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """MELD speech emotion (7 classes): `root` holds `<split>_sent_emo.csv` (`dev_` for val) and MELD.Raw's
+    folder for that split (`output_repeated_splits_test/`, `dev_splits_complete/`, `train_splits/`) with each
+    utterance as `dia{Dialogue_ID}_utt{Utterance_ID}.wav`. Utterances without a WAV are kept, to be
+    quarantined as `missing_file`; `item` is the CSV row.
 
-    Raises FileNotFoundError naming `root` and the layout, ValueError naming the file and line of a malformed
-    transcript line or an unknown split.
+    Raises FileNotFoundError naming the missing CSV or folder and the layout, ValueError for an unknown split
+    or a CSV without the MELD columns.
     """
+    return _load_meld(root, split)[0]
+
+
+def _load_librispeech(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
     _check_split(split)
     root = Path(root).absolute()
     transcripts = sorted(root.glob("*/*/*.trans.txt")) if root.is_dir() else []
@@ -169,18 +248,24 @@ def load_librispeech(root: str | Path, split: str = "test") -> pd.DataFrame:
             if not text.strip():
                 raise ValueError(f"{path}:{lineno}: expected '<utterance id> <TRANSCRIPT>', got {line!r}")
             rows.append({"id": utterance, "audio": str(path.parent / f"{utterance}.flac"),
-                         "task": "transcription", "prompt": TRANSCRIBE_PROMPT, "answer": text.strip().lower(),
-                         "choices": None, "split": split, "category": None})
-    return _frame(rows)
+                         "task": "transcription", "prompt": None, "answer": text.strip().lower(),
+                         "choices": None, "split": split, "category": None,
+                         "item": {"id": utterance, "transcript": text.strip()}})
+    return _frame(rows), Counter()
 
 
-def load_gtzan(root: str | Path, split: str = "test") -> pd.DataFrame:
-    """GTZAN genre classification (10 genres, all of them the choices): `root` holds one folder per genre
-    (`blues/blues.00000.wav`, ...), directly or under `genres_original/` (Kaggle) or `genres/` (the original
-    archive, `.au` files). Every clip gets `split`: GTZAN has no official split.
+def load_librispeech(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """LibriSpeech transcription: `root` is one subset folder (e.g. `LibriSpeech/test-clean`) of
+    `<speaker>/<chapter>/<speaker>-<chapter>.trans.txt` with `<utterance id>.flac` beside it. Answers are the
+    transcripts in lower case; `item` keeps the original.
 
-    Raises FileNotFoundError naming `root` and the layout, ValueError for an unknown split.
+    Raises FileNotFoundError naming `root` and the layout, ValueError naming the file and line of a malformed
+    transcript line or an unknown split.
     """
+    return _load_librispeech(root, split)[0]
+
+
+def _load_gtzan(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
     _check_split(split)
     root = Path(root).absolute()
     folders = [root, root / "genres_original", root / "genres"]
@@ -190,14 +275,46 @@ def load_gtzan(root: str | Path, split: str = "test") -> pd.DataFrame:
             f"{root}: no genre folders found; expected folders named {', '.join(GTZAN_GENRES)} of .wav or .au "
             "clips, directly under it or under genres_original/ or genres/")
     rows = [
-        {"id": clip.stem, "audio": str(clip), "task": "music", "prompt": GENRE_PROMPT, "answer": genre,
-         "choices": list(GTZAN_GENRES), "split": split, "category": None}
+        {"id": clip.stem, "audio": str(clip), "task": "music", "prompt": None, "answer": genre,
+         "choices": list(GTZAN_GENRES), "split": split, "category": None,
+         "item": {"file": str(clip.relative_to(base)), "genre": genre}}
         for genre in GTZAN_GENRES
         for clip in sorted([*(base / genre).glob("*.wav"), *(base / genre).glob("*.au")])
     ]
-    return _frame(rows)
+    return _frame(rows), Counter()
+
+
+def load_gtzan(root: str | Path, split: str = "test") -> pd.DataFrame:
+    """GTZAN genre classification (10 genres, all of them the choices): `root` holds one folder per genre
+    (`blues/blues.00000.wav`, ...), directly or under `genres_original/` (Kaggle) or `genres/` (the original
+    archive, `.au` files). Every clip gets `split`: GTZAN has no official split.
+
+    Raises FileNotFoundError naming `root` and the layout, ValueError for an unknown split.
+    """
+    return _load_gtzan(root, split)[0]
 
 
 LOADERS: dict[str, Callable[..., pd.DataFrame]] = {
     "mmau": load_mmau, "mmar": load_mmar, "meld": load_meld, "librispeech": load_librispeech, "gtzan": load_gtzan,
 }
+_COUNTED: dict[str, Callable[[str | Path, str], tuple[pd.DataFrame, Counter]]] = {
+    "mmau": lambda root, split: _load_questions("mmau", root, split),
+    "mmar": lambda root, split: _load_questions("mmar", root, split),
+    "meld": _load_meld, "librispeech": _load_librispeech, "gtzan": _load_gtzan,
+}
+
+
+def load_suite(suite: str, root: str | Path, split: str = "test") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows of one evaluation suite and the quirks met loading it (only those seen, e.g.
+    `{"duplicate_choices": 27, "list_valued_fields": 13}` for MMAU test-mini), for the runner to report.
+
+    `coat-mini` reads the manifest at `root` and keeps `split`; the benchmarks use their loaders.
+    Raises ValueError naming an unknown suite, and whatever the suite's loader raises.
+    """
+    if suite == "coat-mini":
+        rows = read_manifest(root)
+        return rows[rows["split"] == split].reset_index(drop=True), {}
+    if suite not in _COUNTED:
+        raise ValueError(f"suite {suite!r} is not one of coat-mini, {', '.join(_COUNTED)}")
+    rows, quirks = _COUNTED[suite](root, split)
+    return rows, dict(quirks)

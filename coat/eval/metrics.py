@@ -1,9 +1,11 @@
-"""Scores with their uncertainty: accuracy and WER per task family, bootstrap 95% intervals, chance levels,
-latency summaries.
+"""Scores with their uncertainty: accuracy, weighted F1 and WER, bootstrap 95% intervals, paired differences,
+chance levels.
 
 Intervals come from a seeded percentile bootstrap over examples, so two runs on the same predictions give the
 same numbers and a K-ablation's differences can be read against them. Corpus WER is a ratio (word errors over
-reference words), so it is resampled as one: both sums are taken over the same resampled utterances.
+reference words), so it is resampled as one: both sums are taken over the same resampled utterances. Two
+systems are compared on the same resampled examples (`paired_bootstrap`), which is what makes a small
+difference on a shared test set readable.
 """
 
 from __future__ import annotations
@@ -13,12 +15,8 @@ from typing import NamedTuple
 
 import jiwer
 import numpy as np
-import pandas as pd
-
-from coat.eval.tasks import normalise_text
 
 TRANSCRIPTION = "transcription"
-TABLE_COLUMNS = ("task", "metric", "value", "ci_low", "ci_high", "n", "chance")
 
 
 class Estimate(NamedTuple):
@@ -62,6 +60,70 @@ def accuracy(correct: Sequence[bool], *, n: int = 1000, seed: int = 0) -> Estima
     return Estimate(point, *bootstrap_ci(values, n=n, seed=seed), int(values.size))
 
 
+def weighted_f1(gold: Sequence[str], predicted: Sequence[str], *, n: int = 1000, seed: int = 0) -> Estimate:
+    """F1 averaged over the gold labels weighted by their support (what the MELD literature reports), with a
+    bootstrap interval; each resample averages over the gold labels it holds. A prediction outside the gold
+    labels (e.g. "" for no answer) is simply wrong.
+
+    Raises ValueError if the lists differ in length or `n` < 1."""
+    from sklearn.metrics import f1_score  # sklearn takes seconds to import: only when F1 is asked for
+
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    if n < 1:
+        raise ValueError(f"bootstrap needs n >= 1, got n={n}")
+    size = len(gold)
+    if not size:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    codes = np.unique(np.asarray([*gold, *predicted], dtype=str), return_inverse=True)[1]
+    true, pred = codes[:size], codes[size:]
+
+    def score(t: np.ndarray, p: np.ndarray) -> float:
+        return float(f1_score(t, p, labels=np.unique(t), average="weighted", zero_division=0))
+
+    rng = np.random.default_rng(seed)
+    stats = [score(true[idx], pred[idx]) for idx in (rng.integers(0, size, size) for _ in range(n))]
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Estimate(score(true, pred), float(low), float(high), size)
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], a_den: Sequence[float] | None = None,
+                     b_den: Sequence[float] | None = None, *, n: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Interval and two-sided p-value of ratio(a) - ratio(b), where ratio(x) = sum(x) / sum(x_den) (the mean
+    without a denominator), both taken over the same `n` resamples of the paired examples.
+
+    p is twice the smaller share of resampled differences on either side of 0 (at most 1): identical systems
+    give 1. Empty input gives (nan, nan, nan). Raises ValueError unless all given sequences are 1-D of one
+    length, `n` >= 1 and 0 < `level` < 1."""
+    arrays = [np.asarray(x, dtype=np.float64) for x in (a, b)]
+    arrays += [np.ones_like(arrays[i]) if den is None else np.asarray(den, dtype=np.float64)
+               for i, den in enumerate((a_den, b_den))]
+    if len({x.shape for x in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"paired values {[x.shape for x in arrays]} must be 1-D of one length")
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and 0 < level < 1, got n={n}, level={level}")
+    size = arrays[0].size
+    if not size:
+        return float("nan"), float("nan"), float("nan")
+    a_num, b_num, a_den_, b_den_ = arrays
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2**22 // size)
+    diffs = []
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, size, size=(min(chunk, n - start), size))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diffs.append(a_num[idx].sum(1) / a_den_[idx].sum(1) - b_num[idx].sum(1) / b_den_[idx].sum(1))
+    diff = np.concatenate(diffs)
+    diff = diff[~np.isnan(diff)]
+    if not diff.size:
+        return float("nan"), float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diff, [tail, 100 - tail])
+    p = min(1.0, 2 * min(float(np.mean(diff <= 0)), float(np.mean(diff >= 0))))
+    return float(low), float(high), p
+
+
 def word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per utterance: word errors (substitutions + deletions + insertions) and reference words, by jiwer.
 
@@ -95,55 +157,3 @@ def chance_level(choices: Iterable[object]) -> float:
     (nan when none has). Raises nothing."""
     sizes = [len(c) for c in choices if isinstance(c, list | tuple | np.ndarray) and len(c)]
     return float(np.mean([1 / k for k in sizes])) if sizes else float("nan")
-
-
-def task_table(examples: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per task family (and per `task/category` when the examples carry a `category`, e.g. MMAU's
-    sound/music/speech): WER for transcription, accuracy otherwise, with interval, count and chance.
-
-    `examples` needs `task`, `correct`, `answer`, `prediction` and `choices` columns (as `evaluate` makes).
-    Raises KeyError naming a missing column.
-    """
-    missing = [c for c in ("task", "correct", "answer", "prediction", "choices") if c not in examples]
-    if missing:
-        raise KeyError(f"examples lack columns {missing}")
-    groups: list[tuple[str, pd.DataFrame]] = [(str(t), g) for t, g in examples.groupby("task", sort=True)]
-    if "category" in examples:
-        with_category = examples[examples["category"].notna()]
-        groups += [(f"{t}/{c}", g) for (t, c), g in with_category.groupby(["task", "category"], sort=True)]
-    rows = []
-    for name, group in sorted(groups, key=lambda item: item[0]):
-        if name.split("/")[0] == TRANSCRIPTION:
-            refs = [normalise_text(a) for a in group["answer"]]
-            est, metric = word_error_rate(refs, list(group["prediction"]), n=n, seed=seed), "wer"
-        else:
-            est, metric = accuracy(group["correct"].astype(bool), n=n, seed=seed), "accuracy"
-        rows.append((name, metric, est.value, est.ci_low, est.ci_high, est.n, chance_level(group["choices"])))
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-
-def latency_summary(examples: pd.DataFrame) -> dict[str, float]:
-    """Means (and 90th percentiles) over examples of their batch's time to first token and total generation
-    time, generated tokens per example, LLM forward calls per batch and seconds per decode step.
-
-    Needs columns `ttft_s`, `total_s`, `new_tokens`, `llm_calls`, `batch`. Raises KeyError naming a missing
-    column; empty input gives an empty dict.
-    """
-    missing = [c for c in ("ttft_s", "total_s", "new_tokens", "llm_calls", "batch") if c not in examples]
-    if missing:
-        raise KeyError(f"examples lack columns {missing}")
-    if examples.empty:
-        return {}
-    batches = examples.groupby("batch").first()
-    steps = (batches["llm_calls"] - 1).clip(lower=0)
-    decode_s = (batches["total_s"] - batches["ttft_s"]).sum()
-    return {
-        "ttft_s": float(examples["ttft_s"].mean()),
-        "ttft_p90_s": float(examples["ttft_s"].quantile(0.9)),
-        "total_s": float(examples["total_s"].mean()),
-        "total_p90_s": float(examples["total_s"].quantile(0.9)),
-        "new_tokens": float(examples["new_tokens"].mean()),
-        "llm_calls": float(batches["llm_calls"].mean()),
-        "s_per_decode_step": float(decode_s / steps.sum()) if steps.sum() else float("nan"),
-        "s_per_example": float(batches["total_s"].sum() / len(examples)),
-    }

@@ -1,61 +1,67 @@
-"""Run a model over manifest rows: batched greedy generation, parsed answers, scores and latency.
+"""Run a model over a suite's rows: answers scored by the suite's rule, and latency measured apart.
 
-Latency is measured where the paper's claim lives: a forward hook on the backbone's LLM stamps every call,
-so the first stamp is the end of the one prefill (audio encoder + prompt + thinking block: the time to first
-token) and each later stamp is one decode step. CoAT adds K prefill positions and no decode step; text
-chain-of-thought (`COT_SUFFIX`, a larger token budget) pays one decode step per reasoning token.
+Two measurements, kept apart because they answer different questions:
+- **Quality**: every row answered in batches of `eval.batch_size` — greedy text scored by the suite's published
+  rule (`scoring="generate"`), or the choice the model finds most likely (`scoring="loglik"`, for small or
+  untrained models whose free text cannot be parsed; transcription is always generated).
+- **Latency**: `eval.latency_examples` rows one at a time, after `eval.latency_warmup` untimed calls. A forward
+  hook on the backbone's LLM stamps every call (synchronised on CUDA), so the first stamp is the end of the one
+  prefill (audio encoder + prompt + thinking block: the time to first token) and each later stamp is one decode
+  step. CoAT adds K prefill positions and no decode step; text chain-of-thought pays a decode step per token.
 
-Baselines run through the same `evaluate`: `base_model` (the backbone, no fine-tune), a checkpoint trained
-with K = 0 (nothing special), and `prompt_suffix=COT_SUFFIX`.
+Systems: `coat` (the trained model), `base` (the checkpoint's backbone, no thinking block, no fine-tune) and
+`cot` (the same base backbone asked to reason in text before answering; the answer is read after the last
+`Answer:` mark). Every evaluation keeps one row per example, for paired comparisons between systems.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from coat.config import CoATConfig, EvalConfig, from_yaml, validate
+from coat.config import CoATConfig, EvalConfig, SuiteRecipe, from_yaml, validate
 from coat.data.audio import AudioError, decode
 from coat.data.manifest import REQUIRED, model_prompt, quarantine_records, validate_rows
-from coat.eval.metrics import latency_summary, task_table, word_errors
-from coat.eval.tasks import is_correct, normalise_text, parse_answer
+from coat.eval.scoring import results_table, score_examples, table_metrics
+from coat.eval.tasks import final_answer
 from coat.model.coat_model import CONFIG_FILE, CoATModel
 
 COT_SUFFIX = " Think step by step about what you hear, then give the final answer after 'Answer:'."
-BOOTSTRAP_SEED = 0
+SYSTEMS = ("coat", "base", "cot")
+TRANSCRIPTION = "transcription"
 
 
 @dataclass
 class EvalReport:
-    examples: pd.DataFrame  # one row per evaluated example
-    table: pd.DataFrame  # task, metric, value, ci_low, ci_high, n, chance
-    latency: dict[str, float]
+    system: str
+    suite: str
+    examples: pd.DataFrame  # one scored row per evaluated example
+    table: pd.DataFrame  # task, metric, value, ci_low, ci_high, n, chance, scoring
+    latency: dict[str, float]  # batch-size-1 measurement (see the module docstring); empty when not measured
+    setting: dict[str, object]  # how the numbers were made: device, dtype, batch size, scoring, budget, subsample
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
 
     def metrics(self) -> dict[str, float]:
-        """Flat names for MLflow: `eval/<task>/<metric>[_ci_low|_ci_high]`, `eval/<task>/n`,
-        `eval/<task>/chance`, `eval/latency/<name>`, `eval/quarantined`. Raises nothing."""
-        out: dict[str, float] = {}
-        for row in self.table.itertuples(index=False):
-            key = f"eval/{row.task}/{row.metric}"
-            out |= {key: row.value, f"{key}_ci_low": row.ci_low, f"{key}_ci_high": row.ci_high,
-                    f"eval/{row.task}/n": float(row.n)}
-            if pd.notna(row.chance):
-                out[f"eval/{row.task}/chance"] = row.chance
-        out |= {f"eval/latency/{name}": value for name, value in self.latency.items()}
+        """Flat names for MLflow: the table's (`eval/<task>/<metric>[_ci_low|_ci_high]`, `eval/<task>/n`,
+        `eval/<task>/chance`), `latency/<name>` (batch size 1) and `eval/quarantined`. Raises nothing."""
+        out = table_metrics(self.table)
+        out |= {f"latency/{name}": value for name, value in self.latency.items()}
         out["eval/quarantined"] = float(len(self.quarantine))
         return out
 
 
 def base_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> CoATModel:
-    """The `base` baseline: the checkpoint's backbone with no thinking block, no heads and zero LoRA (its
+    """The `base` and `cot` systems: the checkpoint's backbone with no thinking block, no heads and zero LoRA (its
     initial state, identical to the backbone), the trained parts never loaded.
 
     Raises FileNotFoundError when `checkpoint` holds no saved config, ConfigError when that config is invalid.
@@ -68,6 +74,32 @@ def base_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Co
     cfg.experts.names, cfg.loss.weights, cfg.loss.distance = [], {}, {}
     validate(cfg)
     return CoATModel(cfg, experts={}, device=device)
+
+
+def subsample(rows: pd.DataFrame, count: int | None, seed: int, by: str = "task") -> pd.DataFrame:
+    """`count` rows drawn with `seed`, each value of column `by` keeping its share (largest remainders, ties
+    broken by the seed); all rows when `count` is None or not smaller. Rows keep their order. Raises nothing."""
+    if count is None or count >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    shares = rows.groupby(by, dropna=False).size()
+    exact = shares * count / len(rows)
+    quota = np.floor(exact).astype(int)
+    remainders = (exact - quota + rng.random(len(shares)) * 1e-9).sort_values(ascending=False)
+    quota[remainders.index[:count - quota.sum()]] += 1
+    picked = [g.index[rng.choice(len(g), quota[key], replace=False)] for key, g in rows.groupby(by, dropna=False)]
+    return rows.loc[sorted(np.concatenate(picked))]
+
+
+def token_budget(recipe: SuiteRecipe, rows: pd.DataFrame, tokenizer, override: int | None = None) -> int:
+    """`override`, else the recipe's budget, else 1.5 x the longest reference answer in tokens, plus 4 (long
+    enough for the longest transcript)."""
+    if override is not None:
+        return override
+    if recipe.max_new_tokens is not None:
+        return recipe.max_new_tokens
+    longest = max((len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) for a in rows["answer"]), default=1)
+    return math.ceil(1.5 * longest) + 4
 
 
 @dataclass
@@ -103,119 +135,244 @@ def timed_generate(model: CoATModel, batch: dict, max_new_tokens: int) -> tuple[
 
 def generated_lengths(ids: torch.Tensor, eos_id: int) -> list[int]:
     """Tokens each row generated, its end-of-turn token included (later positions are padding). Raises nothing."""
-    lengths = []
-    for row in ids.tolist():
-        lengths.append(row.index(eos_id) + 1 if eos_id in row else len(row))
-    return lengths
+    return [row.index(eos_id) + 1 if eos_id in row else len(row) for row in ids.tolist()]
 
 
-def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, prompt_suffix: str = "",
-             max_new_tokens: int | None = None, max_seconds: float | None = None, seed: int = BOOTSTRAP_SEED,
-             progress: bool = True) -> EvalReport:
-    """Answer every row greedily in batches of `cfg.batch_size` and score the answers.
+@torch.no_grad()
+def response_logprobs(model: CoATModel, audio: list[np.ndarray], prompts: list[str], responses: list[str]
+                      ) -> torch.Tensor:
+    """log p(response + end of turn | audio, prompt) per row [B]: the model's probability of answering exactly
+    `response` and stopping there."""
+    batch = model.encode(audio, prompts, responses)
+    labels = batch["labels"][:, 1:].to(model.slot_table.device)
+    logits = model.lm(**model._model_inputs(batch), use_cache=False).logits[:, :-1]
+    labelled = labels != -100
+    picked = torch.zeros_like(labels, dtype=torch.float32)
+    picked[labelled] = torch.log_softmax(logits[labelled].float(), -1).gather(-1, labels[labelled, None])[:, 0]
+    return picked.sum(1).cpu()
 
-    `rows` are manifest rows (`read_manifest` or a `coat.eval.benchmarks` loader); the first
-    `cfg.max_examples` are used. Each row is asked `model_prompt(prompt, choices) + prompt_suffix`, the
-    instruction the model was trained on. Rows that fail `validate_rows` or whose audio does not decode
-    (or is longer than `max_seconds`) land in `report.quarantine` and the rest go on; audio longer than the
-    backbone's window is cut to it by the processor, as the backbones do. Token budget: `max_new_tokens`,
-    default `cfg.max_new_tokens`. One untimed 1-token call on the first batch keeps one-off start-up costs
-    out of its latency.
 
-    Raises ValueError naming the columns `rows` lacks.
-    """
+def _autocast(device: torch.device):
+    """Evaluation runs as training ran: bf16 autocast on CUDA."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _decode_rows(rows: pd.DataFrame, rate: int, max_seconds: float | None, crop: bool
+                 ) -> tuple[list[np.ndarray], list, pd.DataFrame]:
+    audio, kept, failed, reasons = [], [], [], []
+    for i, path in rows["audio_path"].items():
+        try:
+            audio.append(decode(path, rate, max_seconds, crop).numpy())
+            kept.append(i)
+        except AudioError as err:
+            failed.append(i)
+            reasons.append(err.reason)
+    return audio, kept, quarantine_records(rows.loc[failed], reasons)
+
+
+def prepare_rows(rows: pd.DataFrame, recipe: SuiteRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The suite's prompt where the recipe sets one, `audio_path`, then `validate_rows`: (good rows, quarantine).
+    Raises ValueError naming the manifest columns `rows` lacks."""
+    rows = rows.copy()
+    if recipe.prompt is not None:
+        rows["prompt"] = recipe.prompt
+    if "audio_path" not in rows:
+        rows["audio_path"] = rows["audio"]
     missing = [c for c in REQUIRED if c not in rows.columns]
     if missing:
         raise ValueError(f"evaluate: rows lack the manifest columns {missing}")
-    rows = rows if cfg.max_examples is None else rows.head(cfg.max_examples)
-    rows = rows.assign(audio_path=rows["audio_path"] if "audio_path" in rows else rows["audio"])
-    good, quarantine = validate_rows(rows)
-    budget = max_new_tokens or cfg.max_new_tokens
+    return validate_rows(rows)
+
+
+def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: str = "coat-mini",
+             system: str = "coat", max_new_tokens: int | None = None, cot_tokens: int = 256,
+             max_seconds: float | None = None, crop: bool = True, progress: bool = True) -> EvalReport:
+    """Answer and score every row of `rows` (manifest rows, or a `coat.eval.benchmarks` loader's) with `system`'s
+    prompt, then measure latency (see the module docstring).
+
+    The suite's recipe (`cfg.suites[suite]`) gives the prompt, token budget, scoring rule, metrics and breakdowns;
+    `max_new_tokens` overrides the budget. `cfg.max_examples` subsamples, stratified by task family (by the first
+    breakdown for single-family benchmarks) with `cfg.seed`. `system="cot"` asks `model` (a `base_model`) to
+    reason first, with `cot_tokens` new tokens. Audio longer than `max_seconds` is cut to it (`crop`) or
+    quarantined as `too_long`; rows that fail validation or do not decode land in `report.quarantine` and the
+    rest go on.
+
+    Raises ValueError naming the columns `rows` lacks, an unknown suite or system.
+    """
+    if suite not in cfg.suites:
+        raise ValueError(f"unknown suite {suite!r}; eval.suites has {', '.join(cfg.suites)}")
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
+    recipe = cfg.suites[suite]
+    good, quarantine = prepare_rows(rows, recipe)
+    by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
+    chosen = subsample(good, cfg.max_examples, cfg.seed, by if by in good else "task")
+    budget = token_budget(recipe, chosen, model.backbone.tokenizer, max_new_tokens or cfg.max_new_tokens)
+    suffix = COT_SUFFIX if system == "cot" else ""
+    generate_budget = budget + cot_tokens if system == "cot" else budget
+    device = model.slot_table.device
     rate, eos = model.backbone.sample_rate, model.backbone.end_of_turn_id
-    starts = range(0, len(good), cfg.batch_size)
-    records, skipped, warm = [], [quarantine], False
+    records, skipped = [], [quarantine]
     was_training = model.training
     model.eval()
     try:
-        for number, start in enumerate(track(starts, description="evaluating", transient=True, disable=not progress)):
-            chunk = good.iloc[start:start + cfg.batch_size]
-            audio, kept, failed, reasons = [], [], [], []
-            for i, row in chunk.iterrows():
-                try:
-                    audio.append(decode(row["audio_path"], rate, max_seconds).numpy())
-                    kept.append(i)
-                except AudioError as err:
-                    failed.append(i)
-                    reasons.append(err.reason)
-            skipped.append(quarantine_records(chunk.loc[failed], reasons))
-            if not kept:
-                continue
-            chunk = chunk.loc[kept]
-            prompts = [model_prompt(p, c) + prompt_suffix
-                       for p, c in zip(chunk["prompt"], chunk["choices"], strict=True)]
-            batch = model.encode(audio, prompts)
-            if not warm:
-                model.generate(batch, 1)
-                warm = True
-            ids, timing = timed_generate(model, batch, budget)
-            texts = model.backbone.decode(ids)
-            for (_, row), text, length in zip(chunk.iterrows(), texts, generated_lengths(ids, eos), strict=True):
-                choices = row["choices"] if isinstance(row["choices"], list) and row["choices"] else None
-                prediction = parse_answer(row["task"], text, choices)
-                records.append({
-                    "id": row["id"], "task": row["task"], "category": row.get("category"),
-                    "prediction": prediction, "answer": row["answer"], "choices": choices,
-                    "correct": is_correct(row["task"], prediction, row["answer"], choices), "text": text,
-                    "new_tokens": length, "batch": number, "ttft_s": timing.ttft_s, "total_s": timing.total_s,
-                    "llm_calls": timing.llm_calls,
-                })
+        with _autocast(device):
+            starts = range(0, len(chosen), cfg.batch_size)
+            for start in track(starts, description=f"evaluating {system}", transient=True, disable=not progress):
+                chunk = chosen.iloc[start:start + cfg.batch_size]
+                audio, kept, failed = _decode_rows(chunk, rate, max_seconds, crop)
+                skipped.append(failed)
+                if kept:
+                    records += _answer(model, chunk.loc[kept], audio, cfg.scoring, suffix, generate_budget, eos)
+            latency, alone = measure_latency(model, chosen, cfg, suffix, generate_budget, rate, max_seconds, crop)
     finally:
         model.train(was_training)
-    examples = pd.DataFrame(records, columns=[
-        "id", "task", "category", "prediction", "answer", "choices", "correct", "text", "new_tokens", "batch",
-        "ttft_s", "total_s", "llm_calls"])
-    if examples["category"].isna().all():
-        examples = examples.drop(columns="category")
-    examples.insert(examples.columns.get_loc("correct") + 1, "wer", _per_example_wer(examples))
+    examples = pd.DataFrame(records)
+    if len(examples):
+        examples = examples.merge(alone, on="id", how="left")
+    scoring = cfg.scoring
+    examples = score_examples(examples, recipe.rule) if len(examples) else examples
+    table = results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns, scoring=scoring,
+                          n=cfg.bootstrap, seed=cfg.seed) if len(examples) else pd.DataFrame()
     parts = [q for q in skipped if len(q)]
-    return EvalReport(
-        examples=examples,
-        table=task_table(examples, n=cfg.bootstrap, seed=seed),
-        latency=latency_summary(examples),
-        quarantine=pd.concat(parts, ignore_index=True) if parts else quarantine,
-    )
+    setting = {
+        "suite": suite, "system": system, "scoring": scoring, "device": _device_name(device),
+        "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": generate_budget,
+        "examples": len(examples), "eligible": len(good),
+        "subsample": f"{len(chosen)} of {len(good)}, stratified by {by}, seed {cfg.seed}"
+        if len(chosen) < len(good) else "all",
+    }
+    return EvalReport(system, suite, examples, table, latency, setting,
+                      pd.concat(parts, ignore_index=True) if parts else quarantine)
 
 
-def _per_example_wer(examples: pd.DataFrame) -> pd.Series:
-    wer = pd.Series(float("nan"), index=examples.index)
-    speech = examples["task"] == "transcription"
-    if speech.any():
-        refs = [normalise_text(a) for a in examples.loc[speech, "answer"]]
-        errors, words = word_errors(refs, list(examples.loc[speech, "prediction"]))
-        wer[speech] = [e / w if w else float("nan") for e, w in zip(errors, words, strict=True)]
-    return wer
+def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scoring: str, suffix: str,
+            budget: int, eos: int) -> list[dict]:
+    """One record per row: the generated `output` (and its final-answer `response`), or with loglik scoring the
+    `prediction` ranked among the row's choices after whatever reasoning was generated first."""
+    prompts = [model_prompt(p, c) + suffix for p, c in zip(chunk["prompt"], chunk["choices"], strict=True)]
+    has_choices = [isinstance(c, list) and len(c) > 0 for c in chunk["choices"]]
+    direct = scoring == "loglik" and not suffix
+    outputs, lengths = [""] * len(chunk), [0] * len(chunk)
+    if not direct or not all(has_choices):
+        started = time.perf_counter()
+        ids = model.generate(model.encode(audio, prompts), budget)
+        batch_s = (time.perf_counter() - started) / len(chunk)
+        outputs, lengths = model.backbone.decode(ids), generated_lengths(ids, eos)
+    else:
+        batch_s = float("nan")
+    records = []
+    for i, (_, row) in enumerate(chunk.iterrows()):
+        record = {"id": str(row["id"]), "task": row["task"], "answer": row["answer"],
+                  "choices": row["choices"] if has_choices[i] else None, "output": outputs[i],
+                  "response": final_answer(outputs[i]) if suffix else outputs[i], "new_tokens": lengths[i],
+                  "batch_s_per_example": batch_s}
+        record |= {k: row[k] for k in row.index if k.startswith("group.") or k == "item"}
+        if scoring == "loglik" and has_choices[i]:
+            reasoning = f"{outputs[i].split('Answer:')[0].strip()} Answer: " if suffix else ""
+            choices = list(dict.fromkeys(row["choices"]))
+            scores = response_logprobs(model, [audio[i]] * len(choices), [prompts[i]] * len(choices),
+                                       [reasoning + c for c in choices])
+            record["prediction"], record["response"] = choices[int(scores.argmax())], None
+        records.append(record)
+    return records
 
 
-def print_report(report: EvalReport, title: str = "evaluation", console: Console | None = None) -> None:
-    """Print the per-task table, the latency summary and the quarantine count. Raises nothing."""
+def measure_latency(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, suffix: str, budget: int, rate: int,
+                    max_seconds: float | None, crop: bool) -> tuple[dict[str, float], pd.DataFrame]:
+    """Batch-size-1 latency over the first `cfg.latency_examples` rows that decode, after `cfg.latency_warmup`
+    untimed calls on the first: means and 90th percentiles of time to first token and of the whole answer, tokens
+    per answer, seconds per decode step (empty when no row decodes or `latency_examples` is 0); and per measured
+    example its `ttft_s` and `latency_s`."""
+    timings, tokens, ids_measured, warm = [], [], [], False
+    eos = model.backbone.end_of_turn_id
+    for index in range(len(rows)):
+        if len(timings) >= cfg.latency_examples:
+            break
+        one = rows.iloc[[index]]
+        audio, kept, _ = _decode_rows(one, rate, max_seconds, crop)
+        if not kept:
+            continue
+        batch = model.encode(audio, [model_prompt(one["prompt"].iloc[0], one["choices"].iloc[0]) + suffix])
+        for _ in range(0 if warm else cfg.latency_warmup):
+            model.generate(batch, budget)
+        warm = True
+        ids, timing = timed_generate(model, batch, budget)
+        timings.append(timing)
+        tokens.append(generated_lengths(ids, eos)[0])
+        ids_measured.append(str(one["id"].iloc[0]))
+    alone = pd.DataFrame({"id": ids_measured, "ttft_s": [t.ttft_s for t in timings],
+                          "latency_s": [t.total_s for t in timings]})
+    if not timings:
+        return {}, alone
+    ttft = np.array([t.ttft_s for t in timings])
+    total = np.array([t.total_s for t in timings])
+    steps = np.array([t.llm_calls - 1 for t in timings])
+    return {
+        "ttft_s": float(ttft.mean()), "ttft_p90_s": float(np.quantile(ttft, 0.9)),
+        "total_s": float(total.mean()), "total_p90_s": float(np.quantile(total, 0.9)),
+        "new_tokens": float(np.mean(tokens)), "examples": float(len(timings)),
+        "s_per_decode_step": float((total - ttft).sum() / steps.sum()) if steps.sum() else float("nan"),
+    }, alone
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _dtype_name(model: CoATModel, device: torch.device) -> str:
+    weights = str(model.backbone.model.dtype).removeprefix("torch.")
+    return f"{weights} weights, bfloat16 autocast" if device.type == "cuda" else weights
+
+
+def print_reports(reports: list[EvalReport], title: str = "evaluation", console: Console | None = None,
+                  paired: pd.DataFrame | None = None) -> None:
+    """Every system side by side: per task, value [95% CI]; then tokens, time to first token and latency (batch
+    size 1); then paired comparisons and the quarantine. Raises nothing."""
     console = console or Console()
     table = Table(title=title)
-    for col in ("task", "metric", "value", "95% CI", "n", "chance"):
-        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
-    for row in report.table.itertuples(index=False):
-        chance = "" if pd.isna(row.chance) else f"{row.chance:.3f}"
-        table.add_row(row.task, row.metric, f"{row.value:.3f}", f"[{row.ci_low:.3f}, {row.ci_high:.3f}]",
-                      str(row.n), chance)
+    table.add_column("task")
+    table.add_column("metric")
+    for report in reports:
+        table.add_column(report.system, justify="right")
+    table.add_column("n", justify="right")
+    table.add_column("chance", justify="right")
+    keyed = [r.table.set_index(["task", "metric"]) if len(r.table) else None for r in reports]
+    rows = list(dict.fromkeys(k for t in keyed if t is not None for k in t.index))
+    for task, metric in rows:
+        cells, n, chance = [], "", ""
+        for t in keyed:
+            if t is None or (task, metric) not in t.index:
+                cells.append("-")
+                continue
+            row = t.loc[(task, metric)]
+            cells.append(f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
+            n, chance = str(int(row["n"])), "" if pd.isna(row["chance"]) else f"{row['chance']:.3f}"
+        scoring = reports[0].setting["scoring"]
+        table.add_row(task, metric if scoring == "generate" else f"{metric} ({scoring})", *cells, n, chance)
+    for label, key, fmt in (("new tokens", "new_tokens", "{:.1f}"), ("time to first token (s)", "ttft_s", "{:.4f}"),
+                            ("latency per answer (s)", "total_s", "{:.4f}")):
+        table.add_row(label, "batch 1", *[fmt.format(r.latency[key]) if key in r.latency else "-" for r in reports],
+                      "", "")
     console.print(table)
-    latency = Table(title="latency", show_header=False)
-    names = {"ttft_s": "time to first token (s)", "ttft_p90_s": "  p90", "total_s": "generation (s)",
-             "total_p90_s": "  p90", "new_tokens": "new tokens per example", "llm_calls": "LLM calls per batch",
-             "s_per_decode_step": "s per decode step", "s_per_example": "s per example (batched)"}
-    for key, label in names.items():
-        if key in report.latency:
-            latency.add_row(label, f"{report.latency[key]:.4g}")
-    console.print(latency)
-    if len(report.quarantine):
-        first = report.quarantine.iloc[0]
-        console.print(f"{len(report.quarantine)} rows quarantined (not evaluated), first: {first['id']}: "
-                      f"{first['reason']}")
+    first = reports[0].setting
+    console.print(f"device {first['device']}, {first['dtype']}; quality in batches of {first['batch_size']}, "
+                  f"latency one example at a time; examples: {first['subsample']}")
+    if paired is not None and len(paired):
+        comparison = Table(title="paired comparison (a - b)")
+        for col in ("a", "b", "task", "metric", "a value", "b value", "diff [95% CI]", "p (bootstrap)", "p (McNemar)",
+                    "pairs"):
+            comparison.add_column(col, justify="left" if col in ("a", "b", "task", "metric") else "right")
+        for row in paired.itertuples(index=False):
+            comparison.add_row(row.system_a, row.system_b, row.task, row.metric, f"{row.a:.3f}", f"{row.b:.3f}",
+                               f"{row.diff:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]",
+                               f"{row.p_bootstrap:.3g}", "-" if pd.isna(row.p_mcnemar) else f"{row.p_mcnemar:.3g}",
+                               str(int(row.n_pairs)))
+        console.print(comparison)
+    for report in reports:
+        if len(report.quarantine):
+            first_bad = report.quarantine.iloc[0]
+            console.print(f"{report.system}: {len(report.quarantine)} rows quarantined (not evaluated), first: "
+                          f"{first_bad['id']}: {first_bad['reason']}")

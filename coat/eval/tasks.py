@@ -1,9 +1,10 @@
-"""From a model's free text to an answer: the choice it names, or normalised transcript text.
+"""From a model's free text to an answer: the one choice it names, or normalised transcript text.
 
-Models answer in sentences ("I think the speaker sounds sad."), so multiple-choice answers are read the way
-MMAU's and MMAR's own scorers read them: an exact match first, then the first choice mentioned as a whole
-word. When the text holds an `Answer:` mark (the chain-of-thought prompt asks for one), only what follows the
-last mark counts, so choices named while reasoning don't.
+Models answer in sentences ("I think the speaker sounds sad."), so a choice counts when the text names it as a
+whole word or phrase; naming two different choices ("happy, or maybe sad") is no answer, so hedging never
+scores. When the text holds an `Answer:` mark (the chain-of-thought prompt asks for one), only what follows the
+last mark counts, so choices named while reasoning don't. MMAU's and MMAR's own token-set scorer is
+`coat.eval.scoring.string_match`.
 """
 
 from __future__ import annotations
@@ -54,42 +55,43 @@ def lettered(choices: Sequence[str]) -> bool:
     return all(m and m.group(1).upper() == chr(ord("A") + i) for i, m in enumerate(letters))
 
 
-def parse_answer(task: str, text: str, choices: Sequence[str] | None) -> str:
-    """The answer `text` gives: one of `choices` (as spelled there) or "" when it names none; without
-    choices (transcription, open questions) the normalised text.
+def _symbols(choices: Sequence[str]) -> frozenset[str]:
+    return frozenset(ch for c in choices for ch in c if unicodedata.category(ch)[0] in "PS")
 
-    Multiple choice, in order: the whole answer equals a choice (normalised); else the choice mentioned
-    first as a whole word (the longest one when two start at the same place); else, when the choices are
-    lettered, a letter such as "(B)" or "B)". `task` is accepted for symmetry with `is_correct`; the rule
-    depends only on whether there are choices. Raises nothing.
+
+def parse_answer(task: str, text: str, choices: Sequence[str] | None) -> str:
+    """The answer `text` gives: the one choice it names (as spelled in `choices`), or "" when it names none or
+    several; without choices (transcription, open questions) the normalised text.
+
+    A choice is named when the whole answer equals it (normalised) or mentions it as a whole word or phrase; a
+    mention inside a longer mention of another choice ("noise" in "noise burst") does not count. Only when no
+    choice is mentioned, and the choices are lettered, a letter such as "(B)" or "B)" names one. Identical
+    choices count as one. `task` is accepted for symmetry with `is_correct`; the rule depends only on whether
+    there are choices. Raises nothing.
     """
     answer = final_answer(text)
     if not choices:
         return normalise_text(answer)
-    keep = frozenset(ch for c in choices for ch in c if unicodedata.category(ch)[0] in "PS")
+    keep = _symbols(choices)
     has_letters = lettered(choices)
     candidates = []  # (normalised form, index of its choice)
     for i, choice in enumerate(choices):
         forms = [choice, LETTER_PREFIX.sub("", choice)] if has_letters else [choice]
         candidates += [(_normalise_for(form, keep), i) for form in forms if _normalise_for(form, keep)]
     said = _normalise_for(answer, keep)
-    for form, i in candidates:
-        if said == form:
-            return choices[i]
-    mentions = []
-    for form, i in candidates:
-        found = re.search(rf"(?<!\S){re.escape(form)}(?!\S)", said)
-        if found:
-            mentions.append((found.start(), -len(form), i))
-    if mentions:
-        return choices[min(mentions)[2]]
-    if has_letters:
-        for pattern in LETTER_ANSWER:
-            found = pattern.search(answer)
-            index = ord(found.group(1).upper()) - ord("A") if found else -1
-            if 0 <= index < len(choices):
-                return choices[index]
-    return ""
+    named = {i for form, i in candidates if said == form}
+    if not named:
+        mentions = [(found.start(), found.start() + len(form), i) for form, i in candidates
+                    for found in re.finditer(rf"(?<!\S)(?={re.escape(form)}(?!\S))", said)]
+        named = {i for start, end, i in mentions
+                 if not any(j != i and s <= start and end <= e and e - s > end - start for s, e, j in mentions)}
+    if not named and has_letters:
+        letters = (ord(found.group(1).upper()) - ord("A") for pattern in LETTER_ANSWER
+                   for found in pattern.finditer(answer))
+        named = {index for index in letters if 0 <= index < len(choices)}
+    first = min(named, default=None)
+    distinct = {_normalise_for(choices[i], keep) for i in named}
+    return choices[first] if len(distinct) == 1 else ""
 
 
 def is_correct(task: str, prediction: str, answer: str, choices: Sequence[str] | None = None) -> bool:
@@ -102,6 +104,6 @@ def is_correct(task: str, prediction: str, answer: str, choices: Sequence[str] |
     if not prediction:
         return False
     if choices:
-        keep = frozenset(ch for c in choices for ch in c if unicodedata.category(ch)[0] in "PS")
+        keep = _symbols(choices)
         return _normalise_for(prediction, keep) == _normalise_for(answer, keep)
     return normalise_text(prediction) == normalise_text(answer) != ""

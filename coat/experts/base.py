@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 
-ExpertKind = Literal["continuous", "discrete"]
+ExpertKind = Literal["continuous", "discrete", "multilabel"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,9 @@ class ExpertSpec:
     """Shape of one expert's target.
 
     `dim` is the feature size for continuous experts and the number of classes for discrete ones (whose
-    frames are class posteriors or one-hot rows). `frame_rate` is None for clip-level experts (one vector
-    per clip), which the model regresses from the mean of the slots.
+    frames are class posteriors or one-hot rows, classes exclusive) and multi-label ones (independent
+    per-class probabilities, e.g. an AudioSet tagger's sigmoids). `frame_rate` is None for clip-level experts
+    (one vector per clip), which the model regresses from the mean of the slots.
     """
 
     name: str

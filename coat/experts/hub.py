@@ -71,7 +71,7 @@ def hub_spec(path: str | Path, output: str | None = None, name: str | None = Non
         if not _architecture(config).endswith(_CLASSIFIER_SUFFIXES):
             raise ValueError(f"hub expert {name!r}: {_architecture(config)} has no classifier; use "
                              "output='frames'")
-        kind = "continuous" if config.problem_type == "multi_label_classification" else "discrete"
+        kind = "multilabel" if config.problem_type == "multi_label_classification" else "discrete"
         return ExpertSpec(name=name, dim=config.num_labels, frame_rate=None, kind=kind)
     extractor = AutoFeatureExtractor.from_pretrained(root, local_files_only=True)
     rate = _frame_rate(config, extractor.sampling_rate, getattr(extractor, "hop_length", None))

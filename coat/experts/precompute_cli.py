@@ -24,6 +24,9 @@ def precompute_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per expert call.")] = 8,
     actors: Annotated[int | None, typer.Option("--actors", min=1, help="Expert actors (default: one per GPU, "
                                                                        "or 1 on CPU).")] = None,
+    crop_seconds: Annotated[float | None, typer.Option(
+        "--crop-seconds", min=0.001, help="Experts hear each clip's first SECONDS only, as training does with "
+                                          "data.long_clips=crop (data.max_seconds).")] = None,
 ) -> None:
     """Compute every expert's features for the clips the store lacks and print what was done.
 
@@ -43,7 +46,7 @@ def precompute_command(
         except (UnknownExpertError, ValueError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err), param_hint="--experts") from err
     try:
-        summary = precompute(data, names, store, batch_size=batch_size, num_actors=actors)
+        summary = precompute(data, names, store, batch_size=batch_size, num_actors=actors, crop_seconds=crop_seconds)
     except ManifestError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(1) from err

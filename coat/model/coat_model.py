@@ -28,6 +28,7 @@ from coat.model.losses import distance, response_ce
 from coat.model.slots import SlotEmbedding
 from coat.model.targets import slot_targets
 
+REGRESSION_MAX_DIM = 16
 WEIGHTS_FILE = "coat.safetensors"
 CONFIG_FILE = "coat.yaml"
 META_FILE = "coat.json"
@@ -47,16 +48,23 @@ def check_experts(cfg: CoATConfig, experts: Mapping[str, ExpertSpec]) -> None:
     if missing:
         raise ConfigError(f"config field 'experts.names': no spec for {missing}")
     for name in cfg.experts.names:
-        if cfg.loss.distance.get(name) == "ce" and experts[name].kind != "discrete":
-            raise ConfigError(f"config field 'loss.distance.{name}': ce needs a discrete expert")
+        kind, chosen = experts[name].kind, cfg.loss.distance.get(name)
+        if chosen == "ce" and kind != "discrete":
+            raise ConfigError(f"config field 'loss.distance.{name}': ce needs a discrete expert, {name!r} is {kind}")
+        if chosen == "bce" and kind != "multilabel":
+            raise ConfigError(f"config field 'loss.distance.{name}': bce needs a multi-label expert, {name!r} is "
+                              f"{kind}")
 
 
 def default_distance(spec: ExpertSpec) -> str:
-    """ce for discrete experts; cosine for feature vectors; mse for one-dimensional ones (whose cosine is
-    only a sign)."""
+    """ce for discrete experts, bce for multi-label ones; for continuous ones smooth_l1 on up to
+    `REGRESSION_MAX_DIM` dimensions, where magnitude matters (a pitch track's cosine is only its sign), cosine on
+    wider features (embeddings, spectra), whose direction carries them."""
     if spec.kind == "discrete":
         return "ce"
-    return "mse" if spec.dim == 1 else "cosine"
+    if spec.kind == "multilabel":
+        return "bce"
+    return "smooth_l1" if spec.dim <= REGRESSION_MAX_DIM else "cosine"
 
 
 def _lora_targets(cfg: CoATConfig) -> str:
@@ -213,14 +221,16 @@ class CoATModel(nn.Module):
                 params[name].copy_(value)
 
     @classmethod
-    def load(cls, directory: str | Path, config: CoATConfig | None = None) -> CoATModel:
-        """Rebuild a saved model: its own config by default, or `config` (which must fit the checkpoint)."""
+    def load(cls, directory: str | Path, config: CoATConfig | None = None, device: str | torch.device = "cpu"
+             ) -> CoATModel:
+        """Rebuild a saved model on `device`: its own config by default, or `config` (which must fit the
+        checkpoint)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a CoAT checkpoint (no {CONFIG_FILE})")
         cfg = config or from_yaml((directory / CONFIG_FILE).read_text())
         meta = json.loads((directory / META_FILE).read_text())
         experts = {name: ExpertSpec(**spec) for name, spec in meta["experts"].items()}
-        model = cls(cfg, experts if set(cfg.experts.names) <= set(experts) else None)
+        model = cls(cfg, experts if set(cfg.experts.names) <= set(experts) else None, device=device)
         model.load_trained(directory)
         return model

@@ -1,14 +1,27 @@
-"""Checkpoints: the trained parts (`CoATModel.save`) plus everything a restart needs to continue."""
+"""Checkpoints: the trained parts (`CoATModel.save`) plus everything a restart needs to continue.
+
+A checkpoint also carries the per-step metrics of the steps it covers (`steps.json`, with the time each was
+taken). They reach MLflow only once the checkpoint is committed — registered by Ray Train's controller, or
+renamed into place in-process — and whoever resumes from a checkpoint logs them again; MLflow keys a metric by
+(key, value, timestamp, step), so that is idempotent. Steps after the last committed checkpoint are never
+logged: a restart redoes them. Every step thus lands in MLflow exactly once, however a run is killed.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from coat import tracking
+from coat.train import faults
+
 STATE_FILE = "training_state.pt"
+STEPS_FILE = "steps.json"
+TARGET_STATS_FILE = "target_stats.json"
 FSDP_UNIT = "_fsdp_wrapped_module."  # in the parameter names of modules FSDP wrapped as units of their own
 
 
@@ -40,15 +53,18 @@ def load_optimizer_shard(directory: Path, rank: int) -> dict:
 
 def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], optimizer_state: dict | None,
                     scheduler, step: int, epoch: int, batch_in_epoch: int, metrics: dict,
-                    unlogged: list[tuple[int, int, dict]]) -> Path:
+                    steps: list[tuple[int, int, dict]], target_stats: dict) -> Path:
     """`trained`: from `whole_trained_parts`; `optimizer_state`: None when each rank saves its shard.
-    `metrics`: what is reported with this checkpoint; `unlogged`: (step, timestamp ms, metrics) of the steps it
-    covers, logged to MLflow only after it is committed (a restart logs them again, idempotently)."""
+    `metrics`: what is reported with this checkpoint; `steps`: (step, timestamp ms, metrics) of the steps it
+    covers; `target_stats`: the standardisation statistics the targets were trained with, per expert. The training
+    state is written last: a directory without it is not a checkpoint."""
     coat.save(directory, trained)
+    (directory / STEPS_FILE).write_text(json.dumps([[s, stamp, values] for s, stamp, values in steps]))
+    (directory / TARGET_STATS_FILE).write_text(json.dumps(target_stats))
+    faults.point("checkpoint", step)
     torch.save(
         {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-         "batch_in_epoch": batch_in_epoch, "rng": torch.get_rng_state(), "metrics": metrics,
-         "unlogged": list(unlogged)},
+         "batch_in_epoch": batch_in_epoch, "metrics": metrics},
         directory / STATE_FILE,
     )
     return directory
@@ -62,8 +78,15 @@ def load_training_state(directory: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def log_committed_steps(uri: str, run_id: str, steps_json: str) -> None:
+    """Log the step metrics a committed checkpoint carries (the text of its `steps.json`), each with the time it
+    was taken: logging them again stores nothing new."""
+    for step, stamp, values in json.loads(steps_json):
+        tracking.log_metrics(uri, run_id, values, step, stamp)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (in-process runs keep their own; Ray keeps the others)."""
+    """The newest committed checkpoint under `root` (in-process runs keep their own; Ray keeps the others)."""
     done = sorted(p.parent for p in root.glob(f"checkpoint_*/{STATE_FILE}"))
     return done[-1] if done else None
 

@@ -3,12 +3,15 @@
     coat train --config experiments/configs/train_tiny.yaml [dotted.key=value ...]
 
 Re-running with the same `train.run_name` (by default derived from the config) resumes from the run's last
-checkpoint and logs into the same MLflow run.
+checkpoint and logs into the same MLflow run. The evaluation after training runs where training ran: on a GPU
+in a Ray task when training used GPUs, in this process on CPU otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +23,15 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
-from coat.backbones import BACKBONES
+from coat.backbones import BACKBONES, backbone_source
 from coat.config import CoATConfig, to_yaml
 from coat.data.precompute import ensure_ray, precompute
-from coat.data.stream import dataset_of, training_items
+from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
+from coat.train import faults
 from coat.train.checkpoint import latest_checkpoint, load_training_state
 from coat.train.loop import run_loop, train_loop_per_worker
-from coat.train.session import InProcessSession
+from coat.train.session import CommittedStepsLogger, InProcessSession
 
 
 @dataclass
@@ -59,7 +63,12 @@ def finished_run(cfg: CoATConfig, uri: str, name: str, storage: Path) -> TrainRe
         return None
     logged = tracking.latest_metrics(uri, run_id)
     return TrainResult(name, checkpoint, state["metrics"], run_id,
-                       {k: v for k, v in logged.items() if k.startswith("eval/")})
+                       {k: v for k, v in logged.items() if k.startswith(("eval/", "latency/"))})
+
+
+def crop_seconds(cfg: CoATConfig) -> float | None:
+    """What clips are cut to, for experts and model alike (None: longer clips are left out instead)."""
+    return cfg.data.max_seconds if cfg.data.long_clips == "crop" else None
 
 
 def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
@@ -76,30 +85,43 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
 
         synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed)
     if cfg.experts.names:
-        precompute(manifest, list(cfg.experts.names), store)
+        precompute(manifest, list(cfg.experts.names), store, crop_seconds=crop_seconds(cfg))
     return manifest, store
 
 
-def training_datasets(cfg: CoATConfig, manifest: Path, store: Path) -> tuple[dict, int]:
-    """The `train` and `val` streams (decoded once up front with `data.cache_decoded`) and how many batches
-    each worker takes from its shard per epoch.
+def training_streams(cfg: CoATConfig, manifest: Path, store: Path) -> dict[str, Stream]:
+    """The `train` and `val` streams. Validation targets are standardised with the training split's statistics.
 
     Raises ValueError, before decoding anything, when the training rows cannot fill one step of every worker.
     """
     rate = BACKBONES[cfg.backbone.name].sample_rate
-    items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
+    common = {"max_seconds": cfg.data.max_seconds, "long_clips": cfg.data.long_clips}
+    items, sources, left_out = training_items(manifest, cfg.data.train_split, cfg.experts.names, store, **common)
     world = max(1, cfg.train.num_workers)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    batches_per_epoch = (len(items) // (world * per_step)) * cfg.train.grad_accum
-    if batches_per_epoch == 0:
+    if len(items) < world * per_step:
         raise ValueError(f"{len(items)} training rows cannot fill one step of {world} workers x {per_step} examples: "
                          "lower train.batch_size or train.num_workers")
-    val_items, val_sources = training_items(manifest, cfg.data.val_split, cfg.experts.names, store)
-    datasets = {"train": dataset_of(items, sources, rate, cfg.data.decode_tasks),
-                "val": dataset_of(val_items, val_sources, rate, cfg.data.decode_tasks)}
-    if cfg.data.cache_decoded:
-        datasets = {split: dataset.materialize() for split, dataset in datasets.items()}
-    return datasets, batches_per_epoch
+    val_items, _, val_left_out = training_items(manifest, cfg.data.val_split, cfg.experts.names, store,
+                                                stats_from=sources, **common)
+    crop = crop_seconds(cfg)
+    return {"train": Stream(items, sources, rate, crop, cfg.data.decode_tasks, left_out),
+            "val": Stream(val_items, sources, rate, crop, cfg.data.decode_tasks, val_left_out)}
+
+
+def data_provenance(streams: dict[str, Stream]) -> dict[str, str]:
+    """Tags naming the exact data: per split a hash of its (id, clip hash) rows and their count, per expert its
+    features' version and the id of the standardisation statistics."""
+    tags = {}
+    for split, stream in streams.items():
+        digest = hashlib.sha256("".join(sorted(f"{r['id']}\t{r['clip_hash']}\n" for r in stream.items)).encode())
+        tags |= {f"data.{split}.sha256": digest.hexdigest()[:16], f"data.{split}.rows": str(len(stream)),
+                 f"data.{split}.left_out": str(len(stream.quarantine))}
+    for name, source in streams["train"].sources.items():
+        tags[f"expert.{name}.version"] = source.version
+        if source.stats is not None:
+            tags[f"expert.{name}.stats"] = str(source.stats["id"])
+    return tags
 
 
 def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
@@ -120,28 +142,36 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         if report_to_tune:
             ray.tune.report({**finished.metrics, **finished.eval_metrics})
         return finished
+    fault_spec = os.environ.get(faults.ENV)
+    faults.parse(fault_spec)  # a malformed spec fails here, before any compute
     manifest, store = prepare_data(cfg)
     ensure_ray()
+    streams = training_streams(cfg, manifest, store)
+    target_stats = {n: source.stats for n, source in streams["train"].sources.items()}
 
-    datasets, batches_per_epoch = training_datasets(cfg, manifest, store)
-
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
-                                tags={"dataset_fingerprint": tracking.dataset_fingerprint(manifest)})
+    tags = {"dataset_fingerprint": tracking.dataset_fingerprint(manifest), "backbone.source": backbone_source(cfg),
+            **data_provenance(streams)}
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id, tags=tags)
+    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
+    tracking.log_dict_artifact(uri, run_id, target_stats, "target_stats.json")
     loop_config = {
         "config": to_yaml(cfg),
         "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
-        "batches_per_epoch": batches_per_epoch,
+        "streams": streams,
+        "target_stats": target_stats,
         "launched_at": launched_at,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
+        "faults": fault_spec,
+        "fault_dir": storage / name,
     }
     try:
         if cfg.train.num_workers == 0:
-            session = InProcessSession(storage / name, datasets, cfg.train.keep_checkpoints, report_to_tune)
+            session = InProcessSession(storage / name, cfg.train.keep_checkpoints, report_to_tune, (uri, run_id))
             run_loop(loop_config, session)
             metrics, checkpoint = session.last
         else:
-            result = _trainer(cfg, loop_config, datasets, storage, name, report_to_tune).fit()
+            result = _trainer(cfg, loop_config, storage, name, report_to_tune, CommittedStepsLogger(uri, run_id)).fit()
             metrics, checkpoint = result.metrics, result.checkpoint and Path(result.checkpoint.path)
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
@@ -149,7 +179,6 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     # A re-run of a finished run trains nothing and reports nothing: its result is the last checkpoint.
     checkpoint = checkpoint or latest_checkpoint(storage / name)
     metrics = dict(metrics or load_training_state(checkpoint)["metrics"])
-    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
     eval_metrics = {}
     if evaluate_after:
@@ -160,8 +189,8 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
 
 
-def _trainer(cfg: CoATConfig, loop_config: dict, datasets: dict, storage: Path, name: str,
-             report_to_tune: bool) -> TorchTrainer:
+def _trainer(cfg: CoATConfig, loop_config: dict, storage: Path, name: str, report_to_tune: bool,
+             logger: CommittedStepsLogger) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -174,26 +203,44 @@ def _trainer(cfg: CoATConfig, loop_config: dict, datasets: dict, storage: Path, 
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[TuneReportCallback()] if report_to_tune else None,
+            callbacks=[logger, *([TuneReportCallback()] if report_to_tune else [])],
         ),
-        datasets=datasets,
-        # One worker has nothing to split; splitting anyway routes every batch through a coordinator actor that
-        # took a third of a core in experiments/benchmarks/train_throughput.py.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if cfg.train.num_workers == 1 else "all"),
     )
 
 
-def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:
-    """The test-split evaluation of the trained model, logged to the run (metrics and the table)."""
+def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path):
+    """The test-split evaluation of the trained model, on the device training used (`cuda` with `train.use_gpu`)."""
+    import torch
+
     from coat.data.manifest import read_manifest
-    from coat.eval.runner import evaluate, print_report
+    from coat.eval.runner import evaluate
     from coat.model import CoATModel
 
-    model = CoATModel.load(checkpoint).eval()
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    model = CoATModel.load(checkpoint, device=device).eval()
     rows = read_manifest(manifest)
-    report = evaluate(model, rows[rows["split"] == cfg.data.test_split], cfg.eval)
-    print_report(report)
+    return evaluate(model, rows[rows["split"] == cfg.data.test_split], cfg.eval, suite="coat-mini",
+                    max_seconds=cfg.data.max_seconds, crop=cfg.data.long_clips == "crop", progress=False)
+
+
+def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:
+    """Evaluate where training ran (a Ray task holding a GPU when training used GPUs), print the table, and log
+    metrics, the table, the per-example results and how they were made (device, dtype, batch sizes) to the run."""
+    from coat.eval.runner import print_reports
+    from coat.eval.scoring import write_predictions
+
+    if cfg.train.use_gpu:
+        task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_on_device)
+        report = ray.get(task.remote(checkpoint, cfg, manifest))
+    else:
+        report = evaluate_on_device(checkpoint, cfg, manifest)
+    print_reports([report], title=f"test split: {checkpoint}")
     metrics = report.metrics()
     tracking.log_metrics(uri, run_id, metrics, step=cfg.train.total_steps)
+    tracking.set_tags(uri, run_id, {f"eval.{key}": str(value) for key, value in report.setting.items()}
+                      | {"latency.batch_size": "1"})
     tracking.log_table(uri, run_id, report.table, "eval/table.json")
+    with tempfile.TemporaryDirectory() as folder:
+        write_predictions(report.examples, report.suite, Path(folder) / "predictions.jsonl")
+        tracking.log_artifacts(uri, run_id, folder, "eval")
     return metrics

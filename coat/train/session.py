@@ -1,14 +1,18 @@
 """Where the training loop runs: a Ray Train worker, or this process (`train.num_workers=0`).
 
-The loop asks its session for rank, data, the checkpoint to resume from, and where to report. In a Ray Train
-worker those come from `ray.train`; in-process (short trials on one machine, Tune trials without workers,
-benchmarks) the session keeps its own checkpoints, since Ray Train's API is not available inside a Tune
-function.
+The loop asks its session for rank, device, the checkpoint to resume from, and where to report. In a Ray Train
+worker those come from `ray.train`, and a checkpoint's step metrics reach MLflow from Ray Train's controller
+once it has registered the checkpoint (`CommittedStepsLogger`). In-process (short trials on one machine, Tune
+trials without workers, benchmarks) the session keeps its own checkpoints, committed by an atomic rename, since
+Ray Train's API is not available inside a Tune function.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +23,10 @@ import ray.tune
 import torch
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from coat.train.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+from coat.train import faults
+from coat.train.checkpoint import STEPS_FILE, latest_checkpoint, log_committed_steps, prune_checkpoints
+
+STAGING = ".staging-"
 
 
 def fsdp_options(coat) -> dict:
@@ -29,13 +36,26 @@ def fsdp_options(coat) -> dict:
             "auto_wrap_policy": ModuleWrapPolicy({type(layer) for layer in coat.backbone.llm.layers})}
 
 
+class CommittedStepsLogger(ray.train.UserCallback):
+    """Runs in Ray Train's controller: after a report, its checkpoint is registered (a restart resumes from it),
+    so the step metrics it carries can go to MLflow without a restart ever logging those steps again."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STEPS_FILE}") as f:
+            log_committed_steps(self.uri, self.run_id, f.read().decode())
+
+
 class RayTrainSession:
     """Inside a `TorchTrainer` worker."""
 
     def __init__(self):
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.last: tuple[dict, Path | None] = ({}, None)
 
     def device(self, use_gpu: bool) -> torch.device:
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -43,9 +63,6 @@ class RayTrainSession:
     def wrap(self, model, strategy: str):
         kwargs = fsdp_options(model) if strategy == "fsdp" else {}
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
-
-    def dataset(self, name: str):
-        return ray.train.get_dataset_shard(name)
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
@@ -58,7 +75,7 @@ class RayTrainSession:
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory() as directory:  # Ray copies it into the run's storage on report
+        with tempfile.TemporaryDirectory(prefix="coat-checkpoint-") as directory:  # Ray copies it on report
             yield Path(directory)
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
@@ -66,13 +83,16 @@ class RayTrainSession:
 
 
 class InProcessSession:
-    """This process is the only worker; checkpoints live under `root`; metrics go to Tune when in a trial."""
+    """This process is the only worker; checkpoints live under `root`, written to a staging folder and renamed
+    into place; metrics go to MLflow once committed (`tracking`: uri and run id) and to Tune when in a trial."""
 
     rank, world = 0, 1
 
-    def __init__(self, root: Path, datasets: dict, keep: int, report_to_tune: bool):
-        self.root, self.datasets, self.keep, self.report_to_tune = root, datasets, keep, report_to_tune
+    def __init__(self, root: Path, keep: int, report_to_tune: bool, tracking: tuple[str, str] | None):
+        self.root, self.keep, self.report_to_tune, self.tracking = root, keep, report_to_tune, tracking
         self.last: tuple[dict, Path | None] = ({}, latest_checkpoint(root))
+        for stale in root.glob(f"{STAGING}*"):  # a write that a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
 
     def device(self, use_gpu: bool) -> torch.device:
         return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -80,22 +100,25 @@ class InProcessSession:
     def wrap(self, model, strategy: str):
         return model
 
-    def dataset(self, name: str):
-        return self.datasets[name]
-
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
         yield latest_checkpoint(self.root)
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
-        directory = self.root / f"checkpoint_{step:06d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = self.root / f"{STAGING}{step:06d}-{uuid.uuid4().hex[:8]}"
+        directory.mkdir(parents=True)
         yield directory
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        if checkpoint is not None and (checkpoint / STATE_FILE).is_file():
+        if checkpoint is not None:
+            committed = self.root / f"checkpoint_{metrics['step']:06d}"
+            os.replace(checkpoint, committed)
+            faults.point("reported", metrics["step"])
+            if self.tracking is not None:
+                log_committed_steps(*self.tracking, (committed / STEPS_FILE).read_text())
             prune_checkpoints(self.root, self.keep)
+            checkpoint = committed
         self.last = (metrics, checkpoint)
         if self.report_to_tune:
             ray.tune.report(metrics)

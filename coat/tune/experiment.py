@@ -61,9 +61,10 @@ def main(name: str, argv: list[str] | None = None) -> None:
             extra += [f"data.manifest={shared}/data/coat-mini-smoke/manifest.jsonl",
                       f"data.store={shared}/data/coat-mini-smoke/store"]
     extra += args.overrides
+    cfg = load_config(config, extra)  # a bad config fails here, before the sweep's heavy imports
 
     from coat.tune.report import print_results
     from coat.tune.sweep import run_sweep
 
     result = run_sweep(config, space, extra, resume=args.resume)
-    print_results(result, load_config(config, extra))
+    print_results(result, cfg)

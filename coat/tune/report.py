@@ -14,7 +14,7 @@ from coat.config import CoATConfig
 def results_columns(table: pd.DataFrame) -> list[str]:
     """Per-task evaluation scores (with their intervals folded in), validation metric, prefill cost."""
     tasks = sorted({c.split("/")[1] for c in table if c.startswith("eval/") and c.count("/") == 2
-                    and not c.startswith("eval/latency/") and not c.endswith(("_ci_low", "_ci_high"))})
+                    and not c.endswith(("_ci_low", "_ci_high"))})
     return tasks
 
 
@@ -32,18 +32,18 @@ def print_results(result, cfg: CoATConfig, console: Console | None = None) -> No
                  _num(row.get(cfg.sweep.metric))]
         for task in results_columns(table):
             cells.append(_scored(row, task))
-        cells += [_num(row.get("cost/prefill_positions"), "{:.0f}"), _num(row.get("eval/latency/ttft_s"))]
+        cells += [_num(row.get("cost/prefill_positions"), "{:.0f}"), _num(row.get("latency/ttft_s"))]
         out.add_row(*cells)
     # Logs and `ray submit` output are not terminals: give the table room instead of folding every cell.
     (console or Console(width=None if sys.stdout.isatty() else 220)).print(out)
 
 
 def _scored(row: pd.Series, task: str) -> str:
-    for metric in ("accuracy", "wer"):
+    for metric, label in (("accuracy", "acc"), ("loglik_accuracy", "ll-acc"), ("wer", "wer")):
         key = f"eval/{task}/{metric}"
         if key in row and pd.notna(row[key]):
             low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
-            return f"{metric[:3]} {row[key]:.2f} [{low:.2f}, {high:.2f}]"
+            return f"{label} {row[key]:.2f} [{low:.2f}, {high:.2f}]"
     return "-"
 
 

@@ -188,7 +188,7 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
         point = result.config.get("point", {})
         row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
                "steps": metrics.get("step", 0)}
-        row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/"))}
+        row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/", "latency/"))}
         rows.append(row)
     return pd.DataFrame(rows)
 

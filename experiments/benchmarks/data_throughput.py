@@ -7,7 +7,7 @@ All in one run on the same cores: coat-mini at `--rate` (22.05 kHz, so every pat
 precomputed expert by expert into a fresh store (clips/s per expert, actor start-up included; beside it the
 same expert called in-process without Ray), then again over the finished store (goal: under 5% of the first
 run's time). Then the train split streams `--epochs` times
-through `training_dataset` + `iter_training_batches` and through a `torch.utils.data.DataLoader` whose
+through `Stream.dataset` + `iter_training_batches` and through a `torch.utils.data.DataLoader` whose
 workers run the same `load_batch` (decode, resample, target read, standardise) and whose main loop runs the
 same `collate` (the tiny model's `encode`, target padding). Prints one JSON line and a table.
 """
@@ -29,7 +29,7 @@ from coat.config import load_config
 from coat.data.audio import decode
 from coat.data.manifest import read_manifest
 from coat.data.precompute import ensure_ray, precompute
-from coat.data.stream import collate, iter_training_batches, load_batch, training_dataset, training_items
+from coat.data.stream import Stream, collate, iter_training_batches, load_batch, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
@@ -109,14 +109,14 @@ def main() -> None:
     model = CoATModel(cfg)
     rate = model.backbone.sample_rate
     start = time.perf_counter()
-    dataset = training_dataset(manifest, "train", experts, store, rate)
+    items, sources, _ = training_items(manifest, "train", experts, store)
+    dataset = Stream(items, sources, rate).dataset()
     ray_setup = time.perf_counter() - start
     clips = dataset.count()
     ray_s = timed_epochs(lambda: dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"),
                          args.epochs, model)
     next(iter_training_batches(dataset, model, args.batch_size))  # the helper training uses runs too
 
-    items, sources = training_items(manifest, "train", experts, store)
     loader = DataLoader(StoreRows(items, sources, rate), batch_size=args.batch_size, num_workers=args.workers,
                         collate_fn=list, persistent_workers=args.workers > 0)
     torch_s = timed_epochs(lambda: loader, args.epochs, model)

@@ -3,13 +3,11 @@
     python experiments/benchmarks/train_throughput.py                 # tiny qwen2-audio, CPU, 80 steps
     python experiments/benchmarks/train_throughput.py --steps 120 --batch-size 8
 
-All four runs train the same model on the same rows of the same feature store for the same number of optimizer
-steps, side by side in one run: the plain loop decoding every batch (what the issue's goal is measured against)
-and decoding each clip once, and `coat train` with `data.cache_decoded` off and on. The plain loop runs right before
-and right after each `coat train` (A-B-A), so a machine that slows down during the run, as shared 2-core VMs
-do, shifts both sides alike. Reported: steady-state samples/s (median over steps after the first few), end-to-end
-samples/s, `coat train`'s time from its call to its first optimizer step, and the ratios to the plain loop that
-decodes the same way. Prints one JSON line and a table.
+Both train the same model on the same rows of the same feature store for the same number of optimizer steps,
+decoding every batch, side by side in one run. The plain loop runs right before and right after `coat train`
+(A-B-A), so a machine that slows down during the run, as shared 2-core VMs do, shifts both sides alike. Reported:
+steady-state samples/s (median over steps after the first few), end-to-end samples/s, `coat train`'s time from
+its call to its first optimizer step, and the ratios. Prints one JSON line and a table.
 """
 
 from __future__ import annotations
@@ -27,34 +25,29 @@ from rich.table import Table
 
 from coat import tracking
 from coat.config import load_config
-from coat.data.stream import collate, load_batch, training_items
+from coat.data.stream import collate, load_batch
 from coat.experts.registry import expert_spec
 from coat.model import CoATModel
-from coat.train.launch import prepare_data, train
+from coat.train.launch import prepare_data, train, training_streams
 
 
-def plain_loop(cfg, manifest: Path, store: Path, steps: int, cache: bool) -> tuple[list[float], float]:
-    """The same model, rows and optimizer in one process: per-step samples/s and total seconds. With `cache`,
-    each clip is decoded once, before the first step, as `data.cache_decoded` does."""
+def plain_loop(cfg, manifest: Path, store: Path, steps: int) -> tuple[list[float], float]:
+    """The same model, rows and optimizer in one process: per-step samples/s and total seconds."""
     start = time.perf_counter()
-    items, sources = training_items(manifest, cfg.data.train_split, cfg.experts.names, store)
+    stream = training_streams(cfg, manifest, store)["train"]
+    items = stream.items
     model = CoATModel(cfg, {e: expert_spec(e) for e in cfg.experts.names}).train()
     rate = model.backbone.sample_rate
-
-    def decode(rows: list[dict]) -> dict[str, list]:
-        return load_batch({key: [row[key] for row in rows] for key in rows[0]}, sources, rate)
-
-    decoded = decode(items) if cache else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     size = cfg.train.batch_size
     rates = []
     for step in range(steps):
         begin = time.perf_counter()
-        at = [(step * size + i) % len(items) for i in range(size)]
-        rows = {key: [values[i] for i in at] for key, values in decoded.items()} if cache else decode(
-            [items[i] for i in at])
-        loss = model(collate(rows, model)).loss
+        rows = [items[(step * size + i) % len(items)] for i in range(size)]
+        batch = load_batch({key: [row[key] for row in rows] for key in rows[0]}, stream.sources, rate,
+                           stream.crop_seconds)
+        loss = model(collate(batch, model)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
@@ -95,22 +88,19 @@ def main() -> None:
     manifest, store = prepare_data(cfg)
 
     samples = args.steps * args.batch_size
-    out: dict[str, object] = {"steps": args.steps, "batch_size": args.batch_size}
-    for cached in (False, True):
-        suffix = "_cached" if cached else ""
-        before, before_total = plain_loop(cfg, manifest, store, args.steps, cached)
-        ray_rates, ray_total, first_step = coat_train(load_config(overrides=[*overrides,
-                                                                            f"data.cache_decoded={cached}"]))
-        after, after_total = plain_loop(cfg, manifest, store, args.steps, cached)
-        out |= {
-            f"plain{suffix}_samples_per_s": statistics.median(before[args.skip:] + after[args.skip:]),
-            f"ray{suffix}_samples_per_s": statistics.median(ray_rates[args.skip:]),
-            f"plain{suffix}_end_to_end_samples_per_s": 2 * samples / (before_total + after_total),
-            f"ray{suffix}_end_to_end_samples_per_s": samples / ray_total,
-            f"ray{suffix}_time_to_first_step_s": first_step,
-        }
-        out[f"steady_ratio{suffix}"] = out[f"ray{suffix}_samples_per_s"] / out[f"plain{suffix}_samples_per_s"]
-    out["steady_ratio_cached_ray_vs_plain"] = out["ray_cached_samples_per_s"] / out["plain_samples_per_s"]
+    before, before_total = plain_loop(cfg, manifest, store, args.steps)
+    ray_rates, ray_total, first_step = coat_train(cfg)
+    after, after_total = plain_loop(cfg, manifest, store, args.steps)
+    out: dict[str, object] = {
+        "steps": args.steps, "batch_size": args.batch_size,
+        "plain_samples_per_s": statistics.median(before[args.skip:] + after[args.skip:]),
+        "ray_samples_per_s": statistics.median(ray_rates[args.skip:]),
+        "plain_end_to_end_samples_per_s": 2 * samples / (before_total + after_total),
+        "ray_end_to_end_samples_per_s": samples / ray_total,
+        "ray_time_to_first_step_s": first_step,
+    }
+    out["steady_ratio"] = out["ray_samples_per_s"] / out["plain_samples_per_s"]
+    out["end_to_end_ratio"] = out["ray_end_to_end_samples_per_s"] / out["plain_end_to_end_samples_per_s"]
     print(json.dumps(out))
     table = Table(title=f"coat train (Ray Train, 1 worker) vs a plain loop: {args.steps} steps x {args.batch_size}")
     table.add_column("measure")
