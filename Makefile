@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test test-slow test-faults bench dashboard lint
+.PHONY: setup demo analysis test test-slow test-faults test-browser bench dashboard lint
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) experiments/ablate_thinking_len.py
 
+analysis: setup
+	.venv/bin/coat analyze
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -26,6 +29,12 @@ test-slow: setup
 test-faults: setup
 	$(PY) -m pytest -q -m faults
 
+# The dashboard read in headless Chromium: Debian's chromium (Playwright drives it; no browser download).
+test-browser: setup
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+	$(PY) -m pip install -q -e '.[dev,browser]'
+	$(PY) -m pytest -q -m browser
+
 bench: setup
 	$(PY) experiments/benchmarks/model_overhead.py --size tiny
 	$(PY) experiments/benchmarks/data_throughput.py
@@ -33,9 +42,10 @@ bench: setup
 	$(PY) experiments/benchmarks/sweep_efficiency.py
 
 dashboard: setup
-	@echo "MLflow dashboard: http://127.0.0.1:5000"
+	@$(PY) -c "from coat import tracking; uri = tracking.resolve_uri(None); \
+		print('MLflow dashboard, coat runs:', tracking.dashboard_link(uri, tracking.get_or_create_experiment(uri, 'coat')))"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
 
 lint: setup
-	.venv/bin/ruff check coat experiments tests
+	.venv/bin/ruff check coat experiments tests analysis

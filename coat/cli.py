@@ -2,6 +2,8 @@
 
 import typer
 
+from coat.analysis.analyze_cli import analyze_command
+from coat.analysis.probe_cli import probe_command
 from coat.data.cli import app as data_app
 from coat.eval.cli import eval_command
 from coat.eval.score_cli import score_command
@@ -19,4 +21,6 @@ app.add_typer(experts_app, name="experts")
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("score")(score_command)
+app.command("analyze")(analyze_command)
+app.command("probe")(probe_command)
 app.command("sweep")(sweep_command)

@@ -99,6 +99,7 @@ class DataConfig:
     # When `manifest` does not exist, generate coat-mini there with this many clips (0: fail instead).
     synth_size: int = 2000
     synth_seed: int = 0
+    synth_test_share: float = 0.1  # of the generated clips, in tenths; a tenth is validation, the rest training
     # Clips longer than this are cut to it ("crop": experts and the model hear the same first max_seconds) or left
     # out ("reject"), in training and evaluation alike.
     max_seconds: float = 8.0
@@ -195,6 +196,10 @@ class EvalConfig:
     # Latency is measured apart from accuracy: this many examples one at a time, after `latency_warmup` calls.
     latency_examples: int = 16
     latency_warmup: int = 2
+    # Also evaluated after training, on the same examples: "base" (the backbone, no thinking block, no fine-tune)
+    # and "cot" (that backbone reasoning in text first, with `cot_tokens` more tokens).
+    baselines: list[str] = field(default_factory=list)
+    cot_tokens: int = 64
     suites: dict[str, SuiteRecipe] = field(default_factory=default_suites)
 
 
@@ -218,6 +223,8 @@ class SweepConfig:
     trial_retries: int = 1  # a crashed trial is retried from its checkpoint this often, then marked failed
     multi_objective: bool = False  # Optuna on (metric, prefill positions) instead of the metric alone
     seed: int = 0
+    # Every point of a grid space trained once per seed (`train.seed`), so conclusions rest on several seeds.
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -316,6 +323,9 @@ def validate(cfg: CoATConfig) -> None:
     if cfg.lora.r < 1:
         fail("lora.r", "must be >= 1")
 
+    if not (1 <= round(cfg.data.synth_test_share * 10) <= 8
+            and abs(cfg.data.synth_test_share * 10 - round(cfg.data.synth_test_share * 10)) < 1e-9):
+        fail("data.synth_test_share", f"{cfg.data.synth_test_share} must be a whole number of tenths in [0.1, 0.8]")
     if cfg.data.max_seconds <= 0:
         fail("data.max_seconds", f"{cfg.data.max_seconds} must be positive")
     if cfg.data.long_clips not in ("crop", "reject"):
@@ -348,6 +358,8 @@ def validate(cfg: CoATConfig) -> None:
         fail("sweep.scheduler", f"{sw.scheduler!r} must be 'asha' or 'none'")
     if sw.num_samples < 1 or sw.grace_steps < 1 or sw.reduction_factor < 2 or sw.trial_retries < 0:
         fail("sweep", "num_samples, grace_steps >= 1, reduction_factor >= 2 and trial_retries >= 0 are required")
+    if len(set(sw.seeds)) != len(sw.seeds):
+        fail("sweep.seeds", f"{sw.seeds} lists a seed twice")
     if not (sw.metric.startswith("val/") or sw.metric.startswith("eval/")):
         fail("sweep.metric", f"{sw.metric!r} must be a reported validation (val/...) or evaluation (eval/...) metric")
     e = cfg.eval
@@ -359,6 +371,10 @@ def validate(cfg: CoATConfig) -> None:
         fail("eval.scoring", f"{e.scoring!r} must be one of {', '.join(SCORING_MODES)}")
     if e.latency_examples < 0 or e.latency_warmup < 0:
         fail("eval", "latency_examples and latency_warmup must be >= 0")
+    if bad := [b for b in e.baselines if b not in ("base", "cot")]:
+        fail("eval.baselines", f"{bad} are not among base, cot")
+    if e.cot_tokens < 1:
+        fail("eval.cot_tokens", "must be >= 1")
     for suite, recipe in e.suites.items():
         if recipe.rule not in SCORING_RULES:
             fail(f"eval.suites.{suite}.rule", f"{recipe.rule!r} must be one of {', '.join(SCORING_RULES)}")

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import get_default_host_creds
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -36,6 +36,7 @@ from coat.config import CoATConfig, flatten
 RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 SQLITE_PREFIX = "sqlite:///"
+DASHBOARD = "http://127.0.0.1:5000"  # where `make dashboard` serves the embedded store
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -139,13 +140,15 @@ def start_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     resume: bool = True,
+    display_name: str | None = None,
 ) -> str:
     """Create a run (or, with `resume`, reopen the live run tagged `coat.run_name=run_name`) and log the config.
 
     The whole flattened config becomes params. MLflow params are immutable, so a reopened run keeps its
     original values and only gains keys it lacks; over-long values are truncated to MLflow's limit.
-    Returns the run id. Raises ValueError for an empty run_name, one holding both quote characters (MLflow's
-    search cannot match it), or a deleted experiment.
+    `display_name` is what the dashboard shows (default `run_name`, which stays the run's key in the
+    `coat.run_name` tag). Returns the run id. Raises ValueError for an empty run_name, one holding both quote
+    characters (MLflow's search cannot match it), or a deleted experiment.
     """
     if not run_name or ("'" in run_name and '"' in run_name):
         raise ValueError(f"start_run: run_name {run_name!r} must be non-empty and not hold both ' and \"")
@@ -153,7 +156,7 @@ def start_run(
     client = _client(uri)
     run_id = find_run(uri, experiment_id, run_name) if resume else None
     if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        run_id = client.create_run(experiment_id, run_name=display_name or run_name).info.run_id
         logged: dict[str, str] = {}
     else:
         client.update_run(run_id, status="RUNNING")
@@ -295,6 +298,20 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     run_tags = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
     for i in range(0, len(run_tags), MAX_PARAMS_TAGS_PER_BATCH):
         _client(uri).log_batch(run_id, tags=run_tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+
+
+def set_description(uri: str, run_id: str, text: str) -> None:
+    """The run's description: what the dashboard shows at the top of the run's page (MLflow's note tag)."""
+    _client(uri).set_tag(run_id, MLFLOW_RUN_NOTE, text)
+
+
+def dashboard_link(uri: str, experiment_id: str) -> str | None:
+    """The address of an experiment's runs in the dashboard's "Model training" view (MLflow 3's default view of
+    an experiment is its GenAI overview, empty for coat): `uri` itself for a tracking server, `make dashboard`'s
+    for the embedded SQLite store; None for other stores."""
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else (
+        DASHBOARD if _sqlite_path(uri) is not None else None)
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if base else None
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

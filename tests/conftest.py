@@ -1,5 +1,6 @@
 """Shared test helpers: tiny configs, real audio decoded from WAV files, a real MLflow server on loopback."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,10 +37,54 @@ def tiny_config(backbone: str, *overrides: str):
     ])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on 2 shared cores: intra-op threads only contend (a decode step goes from ms to 0.5 s).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def coat_mini(tmp_path_factory) -> Path:
     """One small coat-mini (40 clips) for every test that trains or sweeps: its feature store fills once."""
     return synthesize(tmp_path_factory.mktemp("coat-mini"), size=40, seed=3)
+
+
+# A sweep's trials on coat_mini: tiny, in-process, a few steps; the baselines evaluated beside CoAT.
+SWEEP = [
+    "experts.names=[mel]", "thinking.max_slots=8", "thinking.num_slots=4", "heads.dim=32",
+    "lora.modules_to_save=[lm_head]",
+    "train.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.val_batches=1",
+    "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 2}]", "train.checkpoint_every=2",
+    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "eval.latency_examples=2",
+    "eval.latency_warmup=1", "sweep.grace_steps=2",
+]
+
+
+def sweep_args(root: Path, manifest: Path, *extra: str) -> list[str]:
+    return [f"data.manifest={manifest}", f"data.store={manifest.parent / 'store'}", f"train.storage={root}",
+            f"tracking.uri=sqlite:///{root / 'mlruns.db'}", *SWEEP, *extra]
+
+
+@pytest.fixture(scope="session")
+def sweeps(tmp_path_factory, coat_mini) -> dict:
+    """Two real sweeps in one MLflow store, run once per session: a grid over K and the expert set whose trials
+    also evaluate the base and text-CoT baselines, and a multi-objective Optuna search over K and a loss weight.
+    Returns {"root", "uri", "grid", "pareto"} (the last two `SweepResult`s)."""
+    from coat.tune.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("sweeps")
+    (root / "k.yaml").write_text("thinking.num_slots: {grid: [0, 4]}\nexperts.names: {grid: [[mel], [mel, prosody]]}\n")
+    (root / "m.yaml").write_text("thinking.num_slots: {choice: [0, 2, 4]}\nloss.weights.mel: {loguniform: [0.1, 10]}\n")
+    grid = run_sweep(None, root / "k.yaml", sweep_args(root, coat_mini, "sweep.name=k", "eval.baselines=[base,cot]",
+                                                       "eval.cot_tokens=4"))
+    pareto = run_sweep(None, root / "m.yaml", sweep_args(root, coat_mini, "sweep.name=m",
+                                                         "sweep.multi_objective=true", "sweep.num_samples=3",
+                                                         "sweep.scheduler=none"))
+    return {"root": root, "uri": f"sqlite:///{root / 'mlruns.db'}", "grid": grid, "pareto": pareto}
 
 
 @pytest.fixture(scope="session")
@@ -125,21 +170,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """A real tracking server that proxies artifacts (clients upload over HTTP into <root>/art)."""
-    root = tmp_path_factory.mktemp("server").resolve()
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, root: Path, *args: str):
+    """A real `mlflow server` on a free loopback port over `backend_uri` (log in `root`), answering /health;
+    yields its URI and stops it, uvicorn worker included, on leaving."""
     uri = f"http://127.0.0.1:{free_port()}"
     # The GenAI job executor starts ~7 huey consumer processes and doubles start-up time; tracking needs none.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/db",
-        "--artifacts-destination", str(root / "art"), "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-        "--workers", "1",
-    ]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+           "--port", uri.rsplit(":", 1)[1], "--workers", "1", *args]
     log_path = root / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -153,7 +195,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield uri, root / "art"
+        yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # its own session: the uvicorn worker goes too
         try:
@@ -161,3 +203,11 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real tracking server that proxies artifacts (clients upload over HTTP into <root>/art)."""
+    root = tmp_path_factory.mktemp("server").resolve()
+    with mlflow_server(f"sqlite:///{root}/db", root, "--artifacts-destination", str(root / "art")) as uri:
+        yield uri, root / "art"

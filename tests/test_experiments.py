@@ -35,6 +35,9 @@ def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
     assert sorted(c.data.params["thinking.num_slots"] for c in children) == ["0", "4"]
     assert {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert any(key.startswith("eval/") for key in children[0].data.metrics)
+    notebook = tmp_path / "analysis-out" / "ablate_thinking_len-smoke" / "thinking_length"
+    assert (notebook / "thinking_length.ipynb").is_file() and (notebook / "quality_vs_k.png").is_file()
+    assert "executed notebook:" in done.stdout and "K=0" in done.stdout.split("executed notebook:")[1]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 
 from coat.config import load_config
 from coat.data.audio import decode
-from coat.data.precompute import manifest_clips, precompute
+from coat.data.precompute import ensure_ray, manifest_clips, precompute
 from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows
 from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
@@ -31,11 +31,10 @@ EXPERTS = ["mel", "prosody"]
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """One local Ray for the whole module; subprocesses attach to it through RAY_ADDRESS."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init()
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    """The session's one local Ray (started here when no earlier test did); subprocesses attach through
+    RAY_ADDRESS."""
+    ensure_ray()
+    return ray.get_runtime_context().gcs_address
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,17 @@ def test_every_clip_decodes_at_the_rate_within_one_to_six_seconds(sets):
         assert 1.0 <= len(wav) / sr <= 6.0 and abs(len(wav) / sr - row["duration"]) < 1e-3, path
 
 
+def test_a_larger_test_share_moves_clips_to_test_and_changes_nothing_else(sets, tmp_path):
+    manifest = synthesize(tmp_path, SIZE, seed=0, workers=0, test_share=0.3)
+    rows, tenth = _rows(manifest), {r["id"]: r for r in _rows(sets["pool"])}
+    assert [sum(r["split"] == s for r in rows) for s in ("train", "val", "test")] == [24, 4, 12]
+    assert all(r | {"split": None} == tenth[r["id"]] | {"split": None} for r in rows)
+    assert {i for i, r in tenth.items() if r["split"] == "test"} < {r["id"] for r in rows if r["split"] == "test"}
+    audio = [{name: digest for name, digest in _digest(m).items() if name.endswith(".wav")}
+             for m in (manifest, sets["pool"])]
+    assert audio[0] == audio[1]
+
+
 def test_sample_rate_is_honoured(tmp_path):
     rows = _rows(synthesize(tmp_path, 5, seed=3, sample_rate=24000, workers=0))
     assert all(sf.info(tmp_path / r["audio"]).samplerate == 24000 == r["sample_rate"] for r in rows)
@@ -174,7 +185,8 @@ def test_speak_repeats_exactly_whatever_was_spoken_before():
 
 
 @pytest.mark.parametrize("kwargs, field", [({"size": 0}, "size"), ({"seed": -1}, "seed"),
-                                           ({"sample_rate": 8000}, "sample_rate")])
+                                           ({"sample_rate": 8000}, "sample_rate"), ({"test_share": 0.25}, "test_share"),
+                                           ({"test_share": 0.9}, "test_share")])
 def test_synthesize_rejects_bad_arguments_by_name(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=field):
         synthesize(tmp_path, **({"size": 4, "seed": 0} | kwargs))

@@ -65,6 +65,7 @@ def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(unin
     assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
     for key in ("train/ce", "train/mel", "train/prosody", "train/lr", "train/samples_per_s"):
         assert len(steps_logged(uri, first.mlflow_run_id, key)) == 8, key
+    assert steps_logged(uri, first.mlflow_run_id, "val/ce") == [2, 4, 6, 8], "validation with each checkpoint"
     run = mlflow.tracking.MlflowClient(uri).get_run(first.mlflow_run_id)
     assert run.data.params["thinking.num_slots"] == "4" and run.data.tags["backbone"] == "qwen2-audio"
     assert (first.checkpoint / "coat.safetensors").is_file() and (first.checkpoint / "training_state.pt").is_file()

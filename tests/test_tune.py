@@ -13,29 +13,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from coat import tracking
+from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
-from coat.tune.sweep import run_sweep
-from tests.conftest import kill_when
+from coat.tune.sweep import run_sweep, trial_label, with_seeds
+from tests.conftest import kill_when, sweep_args
 
-SWEEP = [
-    "experts.names=[mel]", "thinking.max_slots=8", "thinking.num_slots=4", "heads.dim=32",
-    "lora.modules_to_save=[lm_head]",
-    "train.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.val_batches=1",
-    "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 2}]", "train.checkpoint_every=2",
-    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "sweep.grace_steps=2",
-]
 TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def sweep_args(tmp_path: Path, manifest: Path, *extra: str) -> list[str]:
-    return [f"data.manifest={manifest}", f"data.store={manifest.parent / 'store'}", f"train.storage={tmp_path}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", *SWEEP, *extra]
 
 
 def test_grid_space_with_conditions_enumerates_exact_points(tmp_path):
@@ -86,20 +75,27 @@ def child_runs(uri: str, parent_id: str):
     return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
 
 
-def test_grid_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, coat_mini):
-    space = write(tmp_path / "k.yaml",
-                  "thinking.num_slots: {grid: [0, 4]}\nexperts.names: {grid: [[mel], [mel, prosody]]}\n")
-    result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=k"))
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+def test_grid_sweep_logs_a_parent_and_one_child_per_trial(sweeps, coat_mini):
+    result, uri = sweeps["grid"], sweeps["uri"]
     assert len(result.table) == 4 and set(result.table["status"]) == {"done"}
     assert set(result.table["steps"]) == {4}, "grid trials run to the end"
     children = child_runs(uri, result.parent_run_id)
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert sorted(r.info.run_name for r in children) == ["K=0 experts=mel", "K=0 experts=mel+prosody",
+                                                         "K=4 experts=mel", "K=4 experts=mel+prosody"]
     assert sorted(r.data.params["thinking.num_slots"] for r in children) == ["0", "0", "4", "4"]
     assert all(len(tracking.metric_history(uri, r.info.run_id, "train/ce")) == 4 for r in children)
+    for child in children:  # the baselines answered the same examples beside CoAT
+        metrics = child.data.metrics
+        assert {"base/latency/ttft_s", "cot/latency/ttft_s", "cost/prefill_positions"} <= set(metrics)
+        assert metrics["cot/latency/new_tokens"] > metrics["base/latency/new_tokens"]
     assert result.best is not None and result.best["val/ce"] == result.table["val/ce"].min()
     parent = MlflowClient(uri).get_run(result.parent_run_id)
     assert parent.data.tags["coat.kind"] == "sweep" and "best/val/ce" in parent.data.metrics
+    description = parent.data.tags["mlflow.note.content"]
+    assert "K (thinking.num_slots), experts (experts.names): 4 trials (4 done)" in description
+    assert "seconds at batch size 1" in description
+    assert result.link.endswith(f"/#/experiments/{parent.info.experiment_id}/runs?workflowType=machine_learning")
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result.parent_run_id, "sweep")}
     assert "sweep/results.json" in artifacts
     # Each expert's features were computed once for the whole sweep: one stored row per clip.
@@ -108,6 +104,19 @@ def test_grid_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, coat_mini):
         (version,) = [p.name for p in (coat_mini.parent / "store" / expert).iterdir() if p.is_dir()]
         index = store.index(expert, version)
         assert len(index) == index["clip_hash"].nunique() == 40
+
+
+def test_seeds_repeat_every_grid_point(tmp_path):
+    space = load_space(write(tmp_path / "s.yaml", "thinking.num_slots: {grid: [0, 4]}\n"))
+    points = with_seeds(space, [0, 1, 2]).grid()
+    assert len(points) == 6 and {(p["thinking.num_slots"], p["train.seed"]) for p in points} == {
+        (k, s) for k in (0, 4) for s in (0, 1, 2)}
+    assert trial_label(points[0]) == "K=0 seed=0"
+    assert trial_label({"loss.weights.mel": 0.123456, "experts.names": ["a", "b"]}) == "w.mel=0.123 experts=a+b"
+    with pytest.raises(SpaceError, match="grid space"):
+        with_seeds(load_space(write(tmp_path / "t.yaml", "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")), [0, 1])
+    with pytest.raises(ConfigError, match="sweep.seeds"):
+        load_config(overrides=["sweep.seeds=[1,1]"])
 
 
 @pytest.mark.faults
@@ -183,13 +192,11 @@ def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_min
     assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
 
 
-def test_multi_objective_sweep_trades_quality_against_prefill_cost(tmp_path, coat_mini):
-    space = write(tmp_path / "m.yaml", "thinking.num_slots: {choice: [0, 2, 4]}\n")
-    result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=m", "sweep.multi_objective=true",
-                                               "sweep.num_samples=3", "sweep.scheduler=none"))
+def test_multi_objective_sweep_trades_quality_against_prefill_cost(sweeps):
+    result, uri = sweeps["pareto"], sweeps["uri"]
     assert len(result.table) == 3 and set(result.table["status"]) == {"done"}
-    costs = dict(zip(result.table["setting"], result.table["cost/prefill_positions"], strict=True))
-    assert all(costs[s] == (int(s.split("=")[1]) + 2 if s != "thinking.num_slots=0" else 0) for s in costs)
-    search = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").download_artifacts(
-        result.parent_run_id, "search.json", str(tmp_path))
+    for setting, cost in zip(result.table["setting"], result.table["cost/prefill_positions"], strict=True):
+        k = int(setting.split(",")[0].split("=")[1])
+        assert cost == (k + 2 if k else 0), setting
+    search = MlflowClient(uri).download_artifacts(result.parent_run_id, "search.json", str(sweeps["root"]))
     assert '"multi_objective": true' in Path(search).read_text()

@@ -98,9 +98,14 @@ def synth(
     size: Annotated[int, typer.Option("--size", min=1, help="Number of examples.")],
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same data.")],
     rate: Annotated[int, typer.Option("--rate", min=1, help="Sample rate of the clips (Hz).")] = 16000,
+    test_share: Annotated[float, typer.Option(
+        "--test-share", help="Share of the clips held out for test, in tenths (a tenth is validation).")] = 0.1,
 ) -> None:
     """Write the synthetic coat-mini data set (offline, deterministic) and print where its manifest is."""
     from coat.data.synth import synthesize
 
-    path = synthesize(out, size=size, seed=seed, sample_rate=rate)
+    try:
+        path = synthesize(out, size=size, seed=seed, sample_rate=rate, test_share=test_share)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     Console().print(f"coat-mini: {size} examples -> {path}")

@@ -273,15 +273,17 @@ MAKERS = {"reasoning": _reasoning, "understanding": _understanding, "music": _mu
           "transcription": _transcription}
 
 
-def _split(index: int) -> str:
-    return "val" if index % 10 == 8 else "test" if index % 10 == 9 else "train"
+def _split(index: int, test_tenths: int) -> str:
+    """Of every ten consecutive clips, the last `test_tenths` are test clips and the one before them validation."""
+    place = index % 10
+    return "test" if place >= 10 - test_tenths else "val" if place == 9 - test_tenths else "train"
 
 
-def _render(job: tuple[int, int, int, str]) -> dict:
+def _render(job: tuple[int, int, int, str, int]) -> dict:
     """Render and write clip `index`; return its manifest row."""
-    index, seed, sr, out_dir = job
+    index, seed, sr, out_dir, test_tenths = job
     rng = np.random.default_rng([seed, index])
-    task = TASKS[(index + index // 10) % len(TASKS)]  # rotates so val/test (index % 10 = 8, 9) see every task
+    task = TASKS[(index + index // 10) % len(TASKS)]  # rotates, so that val and test see every task
     parts, fields = MAKERS[task](rng, sr)
     wav = np.concatenate([_silence(rng.uniform(0.05, 0.3), sr), *parts, _silence(rng.uniform(0.05, 0.3), sr)])
     if len(wav) < MIN_SECONDS * sr:
@@ -291,7 +293,7 @@ def _render(job: tuple[int, int, int, str]) -> dict:
         raise RuntimeError(f"coat-mini clip {clip_id} ({task}) is {len(wav) / sr:.2f} s, over {MAX_SECONDS}")
     sf.write(Path(out_dir) / "audio" / f"{clip_id}.wav", np.clip(wav, -1, 1), sr, subtype="PCM_16")
     row = {"id": clip_id, "audio": f"audio/{clip_id}.wav", "task": task, "prompt": fields.pop("prompt"),
-           "answer": fields.pop("answer"), "choices": fields.pop("choices"), "split": _split(index)}
+           "answer": fields.pop("answer"), "choices": fields.pop("choices"), "split": _split(index, test_tenths)}
     return row | {"duration": round(len(wav) / sr, 4), "sample_rate": sr} | fields
 
 
@@ -299,16 +301,19 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # two workers on two cores: intra-op threads would only oversubscribe
 
 
-def synthesize(out_dir: Path, size: int, seed: int, sample_rate: int = 16000, *, workers: int = 2) -> Path:
+def synthesize(out_dir: Path, size: int, seed: int, sample_rate: int = 16000, *, workers: int = 2,
+               test_share: float = 0.1) -> Path:
     """Write `size` coat-mini clips to `out_dir/audio/<id>.wav` and their rows to `out_dir/manifest.jsonl`.
 
-    Same (size, seed, sample_rate) -> byte-identical manifest and audio. `workers` processes render the clips
-    (0 renders in this process); they are spawned, not forked, because the caller may already run torch or Ray
-    threads, so a calling script needs the usual `if __name__ == "__main__":` guard. The manifest is written
+    `test_share` of the clips (in tenths) go to the test split, a tenth to validation, the rest to training.
+    Same (size, seed, sample_rate, test_share) -> byte-identical manifest and audio. `workers` processes render the
+    clips (0 renders in this process); they are spawned, not forked, because the caller may already run torch or
+    Ray threads, so a calling script needs the usual `if __name__ == "__main__":` guard. The manifest is written
     last and atomically, so a crash never leaves one that points at missing audio. Returns the manifest path.
 
     Raises:
-        ValueError: size < 1, seed < 0, sample_rate < 16000 or workers < 0.
+        ValueError: size < 1, seed < 0, sample_rate < 16000, workers < 0, or a test_share that is not a
+            whole number of tenths between 0.1 and 0.8.
         RuntimeError: a clip came out longer than 6 s (a generator bug) or espeak-ng failed.
         OSError: out_dir cannot be written.
     """
@@ -317,9 +322,12 @@ def synthesize(out_dir: Path, size: int, seed: int, sample_rate: int = 16000, *,
     for name, (value, low) in limits.items():
         if not isinstance(value, int) or value < low:
             raise ValueError(f"synthesize: {name} must be an integer >= {low}, got {value!r}")
+    test_tenths = round(test_share * 10)
+    if not (1 <= test_tenths <= 8 and abs(test_share * 10 - test_tenths) < 1e-9):
+        raise ValueError(f"synthesize: test_share must be a whole number of tenths in [0.1, 0.8], got {test_share!r}")
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
-    jobs = [(i, seed, sample_rate, str(out_dir)) for i in range(size)]
+    jobs = [(i, seed, sample_rate, str(out_dir), test_tenths) for i in range(size)]
     description = f"coat-mini: {size} clips"
     if workers == 0:
         rows = [_render(job) for job in track(jobs, description=description)]

@@ -261,6 +261,7 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
         outputs, lengths = model.backbone.decode(ids), generated_lengths(ids, eos)
     else:
         batch_s = float("nan")
+    ranked = _rank_choices(model, chunk, audio, prompts, outputs if suffix else None) if scoring == "loglik" else {}
     records = []
     for i, (_, row) in enumerate(chunk.iterrows()):
         record = {"id": str(row["id"]), "task": row["task"], "answer": row["answer"],
@@ -268,14 +269,32 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
                   "response": final_answer(outputs[i]) if suffix else outputs[i], "new_tokens": lengths[i],
                   "batch_s_per_example": batch_s}
         record |= {k: row[k] for k in row.index if k.startswith("group.") or k == "item"}
-        if scoring == "loglik" and has_choices[i]:
-            reasoning = f"{outputs[i].split('Answer:')[0].strip()} Answer: " if suffix else ""
-            choices = list(dict.fromkeys(row["choices"]))
-            scores = response_logprobs(model, [audio[i]] * len(choices), [prompts[i]] * len(choices),
-                                       [reasoning + c for c in choices])
-            record["prediction"], record["response"] = choices[int(scores.argmax())], None
+        if i in ranked:
+            record["prediction"], record["response"] = ranked[i], None
         records.append(record)
     return records
+
+
+def _rank_choices(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], prompts: list[str],
+                  reasoning: list[str] | None) -> dict[int, str]:
+    """Per row with choices (by position in `chunk`), the choice the model finds most likely as its answer — after
+    its own `reasoning` and an `Answer:` mark when given. Every row's candidates are scored together, as many
+    sequences per forward pass as the chunk has rows."""
+    candidates = []
+    for i, choices in enumerate(chunk["choices"]):
+        if isinstance(choices, list) and choices:
+            lead = f"{reasoning[i].split('Answer:')[0].strip()} Answer: " if reasoning is not None else ""
+            candidates += [(i, choice, lead + choice) for choice in dict.fromkeys(choices)]
+    scores: list[float] = []
+    for start in range(0, len(candidates), len(chunk)):
+        part = candidates[start:start + len(chunk)]
+        scores += response_logprobs(model, [audio[i] for i, _, _ in part], [prompts[i] for i, _, _ in part],
+                                    [text for _, _, text in part]).tolist()
+    best: dict[int, tuple[float, str]] = {}
+    for (i, choice, _), score in zip(candidates, scores, strict=True):
+        if i not in best or score > best[i][0]:
+            best[i] = (score, choice)
+    return {i: choice for i, (_, choice) in best.items()}
 
 
 def measure_latency(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, suffix: str, budget: int, rate: int,

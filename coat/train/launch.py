@@ -83,7 +83,7 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
             )
         from coat.data.synth import synthesize
 
-        synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed)
+        synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed, test_share=cfg.data.synth_test_share)
     if cfg.experts.names:
         precompute(manifest, list(cfg.experts.names), store, crop_seconds=crop_seconds(cfg))
     return manifest, store
@@ -125,11 +125,12 @@ def data_provenance(streams: dict[str, Stream]) -> dict[str, str]:
 
 
 def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
-          report_to_tune: bool = False) -> TrainResult:
+          report_to_tune: bool = False, display_name: str | None = None) -> TrainResult:
     """Train per `cfg` on Ray Train; evaluate the result on the test split; log everything to MLflow.
 
-    Inside a sweep trial: `parent_run_id` makes the MLflow run a child of the sweep's, and `report_to_tune`
-    forwards every checkpoint's metrics (validation included) and the final evaluation to Tune.
+    Inside a sweep trial: `parent_run_id` makes the MLflow run a child of the sweep's, `display_name` names it in
+    the dashboard by what the sweep varies, and `report_to_tune` forwards every checkpoint's metrics (validation
+    included) and the final evaluation to Tune.
     Raises TrackingUnavailableError before any compute when the tracking server is down.
     """
     launched_at = time.time()
@@ -151,7 +152,8 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
 
     tags = {"dataset_fingerprint": tracking.dataset_fingerprint(manifest), "backbone.source": backbone_source(cfg),
             **data_provenance(streams)}
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id, tags=tags)
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id, tags=tags,
+                                display_name=display_name)
     tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
     tracking.log_dict_artifact(uri, run_id, target_stats, "target_stats.json")
     loop_config = {
@@ -180,9 +182,13 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     checkpoint = checkpoint or latest_checkpoint(storage / name)
     metrics = dict(metrics or load_training_state(checkpoint)["metrics"])
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
+    trained_at = time.time()
+    tracking.log_metrics(uri, run_id, {"cost/prefill_positions": cfg.thinking.prefill_positions,
+                                       "time/train_s": trained_at - launched_at}, step=cfg.train.total_steps)
     eval_metrics = {}
     if evaluate_after:
         eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, uri, run_id)
+        tracking.log_metrics(uri, run_id, {"time/eval_s": time.time() - trained_at}, step=cfg.train.total_steps)
         if report_to_tune:
             ray.tune.report({**metrics, **eval_metrics})
     tracking.end_run(uri, run_id)
@@ -208,39 +214,50 @@ def _trainer(cfg: CoATConfig, loop_config: dict, storage: Path, name: str, repor
     )
 
 
-def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path):
-    """The test-split evaluation of the trained model, on the device training used (`cuda` with `train.use_gpu`)."""
+def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> list:
+    """The test-split evaluation of the trained model and of `eval.baselines` on the same examples, on the device
+    training used (`cuda` with `train.use_gpu`)."""
     import torch
 
     from coat.data.manifest import read_manifest
-    from coat.eval.runner import evaluate
+    from coat.eval.runner import base_model, evaluate
     from coat.model import CoATModel
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    model = CoATModel.load(checkpoint, device=device).eval()
     rows = read_manifest(manifest)
-    return evaluate(model, rows[rows["split"] == cfg.data.test_split], cfg.eval, suite="coat-mini",
-                    max_seconds=cfg.data.max_seconds, crop=cfg.data.long_clips == "crop", progress=False)
+    rows = rows[rows["split"] == cfg.data.test_split]
+    common = {"suite": "coat-mini", "max_seconds": cfg.data.max_seconds, "crop": cfg.data.long_clips == "crop",
+              "cot_tokens": cfg.eval.cot_tokens, "progress": False}
+    reports = [evaluate(CoATModel.load(checkpoint, device=device).eval(), rows, cfg.eval, **common)]
+    if cfg.eval.baselines:
+        base = base_model(checkpoint, device)
+        reports += [evaluate(base, rows, cfg.eval, system=system, **common) for system in cfg.eval.baselines]
+    return reports
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:
     """Evaluate where training ran (a Ray task holding a GPU when training used GPUs), print the table, and log
-    metrics, the table, the per-example results and how they were made (device, dtype, batch sizes) to the run."""
+    metrics, the table, the per-example results and how they were made (device, dtype, batch sizes) to the run.
+    Baselines' metrics carry their system's name in front (`base/eval/...`). Returns the trained model's metrics."""
     from coat.eval.runner import print_reports
     from coat.eval.scoring import write_predictions
 
     if cfg.train.use_gpu:
         task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_on_device)
-        report = ray.get(task.remote(checkpoint, cfg, manifest))
+        reports = ray.get(task.remote(checkpoint, cfg, manifest))
     else:
-        report = evaluate_on_device(checkpoint, cfg, manifest)
-    print_reports([report], title=f"test split: {checkpoint}")
-    metrics = report.metrics()
-    tracking.log_metrics(uri, run_id, metrics, step=cfg.train.total_steps)
-    tracking.set_tags(uri, run_id, {f"eval.{key}": str(value) for key, value in report.setting.items()}
+        reports = evaluate_on_device(checkpoint, cfg, manifest)
+    print_reports(reports, title=f"test split: {checkpoint}")
+    setting = reports[0].setting
+    tracking.set_tags(uri, run_id, {f"eval.{key}": str(value) for key, value in setting.items() if key != "system"}
                       | {"latency.batch_size": "1"})
-    tracking.log_table(uri, run_id, report.table, "eval/table.json")
     with tempfile.TemporaryDirectory() as folder:
-        write_predictions(report.examples, report.suite, Path(folder) / "predictions.jsonl")
+        for report in reports:
+            prefix = "" if report.system == "coat" else f"{report.system}/"
+            tracking.log_metrics(uri, run_id, {prefix + k: v for k, v in report.metrics().items()},
+                                 step=cfg.train.total_steps)
+            suffix = "" if report.system == "coat" else f".{report.system}"
+            tracking.log_table(uri, run_id, report.table, f"eval/table{suffix}.json")
+            write_predictions(report.examples, report.suite, Path(folder) / f"predictions{suffix}.jsonl")
         tracking.log_artifacts(uri, run_id, folder, "eval")
-    return metrics
+    return reports[0].metrics()

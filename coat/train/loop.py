@@ -177,8 +177,9 @@ def run_loop(loop_config: dict, session) -> None:
                 pending.append((step, int(time.time() * 1000), metrics))
                 last_step_end = now
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
+                    metrics |= validation_losses(model, coat, val, cfg, rank, world, device)  # the step's record too
                     report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
-                              **metrics, **validation_losses(model, coat, val, cfg, rank, world, device)}
+                              **metrics}
                     position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
                     checkpoint_and_report(session, model, coat, optimizer, scheduler, position, report, pending,
                                           loop_config["target_stats"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -20,6 +21,10 @@ from coat.config import load_config
 
 PROJECT = Path(coat.__file__).resolve().parents[1]
 CONFIGS = PROJECT / "experiments" / "configs"
+
+# The notebook in analysis/ that reads each experiment's sweep; run at its end.
+NOTEBOOK = {"ablate_thinking_len": "thinking_length", "ablate_loss_weights": "loss_weights",
+            "ablate_expert_sets": "expert_sets", "compare_backbones": "backbones"}
 
 # Smoke runs (the tests use them): a small coat-mini of their own, a few steps, a few test examples.
 SMOKE = [
@@ -47,6 +52,8 @@ def main(name: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=f"coat experiment {name}")
     parser.add_argument("--smoke", action="store_true", help="a minutes-long check on a small coat-mini")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
+    parser.add_argument("--seeds", help="train every point once per seed, e.g. 0,1,2 (grid spaces)")
+    parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook at the end")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (after --)")
     args = parser.parse_args(argv)
 
@@ -60,6 +67,8 @@ def main(name: str, argv: list[str] | None = None) -> None:
         if args.smoke:
             extra += [f"data.manifest={shared}/data/coat-mini-smoke/manifest.jsonl",
                       f"data.store={shared}/data/coat-mini-smoke/store"]
+    if args.seeds:
+        extra.append(f"sweep.seeds=[{args.seeds}]")
     extra += args.overrides
     cfg = load_config(config, extra)  # a bad config fails here, before the sweep's heavy imports
 
@@ -68,3 +77,33 @@ def main(name: str, argv: list[str] | None = None) -> None:
 
     result = run_sweep(config, space, extra, resume=args.resume)
     print_results(result, cfg)
+    if not args.no_analysis:
+        conclude(name, result.name, cfg)
+
+
+def conclude(name: str, sweep: str, cfg) -> None:
+    """Execute the experiment's notebook on its sweep, attach its outputs to the sweep's parent run, and print
+    where the figures and the executed notebook are, and what they conclude. Exits 1 when the notebook fails."""
+    from rich.console import Console
+
+    from coat import tracking
+    from coat.analysis.analyze_cli import analyze
+    from coat.analysis.notebooks import notebook_folder
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    notebook = NOTEBOOK[name]
+    try:
+        folder = notebook_folder()
+    except FileNotFoundError as err:
+        console.print(f"analysis skipped: {err}")
+        return
+    out = Path("analysis-out") / sweep
+    summary = analyze(tracking.resolve_uri(cfg.tracking.uri), cfg.tracking.experiment, sweep, [notebook], out,
+                      folder)[notebook]
+    if "error" in summary:
+        console.print(f"analysis notebook {notebook} failed: {summary['error']} (see {out / notebook})")
+        sys.exit(1)
+    console.print(f"executed notebook: {out / notebook / f'{notebook}.ipynb'}")
+    console.print("figures: " + ", ".join(str(out / notebook / f) for f in summary["figures"]))
+    for sentence in summary["conclusions"]:
+        console.print(f"  {sentence}", markup=False, highlight=False)

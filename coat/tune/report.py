@@ -8,6 +8,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from coat import tracking
 from coat.config import CoATConfig
 
 
@@ -35,7 +36,11 @@ def print_results(result, cfg: CoATConfig, console: Console | None = None) -> No
         cells += [_num(row.get("cost/prefill_positions"), "{:.0f}"), _num(row.get("latency/ttft_s"))]
         out.add_row(*cells)
     # Logs and `ray submit` output are not terminals: give the table room instead of folding every cell.
-    (console or Console(width=None if sys.stdout.isatty() else 220)).print(out)
+    console = console or Console(width=None if sys.stdout.isatty() else 220)
+    console.print(out)
+    if result.link:
+        served = " (after `make dashboard`)" if result.link.startswith(tracking.DASHBOARD) else ""
+        console.print(f"MLflow: {result.link}{served}")
 
 
 def _scored(row: pd.Series, task: str) -> str:

@@ -26,7 +26,7 @@ from coat import tracking
 from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
 from coat.data.precompute import ensure_ray
 from coat.train.launch import prepare_data, train
-from coat.tune.space import Space, load_space, overrides
+from coat.tune.space import Param, Space, SpaceError, load_space, overrides
 
 PREFILL_COST = "cost/prefill_positions"  # reported by every training run
 
@@ -38,6 +38,25 @@ class SweepResult:
     best: dict | None  # the best finished trial's row
     parent_run_id: str
     path: Path  # Tune's experiment directory (what `--resume` restores)
+    link: str | None = None  # the sweep's runs in the dashboard
+
+
+# Short names for what a sweep varies, for its children's names in the dashboard ("K=16 seed=0").
+LABELS = {"thinking.num_slots": "K", "train.seed": "seed", "experts.names": "experts", "backbone.name": "backbone",
+          "loss.ce_weight": "ce"}
+
+
+def trial_label(point: dict) -> str:
+    """`K=16 seed=0`: each varied field by its short name (`loss.weights.mel` -> `w.mel`), lists joined by `+`,
+    floats to three significant digits."""
+    def short(path: str) -> str:
+        return LABELS.get(path) or ("w." + path.rsplit(".", 1)[1] if path.startswith("loss.weights.") else
+                                    path.rsplit(".", 1)[-1])
+
+    def value(v) -> str:
+        return "+".join(map(str, v)) if isinstance(v, list) else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"{short(path)}={value(v)}" for path, v in point.items())
 
 
 def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str) -> None:
@@ -46,7 +65,7 @@ def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: s
     cfg = apply_overrides(from_yaml(base_yaml), [
         *overrides(config["point"]), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
     ])
-    train(cfg, parent_run_id=parent_run_id, report_to_tune=True)
+    train(cfg, parent_run_id=parent_run_id, report_to_tune=True, display_name=trial_label(config["point"]))
 
 
 def max_concurrent(cfg: CoATConfig) -> int:
@@ -73,7 +92,7 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
     tracking server. The expert features of every expert set in the space are computed once, up front.
     """
     base = with_absolute_paths(load_config(config, list(extra)))
-    space = load_space(space_file, config, list(extra))
+    space = with_seeds(load_space(space_file, config, list(extra)), base.sweep.seeds)
     name = base.sweep.name or Path(space_file).stem
     uri = tracking.resolve_uri(base.tracking.uri)
     base = apply_overrides(base, [f"tracking.uri={uri}"])
@@ -83,7 +102,8 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
 
     storage = Path(base.train.storage).resolve() / "sweeps"
     parent = tracking.start_run(uri, base.tracking.experiment, f"sweep-{name}", base,
-                                tags={"coat.kind": "sweep", "coat.sweep": name})
+                                tags={"coat.kind": "sweep", "coat.sweep": name,
+                                      "coat.search": "grid" if space.is_grid else "optuna"})
     tracking.log_text(uri, parent, Path(space_file).read_text(), "space.yaml")
     search = {"search": "grid" if space.is_grid else "optuna-tpe", "num_samples": base.sweep.num_samples,
               "scheduler": "none" if space.is_grid else base.sweep.scheduler, "metric": base.sweep.metric,
@@ -108,8 +128,42 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
         tracking.log_metrics(uri, parent, {f"best/{k}": v for k, v in best.items()
                                            if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
         tracking.log_dict_artifact(uri, parent, {k: v for k, v in best.items()}, "sweep/best.json")
+    tracking.set_description(uri, parent, sweep_description(name, space, table, best, base))
     tracking.end_run(uri, parent)
-    return SweepResult(name, table, best, parent, path)
+    experiment_id = tracking.get_or_create_experiment(uri, base.tracking.experiment)
+    return SweepResult(name, table, best, parent, path, tracking.dashboard_link(uri, experiment_id))
+
+
+def sweep_description(name: str, space: Space, table: pd.DataFrame, best: dict | None, cfg: CoATConfig) -> str:
+    """The parent run's description: what varied, how many trials ended how, the best setting, and the units."""
+    varied = ", ".join(f"{trial_label({p.path: 0}).split('=')[0]} ({p.path})" for p in space.params)
+    statuses = table["status"].value_counts().items() if len(table) else []
+    counts = ", ".join(f"{n} {status}" for status, n in statuses) or "none"
+    lines = [f"Sweep `{name}` ({'grid' if space.is_grid else 'Optuna TPE'}) over {varied}: {len(table)} trials "
+             f"({counts})."]
+    if best is not None:
+        lines.append(f"Best by {cfg.sweep.metric} ({cfg.sweep.mode}): {best['setting']} "
+                     f"({cfg.sweep.metric} = {best[cfg.sweep.metric]:.4g}).")
+    lines.append("Units: eval/<task>/accuracy and wer are fractions of the test split, with 95% bootstrap intervals "
+                 "in *_ci_low/*_ci_high; latency/* are seconds at batch size 1; cost/prefill_positions counts "
+                 "tokens; time/train_s and time/eval_s are a run's wall seconds; val/* and train/* are losses. "
+                 "`coat analyze` adds figures, tables and conclusions here.")
+    return "\n\n".join(lines)
+
+
+def with_seeds(space: Space, seeds: list[int]) -> Space:
+    """A grid space with `train.seed` as its last axis: every point trained once per seed.
+
+    Raises SpaceError for a sampled space (Optuna would treat the seed as a parameter to optimise) or one that
+    already varies `train.seed`."""
+    if not seeds:
+        return space
+    if not space.is_grid:
+        raise SpaceError("sweep.seeds repeats every point of a grid space; a sampled space draws its own points: "
+                         "leave sweep.seeds empty (or add train.seed to a grid space)")
+    if any(p.path == "train.seed" for p in space.params):
+        raise SpaceError("sweep.seeds: the space already varies train.seed; use one or the other")
+    return Space((*space.params, Param("train.seed", "grid", tuple(seeds), {})))
 
 
 def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Path) -> ray.tune.Tuner:

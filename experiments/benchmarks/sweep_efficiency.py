@@ -5,7 +5,8 @@
 
 Reports, for each: the best validation score (`val/ce`) and the emotion accuracy (with its bootstrap 95%
 interval) of the best trial, the trial-steps spent (ASHA stops trials early), and the share of the sweep's
-wall-clock x concurrency spent outside training steps (scheduling, start-up, data, evaluation, logging).
+wall-clock x concurrency spent outside training steps, split into trial start-up, the rest of the training loop
+(validation, checkpoints), evaluation, and outside any trial (Ray and Tune start-up, scheduling, idle slots).
 Goal: the Optuna + ASHA best within the grid best's interval for at most a third of the grid's steps.
 Prints one JSON line and a table.
 """
@@ -29,18 +30,34 @@ LR_VALUES = [1.0e-3, 3.0e-3, 1.0e-2]
 
 
 def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) -> dict:
+    """The sweep's best trial, its cost in trial-steps, and where its wall-clock x concurrency went, as shares:
+    trial start-up (call to first optimizer step: model, data stream), training steps, the rest of the training
+    loop (validation, checkpoints, logging), the test-split evaluation, and outside any trial (Ray and Tune
+    start-up, data preparation, scheduling, slots left idle)."""
     table = result.table
-    train_seconds = 0.0
+    phases = dict.fromkeys(("startup", "steps", "loop_other", "evaluation"), 0.0)
     for run_id in tracking.child_run_ids(uri, result.parent_run_id):
-        rates = [v for _, v in tracking.metric_history(uri, run_id, "train/samples_per_s")]
-        train_seconds += sum(batch_size / r for r in rates if r > 0)
+        history = {key: [v for _, v in tracking.metric_history(uri, run_id, key)]
+                   for key in ("train/samples_per_s", "train/since_launch_s", "time/train_s", "time/eval_s")}
+        if not history["train/since_launch_s"]:
+            continue
+        steps = sum(batch_size / r for r in history["train/samples_per_s"] if r > 0)
+        startup = history["train/since_launch_s"][0]
+        trained = (history["time/train_s"] or history["train/since_launch_s"])[-1]  # early-stopped: last step
+        phases["startup"] += startup
+        phases["steps"] += steps
+        phases["loop_other"] += trained - startup - steps
+        phases["evaluation"] += sum(history["time/eval_s"])
+    capacity = wall * concurrency
+    shares = {name: seconds / capacity for name, seconds in phases.items()}
+    shares["outside_trials"] = 1 - sum(shares.values())
     best = result.best or {}
     return {
         "trials": len(table), "trial_steps": int(table["steps"].sum()),
         "best_val_ce": best.get("val/ce"), "best_setting": best.get("setting"),
         "best_emotion_accuracy": best.get("eval/emotion/accuracy"),
         "best_emotion_ci": [best.get("eval/emotion/accuracy_ci_low"), best.get("eval/emotion/accuracy_ci_high")],
-        "wall_s": wall, "outside_training_share": 1 - train_seconds / (wall * concurrency),
+        "wall_s": wall, "outside_training_share": 1 - shares["steps"], "shares": shares,
     }
 
 
@@ -51,6 +68,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="coat-sweep-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     grid_space, tpe_space = work / "grid.yaml", work / "tpe.yaml"
     grid_space.write_text(f"thinking.num_slots: {{grid: {K_VALUES}}}\ntrain.lr: {{grid: {LR_VALUES}}}\n")
     tpe_space.write_text(f"thinking.num_slots: {{choice: {K_VALUES}}}\ntrain.lr: {{choice: {LR_VALUES}}}\n")
@@ -76,14 +94,16 @@ def main() -> None:
     print(json.dumps(out, default=float))
     table = Table(title="sweep efficiency: Optuna TPE + ASHA vs the full grid (same space)")
     for column in ("sweep", "trials", "trial-steps", "best val/ce", "best setting", "emotion acc [95% CI]",
-                   "outside training"):
+                   "outside training", "start-up / loop / eval / outside trials"):
         table.add_column(column)
     for label in ("grid", "optuna_asha"):
         r = out[label]
         ci = r["best_emotion_ci"]
         table.add_row(label, str(r["trials"]), str(r["trial_steps"]), f"{r['best_val_ce']:.3f}", str(r["best_setting"]),
                       f"{r['best_emotion_accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
-                      f"{r['outside_training_share']:.0%}")
+                      f"{r['outside_training_share']:.0%}",
+                      " / ".join(f"{r['shares'][k]:.0%}" for k in ("startup", "loop_other", "evaluation",
+                                                                    "outside_trials")))
     Console().print(table)
 
 

@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/train_throughput.py                 # tiny qwen2-audio, CPU, 80 steps
     python experiments/benchmarks/train_throughput.py --steps 120 --batch-size 8
+    python experiments/benchmarks/train_throughput.py --workers 0    # `coat train` in-process (train.num_workers=0)
 
 Both train the same model on the same rows of the same feature store for the same number of optimizer steps,
 decoding every batch, side by side in one run. The plain loop runs right before and right after `coat train`
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out of the steady-state median")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="train.num_workers: 1 runs Ray Train with one worker, 0 trains in the driver's process")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="coat-train-bench-"))
@@ -81,7 +84,7 @@ def main() -> None:
         f"data.manifest={workdir / 'coat-mini' / 'manifest.jsonl'}", f"data.store={workdir / 'store'}",
         f"data.synth_size={args.clips}", "data.decode_tasks=1", f"train.storage={workdir / 'runs'}",
         f"tracking.uri=sqlite:///{workdir / 'mlruns.db'}", "experts.names=[mel,prosody]", "thinking.num_slots=8",
-        "train.num_workers=1", "train.cpus_per_worker=1", f"train.batch_size={args.batch_size}",
+        f"train.num_workers={args.workers}", "train.cpus_per_worker=1", f"train.batch_size={args.batch_size}",
         f"train.stages=[{{steps: {args.steps}}}]", f"train.checkpoint_every={args.steps}",
     ]
     cfg = load_config(overrides=overrides)
@@ -92,7 +95,7 @@ def main() -> None:
     ray_rates, ray_total, first_step = coat_train(cfg)
     after, after_total = plain_loop(cfg, manifest, store, args.steps)
     out: dict[str, object] = {
-        "steps": args.steps, "batch_size": args.batch_size,
+        "steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
         "plain_samples_per_s": statistics.median(before[args.skip:] + after[args.skip:]),
         "ray_samples_per_s": statistics.median(ray_rates[args.skip:]),
         "plain_end_to_end_samples_per_s": 2 * samples / (before_total + after_total),
@@ -102,7 +105,8 @@ def main() -> None:
     out["steady_ratio"] = out["ray_samples_per_s"] / out["plain_samples_per_s"]
     out["end_to_end_ratio"] = out["ray_end_to_end_samples_per_s"] / out["plain_end_to_end_samples_per_s"]
     print(json.dumps(out))
-    table = Table(title=f"coat train (Ray Train, 1 worker) vs a plain loop: {args.steps} steps x {args.batch_size}")
+    how = "Ray Train, 1 worker" if args.workers else "in-process"
+    table = Table(title=f"coat train ({how}) vs a plain loop: {args.steps} steps x {args.batch_size}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in out.items():

@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Which experts matter? Every expert set against the full set, on the same examples
+#
+# Reads a sweep over `experts.names`. The reference is the largest set; a set missing exactly one expert is that
+# expert's leave-one-out. Per task family: each set's difference from the full set with its paired 95% interval
+# (pairs pooled over seeds), and which removals hurt outside it.
+#
+#     coat analyze --notebooks expert_sets [--sweep NAME]
+
+# %% tags=["parameters"]
+tracking_uri = None  # None: $MLFLOW_TRACKING_URI, else ./mlruns.db
+experiment = "coat"
+sweep = None  # a sweep's name; None: the newest sweep that varies experts.names
+out_dir = "analysis-out/expert_sets"
+
+# %%
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from coat import tracking
+from coat.analysis import compare, runs
+from coat.analysis.notebooks import outputs
+
+EXPERTS = "experts.names"
+uri = tracking.resolve_uri(tracking_uri)
+out = outputs(out_dir)
+found = runs.find_sweep(uri, experiment, sweep, varying=(EXPERTS,), grid=True)
+assert found is not None, f"no sweep in experiment {experiment!r} at {uri} varies {EXPERTS}"
+parent, trials = found
+trials = trials.assign(**{EXPERTS: trials[EXPERTS].map(lambda names: "+".join(names))})
+full = max(trials[EXPERTS].unique(), key=lambda s: len(s.split("+")))
+members = set(full.split("+"))
+
+
+def label(expert_set: str) -> str:
+    missing = members - set(expert_set.split("+"))
+    return f"without {missing.pop()}" if len(missing) == 1 else expert_set
+
+
+families = compare.families(trials)
+print(f"sweep {parent['name']}: {len(trials)} trials; full set {full}; sets {sorted(trials[EXPERTS].unique())}")
+
+# %% [markdown]
+# ## Quality per expert set
+
+# %%
+others = [f for f in runs.varied(trials) if f not in (EXPERTS, compare.SEED)]  # e.g. K crossed with the sets
+quality = compare.by_setting(trials, [EXPERTS, *others], [compare.quality_metric(trials, f) for f in families])
+out.table(quality, "quality_by_set")
+quality
+
+# %% [markdown]
+# ## Each set against the full set (paired; leave-one-out where one expert is missing)
+
+# %%
+paired = compare.paired_against(uri, trials, EXPERTS, full).assign(set=lambda d: d[EXPERTS].map(label))
+out.table(paired, "paired_vs_full_set")
+fig, axes = plt.subplots(1, len(families), figsize=(3.6 * len(families), 3), squeeze=False)
+for ax, family in zip(axes[0], families, strict=True):
+    rows = paired[paired["task"] == family]
+    ax.errorbar(rows["diff"], range(len(rows)), xerr=[rows["diff"] - rows["diff_ci_low"],
+                                                      rows["diff_ci_high"] - rows["diff"]], fmt="o", capsize=3)
+    ax.axvline(0, color="grey", linestyle=":")
+    ax.set_yticks(range(len(rows)), list(rows["set"]))
+    ax.set_title(f"{family}: set - full")
+    ax.set_xlabel(f"difference in {rows['metric'].iloc[0] if len(rows) else 'score'}")
+fig.tight_layout()
+out.figure(fig, "paired_vs_full_set")
+paired
+
+# %% [markdown]
+# ## Conclusion (computed from the pairs above)
+
+# %%
+sentences = []
+for family, rows in paired.groupby("task", sort=True):
+    rows = rows.assign(verdict=rows.apply(compare.verdict, axis=1))
+    hurt = rows[rows["verdict"] == "worse"]
+    helped = rows[rows["verdict"] == "better"]
+    seeds = int(rows["seeds"].max())
+    text = f"{family}: " + ("; ".join(f"{r['set']} is worse than {full} by {r['diff']:+.3f} "
+                                      f"[{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
+                                      for _, r in hurt.iterrows()) or f"no set is worse than {full} outside the "
+                                                                     "paired 95% interval")
+    if len(helped):
+        text += "; better than the full set: " + ", ".join(helped["set"])
+    sentences.append(f"{text} ({seeds} seed{'s' if seeds != 1 else ''}).")
+out.conclude(sentences, parent["run_id"])
