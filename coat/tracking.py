@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import get_default_host_creds
@@ -102,7 +102,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 @functools.cache
-def _client(uri: str) -> MlflowClient:
+def mlflow_client(uri: str) -> MlflowClient:
+    """One client per tracking URI, for what the functions here do not cover (searches, downloads)."""
     return MlflowClient(tracking_uri=uri)
 
 
@@ -112,7 +113,7 @@ def get_or_create_experiment(uri: str, name: str, artifact_location: str | None 
     For the embedded SQLite store, artifacts default to `mlartifacts/` beside the database (not MLflow's
     cwd-relative `./mlruns`). Raises ValueError if the experiment exists but was deleted (restore or purge it).
     """
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         if artifact_location is None and (db := _sqlite_path(uri)) is not None:
@@ -153,7 +154,7 @@ def start_run(
     if not run_name or ("'" in run_name and '"' in run_name):
         raise ValueError(f"start_run: run_name {run_name!r} must be non-empty and not hold both ' and \"")
     experiment_id = get_or_create_experiment(uri, experiment)
-    client = _client(uri)
+    client = mlflow_client(uri)
     run_id = find_run(uri, experiment_id, run_name) if resume else None
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=display_name or run_name).info.run_id
@@ -185,7 +186,7 @@ def start_run(
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
     """The newest non-deleted run of the experiment tagged with this coat run name."""
     quote = "'" if "'" not in run_name else '"'  # MLflow's filter grammar has no escapes, only two quote styles
-    runs = _client(uri).search_runs(
+    runs = mlflow_client(uri).search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {quote}{run_name}{quote}",
         run_view_type=ViewType.ACTIVE_ONLY,
         max_results=1, order_by=["attributes.start_time DESC"],
@@ -253,24 +254,24 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, tim
         except (TypeError, ValueError):
             raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
     for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-        _client(uri).log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+        mlflow_client(uri).log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """Write `text` to the run's artifact `artifact_file` (the config YAML, a report). Raises MlflowException."""
-    _client(uri).log_text(run_id, text, artifact_file)
+    mlflow_client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_dict_artifact(uri: str, run_id: str, data: dict[str, Any], artifact_file: str) -> None:
     """Write `data` as JSON or YAML (by the file's extension) to the run's artifacts. Raises MlflowException."""
-    _client(uri).log_dict(run_id, data, artifact_file)
+    mlflow_client(uri).log_dict(run_id, data, artifact_file)
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
     """Upload a directory's contents (e.g. the trained parts). Raises NotADirectoryError naming `local_dir`."""
     if not Path(local_dir).is_dir():
         raise NotADirectoryError(f"log_artifacts: {local_dir} is not a directory")
-    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    mlflow_client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
@@ -290,19 +291,19 @@ def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> No
         else:
             df.to_parquet(local, index=False)
         parent = str(Path(artifact_file).parent)
-        _client(uri).log_artifact(run_id, str(local), None if parent == "." else parent)
+        mlflow_client(uri).log_artifact(run_id, str(local), None if parent == "." else parent)
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     """Set (or overwrite) tags on a run, values truncated to MLflow's limit. Raises MlflowException."""
     run_tags = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
     for i in range(0, len(run_tags), MAX_PARAMS_TAGS_PER_BATCH):
-        _client(uri).log_batch(run_id, tags=run_tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        mlflow_client(uri).log_batch(run_id, tags=run_tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
 
 def set_description(uri: str, run_id: str, text: str) -> None:
     """The run's description: what the dashboard shows at the top of the run's page (MLflow's note tag)."""
-    _client(uri).set_tag(run_id, MLFLOW_RUN_NOTE, text)
+    mlflow_client(uri).set_tag(run_id, MLFLOW_RUN_NOTE, text)
 
 
 def dashboard_link(uri: str, experiment_id: str) -> str | None:
@@ -318,28 +319,33 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run finished, failed or killed. Raises ValueError for any other status."""
     if status not in END_STATUSES:
         raise ValueError(f"end_run: status {status!r} must be one of {', '.join(END_STATUSES)}")
-    _client(uri).set_terminated(run_id, status)
+    mlflow_client(uri).set_terminated(run_id, status)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric, in step order; [] if never logged. Raises MlflowException."""
-    history = sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    history = sorted(mlflow_client(uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return [(m.step, m.value) for m in history]
 
 
-def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
-    """The runs whose parent is `parent_run_id` (a sweep's trials)."""
-    client = _client(uri)
+def child_runs(uri: str, parent_run_id: str) -> list[Run]:
+    """The runs whose parent is `parent_run_id` (a sweep's trials), oldest first."""
+    client = mlflow_client(uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return [run.info.run_id for run in runs]
+    return client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def child_run_ids(uri: str, parent_run_id: str) -> list[str]:
+    """The ids of `child_runs`."""
+    return [run.info.run_id for run in child_runs(uri, parent_run_id)]
 
 
 def run_status(uri: str, run_id: str) -> str:
     """RUNNING, FINISHED, FAILED or KILLED."""
-    return _client(uri).get_run(run_id).info.status
+    return mlflow_client(uri).get_run(run_id).info.status
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
     """Each metric's last logged value."""
-    return dict(_client(uri).get_run(run_id).data.metrics)
+    return dict(mlflow_client(uri).get_run(run_id).data.metrics)

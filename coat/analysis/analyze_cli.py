@@ -43,7 +43,7 @@ def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out:
             tracking.log_artifacts(uri, parent, out / name, f"analysis/{name}")
             by_parent.setdefault(parent, []).append(f"**{name}**\n" + "\n".join(f"- {s}" for s in
                                                                               summary["conclusions"]))
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     for parent, sections in by_parent.items():
         described = client.get_run(parent).data.tags.get("mlflow.note.content", "")
         kept = described.split(ANALYSIS_HEADING)[0].rstrip()

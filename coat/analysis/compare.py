@@ -9,6 +9,7 @@ the number of seeds is reported with every difference.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -93,14 +94,14 @@ def paired_against(uri: str, children: pd.DataFrame, field: str, reference: obje
     others = [f for f in varied(done) if f != field]
     key = (lambda row: tuple(str(row[f]) for f in others)) if others else (lambda row: ())
     references = {key(row): row for _, row in done[done[field].astype(str) == str(reference)].iterrows()}
+    examples = functools.cache(lambda run_id: predictions(uri, run_id, system))  # a reference serves every setting
     pooled: dict[str, tuple[list, list, set]] = {}
     for _, row in done[done[field].astype(str) != str(reference)].iterrows():
         twin = references.get(key(row))
         if twin is None:
             continue
         tag = "|".join(key(row))
-        a, b = (predictions(uri, run["run_id"], system).assign(id=lambda d, t=tag: t + "|" + d["id"])
-                for run in (row, twin))
+        a, b = (examples(run["run_id"]).assign(id=lambda d, t=tag: t + "|" + d["id"]) for run in (row, twin))
         mine, theirs, seeds = pooled.setdefault(str(row[field]), ([], [], set()))
         mine.append(a)
         theirs.append(b)

@@ -47,7 +47,7 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
 def sweeps(uri: str, experiment: str) -> pd.DataFrame:
     """The experiment's sweep parent runs, newest first (`name` is the run's, `sweep` the sweep's own name,
     `search` "grid" or "optuna")."""
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     experiment_id = tracking.get_or_create_experiment(uri, experiment)
     parents = client.search_runs([experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
                                  order_by=["attributes.start_time DESC"])
@@ -59,11 +59,7 @@ def sweeps(uri: str, experiment: str) -> pd.DataFrame:
 
 def children(uri: str, parent_run_id: str) -> pd.DataFrame:
     """One row per child run of a sweep (its trials), oldest first."""
-    client = tracking._client(uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"])
-    return runs_table(runs)
+    return runs_table(tracking.child_runs(uri, parent_run_id))
 
 
 def varied(children: pd.DataFrame) -> list[str]:
@@ -103,7 +99,7 @@ def predictions(uri: str, run_id: str, system: str = "coat") -> pd.DataFrame:
     prediction, correct, wer, tokens, latency. Raises MlflowException when the run has none."""
     name = "predictions.jsonl" if system == "coat" else f"predictions.{system}.jsonl"
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(tracking._client(uri).download_artifacts(run_id, f"eval/{name}", folder))
+        path = Path(tracking.mlflow_client(uri).download_artifacts(run_id, f"eval/{name}", folder))
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return pd.DataFrame(rows).astype({"id": str})
 
@@ -112,7 +108,7 @@ def table_artifact(uri: str, run_id: str, path: str) -> pd.DataFrame:
     """A table a run logged (`coat.tracking.log_table`: .parquet, .csv or pandas-split .json). Raises
     MlflowException when the run has no such artifact."""
     with tempfile.TemporaryDirectory() as folder:
-        local = Path(tracking._client(uri).download_artifacts(run_id, path, folder))
+        local = Path(tracking.mlflow_client(uri).download_artifacts(run_id, path, folder))
         if local.suffix == ".parquet":
             return pd.read_parquet(local)
         return pd.read_csv(local) if local.suffix == ".csv" else pd.read_json(local, orient="split")
