@@ -51,10 +51,17 @@ class ThinkingConfig:
         return self.num_slots + 2 if self.num_slots else 0
 
 
+HEAD_POSITIONS = ("sinusoidal", "learned", "none")
+PARAM_GROUPS = ("slots", "heads", "lora")  # what a training stage trains; "lora" includes lora.modules_to_save
+
+
 @dataclass
 class HeadsConfig:
     kind: str = "transformer"  # "transformer" (as in the paper) or "linear"
     layer: int = -1  # hidden_states index the heads read; -1 = last layer
+    # Which slot a head reads: "sinusoidal" (fixed) or "learned" (one row per slot up to thinking.max_slots, so the
+    # parameter count does not depend on K) added to each slot's state; "none" leaves the heads order-blind.
+    position: str = "sinusoidal"
     num_layers: int = 1  # transformer heads: encoder layers over the K slots
     dim: int = 128  # transformer heads: width
     num_attention_heads: int = 4
@@ -62,7 +69,12 @@ class HeadsConfig:
 
 @dataclass
 class ExpertsConfig:
-    names: list[str] = field(default_factory=lambda: ["pitch", "phonetic", "prosody", "mel"])
+    # Expert names (`coat experts list`) or roles, each standing for its default expert (coat.experts.roles).
+    # Default: the method's five roles (pitch, phonetic, affect, sound-events, reconstruction).
+    names: list[str] = field(default_factory=lambda: ["pitch", "phonetic", "egemaps", "sound-events", "mel"])
+    # Per-expert settings, e.g. {sound-events: {path: DIR}}, used while the expert is in `names` (a sweep over
+    # expert sets may add it); audio-encoder takes this config's backbone unless set here.
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,11 +126,19 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One stage of the schedule: the paper grounds the slots first (little CE), then trains jointly."""
+    """One stage of the schedule: the paper grounds the slots first (LLM frozen, little CE), then trains jointly.
+
+    Each stage warms its learning rates up over its first `warmup_steps` and decays them (cosine) to 10% by its
+    end, so a group a stage unfreezes starts gently."""
 
     steps: int = 100
     ce_weight: float = 1.0  # replaces loss.ce_weight during the stage
-    expert_scale: float = 1.0  # multiplies every expert weight during the stage
+    expert_scale: float = 1.0  # multiplies every expert weight at the stage's start
+    expert_scale_end: float | None = None  # anneal linearly to this by the stage's end; None: held
+    weights: dict[str, float] = field(default_factory=dict)  # per-expert weights for this stage, over loss.weights
+    train: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))  # groups trained; the others frozen
+    lr: dict[str, float] = field(default_factory=dict)  # per group; a group without an entry gets train.lr
+    warmup_steps: int | None = None  # None: train.warmup_steps
 
 
 @dataclass
@@ -137,7 +157,8 @@ class TrainConfig:
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
     stages: list[StageConfig] = field(
-        default_factory=lambda: [StageConfig(steps=60, ce_weight=0.1), StageConfig(steps=240, ce_weight=1.0)]
+        default_factory=lambda: [StageConfig(steps=60, ce_weight=0.1, train=["slots", "heads"]),
+                                 StageConfig(steps=240, ce_weight=1.0)]
     )
     checkpoint_every: int = 50  # optimizer steps; validation runs and metrics reach MLflow with each checkpoint
     val_batches: int = 4  # per worker, per validation
@@ -255,14 +276,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not path.is_file():
                 raise FileNotFoundError(f"config file {path} does not exist")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = _with_overrides(merged, overrides)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"config field {err.full_key!r}{where}: {err.msg.splitlines()[0]}") from None
+    return _resolved(cfg)
+
+
+def _with_overrides(merged, overrides):
+    """`key.path=value` overrides applied one by one; a path may index a list (`train.stages.1.steps=200`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, value = item.split("=", 1)
+        parts = key.split(".")
+        for i, part in enumerate(parts[1:], 1):
+            parent = OmegaConf.select(merged, ".".join(parts[:i]))
+            if part.isdigit() and OmegaConf.is_list(parent) and int(part) >= len(parent):
+                raise ConfigError(f"config field {key!r}: {'.'.join(parts[:i])} has {len(parent)} entries; set "
+                                  "the whole list to add one")
+        parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]  # YAML, as on the command line
+        try:
+            OmegaConf.update(merged, key, parsed, merge=True)
+        except (IndexError, TypeError) as err:
+            raise ConfigError(f"config field {key!r}: {err}") from None
+    return merged
+
+
+def _resolved(cfg: CoATConfig) -> CoATConfig:
+    """Roles in `experts.names` replaced by their default experts, then validated."""
+    from coat.experts.roles import resolve_roles
+
+    cfg.experts.names = resolve_roles(cfg.experts.names)
     validate(cfg)
     return cfg
 
@@ -297,6 +343,8 @@ def validate(cfg: CoATConfig) -> None:
 
     if cfg.heads.kind not in ("transformer", "linear"):
         fail("heads.kind", f"{cfg.heads.kind!r} must be 'transformer' or 'linear'")
+    if cfg.heads.position not in HEAD_POSITIONS:
+        fail("heads.position", f"{cfg.heads.position!r} must be one of {', '.join(HEAD_POSITIONS)}")
     if cfg.heads.num_layers < 1:
         fail("heads.num_layers", "must be >= 1")
     if cfg.heads.dim % cfg.heads.num_attention_heads:
@@ -304,7 +352,7 @@ def validate(cfg: CoATConfig) -> None:
 
     names = cfg.experts.names
     if len(set(names)) != len(names):
-        fail("experts.names", f"{names} lists an expert twice")
+        fail("experts.names", f"{names} lists an expert twice (a role counts as its default expert)")
     if cfg.loss.ce_weight < 0:
         fail("loss.ce_weight", f"{cfg.loss.ce_weight} must be >= 0")
     if cfg.loss.default_weight < 0:
@@ -338,8 +386,24 @@ def validate(cfg: CoATConfig) -> None:
     for i, stage in enumerate(t.stages):
         if stage.steps < 1:
             fail(f"train.stages.{i}.steps", f"{stage.steps} must be >= 1")
-        if stage.ce_weight < 0 or stage.expert_scale < 0:
-            fail(f"train.stages.{i}", "ce_weight and expert_scale must be >= 0")
+        if stage.ce_weight < 0 or stage.expert_scale < 0 or (stage.expert_scale_end or 0) < 0:
+            fail(f"train.stages.{i}", "ce_weight, expert_scale and expert_scale_end must be >= 0")
+        if bad := [g for g in [*stage.train, *stage.lr] if g not in PARAM_GROUPS]:
+            fail(f"train.stages.{i}.train", f"{bad} are not among the parameter groups {', '.join(PARAM_GROUPS)}")
+        if not stage.train:
+            fail(f"train.stages.{i}.train", "trains nothing: name at least one of " + ", ".join(PARAM_GROUPS))
+        if any(lr <= 0 for lr in stage.lr.values()):
+            fail(f"train.stages.{i}.lr", f"{dict(stage.lr)}: learning rates must be positive (freeze a group by "
+                                         "leaving it out of the stage's train list)")
+        for name, weight in stage.weights.items():
+            if name not in names or weight < 0:
+                fail(f"train.stages.{i}.weights.{name}", f"{weight} for {name!r}: needs an expert of "
+                                                         f"experts.names={names} and a weight >= 0")
+        if stage.warmup_steps is not None and stage.warmup_steps < 0:
+            fail(f"train.stages.{i}.warmup_steps", "must be >= 0")
+    if t.strategy == "fsdp" and len({tuple(sorted(s.train)) for s in t.stages}) > 1:
+        fail("train.stages", "under train.strategy=fsdp every stage must train the same groups: FSDP fixes the "
+                             "trainable parameters when it wraps the model; use ddp, or the same `train` list")
     for key in ("num_workers", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, key) < (0 if key == "num_workers" else 1):
             fail(f"train.{key}", f"{getattr(t, key)} is too small")
@@ -388,12 +452,10 @@ def validate(cfg: CoATConfig) -> None:
 def apply_overrides(cfg: CoATConfig, overrides: list[str]) -> CoATConfig:
     """`cfg` with dotted overrides applied, validated. Raises ConfigError naming the field."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
-        out = OmegaConf.to_object(merged)
+        out = OmegaConf.to_object(_with_overrides(OmegaConf.structured(cfg), overrides))
     except OmegaConfBaseException as err:
         raise ConfigError(f"config field {err.full_key!r}: {err.msg.splitlines()[0]}") from None
-    validate(out)
-    return out
+    return _resolved(out)
 
 
 def with_absolute_paths(cfg: CoATConfig) -> CoATConfig:
@@ -405,8 +467,24 @@ def with_absolute_paths(cfg: CoATConfig) -> CoATConfig:
     ])
 
 
-def expert_weight(cfg: CoATConfig, name: str) -> float:
+def expert_weight(cfg: CoATConfig, name: str, stage: StageConfig | None = None) -> float:
+    """lambda_e: the stage's weight for `name` if it sets one, else `loss.weights`, else `loss.default_weight`."""
+    if stage is not None and name in stage.weights:
+        return stage.weights[name]
     return cfg.loss.weights.get(name, cfg.loss.default_weight)
+
+
+def expert_settings(cfg: CoATConfig) -> dict[str, dict[str, Any]]:
+    """Each configured expert's settings; audio-encoder defaults to this config's backbone, so each backbone
+    regresses its own encoder."""
+    out = {name: dict(cfg.experts.settings.get(name, {})) for name in cfg.experts.names}
+    if "audio-encoder" in out:
+        b = cfg.backbone
+        checkpoint = b.checkpoint or (b.checkpoints.get(b.name) if b.size == "real" else None)
+        own = {"backbone": b.name, "size": b.size, "seed": b.seed, "audio_window_s": b.audio_window_s,
+               **({"checkpoint": checkpoint} if checkpoint else {})}
+        out["audio-encoder"] = own | out["audio-encoder"]
+    return out
 
 
 def to_yaml(cfg: CoATConfig) -> str:
@@ -419,8 +497,7 @@ def from_yaml(text: str) -> CoATConfig:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CoATConfig), OmegaConf.create(text)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"config field {err.full_key!r}: {err.msg.splitlines()[0]}") from None
-    validate(cfg)
-    return cfg
+    return _resolved(cfg)
 
 
 def flatten(cfg: CoATConfig) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from coat.config import ConfigError, flatten, from_yaml, load_config, to_yaml
+from coat.config import ConfigError, expert_settings, expert_weight, flatten, from_yaml, load_config, to_yaml
 from coat.model import CoATModel
 from coat.model.coat_model import check_experts
 from tests.conftest import SYNTHETIC_EXPERTS
@@ -25,6 +25,15 @@ from tests.conftest import SYNTHETIC_EXPERTS
         (["thinking.placement=before_audio"], "thinking.placement"),
         (["heads.kind=mlp"], "heads.kind"),
         (["data.decode_tasks=0"], "data.decode_tasks"),
+        (["heads.position=rotary"], "heads.position"),
+        (["experts.names=[mel,reconstruction]"], "experts.names"),
+        (["train.stages.0.train=[llm]"], "train.stages.0.train"),
+        (["train.stages.0.train=[]"], "train.stages.0.train"),
+        (["train.stages.1.lr.lora=0"], "train.stages.1.lr"),
+        (["train.stages.1.weights.speaker=1"], "train.stages.1.weights.speaker"),
+        (["train.stages.1.expert_scale_end=-1"], "train.stages.1"),
+        (["train.stages.2.steps=5"], "train.stages.2.steps"),
+        (["train.strategy=fsdp"], "train.stages"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
@@ -54,3 +63,21 @@ def test_experts_are_checked_before_the_model_is_built():
         check_experts(cfg, SYNTHETIC_EXPERTS)
     with pytest.raises(ConfigError, match="'experts.names'"):
         CoATModel(load_config(overrides=["experts.names=[pitch,formants]"]), SYNTHETIC_EXPERTS)
+
+
+def test_roles_stand_for_their_default_experts_and_stages_take_dotted_overrides():
+    cfg = load_config(overrides=["experts.names=[pitch,affect,sound-events,reconstruction,audio-encoder]",
+                                 "experts.settings.sound-events.path=/models/ast",
+                                 "train.stages.0.steps=7", "train.stages.1.weights.egemaps=0.5",
+                                 "train.stages.1.lr.lora=1e-4"])
+    assert cfg.experts.names == ["pitch", "egemaps", "sound-events", "mel", "audio-encoder"]
+    assert load_config().experts.names == cfg.experts.names[:1] + ["phonetic"] + cfg.experts.names[1:4]
+    assert (cfg.train.stages[0].steps, cfg.train.stages[0].train) == (7, ["slots", "heads"]), "LLM frozen first"
+    assert cfg.train.stages[1].weights == {"egemaps": 0.5} and cfg.train.stages[1].lr == {"lora": 1e-4}
+    assert expert_weight(cfg, "egemaps", cfg.train.stages[1]) == 0.5 and expert_weight(cfg, "egemaps") == 1.0
+    settings = expert_settings(cfg)
+    assert settings["sound-events"] == {"path": "/models/ast"}
+    assert settings["audio-encoder"]["backbone"] == "qwen2-audio", "the backbone's own encoder"
+    assert from_yaml(to_yaml(cfg)) == cfg
+    fsdp = load_config(overrides=["train.strategy=fsdp", "train.stages=[{steps: 2}, {steps: 3}]"])
+    assert fsdp.train.total_steps == 5, "FSDP with stages that train the same groups"

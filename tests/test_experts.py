@@ -142,8 +142,32 @@ def test_mel_frames_and_level(experts, audio):
 
 def test_frame_level_experts_share_the_100_fps_grid(experts, audio):
     clip = audio["speech_a2"]
-    counts = [experts(name)([clip])[1][0] for name in ("pitch", "mel", "phonetic")]
-    assert counts == [1 + len(clip) // 160] * 3
+    counts = [experts(name)([clip])[1][0] for name in ("pitch", "mel", "phonetic", "egemaps")]
+    assert counts == [1 + len(clip) // 160] * 4
+
+
+def test_egemaps_descriptors_follow_pitch_and_loudness(experts, audio):
+    expert = experts("egemaps")
+    assert expert.role == "affect" and expert.fields[0] == "Loudness_sma3" and len(expert.fields) == 25
+    (loud, quiet, silence), _ = expert([audio["tone"], audio["tone_quiet"], audio["silence"]])
+    f0 = expert.fields.index("F0semitoneFrom27.5Hz_sma3nz")
+    middle = slice(20, -20)  # away from the window edges
+    assert loud[middle, f0].median().item() == pytest.approx(12 * math.log2(220 / 27.5), abs=0.5)
+    assert (loud[middle, 0] > quiet[middle, 0]).all() and silence[:, f0].abs().max() == 0
+    # the grid frame at t s holds openSMILE's frame centred nearest t: a tone starting at 0.5 s is loud from there
+    onset = torch.cat([torch.zeros(SR // 2), audio["tone"][:SR // 2]])
+    (frames,), _ = expert([onset])
+    assert frames[40, 0] < 0.1 * frames[60, 0] and frames[:45, 0].max() < frames[55:, 0].min()
+
+
+def test_sound_events_without_a_tagger_are_a_tiny_random_ast_that_says_so(experts, audio):
+    expert = experts("sound-events")
+    assert (expert.role, expert.spec.dim, expert.spec.kind, expert.spec.frame_rate) == (
+        "sound-events", 527, "multilabel", None)
+    assert "tiny random AST" in expert.source and "experts.settings.sound-events.path" in expert.source
+    scores = torch.stack(expert([audio["speech_a1"], audio["noise"]])[0])
+    assert ((scores > 0) & (scores < 1)).all() and not torch.allclose(scores.sum(1), torch.ones(2))
+    assert build_expert("sound-events").version == expert.version, "the same seeded tagger everywhere"
 
 
 def test_speaker_embeddings_group_by_voice(experts, audio):
@@ -332,3 +356,57 @@ def test_cli_lists_every_expert(hub_models, experts):
         assert experts(name).version in line and f" {experts(name).spec.dim} " in line
     hub_line = next(row for row in result.output.splitlines() if hub_models["ast"] in row)
     assert "clip" in hub_line and "multilabel" in hub_line
+    roles = {name: next(row for row in result.output.splitlines() if f" {name} " in row)
+             for name in ("pitch", "phonetic", "egemaps", "sound-events", "mel", "speaker")}
+    for name, role in [("pitch", "pitch*"), ("phonetic", "phonetic*"), ("egemaps", "affect*"),
+                       ("sound-events", "sound-events*"), ("mel", "reconstruction*"), ("speaker", "speaker")]:
+        assert f" {role} " in roles[name], (name, roles[name])
+    assert "opensmile" in roles["egemaps"] and "tiny random AST" in roles["sound-events"]
+
+
+def test_sound_events_read_a_local_or_cached_tagger_as_multi_label(hub_models, audio, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    single = transformers.ASTForAudioClassification(transformers.ASTConfig(  # no problem_type: still sigmoids
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_length=100,
+        num_mel_bins=16, num_labels=7))
+    snapshot = tmp_path / "hub" / "models--acme--tagger" / "snapshots" / "0123abcd"
+    single.save_pretrained(snapshot)
+    transformers.ASTFeatureExtractor(num_mel_bins=16, max_length=100).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = build_expert("sound-events", path="acme/tagger")
+    assert cached.spec == expert_spec("sound-events", path="acme/tagger")
+    assert (cached.spec.dim, cached.spec.kind) == (7, "multilabel") and "acme/tagger" in cached.source
+    scores = torch.stack(cached([audio["noise"], audio["tone"]])[0])
+    assert not torch.allclose(scores.sum(1), torch.ones(2)) and ((scores > 0) & (scores < 1)).all()
+    assert build_expert("sound-events", path=hub_models["ast"]).version != cached.version
+    with pytest.raises(FileNotFoundError, match="acme/missing.*never download"):
+        build_expert("sound-events", path="acme/missing")
+    with pytest.raises(ValueError, match="no classifier"):
+        build_expert("sound-events", path=hub_models["whisper"])
+
+
+@pytest.mark.parametrize("backbone", ["qwen2-audio", "qwen2.5-omni", "audio-flamingo-3"])
+def test_audio_encoder_targets_are_the_audio_embeddings_the_llm_receives(backbone, audio):
+    from coat.backbones import build_backbone
+    from coat.config import expert_settings, load_config
+
+    cfg = load_config(overrides=[f"backbone.name={backbone}", "backbone.audio_window_s=2", "backbone.seed=5",
+                                 "experts.names=[audio-encoder]"])
+    settings = expert_settings(cfg)["audio-encoder"]
+    assert settings == {"backbone": backbone, "size": "tiny", "seed": 5, "audio_window_s": 2.0}
+    expert = build_expert("audio-encoder", **settings)
+    assert expert.spec == expert_spec("audio-encoder", **settings) and expert.spec.frame_rate == 25
+    clips = [audio["speech_a1"][:SR], audio["tone"][: SR // 2]]
+    features, counts = expert(clips)
+    assert counts == [25, 12]
+    plain = build_backbone(cfg)  # the same seeded weights, run as the model runs: layer 0 is what the LLM gets
+    batch = plain.encode([c.numpy() for c in clips], ["", ""], num_slots=0, placement="after_prompt")
+    with torch.no_grad():
+        embeds = plain.model(**batch, output_hidden_states=True).hidden_states[0]
+    is_audio = batch["input_ids"] == expert.audio_token_id
+    for got, row, mask in zip(features, embeds, is_audio, strict=True):
+        torch.testing.assert_close(got, row[mask], atol=1e-5, rtol=1e-5)
+    assert build_expert("audio-encoder", **{**settings, "seed": 6}).version != expert.version

@@ -8,7 +8,9 @@ from coat.config import ConfigError
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
 from coat.model.coat_model import default_distance
+from coat.model.heads import make_head
 from coat.model.losses import distance, response_ce
+from coat.model.targets import align_to_slots
 from tests.conftest import BACKBONE_NAMES, SYNTHETIC_EXPERTS, synthetic_targets, tiny_config
 
 PROMPTS = ["What is the pitch of the first tone?", "Is the second tone higher?"]
@@ -185,3 +187,61 @@ def test_response_ce_equals_the_full_cross_entropy_on_the_labelled_positions():
                                              ignore_index=-100)
     assert response_ce(logits, labels).dtype == torch.float32
     torch.testing.assert_close(response_ce(logits, labels), full)
+
+
+@pytest.mark.parametrize("kind,position", [("transformer", "sinusoidal"), ("transformer", "learned"),
+                                           ("linear", "sinusoidal")])
+def test_heads_know_which_slot_they_read(kind, position):
+    """Permuting the slot states must not just permute a head's outputs: slot i describes span i."""
+    spec = ExpertSpec("pitch", 2, 100.0)
+    cfg = tiny_config("qwen2-audio", f"heads.kind={kind}", f"heads.position={position}").heads
+    torch.manual_seed(0)
+    head = make_head(cfg, 16, spec, max_slots=8)
+    states, permutation = torch.randn(3, 4, 16), torch.tensor([2, 0, 3, 1])
+    out, out_of_permuted = head(states), head(states[:, permutation])
+    assert not torch.allclose(out_of_permuted, out[:, permutation], atol=1e-4)
+    target = torch.randn(3, 4, 2)
+    loss = distance("smooth_l1", out, target).item()
+    assert distance("smooth_l1", out_of_permuted, target).item() != pytest.approx(loss)
+    blind = make_head(tiny_config("qwen2-audio", "heads.position=none").heads, 16, spec, max_slots=8)
+    torch.testing.assert_close(blind(states[:, permutation]), blind(states)[:, permutation])  # what we had
+
+
+def test_permuting_slot_states_changes_the_model_loss(clips):
+    model = coat_model("qwen2-audio").eval()
+    batch = training_batch(model, clips)
+    with torch.no_grad():
+        states = model(batch).slot_states
+        reversed_states = states.flip(1)
+        for name, head in model.heads.items():
+            assert not torch.allclose(head(reversed_states), head(states).flip(1), atol=1e-4), name
+
+
+def test_slot_i_regresses_the_ith_span_of_the_clip_by_time():
+    # 1 s clip at 100 fps centred frames (101 frames): slot i of 4 covers [i/4, (i+1)/4) s
+    frames = torch.arange(101, dtype=torch.float32)[None, :, None]
+    pooled = align_to_slots(frames, torch.tensor([101]), 4, 100.0, torch.tensor([1.0]))
+    assert pooled[0, :, 0].tolist() == [12.0, 37.0, 62.0, 87.5]  # frames 0-24, 25-49, 50-74, 75-100 (at 1.0 s)
+    # a 25 fps expert whose frames span [t, t+1)/25 over the same second: centres (t + 0.5)/25
+    coarse = align_to_slots(torch.arange(25.0)[None, :, None], torch.tensor([25]), 4, 25.0, torch.tensor([1.0]),
+                            frame_offset=0.5)
+    assert coarse[0, :, 0].tolist() == [2.5, 8.5, 15.0, 21.5]  # frames 0-5 | 6-11 | 12-18 | 19-24
+    # more slots than frames: each empty span takes the frame nearest its centre
+    few = align_to_slots(torch.tensor([[[0.0], [1.0], [2.0]]]), torch.tensor([3]), 6, 3.0, torch.tensor([1.0]))
+    assert few[0, :, 0].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0]  # frames at 0, 1/3, 2/3 s; spans of 1/6 s
+    # padding and the clip's own duration: a 0.5 s clip's slots cover its half second only
+    padded = torch.cat([frames[:, :51], torch.full((1, 50, 1), 1e6)], 1)
+    half = align_to_slots(padded, torch.tensor([51]), 2, 100.0, torch.tensor([0.5]))
+    assert half[0, :, 0].tolist() == [12.0, 37.5]
+    with pytest.raises(ValueError, match="at least one target frame"):
+        align_to_slots(frames, torch.tensor([0]), 4, 100.0)
+
+
+def test_trainable_parameters_do_not_depend_on_k():
+    counts = [coat_model("qwen2-audio", f"thinking.num_slots={k}").parameter_counts() for k in (1, 4, 8)]
+    assert counts[0] == counts[1] == counts[2] and counts[0]["heads"] > 0 and counts[0]["lora"] > 0
+    learned = [coat_model("qwen2-audio", f"thinking.num_slots={k}", "heads.position=learned").parameter_counts()
+               for k in (1, 8)]
+    assert learned[0] == learned[1] and learned[0]["heads"] > counts[0]["heads"]
+    baseline = coat_model("qwen2-audio", "thinking.num_slots=0").parameter_counts()
+    assert baseline["heads"] == 0 and baseline["lora"] == counts[0]["lora"], "K=0: the same LoRA, nothing to supervise"

@@ -272,3 +272,27 @@ def test_collated_stream_batch_gives_finite_losses_for_each_expert(first_run, ma
     out = model(batch)
     assert set(out.losses) == {"ce", "mel", "prosody"}
     assert all(torch.isfinite(v) for v in out.losses.values()) and torch.isfinite(out.loss)
+
+
+def test_precompute_command_takes_a_runs_expert_settings(ray_address, manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from coat.cli import app
+    from coat.experts.registry import expert_version
+
+    config = tmp_path / "run.yaml"
+    config.write_text("backbone: {seed: 3, audio_window_s: 2}\n")
+    result = CliRunner().invoke(app, ["experts", "precompute", "--data", str(manifest), "--store",
+                                      str(tmp_path / "store"), "--experts", "reconstruction,audio-encoder",
+                                      "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    encoder = expert_version("audio-encoder", backbone="qwen2-audio", size="tiny", seed=3, audio_window_s=2.0)
+    assert encoder != expert_version("audio-encoder"), "the run's backbone, not the default one"
+    store, (good, _) = FeatureStore(tmp_path / "store"), manifest_clips(manifest)
+    decodable = set(good["clip_hash"]) - set(store.quarantined())
+    assert store.present("audio-encoder", encoder) == decodable == store.present("mel", build_expert("mel").version), \
+        "a role ('reconstruction') stands for its default expert"
+    first = good.iloc[0]
+    (frames,) = store.read("audio-encoder", encoder, [first["clip_hash"]]).values()
+    seconds = min(2.0, decode(first["audio_path"], 16_000).shape[-1] / 16_000)
+    assert frames.shape[1] == 64 and abs(frames.shape[0] - 25 * seconds) <= 1, "25 fps over the 2 s audio window"

@@ -24,9 +24,24 @@ from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
 from coat.train.checkpoint import load_optimizer_shard, save_optimizer_shard, whole_trained_parts
 from coat.train.launch import train, training_streams
-from coat.train.loop import clip_gradients, lr_factor, stage_at
-from coat.train.session import fsdp_options
+from coat.train.loop import (
+    clip_gradients,
+    enter_stage,
+    expert_scale_at,
+    lr_factor,
+    make_optimizer,
+    set_learning_rates,
+    stage_at,
+    stage_ends,
+    train_step,
+)
+from coat.train.session import InProcessSession, fsdp_options
 from tests.conftest import SYNTHETIC_EXPERTS, free_port, synthetic_targets, tiny_config
+
+# The method's two stages: the slots and heads learn alone (LLM frozen, little CE, their own learning rates), then
+# LoRA joins with the expert losses annealed to half and mel's weight changed.
+STAGE_1 = "{steps: 4, ce_weight: 0.1, train: [slots, heads], lr: {slots: 0.005, heads: 0.003}}"
+STAGE_2 = "{steps: 4, ce_weight: 1.0, expert_scale_end: 0.5, weights: {mel: 2.0}}"
 
 
 def train_config(tmp_path: Path, manifest: Path, *overrides: str):
@@ -34,7 +49,7 @@ def train_config(tmp_path: Path, manifest: Path, *overrides: str):
         f"data.manifest={manifest}", f"data.store={manifest.parent / 'store'}", f"train.storage={tmp_path / 'runs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", "experts.names=[mel,prosody]",
         "thinking.num_slots=4", "thinking.max_slots=8", "train.batch_size=2", "train.warmup_steps=2",
-        "heads.dim=32", "train.stages=[{steps: 4, ce_weight: 0.1}, {steps: 4, ce_weight: 1.0}]",
+        "heads.dim=32", f"train.stages=[{STAGE_1}, {STAGE_2}]",
         "train.checkpoint_every=2", *overrides,
     ])
 
@@ -43,11 +58,57 @@ def steps_logged(uri: str, run_id: str, key: str = "train/loss") -> list[int]:
     return [step for step, _ in tracking.metric_history(uri, run_id, key)]
 
 
-def test_schedule_stages_and_learning_rate():
-    cfg = load_config(overrides=["train.stages=[{steps: 3, ce_weight: 0.0}, {steps: 5}]", "train.warmup_steps=2"])
-    assert [stage_at(cfg, s).ce_weight for s in range(8)] == [0.0] * 3 + [1.0] * 5
+def test_schedule_stages_learning_rates_and_annealing():
+    cfg = load_config(overrides=["train.stages=[{steps: 3, ce_weight: 0.0, lr: {slots: 0.01}, train: [slots, heads]}, "
+                                 "{steps: 5, "
+                                 "expert_scale: 1.0, expert_scale_end: 0.0, warmup_steps: 1}]", "train.warmup_steps=2",
+                                 "train.lr=0.002"])
+    assert [stage_at(cfg, s)[1].ce_weight for s in range(8)] == [0.0] * 3 + [1.0] * 5
+    assert [stage_at(cfg, s)[0] for s in range(8)] == [0] * 3 + [1] * 5 and stage_ends(cfg) == {3, 8}
     factors = [lr_factor(cfg, s) for s in range(8)]
-    assert factors[0] == 0.5 and factors[1] == 1.0 and factors[-1] < factors[2] and min(factors) >= 0.1
+    assert factors[:2] == [0.5, 1.0] and factors[2] < 1.0, "stage 1 warms up over 2 steps, then decays"
+    assert factors[3] == 1.0 and factors[4] < 1.0 and factors[-1] == pytest.approx(0.1), "stage 2: its own schedule"
+    assert [expert_scale_at(cfg, s) for s in range(3, 8)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    coat = CoATModel(tiny_config("qwen2-audio"), SYNTHETIC_EXPERTS)
+    optimizer = make_optimizer(coat, cfg)
+    assert set_learning_rates(optimizer, cfg, 1) == {"slots": 0.01, "heads": 0.002, "lora": 0.0}
+    assert set_learning_rates(optimizer, cfg, 3) == {"slots": 0.002, "heads": 0.002, "lora": 0.002}
+    assert [g["lr"] for g in optimizer.param_groups] == [0.002] * 3
+
+
+def test_each_stage_trains_its_groups_and_freezes_the_rest(clips, tmp_path):
+    cfg = tiny_config("qwen2-audio", "train.stages=[{steps: 2, train: [slots, heads]}, {steps: 2}]",
+                      "train.warmup_steps=0", "lora.modules_to_save=[lm_head]")
+    torch.manual_seed(0)
+    coat = CoATModel(cfg, SYNTHETIC_EXPERTS)
+    groups = {group: [name for name, _ in members] for group, members in coat.parameter_groups().items()}
+    assert groups["slots"] == [n for n in coat.trained_names if n.endswith("embed_tokens.table")]
+    assert all(n.startswith("heads.") for n in groups["heads"]) and groups["heads"]
+    assert any("lora_A" in n for n in groups["lora"]) and any("lm_head" in n for n in groups["lora"])
+    batch = {**coat.encode(clips[:2], ["What is it?"] * 2, ["a tone", "a chirp"]), **synthetic_targets(4)}
+    session, optimizer, model = InProcessSession(tmp_path, 1, False, None), make_optimizer(coat, cfg), None
+    start = {name: value.clone() for name, value in coat.trained_state().items()}
+
+    def grads(stage) -> dict[str, bool]:
+        coat(batch, stage=stage).loss.backward()
+        got = {group: [p.grad is not None for _, p in members] for group, members in coat.parameter_groups().items()}
+        coat.zero_grad(set_to_none=True)
+        return {group: all(flags) if any(flags) else False for group, flags in got.items()}
+
+    for stage in cfg.train.stages:
+        model = enter_stage(session, coat, model, stage, "ddp")
+        trained = set(stage.train)
+        assert grads(stage) == {g: g in trained for g in ("slots", "heads", "lora")}
+    model = enter_stage(session, coat, None, cfg.train.stages[0], "ddp")
+    for step in range(2):
+        train_step(model, coat, iter([batch]), optimizer, cfg, step, torch.device("cpu"))
+    now = coat.trained_state()
+    assert all(torch.equal(now[n], start[n]) for n in groups["lora"]), "stage 1 leaves the LLM as it was"
+    assert not any(optimizer.state.get(p) for _, p in coat.parameter_groups()["lora"])
+    assert all(not torch.equal(now[n], start[n]) for n in groups["slots"] + [groups["heads"][0]])
+    model = enter_stage(session, coat, model, cfg.train.stages[1], "ddp")
+    train_step(model, coat, iter([batch]), optimizer, cfg, 2, torch.device("cpu"))
+    assert any(not torch.equal(coat.trained_state()[n], start[n]) for n in groups["lora"] if "lora_B" in n)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +127,19 @@ def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(unin
     for key in ("train/ce", "train/mel", "train/prosody", "train/lr", "train/samples_per_s"):
         assert len(steps_logged(uri, first.mlflow_run_id, key)) == 8, key
     assert steps_logged(uri, first.mlflow_run_id, "val/ce") == [2, 4, 6, 8], "validation with each checkpoint"
+    assert [v for _, v in tracking.metric_history(uri, first.mlflow_run_id, "train/stage")] == [0] * 4 + [1] * 4
+    lora_lr = [v for _, v in tracking.metric_history(uri, first.mlflow_run_id, "train/lr/lora")]
+    slots_lr = [v for _, v in tracking.metric_history(uri, first.mlflow_run_id, "train/lr/slots")]
+    assert slots_lr[1] == pytest.approx(0.005), "stage 1's own rate for the slots, warmed up over 2 steps"
+    assert lora_lr[:4] == [0.0] * 4, "stage 1 freezes LoRA"
+    assert lora_lr[4:6] == pytest.approx([cfg.train.lr / 2, cfg.train.lr]) and lora_lr[7] < lora_lr[5], \
+        "LoRA joining in stage 2 warms up again"
+    scales = [v for _, v in tracking.metric_history(uri, first.mlflow_run_id, "train/expert_scale")]
+    assert scales[:4] == [1.0] * 4 and scales[4:] == pytest.approx([1.0, 5 / 6, 2 / 3, 0.5])
     run = mlflow.tracking.MlflowClient(uri).get_run(first.mlflow_run_id)
+    counts = CoATModel(cfg).parameter_counts()
+    assert {k: int(v) for k, v in run.data.tags.items() if k.startswith("trainable.")} == {
+        f"trainable.{group}": n for group, n in counts.items()} and counts["lora"] > 0
     assert run.data.params["thinking.num_slots"] == "4" and run.data.tags["backbone"] == "qwen2-audio"
     assert (first.checkpoint / "coat.safetensors").is_file() and (first.checkpoint / "training_state.pt").is_file()
 
@@ -121,10 +194,11 @@ def assert_resumed_like(uri: str, run_name: str, reference_uri: str, reference_r
 
 
 def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_losses(uninterrupted, tmp_path):
-    """Killed while writing the step-4 checkpoint (step 2's committed): the restart continues the same data order
-    from step 2 with the same randomness, logs every step once, and evaluates where it trained."""
+    """Killed in stage 2 while writing the step-6 checkpoint: the restart starts stage 2 again from stage 1's final
+    checkpoint (step 4), with LoRA joining, the same data order and randomness; it logs every step once and
+    evaluates where it trained. (The faults tier kills a run in stage 1.)"""
     cfg, reference = uninterrupted
-    codes, uri = killed_runs(cfg, tmp_path, "checkpoint@4", runs=2)
+    codes, uri = killed_runs(cfg, tmp_path, "checkpoint@6", runs=2)
     assert codes == [-signal.SIGKILL, 0]
     assert not list((tmp_path / "runs" / "killed").glob(".staging-*")), "the torn write is cleared"
     run_id = assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
@@ -145,6 +219,25 @@ def test_a_run_killed_before_its_first_checkpoint_and_after_a_commit_resumes_exa
     codes, uri = killed_runs(cfg, tmp_path, "step@1,reported@6", runs=3)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
     assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
+
+
+def test_the_five_roles_train_in_two_stages_from_real_experts(uninterrupted, tmp_path):
+    """pitch, phonetic, affect (eGeMAPS), sound events (the tiny AST) and both reconstructions (log-mel, the
+    backbone's own encoder): precomputed into the store, streamed, regressed; each loss logged every step."""
+    cfg, _ = uninterrupted
+    roles = apply_overrides(cfg, [
+        "train.num_workers=0", "train.run_name=roles", f"train.storage={tmp_path / 'runs'}",
+        "experts.names=[pitch,phonetic,affect,sound-events,reconstruction,audio-encoder]",
+        "train.stages=[{steps: 2, ce_weight: 0.1, train: [slots, heads]}, {steps: 2}]"])
+    result = train(roles, evaluate_after=False)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    for name in ("pitch", "phonetic", "egemaps", "sound-events", "mel", "audio-encoder"):
+        losses = [v for _, v in tracking.metric_history(uri, result.mlflow_run_id, f"train/{name}")]
+        assert len(losses) == 4 and all(np.isfinite(losses)), name
+    tags = mlflow.tracking.MlflowClient(uri).get_run(result.mlflow_run_id).data.tags
+    assert tags["expert.audio-encoder.version"].startswith(build_expert("audio-encoder").version)
+    assert "expert.sound-events.stats" not in tags, "probabilities are regressed as they are, not standardised"
+    assert [v for _, v in tracking.metric_history(uri, result.mlflow_run_id, "train/stage")] == [0, 0, 1, 1]
 
 
 def test_logged_step_metrics_are_the_mean_over_micro_batches(uninterrupted, tmp_path):
@@ -243,7 +336,7 @@ def fsdp_rank(rank: int, port: int, clips: list, out: Path) -> None:
             if step == 2:
                 coat.load_trained(out / "step1")
             model = FullyShardedDataParallel(coat, device_id=torch.device("cpu"), **fsdp_options(coat))
-            optimizer = torch.optim.AdamW([p for p in coat.parameters() if p.requires_grad], lr=1e-2)
+            optimizer = make_optimizer(coat, apply_overrides(coat.cfg, ["train.lr=0.01"]))
             if step == 2:
                 optimizer.load_state_dict(load_optimizer_shard(out, rank))
             assert fsdp_step(model, coat, optimizer, fsdp_batch(coat, clips, step)) > 0.05
@@ -259,7 +352,7 @@ def fsdp_rank(rank: int, port: int, clips: list, out: Path) -> None:
 def test_fsdp_checkpoints_hold_the_whole_trained_parts_and_optimizer_state(clips, tmp_path):
     torch.multiprocessing.spawn(fsdp_rank, args=(free_port(), clips, tmp_path), nprocs=2)
     coat = fsdp_model()  # the same two steps in one process, unsharded
-    optimizer = torch.optim.AdamW([p for p in coat.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = make_optimizer(coat, apply_overrides(coat.cfg, ["train.lr=0.01"]))
     for step in (1, 2):
         fsdp_step(coat, coat, optimizer, fsdp_batch(coat, clips, step))
         saved, expected = load_file(tmp_path / f"step{step}" / WEIGHTS_FILE), coat.trained_state()

@@ -41,6 +41,21 @@ def test_grid_space_with_conditions_enumerates_exact_points(tmp_path):
                                      "loss.weights.prosody=2.0"]
 
 
+def test_spaces_vary_stage_lengths_per_stage_weights_and_roles(tmp_path):
+    space = load_space(write(tmp_path / "s.yaml", (
+        "train.stages.0.steps: {grid: [20, 60]}\n"
+        "experts.names: {grid: [[pitch, affect], [pitch, reconstruction]]}\n"
+        "train.stages.1.weights.egemaps: {grid: [0.5, 2.0], when: {experts.names: {contains: affect}}}\n")))
+    configs = [load_config(overrides=overrides(point)) for point in space.grid()]
+    assert len(configs) == 2 * (2 + 1)
+    assert sorted({c.train.stages[0].steps for c in configs}) == [20, 60]
+    assert {c.train.total_steps - c.train.stages[0].steps for c in configs} == {240}, "stage 2 stays as it was"
+    assert {tuple(c.experts.names) for c in configs} == {("pitch", "egemaps"), ("pitch", "mel")}
+    assert sorted(c.train.stages[1].weights.get("egemaps", 0) for c in configs) == [0, 0, 0.5, 0.5, 2.0, 2.0]
+    with pytest.raises(SpaceError, match="train.stages.3.steps.*has 2 entries"):
+        load_space(write(tmp_path / "bad.yaml", "train.stages.3.steps: {grid: [5]}\n"))
+
+
 def test_sampled_space_respects_conditions_in_optuna(tmp_path):
     space = load_space(write(tmp_path / "s.yaml", (
         "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"

@@ -141,7 +141,8 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         absent = rows[~rows["clip_hash"].isin(index.index)]
         if len(absent):
             first = absent.iloc[0]
-            with_settings = f" with settings {dict(settings[name])}" if settings.get(name) else ""
+            with_settings = (f" --config <the run's config> (expert settings {dict(settings[name])})"
+                             if settings.get(name) else "")
             cropped = f" --crop-seconds {crop:g}" if crop is not None else ""
             raise MissingFeaturesError(
                 f"feature store {store_dir} has no features of expert {name!r} (version {version}) "
@@ -191,8 +192,8 @@ def _columns(rows: Mapping[str, Sequence] | Sequence[Mapping]) -> Mapping[str, S
 
 
 def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str, torch.Tensor]:
-    """`model.encode(audio, prompts, answers)` plus `target.<e>` per expert: [B, T, D] zero-padded with
-    `target_len.<e>` [B] for frame-level experts, [B, D] for clip-level ones.
+    """`model.encode(audio, prompts, answers)`, the clips' `duration` [B] in seconds, and `target.<e>` per expert:
+    [B, T, D] zero-padded with `target_len.<e>` [B] for frame-level experts, [B, D] for clip-level ones.
 
     `rows` is a batch of columns (Ray's numpy batches) or a list of row dicts (a DataLoader's).
 
@@ -200,8 +201,9 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str
         KeyError: naming an expert of the model whose `target.<e>` the rows lack.
     """
     cols = _columns(rows)
-    batch = model.encode([np.asarray(a, np.float32) for a in cols["audio"]], [str(p) for p in cols["prompt"]],
-                         [str(a) for a in cols["answer"]])
+    audio = [np.asarray(a, np.float32) for a in cols["audio"]]
+    batch = model.encode(audio, [str(p) for p in cols["prompt"]], [str(a) for a in cols["answer"]])
+    batch["duration"] = torch.tensor([len(a) / model.backbone.sample_rate for a in audio], dtype=torch.float64)
     for name in model.experts:
         key = f"target.{name}"
         if key not in cols:

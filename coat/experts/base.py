@@ -32,6 +32,9 @@ class ExpertSpec:
     dim: int
     frame_rate: float | None
     kind: ExpertKind = "continuous"
+    # Where frame t's centre is, in frames: t + frame_offset. 0 for frames centred on t / frame_rate (STFT-style),
+    # 0.5 for frames spanning [t, t + 1) / frame_rate (chunks, strided encoders). Aligns frames to slots by time.
+    frame_offset: float = 0.0
 
     @property
     def clip_level(self) -> bool:

@@ -37,6 +37,7 @@ class MelExpert:
     """Log-mel frames [T, n_mels]: natural log of mel power (25 ms Hann window, 100 fps), floored at 1e-10."""
 
     role = "reconstruction"
+    source = "torchaudio log-mel"
     sample_rate = SAMPLE_RATE
 
     @staticmethod
@@ -72,7 +73,8 @@ class MelExpert:
 class ProsodyExpert:
     """Clip-level prosody vector [len(PROSODY_FIELDS)] from an autocorrelation pitch track and energy."""
 
-    role = "prosody / affect"
+    role = "prosody"
+    source = "coat (autocorrelation pitch, energy; torchaudio)"
     sample_rate = SAMPLE_RATE
 
     @staticmethod

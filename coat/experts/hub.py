@@ -28,11 +28,24 @@ _REVISION = 1
 
 
 def _model_dir(path: str | Path) -> Path:
+    """A save_pretrained directory, or the cached snapshot of a hub id already in the local cache."""
     root = Path(path).expanduser()
+    if not root.exists() and "/" in str(path) and not str(path).startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            root = Path(snapshot_download(str(path), local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            pass
     if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"hub expert: no model at {root} (expected a save_pretrained directory with "
-                                "config.json; hub experts never download)")
+        raise FileNotFoundError(f"hub expert: no model at {path} (expected a save_pretrained directory with "
+                                "config.json, or a hub id in the local cache; hub experts never download)")
     return root
+
+
+def _is_multi_label(config: PretrainedConfig, multi_label: bool | None) -> bool:
+    return config.problem_type == "multi_label_classification" if multi_label is None else multi_label
 
 
 def _architecture(config: PretrainedConfig) -> str:
@@ -53,8 +66,10 @@ def _frame_rate(config: PretrainedConfig, sampling_rate: int, hop_length: int | 
                      "states; use output='posteriors'")
 
 
-def hub_spec(path: str | Path, output: str | None = None, name: str | None = None) -> ExpertSpec:
+def hub_spec(path: str | Path, output: str | None = None, name: str | None = None,
+             multi_label: bool | None = None) -> ExpertSpec:
     """The spec of a hub expert from its config and feature-extractor config alone (no weights loaded).
+    `multi_label` overrides the config's `problem_type` (AudioSet taggers are multi-label whatever it says).
 
     Raises:
         FileNotFoundError: `path` holds no saved model.
@@ -71,11 +86,11 @@ def hub_spec(path: str | Path, output: str | None = None, name: str | None = Non
         if not _architecture(config).endswith(_CLASSIFIER_SUFFIXES):
             raise ValueError(f"hub expert {name!r}: {_architecture(config)} has no classifier; use "
                              "output='frames'")
-        kind = "multilabel" if config.problem_type == "multi_label_classification" else "discrete"
+        kind = "multilabel" if _is_multi_label(config, multi_label) else "discrete"
         return ExpertSpec(name=name, dim=config.num_labels, frame_rate=None, kind=kind)
     extractor = AutoFeatureExtractor.from_pretrained(root, local_files_only=True)
     rate = _frame_rate(config, extractor.sampling_rate, getattr(extractor, "hop_length", None))
-    return ExpertSpec(name=name, dim=config.hidden_size, frame_rate=rate, kind="continuous")
+    return ExpertSpec(name=name, dim=config.hidden_size, frame_rate=rate, kind="continuous", frame_offset=0.5)
 
 
 class HubExpert:
@@ -91,11 +106,11 @@ class HubExpert:
 
     @staticmethod
     def describe(path: str | Path, output: str | None = None, name: str | None = None,
-                 **_settings) -> ExpertSpec:
-        return hub_spec(path, output, name)
+                 multi_label: bool | None = None, **_settings) -> ExpertSpec:
+        return hub_spec(path, output, name, multi_label)
 
     def __init__(self, path: str | Path, output: str | None = None, layer: int = -1, name: str | None = None,
-                 role: str | None = None, device: str = "cpu"):
+                 role: str | None = None, multi_label: bool | None = None, device: str = "cpu"):
         """Load the model class named in the config and its feature extractor from `path`, offline.
 
         Raises:
@@ -104,7 +119,8 @@ class HubExpert:
             OSError: transformers cannot load the weights or feature extractor from `path`.
         """
         root = _model_dir(path)
-        self.spec = hub_spec(root, output, name or f"hub:{path}")
+        transformers.utils.logging.disable_progress_bar()  # loading a small expert is not worth a progress bar
+        self.spec = hub_spec(root, output, name or f"hub:{path}", multi_label)
         config = AutoConfig.from_pretrained(root, local_files_only=True)
         self.name, self.output, self.layer = self.spec.name, output or _default_output(config), layer
         self.role = role or ("classes" if self.output == "posteriors" else "encoder frames")
@@ -117,10 +133,12 @@ class HubExpert:
         self.sample_rate = self.extractor.sampling_rate
         model_class = getattr(transformers, _architecture(config), transformers.AutoModel)
         self.model = model_class.from_pretrained(root, local_files_only=True).eval().to(self.device)
-        self.multi_label = config.problem_type == "multi_label_classification"
+        self.multi_label = _is_multi_label(config, multi_label)
+        self.source = f"{_architecture(config)} from {path}"
         weights = [p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".json")]
         self.version = version_hash(weights, {"expert": "hub", "class": type(self.model).__name__,
-                                              "output": self.output, "layer": layer, "revision": _REVISION})
+                                              "output": self.output, "layer": layer, "revision": _REVISION,
+                                              **({"multi_label": multi_label} if multi_label is not None else {})})
 
     @torch.inference_mode()
     def __call__(self, waveforms: list[torch.Tensor],

@@ -29,7 +29,8 @@ class PhoneticExpert:
     same phones whatever was decoded before it (pocketsphinx's live CMN otherwise carries over).
     """
 
-    role = "phonetic content"
+    role = "phonetic"
+    source = "pocketsphinx en-us phone decoder"
     sample_rate = SAMPLE_RATE
 
     @staticmethod

@@ -34,6 +34,7 @@ class PitchExpert:
     """
 
     role = "pitch"
+    source = "torchcrepe"
     sample_rate = SAMPLE_RATE
 
     @staticmethod
@@ -59,6 +60,7 @@ class PitchExpert:
             raise ValueError(f"pitch expert {name!r}: threshold={threshold} must be in [0, 1]")
         self._crepe = torchcrepe
         self.name, self.model, self.fmin, self.fmax, self.threshold = name, model, fmin, fmax, threshold
+        self.source = f"torchcrepe {model}"
         self.device, self.batch_frames = torch.device(device), batch_frames
         weights = Path(torchcrepe.__file__).parent / "assets" / f"{model}.pth"
         # A private instance: torchcrepe's own `infer` caches one global model and reloads it whenever

@@ -27,26 +27,38 @@ def precompute_command(
     crop_seconds: Annotated[float | None, typer.Option(
         "--crop-seconds", min=0.001, help="Experts hear each clip's first SECONDS only, as training does with "
                                           "data.long_clips=crop (data.max_seconds).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="A run config whose expert settings (experts.settings, and the backbone for "
+                         "audio-encoder) the experts take, so the store holds what that run reads.")] = None,
 ) -> None:
     """Compute every expert's features for the clips the store lacks and print what was done.
 
     Exits 1 when the manifest cannot be read; a bad expert name is a usage error (exit 2).
     """
+    from coat.config import ConfigError, apply_overrides, expert_settings, load_config
     from coat.data.manifest import ManifestError
     from coat.data.precompute import precompute
     from coat.experts.registry import UnknownExpertError, expert_spec
+    from coat.experts.roles import resolve_roles
 
     console = Console()
-    names = [n.strip() for n in experts.split(",") if n.strip()]
+    names = resolve_roles([n.strip() for n in experts.split(",") if n.strip()])
     if not names:
         raise typer.BadParameter("give at least one expert name", param_hint="--experts")
+    settings = {}
+    if config is not None:
+        try:
+            settings = expert_settings(apply_overrides(load_config(config), [f"experts.names=[{','.join(names)}]"]))
+        except (ConfigError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err), param_hint="--config") from err
     for name in names:
         try:
-            expert_spec(name)
+            expert_spec(name, **settings.get(name, {}))
         except (UnknownExpertError, ValueError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err), param_hint="--experts") from err
     try:
-        summary = precompute(data, names, store, batch_size=batch_size, num_actors=actors, crop_seconds=crop_seconds)
+        summary = precompute(data, names, store, settings=settings, batch_size=batch_size, num_actors=actors,
+                             crop_seconds=crop_seconds)
     except ManifestError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(1) from err

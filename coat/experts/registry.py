@@ -10,7 +10,10 @@ import functools
 import inspect
 import json
 
+from coat.experts.affect import EgemapsExpert
 from coat.experts.base import Expert, ExpertSpec
+from coat.experts.encoder import AudioEncoderExpert
+from coat.experts.events import SoundEventExpert
 from coat.experts.features import MelExpert, ProsodyExpert
 from coat.experts.hub import HubExpert
 from coat.experts.phonetic import PhoneticExpert
@@ -28,6 +31,9 @@ OFFLINE: dict[str, tuple[type, dict[str, object]]] = {
     "vad": (VadExpert, {}),
     "mel": (MelExpert, {}),
     "prosody": (ProsodyExpert, {}),
+    "egemaps": (EgemapsExpert, {}),
+    "sound-events": (SoundEventExpert, {}),
+    "audio-encoder": (AudioEncoderExpert, {}),
 }
 HUB_PREFIX = "hub:"
 

@@ -25,7 +25,8 @@ _REVISION = 1
 class SpeakerExpert:
     """Unit-norm voice embedding [256]. Silence (or a clip the network maps to all zeros) gives zeros."""
 
-    role = "speaker / paralinguistics"
+    role = "speaker"
+    source = "resemblyzer voice encoder"
     sample_rate = SAMPLE_RATE
 
     @staticmethod

@@ -31,12 +31,14 @@ class VadExpert:
     The model is causal, so padding a batch to its longest clip leaves each clip's probabilities unchanged.
     """
 
-    role = "speech activity"
+    role = "speech-activity"
+    source = "silero-vad"
     sample_rate = SAMPLE_RATE
 
     @staticmethod
     def describe(name: str = "vad", **_settings) -> ExpertSpec:
-        return ExpertSpec(name=name, dim=1, frame_rate=SAMPLE_RATE / CHUNK, kind="continuous")
+        return ExpertSpec(name=name, dim=1, frame_rate=SAMPLE_RATE / CHUNK, kind="continuous",
+                          frame_offset=0.5)
 
     def __init__(self, name: str = "vad", device: str = "cpu"):
         """Load silero-vad's JIT model.

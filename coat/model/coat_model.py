@@ -21,7 +21,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from coat.backbones import Backbone, build_backbone
-from coat.config import CoATConfig, ConfigError, expert_weight, from_yaml, to_yaml
+from coat.config import (
+    PARAM_GROUPS,
+    CoATConfig,
+    ConfigError,
+    StageConfig,
+    expert_settings,
+    expert_weight,
+    from_yaml,
+    to_yaml,
+)
 from coat.experts.base import ExpertSpec
 from coat.model.heads import make_head
 from coat.model.losses import distance, response_ce
@@ -29,6 +38,7 @@ from coat.model.slots import SlotEmbedding
 from coat.model.targets import slot_targets
 
 REGRESSION_MAX_DIM = 16
+FSDP_UNIT = "_fsdp_wrapped_module."  # in the parameter names of modules FSDP wrapped as units of their own
 WEIGHTS_FILE = "coat.safetensors"
 CONFIG_FILE = "coat.yaml"
 META_FILE = "coat.json"
@@ -87,7 +97,7 @@ class CoATModel(nn.Module):
         if experts is None:
             from coat.experts.registry import expert_spec
 
-            experts = {name: expert_spec(name) for name in cfg.experts.names}
+            experts = {name: expert_spec(name, **chosen) for name, chosen in expert_settings(cfg).items()}
         check_experts(cfg, experts)
         self.cfg = cfg
         self.experts = {name: experts[name] for name in cfg.experts.names}
@@ -107,13 +117,42 @@ class CoATModel(nn.Module):
             # parameter to get a gradient).
             hidden = self.backbone.hidden_size
             self.heads = nn.ModuleDict(
-                {name: make_head(cfg.heads, hidden, spec) for name, spec in self.experts.items()}
+                {name: make_head(cfg.heads, hidden, spec, cfg.thinking.max_slots)
+                 for name, spec in self.experts.items()}
                 if cfg.thinking.num_slots > 0 else {}
             ).to(device)
+        # What training may change, whatever a stage freezes: saved, loaded and optimised as one fixed set.
+        self.trained_names = [name for name, p in self.named_parameters() if p.requires_grad]
 
     @property
     def slot_table(self) -> nn.Parameter:
         return self.backbone.model.get_input_embeddings().table
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The trained parameters by group (`config.PARAM_GROUPS`): the slot table, the heads, and the LLM's
+        LoRA weights with `lora.modules_to_save`."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {group: [] for group in PARAM_GROUPS}
+        slot_table = self.slot_table
+        for name, param in self._trained():
+            group = "slots" if param is slot_table else "heads" if name.startswith("heads.") else "lora"
+            groups[group].append((name, param))
+        return groups
+
+    def _trained(self) -> list[tuple[str, nn.Parameter]]:
+        """The trained parameters with their names as `named_parameters` gives them (FSDP inserts a part)."""
+        wanted = set(self.trained_names)
+        return [(name, p) for name, p in self.named_parameters() if name.replace(FSDP_UNIT, "") in wanted]
+
+    def set_trainable(self, groups: list[str]) -> None:
+        """Train exactly `groups`: their parameters take gradients, every other trained parameter is frozen."""
+        for group, members in self.parameter_groups().items():
+            for _, param in members:
+                param.requires_grad_(group in groups)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trained parameters per group, and in all."""
+        counts = {group: sum(p.numel() for _, p in members) for group, members in self.parameter_groups().items()}
+        return counts | {"total": sum(counts.values())}
 
     @property
     def num_slots(self) -> int:
@@ -131,18 +170,20 @@ class CoATModel(nn.Module):
         return {key: batch[key].to(device) for key in keys}
 
     def forward(
-        self, batch: Mapping[str, torch.Tensor], *, ce_weight: float | None = None, expert_scale: float = 1.0
+        self, batch: Mapping[str, torch.Tensor], *, stage: StageConfig | None = None, expert_scale: float = 1.0
     ) -> CoATOutput:
-        """Losses on one batch from `encode` plus targets `target.<expert>` ([B, T, D] or [B, D]) and
-        `target_len.<expert>` ([B], frame-level experts). Raises KeyError naming a missing target.
+        """Losses on one batch from `encode` plus targets `target.<expert>` ([B, T, D] or [B, D]),
+        `target_len.<expert>` ([B], frame-level experts) and optionally `duration` ([B] seconds: aligns frames to
+        slots by time, see `targets.py`). Raises KeyError naming a missing target.
 
-        `ce_weight` and `expert_scale` override the config's weights for a training stage."""
+        `stage` replaces the config's CE and expert weights with the stage's; `expert_scale` multiplies every
+        expert weight (a stage's annealing)."""
         k = self.num_slots
         supervise = k > 0 and len(self.heads) > 0
         inputs = self._model_inputs(batch)
         out = self.lm(**inputs, output_hidden_states=supervise, use_cache=False)
         losses = {"ce": response_ce(out.logits, batch["labels"])}
-        total = (self.cfg.loss.ce_weight if ce_weight is None else ce_weight) * losses["ce"]
+        total = (self.cfg.loss.ce_weight if stage is None else stage.ce_weight) * losses["ce"]
         slot_states = None
         if supervise:
             hidden = out.hidden_states[self.cfg.heads.layer]
@@ -152,11 +193,12 @@ class CoATModel(nn.Module):
                 if f"target.{name}" not in batch:
                     raise KeyError(f"batch has no target for expert {name!r} (key 'target.{name}')")
                 lengths = batch.get(f"target_len.{name}")
-                target = slot_targets(spec, batch[f"target.{name}"].to(hidden.device), lengths, k)
+                target = slot_targets(spec, batch[f"target.{name}"].to(hidden.device), lengths, k,
+                                      batch.get("duration"))
                 prediction = self.heads[name](slot_states.float())
                 kind = self.cfg.loss.distance.get(name, default_distance(spec))
                 losses[name] = distance(kind, prediction, target)
-                total = total + expert_scale * expert_weight(self.cfg, name) * losses[name]
+                total = total + expert_scale * expert_weight(self.cfg, name, stage) * losses[name]
         return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)
 
     @torch.no_grad()
@@ -175,7 +217,7 @@ class CoATModel(nn.Module):
         return sequences[:, inputs["input_ids"].shape[1]:]
 
     def trained_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        return {name: p.detach() for name, p in self._trained()}
 
     def save(self, directory: str | Path, trained: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the trained parts (safetensors), the config and what they were made for. `trained`: the trained

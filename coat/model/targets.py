@@ -1,4 +1,13 @@
-"""Expert targets as the slots see them: frame sequences pooled into K segments, slot i <- segment i."""
+"""Expert targets as the slots see them: slot i regresses the expert's frames over the i-th K-th of the clip.
+
+For a clip of D seconds, slot i (0-based) covers the audio span [i D / K, (i + 1) D / K). An expert's frame t
+sits at (t + frame_offset) / frame_rate seconds (its centre: offset 0 for frames centred on t / rate, 0.5 for
+frames spanning [t, t + 1) / rate), and belongs to the span holding that time (the last span also takes frames
+at or past D). Slot i's target is the mean of its frames; a span that holds no frame (K above the frame count,
+or a coarse expert) takes the frame nearest its centre. Every expert is thus aligned to the slots by time, not
+by its own frame count, whatever its rate. Clip-level experts have no time axis: the heads read their target
+from the mean over slots.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -6,27 +15,37 @@ import torch.nn.functional as F
 from coat.experts.base import ExpertSpec
 
 
-def pool_segments(frames: torch.Tensor, lengths: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, T, D] frames with `lengths` valid -> [B, K, D] means of K contiguous, near-equal segments.
+def align_to_slots(frames: torch.Tensor, lengths: torch.Tensor, k: int, frame_rate: float,
+                   durations: torch.Tensor | None = None, frame_offset: float = 0.0) -> torch.Tensor:
+    """[B, T, D] frames with `lengths` valid -> [B, K, D]: slot i's mean over the frames in its span (above).
 
-    When a clip has fewer valid frames than K, neighbouring slots share a frame (each segment covers at
-    least one). Raises ValueError for a clip with no valid frame.
+    `durations` [B] are the clips' lengths in seconds (default: valid frames / frame_rate).
+    Raises ValueError for a clip with no valid frame.
     """
     if (lengths < 1).any():
         raise ValueError(f"every clip needs at least one target frame, got lengths {lengths.tolist()}")
-    index = torch.arange(k, device=frames.device)
-    lengths = lengths.to(frames.device).long()
-    start = (index[None, :] * lengths[:, None]) // k
-    end = torch.maximum(((index[None, :] + 1) * lengths[:, None]) // k, start + 1)
-    t = torch.arange(frames.shape[1], device=frames.device)
-    weights = ((t >= start[..., None]) & (t < end[..., None])).to(frames.dtype)  # [B, K, T]
+    device = frames.device
+    lengths = lengths.to(device).long()
+    durations = (lengths / frame_rate if durations is None else durations.to(device)).double()
+    t = torch.arange(frames.shape[1], device=device, dtype=torch.float64)
+    seconds = (t + frame_offset) / frame_rate  # [T]
+    slot_of = (seconds[None, :] * k / durations[:, None]).floor().clamp(0, k - 1).long()  # [B, T]
+    valid = t[None, :] < lengths[:, None]
+    slots = torch.arange(k, device=device)
+    weights = (slot_of[:, None, :] == slots[None, :, None]) & valid[:, None, :]  # [B, K, T]
+    centre = (slots[None, :] + 0.5) * durations[:, None] / k  # [B, K] seconds
+    nearest = (centre * frame_rate - frame_offset).round().long().clamp(min=0)
+    nearest = torch.minimum(nearest, lengths[:, None] - 1)
+    empty = ~weights.any(-1, keepdim=True)
+    weights = torch.where(empty, F.one_hot(nearest, frames.shape[1]).bool(), weights).to(frames.dtype)
     return weights @ frames / weights.sum(-1, keepdim=True)
 
 
-def slot_targets(spec: ExpertSpec, values: torch.Tensor, lengths: torch.Tensor | None, k: int) -> torch.Tensor:
+def slot_targets(spec: ExpertSpec, values: torch.Tensor, lengths: torch.Tensor | None, k: int,
+                 durations: torch.Tensor | None = None) -> torch.Tensor:
     """An expert's batch target shaped like its head's output: [B, K, D] per slot, or [B, D] per clip.
 
-    Discrete experts may give class ids [B, T]; they become one-hot rows, so pooled segments are class
+    Discrete experts may give class ids [B, T]; they become one-hot rows, so pooled spans are class
     distributions. Raises ValueError when the shape does not match the expert.
     """
     if spec.kind == "discrete" and not values.is_floating_point():
@@ -40,4 +59,4 @@ def slot_targets(spec: ExpertSpec, values: torch.Tensor, lengths: torch.Tensor |
         return values
     if values.dim() != 3 or lengths is None:
         raise ValueError(f"expert {spec.name!r} is frame-level: target must be [B, T, {spec.dim}] with lengths")
-    return pool_segments(values, lengths, k)
+    return align_to_slots(values, lengths, k, spec.frame_rate, durations, spec.frame_offset)

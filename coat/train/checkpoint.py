@@ -17,12 +17,12 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
+from coat.model.coat_model import FSDP_UNIT
 from coat.train import faults
 
 STATE_FILE = "training_state.pt"
 STEPS_FILE = "steps.json"
 TARGET_STATS_FILE = "target_stats.json"
-FSDP_UNIT = "_fsdp_wrapped_module."  # in the parameter names of modules FSDP wrapped as units of their own
 
 
 def whole_trained_parts(model, coat) -> dict[str, torch.Tensor]:
@@ -52,7 +52,7 @@ def load_optimizer_shard(directory: Path, rank: int) -> dict:
 
 
 def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], optimizer_state: dict | None,
-                    scheduler, step: int, epoch: int, batch_in_epoch: int, metrics: dict,
+                    step: int, epoch: int, batch_in_epoch: int, metrics: dict,
                     steps: list[tuple[int, int, dict]], target_stats: dict) -> Path:
     """`trained`: from `whole_trained_parts`; `optimizer_state`: None when each rank saves its shard.
     `metrics`: what is reported with this checkpoint; `steps`: (step, timestamp ms, metrics) of the steps it
@@ -63,7 +63,7 @@ def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], opt
     (directory / TARGET_STATS_FILE).write_text(json.dumps(target_stats))
     faults.point("checkpoint", step)
     torch.save(
-        {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+        {"optimizer": optimizer_state, "step": step, "epoch": epoch,
          "batch_in_epoch": batch_in_epoch, "metrics": metrics},
         directory / STATE_FILE,
     )

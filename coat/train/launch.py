@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
 from coat.backbones import BACKBONES, backbone_source
-from coat.config import CoATConfig, to_yaml
+from coat.config import CoATConfig, expert_settings, to_yaml
 from coat.data.precompute import ensure_ray, precompute
 from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
@@ -85,7 +85,8 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
 
         synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed, test_share=cfg.data.synth_test_share)
     if cfg.experts.names:
-        precompute(manifest, list(cfg.experts.names), store, crop_seconds=crop_seconds(cfg))
+        precompute(manifest, list(cfg.experts.names), store, settings=expert_settings(cfg),
+                   crop_seconds=crop_seconds(cfg))
     return manifest, store
 
 
@@ -95,7 +96,8 @@ def training_streams(cfg: CoATConfig, manifest: Path, store: Path) -> dict[str, 
     Raises ValueError, before decoding anything, when the training rows cannot fill one step of every worker.
     """
     rate = BACKBONES[cfg.backbone.name].sample_rate
-    common = {"max_seconds": cfg.data.max_seconds, "long_clips": cfg.data.long_clips}
+    common = {"max_seconds": cfg.data.max_seconds, "long_clips": cfg.data.long_clips,
+              "settings": expert_settings(cfg)}
     items, sources, left_out = training_items(manifest, cfg.data.train_split, cfg.experts.names, store, **common)
     world = max(1, cfg.train.num_workers)
     per_step = cfg.train.batch_size * cfg.train.grad_accum
@@ -158,7 +160,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     tracking.log_dict_artifact(uri, run_id, target_stats, "target_stats.json")
     loop_config = {
         "config": to_yaml(cfg),
-        "experts": {n: asdict(expert_spec(n)) for n in cfg.experts.names},
+        "experts": {n: asdict(expert_spec(n, **chosen)) for n, chosen in expert_settings(cfg).items()},
         "streams": streams,
         "target_stats": target_stats,
         "launched_at": launched_at,

@@ -10,6 +10,8 @@ reach MLflow once the checkpoint is committed (see `checkpoint.py`), so every st
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import json
 import logging
 import math
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from coat.config import CoATConfig, from_yaml
+from coat import tracking
+from coat.config import CoATConfig, StageConfig, from_yaml
 from coat.data.stream import Stream, epoch_order, iter_training_batches
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
@@ -37,22 +40,68 @@ from coat.train.checkpoint import (
 from coat.train.session import RayTrainSession
 
 
-def stage_at(cfg: CoATConfig, step: int):
-    """The schedule's stage that optimizer step `step` (0-based) belongs to."""
-    for stage in cfg.train.stages:
+def stage_at(cfg: CoATConfig, step: int) -> tuple[int, StageConfig, int]:
+    """The stage that optimizer step `step` (0-based) belongs to: its index, itself, and the step within it."""
+    for index, stage in enumerate(cfg.train.stages):
         if step < stage.steps:
-            return stage
+            return index, stage, step
         step -= stage.steps
-    return cfg.train.stages[-1]
+    return len(cfg.train.stages) - 1, cfg.train.stages[-1], cfg.train.stages[-1].steps - 1
+
+
+def stage_ends(cfg: CoATConfig) -> set[int]:
+    """The steps after which a stage ends: each is checkpointed, so the next stage starts from a committed one."""
+    return set(itertools.accumulate(stage.steps for stage in cfg.train.stages))
 
 
 def lr_factor(cfg: CoATConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of `train.lr` over all stages."""
-    warmup, total = cfg.train.warmup_steps, cfg.train.total_steps
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    """Within each stage: linear warm-up over its warm-up steps, then cosine decay to 10% by its end."""
+    _, stage, within = stage_at(cfg, step)
+    warmup = cfg.train.warmup_steps if stage.warmup_steps is None else stage.warmup_steps
+    if within < warmup:
+        return (within + 1) / warmup
+    progress = (within - warmup + 1) / max(1, stage.steps - warmup)  # the stage's last step is at 10%
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def expert_scale_at(cfg: CoATConfig, step: int) -> float:
+    """The stage's expert scale, annealed linearly from `expert_scale` to `expert_scale_end` over its steps."""
+    _, stage, within = stage_at(cfg, step)
+    if stage.expert_scale_end is None:
+        return stage.expert_scale
+    return stage.expert_scale + (stage.expert_scale_end - stage.expert_scale) * within / max(1, stage.steps - 1)
+
+
+def set_learning_rates(optimizer, cfg: CoATConfig, step: int) -> dict[str, float]:
+    """Each parameter group's learning rate at `step`: the stage's rate for it (else `train.lr`) times
+    `lr_factor`, 0 for a group the stage freezes. Derived from the step alone, so a resumed run needs no
+    scheduler state."""
+    _, stage, _ = stage_at(cfg, step)
+    factor = lr_factor(cfg, step)
+    for group in optimizer.param_groups:
+        trained = group["name"] in stage.train
+        group["lr"] = stage.lr.get(group["name"], cfg.train.lr) * factor if trained else 0.0
+    return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
+def make_optimizer(coat: CoATModel, cfg: CoATConfig) -> torch.optim.AdamW:
+    """AdamW over every trained parameter, one param group per `config.PARAM_GROUPS` entry. Frozen parameters
+    stay in it: they get no gradient, so AdamW leaves them and their state alone until a stage trains them."""
+    groups = [{"params": [p for _, p in members], "name": group}
+              for group, members in coat.parameter_groups().items() if members]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def enter_stage(session, coat: CoATModel, model, stage: StageConfig, strategy: str):
+    """Freeze what `stage` does not train and return the model to train it through. DDP registers the parameters
+    that take gradients when it wraps a model, so every stage wraps anew (FSDP fixes them for the whole run: the
+    config allows it only when every stage trains the same groups, and it is wrapped once)."""
+    coat.set_trainable(stage.train)
+    if model is not None and strategy == "fsdp":
+        return model
+    del model
+    gc.collect()  # the previous wrapper's gradient hooks go with it
+    return session.wrap(coat, strategy)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -149,13 +198,15 @@ def run_loop(loop_config: dict, session) -> None:
                                     (directory / STEPS_FILE).read_text())
     if state is not None:
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    model = session.wrap(coat, cfg.train.strategy)
-    params = [p for p in coat.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    elif rank == 0 and tracked:
+        tracking.set_tags(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],  # outcomes of settings: tags
+                          {f"trainable.{group}": str(n) for group, n in coat.parameter_counts().items()})
+    stage_index = stage_at(cfg, min(step, cfg.train.total_steps - 1))[0]
+    model = enter_stage(session, coat, None, cfg.train.stages[stage_index], cfg.train.strategy)
+    optimizer = make_optimizer(coat, cfg)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    ends = stage_ends(cfg)
 
     batch_size, accum = cfg.train.batch_size, cfg.train.grad_accum
     pending: list[tuple[int, int, dict[str, float]]] = []  # rank 0's (step, ms, metrics) since the last checkpoint
@@ -167,8 +218,11 @@ def run_loop(loop_config: dict, session) -> None:
         stream = iter_training_batches(train.dataset(order[batch_in_epoch * batch_size:]), coat, batch_size)
         with contextlib.closing(stream) as batches:
             while step < cfg.train.total_steps and batch_in_epoch < len(order) // batch_size:
+                index, stage, _ = stage_at(cfg, step)
+                if index != stage_index:
+                    stage_index, model = index, enter_stage(session, coat, model, stage, cfg.train.strategy)
                 torch.manual_seed(step_seed(cfg.train.seed, rank, step))
-                metrics = train_step(model, batches, optimizer, scheduler, params, cfg, stage_at(cfg, step), device)
+                metrics = train_step(model, coat, batches, optimizer, cfg, step, device)
                 step, batch_in_epoch = step + 1, batch_in_epoch + accum
                 faults.point("step", step)
                 now = time.perf_counter()
@@ -176,21 +230,23 @@ def run_loop(loop_config: dict, session) -> None:
                             "train/samples_per_s": batch_size * accum * world / (now - last_step_end)}
                 pending.append((step, int(time.time() * 1000), metrics))
                 last_step_end = now
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.total_steps:
+                if step % cfg.train.checkpoint_every == 0 or step in ends:
                     metrics |= validation_losses(model, coat, val, cfg, rank, world, device)  # the step's record too
                     report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
                               **metrics}
                     position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-                    checkpoint_and_report(session, model, coat, optimizer, scheduler, position, report, pending,
+                    checkpoint_and_report(session, model, coat, optimizer, position, report, pending,
                                           loop_config["target_stats"])
                     pending = []
                     last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         epoch, batch_in_epoch = epoch + 1, 0
 
 
-def train_step(model, batches, optimizer, scheduler, params, cfg: CoATConfig, stage, device) -> dict[str, float]:
-    """One optimizer step over `train.grad_accum` micro-batches; its losses averaged over every micro-batch and
-    rank, its learning rate and gradient norm."""
+def train_step(model, coat: CoATModel, batches, optimizer, cfg: CoATConfig, step: int, device) -> dict[str, float]:
+    """Optimizer step `step` (0-based) over `train.grad_accum` micro-batches, with the stage's weights and learning
+    rates; its losses averaged over every micro-batch and rank, the stage, learning rates and gradient norm."""
+    index, stage, _ = stage_at(cfg, step)
+    rates, scale = set_learning_rates(optimizer, cfg, step), expert_scale_at(cfg, step)
     accum = cfg.train.grad_accum
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.use_gpu)
     sums: dict[str, float] = {}
@@ -198,20 +254,22 @@ def train_step(model, batches, optimizer, scheduler, params, cfg: CoATConfig, st
     for micro in range(accum):
         batch = next(batches)
         with accumulating(model, last=micro == accum - 1), autocast:
-            out = model(batch, ce_weight=stage.ce_weight, expert_scale=stage.expert_scale)
+            out = model(batch, stage=stage, expert_scale=scale)
             (out.loss / accum).backward()
         n = batch["input_ids"].shape[0]
         add_losses(sums, out, n)
         count += n
-    grad_norm = clip_gradients(model, params, cfg.train.max_grad_norm)
+    trained = [p for p in coat.parameters() if p.requires_grad]
+    grad_norm = clip_gradients(model, trained, cfg.train.max_grad_norm)
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     metrics = {f"train/{name}": value for name, value in all_ranks_mean(sums, count, device).items()}
-    return metrics | {"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
+    return metrics | {f"train/lr/{group}": lr for group, lr in rates.items()} | {
+        "train/lr": max(rates.values()), "train/stage": index, "train/expert_scale": scale,
+        "train/grad_norm": grad_norm.item()}
 
 
-def checkpoint_and_report(session, model, coat: CoATModel, optimizer, scheduler, position: dict, report: dict,
+def checkpoint_and_report(session, model, coat: CoATModel, optimizer, position: dict, report: dict,
                           pending: list, target_stats: dict) -> None:
     """Every rank reports; rank 0 writes the checkpoint (under FSDP every rank also its optimizer shard), carrying
     the step metrics `pending` since the last one, which reach MLflow once it is committed."""
@@ -223,7 +281,7 @@ def checkpoint_and_report(session, model, coat: CoATModel, optimizer, scheduler,
             if sharded:
                 save_optimizer_shard(directory, rank, optimizer)
             if rank == 0:
-                save_checkpoint(directory, coat, trained, None if sharded else optimizer.state_dict(), scheduler,
+                save_checkpoint(directory, coat, trained, None if sharded else optimizer.state_dict(),
                                 step, position["epoch"], position["batch_in_epoch"], report, pending, target_stats)
             session.report(report, directory)
     else:

@@ -22,6 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from coat.config import ConfigError, load_config
+from coat.experts.roles import resolve_roles
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "int")
 
@@ -155,8 +156,10 @@ def _check_against_config(file: Path, space: Space, base: str | Path | None, bas
             # A conditional entry is checked in a config where its conditions hold.
             for condition_path, condition in param.when.items():
                 if isinstance(condition, dict):
-                    current = list(OmegaConf.select(base_tree, condition_path) or [])
-                    condition = current + [condition["contains"]] * (condition["contains"] not in current)
+                    current, wanted = list(OmegaConf.select(base_tree, condition_path) or []), condition["contains"]
+                    if wanted not in current and resolve_roles([wanted])[0] not in current:  # a role: its expert
+                        current.append(wanted)
+                    condition = current
                 point[condition_path] = condition
             try:
                 load_config(base, [*base_overrides, *overrides(point)])

@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from coat import tracking
 from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
 from coat.data.precompute import ensure_ray
+from coat.experts.roles import resolve_roles
 from coat.train.launch import prepare_data, train
 from coat.tune.space import Param, Space, SpaceError, load_space, overrides
 
@@ -215,7 +216,7 @@ def _all_experts(cfg: CoATConfig, space: Space) -> list[str]:
     for param in space.params:
         if param.path == "experts.names":
             for value in param.values:
-                names += [n for n in value if n not in names]
+                names += [n for n in resolve_roles(value) if n not in names]
     return names
 
 
