@@ -10,14 +10,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from coat.errors import UsageError
 
 BACKBONES = ("qwen2-audio", "qwen2.5-omni", "audio-flamingo-3")
 DISTANCES = ("cosine", "mse", "smooth_l1", "ce", "bce")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config value that cannot work; the message names the dotted field and the fix."""
 
 
@@ -275,7 +278,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         merged = _with_overrides(merged, overrides)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

@@ -32,6 +32,7 @@ from mlflow.utils.validation import (
 )
 
 from coat.config import CoATConfig, flatten
+from coat.errors import UserError
 
 RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -39,7 +40,7 @@ SQLITE_PREFIX = "sqlite:///"
 DASHBOARD = "http://127.0.0.1:5000"  # where `make dashboard` serves the embedded store
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking store cannot be reached or written; raised before any compute starts."""
 
 

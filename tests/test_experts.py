@@ -16,11 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 from coat.data.speech import speak
-from coat.experts import UnknownExpertError, available_experts, build_expert, expert_spec
 from coat.experts.cli import app as experts_app
 from coat.experts.features import PROSODY_FIELDS
 from coat.experts.phonetic import PHONES
-from coat.experts.registry import expert_version
+from coat.experts.registry import UnknownExpertError, available_experts, build_expert, expert_spec, expert_version
 
 SR = 16_000
 SENTENCE_1 = "The quick brown fox jumps over the lazy dog."
@@ -72,7 +71,7 @@ def experts():
 
 
 def test_specs_come_without_loading_any_model():
-    code = ("import sys; from coat.experts import available_experts, expert_spec; "
+    code = ("import sys; from coat.experts.registry import available_experts, expert_spec; "
             "specs = [expert_spec(n) for n in available_experts()]; "
             "print(sorted({'torchcrepe', 'pocketsphinx', 'resemblyzer'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import apply_overrides, from_yaml, load_config, to_yaml
+from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
@@ -221,16 +222,16 @@ def test_a_run_killed_before_its_first_checkpoint_and_after_a_commit_resumes_exa
     assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
 
 
-def test_the_five_roles_train_in_two_stages_from_real_experts(uninterrupted, tmp_path):
+def test_the_five_roles_train_in_two_stages_from_real_experts(tmp_path):
     """pitch, phonetic, affect (eGeMAPS), sound events (the tiny AST) and both reconstructions (log-mel, the
-    backbone's own encoder): precomputed into the store, streamed, regressed; each loss logged every step."""
-    cfg, _ = uninterrupted
-    roles = apply_overrides(cfg, [
-        "train.num_workers=0", "train.run_name=roles", f"train.storage={tmp_path / 'runs'}",
-        "experts.names=[pitch,phonetic,affect,sound-events,reconstruction,audio-encoder]",
-        "train.stages=[{steps: 2, ce_weight: 0.1, train: [slots, heads]}, {steps: 2}]"])
+    backbone's own encoder): precomputed into the store, streamed, regressed; each loss logged every step.
+    A coat-mini of its own, 12 clips: every expert runs on every clip."""
+    manifest = synthesize(tmp_path / "mini", size=12, seed=5, workers=0)
+    roles = train_config(tmp_path, manifest, "train.num_workers=0", "train.run_name=roles",
+                         "experts.names=[pitch,phonetic,affect,sound-events,reconstruction,audio-encoder]",
+                         "train.stages=[{steps: 2, ce_weight: 0.1, train: [slots, heads]}, {steps: 2}]")
     result = train(roles, evaluate_after=False)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = tracking.resolve_uri(roles.tracking.uri)
     for name in ("pitch", "phonetic", "egemaps", "sound-events", "mel", "audio-encoder"):
         losses = [v for _, v in tracking.metric_history(uri, result.mlflow_run_id, f"train/{name}")]
         assert len(losses) == 4 and all(np.isfinite(losses)), name

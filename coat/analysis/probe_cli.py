@@ -102,14 +102,14 @@ def probe_command(
     from coat.config import ConfigError, from_yaml
     from coat.data.manifest import ManifestError
     from coat.data.stream import MissingFeaturesError
-    from coat.model.coat_model import CONFIG_FILE, CoATModel
+    from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
     def fail(message: object) -> typer.Exit:
         console.print(f"[red]error:[/] {message}", soft_wrap=True)
         return typer.Exit(1)
 
     if not (checkpoint / CONFIG_FILE).is_file():
-        raise fail(f"{checkpoint} is not a CoAT checkpoint (no {CONFIG_FILE})")
+        raise fail(not_a_checkpoint(checkpoint, CONFIG_FILE))
     try:
         cfg = from_yaml((checkpoint / CONFIG_FILE).read_text())
     except (ConfigError, ValueError) as err:

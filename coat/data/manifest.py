@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from coat.errors import UserError
+
 REQUIRED = ("id", "audio", "task", "prompt", "answer", "split")
 TASKS = frozenset({"reasoning", "understanding", "music", "emotion", "transcription"})
 SPLITS = frozenset({"train", "val", "test"})
@@ -22,7 +24,7 @@ QUARANTINE_COLUMNS = ("id", "path", "reason")
 SUFFIXES = (".jsonl", ".parquet")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest file as a whole cannot be read (missing, wrong suffix, malformed)."""
 
 

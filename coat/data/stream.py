@@ -28,11 +28,12 @@ from coat.data.audio import decode
 from coat.data.manifest import model_prompt, quarantine_records
 from coat.data.precompute import ensure_ray, manifest_clips
 from coat.data.store import FeatureStore, feature_version, read_located, standardise
+from coat.errors import UserError
 
 LONG_CLIPS = ("crop", "reject")
 
 
-class MissingFeaturesError(LookupError):
+class MissingFeaturesError(UserError, LookupError):
     """The store lacks an expert's features for clips the stream needs; the message says what to run."""
 
 

@@ -90,7 +90,7 @@ def eval_command(
     from coat.eval.benchmarks import load_suite
     from coat.eval.runner import base_model, evaluate, print_reports
     from coat.eval.scoring import paired_comparison, write_predictions
-    from coat.model.coat_model import CONFIG_FILE, CoATModel
+    from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
     def fail(err: Exception) -> typer.Exit:
         console.print(f"[red]error:[/] {err}")
@@ -99,7 +99,7 @@ def eval_command(
     quirks: dict[str, int] = {}
     try:
         if not (checkpoint / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{checkpoint} is not a CoAT checkpoint (no {CONFIG_FILE})")
+            raise FileNotFoundError(not_a_checkpoint(checkpoint, CONFIG_FILE))
         cfg = from_yaml((checkpoint / CONFIG_FILE).read_text())
         if suite == "coat-mini":
             rows = read_manifest(data or cfg.data.manifest)

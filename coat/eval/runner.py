@@ -34,7 +34,7 @@ from coat.data.audio import AudioError, decode
 from coat.data.manifest import REQUIRED, model_prompt, quarantine_records, validate_rows
 from coat.eval.scoring import results_table, score_examples, table_metrics
 from coat.eval.tasks import final_answer
-from coat.model.coat_model import CONFIG_FILE, CoATModel
+from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
 COT_SUFFIX = " Think step by step about what you hear, then give the final answer after 'Answer:'."
 SYSTEMS = ("coat", "base", "cot")
@@ -68,7 +68,7 @@ def base_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Co
     """
     path = Path(checkpoint) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a CoAT checkpoint (no {CONFIG_FILE})")
+        raise FileNotFoundError(not_a_checkpoint(checkpoint, CONFIG_FILE))
     cfg: CoATConfig = from_yaml(path.read_text())
     cfg.thinking.num_slots = 0
     cfg.experts.names, cfg.loss.weights, cfg.loss.distance = [], {}, {}

@@ -1,6 +1,2 @@
-"""Audio experts: the features the thinking slots learn to regress (see registry.py for names)."""
-
-from coat.experts.base import Expert, ExpertSpec
-from coat.experts.registry import UnknownExpertError, available_experts, build_expert, expert_spec
-
-__all__ = ["Expert", "ExpertSpec", "UnknownExpertError", "available_experts", "build_expert", "expert_spec"]
+"""Audio experts: the features the thinking slots learn to regress (`registry.py` names them, `roles.py` says
+what each stands for). Kept empty so that importing a light part (roles, the CLI) does not load torch."""

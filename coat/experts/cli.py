@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from coat.experts.registry import HUB_PREFIX, available_experts, build_expert
 from coat.experts.roles import PAPER_ROLES, ROLE_DEFAULTS
 
 app = typer.Typer(help="Audio experts whose features the thinking slots regress.", no_args_is_help=True)
@@ -25,6 +24,8 @@ def list_experts(
 ) -> None:
     """Print name, role, dim, frame rate, kind, version and source of each expert (building it hashes its
     weights). A role marked * is one of the method's five; a config may name a role for its default expert."""
+    from coat.experts.registry import HUB_PREFIX, available_experts, build_expert
+
     table = Table(title="coat experts", caption="* one of the method's five roles; experts.names may name a role "
                                                "for its default expert")
     for column in ("name", "role", "dim", "frame rate", "kind", "version", "source"):

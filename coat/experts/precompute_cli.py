@@ -28,8 +28,9 @@ def precompute_command(
         "--crop-seconds", min=0.001, help="Experts hear each clip's first SECONDS only, as training does with "
                                           "data.long_clips=crop (data.max_seconds).")] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", help="A run config whose expert settings (experts.settings, and the backbone for "
-                         "audio-encoder) the experts take, so the store holds what that run reads.")] = None,
+        "--config", exists=True, dir_okay=False,
+        help="A run config whose expert settings (experts.settings, and the backbone for audio-encoder) the experts "
+             "take, so the store holds what that run reads.")] = None,
 ) -> None:
     """Compute every expert's features for the clips the store lacks and print what was done.
 

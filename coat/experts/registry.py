@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 
+from coat.errors import UsageError
 from coat.experts.affect import EgemapsExpert
 from coat.experts.base import Expert, ExpertSpec
 from coat.experts.encoder import AudioEncoderExpert
@@ -38,7 +39,7 @@ OFFLINE: dict[str, tuple[type, dict[str, object]]] = {
 HUB_PREFIX = "hub:"
 
 
-class UnknownExpertError(KeyError):
+class UnknownExpertError(UsageError, KeyError):
     """An expert name that is neither an offline expert nor a hub expert."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes

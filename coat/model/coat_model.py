@@ -52,6 +52,12 @@ class CoATOutput:
     slot_states: torch.Tensor | None  # [B, K, H] at `heads.layer`, None when K = 0
 
 
+def not_a_checkpoint(directory: str | Path, missing: str) -> str:
+    """The message for a folder that is not a checkpoint, with where to find one."""
+    return (f"{directory} is not a CoAT checkpoint (no {missing}): give a checkpoint folder a run wrote, e.g. "
+            "runs/<run name>/checkpoint_000300")
+
+
 def check_experts(cfg: CoATConfig, experts: Mapping[str, ExpertSpec]) -> None:
     """Expert specs against the config, before anything is built. Raises ConfigError naming the field."""
     missing = [name for name in cfg.experts.names if name not in experts]
@@ -242,7 +248,7 @@ class CoATModel(nn.Module):
         slot count, head kind or expert set, and FileNotFoundError when `directory` holds no checkpoint."""
         directory = Path(directory)
         if not (directory / META_FILE).is_file():
-            raise FileNotFoundError(f"{directory} is not a CoAT checkpoint (no {META_FILE})")
+            raise FileNotFoundError(not_a_checkpoint(directory, META_FILE))
         made_for = json.loads((directory / META_FILE).read_text())["made_for"]
         for key, ours in self._made_for().items():
             if made_for[key] != ours:
@@ -269,7 +275,7 @@ class CoATModel(nn.Module):
         checkpoint)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{directory} is not a CoAT checkpoint (no {CONFIG_FILE})")
+            raise FileNotFoundError(not_a_checkpoint(directory, CONFIG_FILE))
         cfg = config or from_yaml((directory / CONFIG_FILE).read_text())
         meta = json.loads((directory / META_FILE).read_text())
         experts = {name: ExpertSpec(**spec) for name, spec in meta["experts"].items()}

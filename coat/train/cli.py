@@ -14,7 +14,8 @@ from coat.config import load_config
 
 def train_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (defaults + this + overrides)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                             help="YAML config (defaults + this + overrides)")] = None,
 ) -> None:
     """Train a CoAT model with Ray Train, evaluate it on the test split and log the run to MLflow."""
     from coat.train.launch import train

@@ -11,9 +11,11 @@ from coat.config import load_config
 
 
 def sweep_command(
-    space: Annotated[Path, typer.Option("--space", help="Search space YAML over dotted config paths")],
+    space: Annotated[Path, typer.Option("--space", exists=True, dir_okay=False,
+                                        help="Search space YAML over dotted config paths")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides of the base config")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Base config YAML")] = None,
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                help="Base config YAML")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep of the same name")] = False,
 ) -> None:
     """Sweep with Ray Tune (Optuna TPE + ASHA, or an exact grid); one MLflow parent run, a child per trial."""

@@ -22,12 +22,13 @@ import yaml
 from omegaconf import OmegaConf
 
 from coat.config import ConfigError, load_config
+from coat.errors import UsageError
 from coat.experts.roles import resolve_roles
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "int")
 
 
-class SpaceError(ValueError):
+class SpaceError(UsageError, ValueError):
     """A search space that cannot work; the message names the dotted path."""
 
 
@@ -105,7 +106,10 @@ def load_space(path: str | Path, base: str | Path | None = None, base_overrides:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"search space {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpaceError(f"search space {path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"{path}: a space is a mapping of dotted config paths to distributions")
     params = []
