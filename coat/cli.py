@@ -21,14 +21,15 @@ from coat.experts.precompute_cli import precompute_command
 from coat.train.cli import train_command
 from coat.tune.cli import sweep_command
 
-app = typer.Typer(
-    help="Continuous Audio Thinking: data, experts, training, evaluation and sweeps.", no_args_is_help=True
-)
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (or COAT_DEBUG=1).")):
     """Continuous Audio Thinking: data, experts, training, evaluation and sweeps."""
+    # `main` reads --debug wherever it stands on the line; declared here so that `coat --help` lists it.
+
+
 experts_app.command("precompute")(precompute_command)
 app.add_typer(data_app, name="data")
 app.add_typer(experts_app, name="experts")
