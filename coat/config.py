@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from coat.errors import UsageError
+from coat.experts.roles import resolve_roles
 
 BACKBONES = ("qwen2-audio", "qwen2.5-omni", "audio-flamingo-3")
 DISTANCES = ("cosine", "mse", "smooth_l1", "ce", "bce")
@@ -39,6 +40,11 @@ class BackboneConfig:
     dtype: str = "float32"
     # Tiny instances only: the audio window the processor pads to and the encoder accepts.
     audio_window_s: float = 8.0
+
+    @property
+    def resolved_checkpoint(self) -> str | None:
+        """The checkpoint this config loads: `checkpoint`, else at real size `checkpoints[name]`, else None."""
+        return self.checkpoint or (self.checkpoints.get(self.name) if self.size == "real" else None)
 
 
 @dataclass
@@ -312,8 +318,6 @@ def _with_overrides(merged, overrides):
 
 def _resolved(cfg: CoATConfig) -> CoATConfig:
     """Roles in `experts.names` replaced by their default experts, then validated."""
-    from coat.experts.roles import resolve_roles
-
     cfg.experts.names = resolve_roles(cfg.experts.names)
     validate(cfg)
     return cfg
@@ -486,9 +490,8 @@ def expert_settings(cfg: CoATConfig) -> dict[str, dict[str, Any]]:
     out = {name: dict(cfg.experts.settings.get(name, {})) for name in cfg.experts.names}
     if "audio-encoder" in out:
         b = cfg.backbone
-        checkpoint = b.checkpoint or (b.checkpoints.get(b.name) if b.size == "real" else None)
         own = {"backbone": b.name, "size": b.size, "seed": b.seed, "audio_window_s": b.audio_window_s,
-               **({"checkpoint": checkpoint} if checkpoint else {})}
+               **({"checkpoint": b.resolved_checkpoint} if b.resolved_checkpoint else {})}
         out["audio-encoder"] = own | out["audio-encoder"]
     return out
 

@@ -35,8 +35,7 @@ def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backb
     """
     spec = BACKBONES[cfg.backbone.name]
     dtype = getattr(torch, cfg.backbone.dtype)
-    checkpoint = cfg.backbone.checkpoint or (cfg.backbone.checkpoints.get(spec.name) if cfg.backbone.size == "real"
-                                             else None)
+    checkpoint = cfg.backbone.resolved_checkpoint
     if checkpoint is not None:
         path = resolve_checkpoint(checkpoint)
         model = spec.model_class.from_pretrained(path, dtype=dtype, local_files_only=True, device_map=device)
@@ -74,8 +73,7 @@ def backbone_source(cfg: CoATConfig) -> str:
     snapshot's revision, or random weights (tiny, with their seed, or real size).
 
     Raises FileNotFoundError as `resolve_checkpoint`."""
-    checkpoint = cfg.backbone.checkpoint or (cfg.backbone.checkpoints.get(cfg.backbone.name)
-                                             if cfg.backbone.size == "real" else None)
+    checkpoint = cfg.backbone.resolved_checkpoint
     if checkpoint is None:
         return f"random {cfg.backbone.size} weights, seed {cfg.backbone.seed}"
     if Path(checkpoint).is_dir():

@@ -10,6 +10,8 @@ shorter than its window) are 0, as eGeMAPS writes unvoiced frames' voice descrip
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -56,8 +58,6 @@ class EgemapsExpert:
         return features, [len(f) for f in features]
 
     def _frames(self, wave: np.ndarray) -> torch.Tensor:
-        import warnings
-
         with warnings.catch_warnings():  # "Segment too short, filling with NaN": handled below
             warnings.simplefilter("ignore", UserWarning)
             table = self.smile.process_signal(wave, SAMPLE_RATE)
@@ -65,11 +65,6 @@ class EgemapsExpert:
         ends = table.index.get_level_values("end").total_seconds().to_numpy()
         centres = (starts + ends) / 2
         grid = np.arange(1 + len(wave) // HOP) * HOP / SAMPLE_RATE
-        nearest = np.clip(np.searchsorted(centres, grid), 1, len(centres) - 1) if len(centres) > 1 else None
-        if nearest is None:
-            index = np.zeros(len(grid), dtype=int)
-        else:
-            left_closer = grid - centres[nearest - 1] <= centres[nearest] - grid
-            index = np.where(left_closer, nearest - 1, nearest)
+        index = np.abs(grid[:, None] - centres[None, :]).argmin(axis=1)  # nearest centre; ties go to the earlier
         values = np.nan_to_num(table.to_numpy(np.float32)[index], nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(values)

@@ -37,6 +37,11 @@ def _config(backbone: str, size: str, checkpoint: str | None, seed: int, audio_w
     return load_config(overrides=overrides)
 
 
+def _spec(name: str, hidden: int) -> ExpertSpec:
+    """One frame per audio token; a token covers a 40 ms window, so its time is the window's centre."""
+    return ExpertSpec(name=name, dim=hidden, frame_rate=FRAME_RATE, kind="continuous", frame_offset=0.5)
+
+
 class AudioEncoderExpert:
     """Audio embeddings [T, hidden] at 25 fps from the configured backbone's frozen audio path.
 
@@ -63,7 +68,7 @@ class AudioEncoderExpert:
             from coat.backbones import build_backbone
 
             hidden = build_backbone(_config(backbone, size, None, seed, audio_window_s)).hidden_size
-        return ExpertSpec(name=name, dim=hidden, frame_rate=FRAME_RATE, kind="continuous", frame_offset=0.5)
+        return _spec(name, hidden)
 
     def __init__(self, name: str = "audio-encoder", backbone: str = "qwen2-audio", size: str = "tiny",
                  checkpoint: str | None = None, seed: int = 0, audio_window_s: float = 8.0, device: str = "cpu"):
@@ -84,7 +89,7 @@ class AudioEncoderExpert:
         self.sample_rate = self.backbone.sample_rate
         self.audio_token_id = self.backbone.tokenizer.convert_tokens_to_ids(
             self.backbone.spec.named_tokens["audio_token"])
-        self.spec = self.describe(name, backbone, size, checkpoint, seed, audio_window_s)
+        self.spec = _spec(name, self.backbone.hidden_size)
         self.source = f"{backbone} audio encoder ({backbone_source(cfg)})"
         self.version = self._hash(backbone)
 

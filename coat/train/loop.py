@@ -10,7 +10,6 @@ reach MLflow once the checkpoint is committed (see `checkpoint.py`), so every st
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import json
 import logging
@@ -97,11 +96,7 @@ def enter_stage(session, coat: CoATModel, model, stage: StageConfig, strategy: s
     that take gradients when it wraps a model, so every stage wraps anew (FSDP fixes them for the whole run: the
     config allows it only when every stage trains the same groups, and it is wrapped once)."""
     coat.set_trainable(stage.train)
-    if model is not None and strategy == "fsdp":
-        return model
-    del model
-    gc.collect()  # the previous wrapper's gradient hooks go with it
-    return session.wrap(coat, strategy)
+    return model if model is not None and strategy == "fsdp" else session.wrap(coat, strategy)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
