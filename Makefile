@@ -23,8 +23,12 @@ analysis: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The cluster test launches a Ray cluster over SSH to 127.0.0.1 (openssh-server and rsync from Debian's packages);
+# its `ray stop` would stop the other tests' Ray, so it runs on its own, last.
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	(test -x /usr/sbin/sshd && command -v rsync > /dev/null) || (apt-get update -q && apt-get install -y -q openssh-server rsync)
+	$(PY) -m pytest -q -m "slow and not cluster"
+	$(PY) -m pytest -q -m cluster
 
 test-faults: setup
 	$(PY) -m pytest -q -m faults

@@ -5,8 +5,11 @@ Importing this module loads no torch, Ray, MLflow or transformers: each command 
 runs, so `coat --help` answers at once.
 """
 
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -39,6 +42,65 @@ app.command("score")(score_command)
 app.command("analyze")(analyze_command)
 app.command("probe")(probe_command)
 app.command("sweep")(sweep_command)
+
+
+config_app = typer.Typer(help="The config tree: fields, help, bounds.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show_command(
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides")] = None,
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                help="YAML config (defaults + this + overrides)")] = None,
+    reference: Annotated[bool, typer.Option(
+        "--reference", help="Print the Markdown reference of the defaults (docs/config.md) instead.")] = False,
+) -> None:
+    """Print the resolved config as YAML, each field with its help and bounds as a comment."""
+    from coat.config import load_config
+    from coat.config_help import reference as markdown_reference
+    from coat.config_help import show
+
+    typer.echo(markdown_reference() if reference else show(load_config(config, overrides or [])), nl=False)
+
+
+@app.command("preflight")
+def preflight_command(
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides")] = None,
+    config: Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
+                                                help="YAML config (defaults + this + overrides)")] = None,
+    space: Annotated[Path | None, typer.Option(
+        "--space", exists=True, dir_okay=False, help="A sweep's search space: check every backbone it names.")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="Real-size backbones get random weights instead of their checkpoints.")] = False,
+    wait_s: Annotated[float, typer.Option(
+        "--wait-s", min=0, help="Wait this long for an autoscaling cluster to add the nodes a run needs.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
+) -> None:
+    """Check that a run will work here before it starts: Ray resources, the worker group (CUDA, bf16, an
+    all-reduce), backbone weights, data and expert features, MLflow, then real training steps, a checkpoint round
+    trip and a generated answer per backbone, with step time, memory, tokens/s and the thinking block's prefill
+    overhead. Exits 1 naming each failure and its fix."""
+    from coat.config import load_config
+    from coat.preflight import print_report, run_preflight
+
+    cfg = load_config(config, overrides or [])
+    backbones = None
+    if space is not None:
+        from coat.tune.space import load_space
+
+        named = [p.values for p in load_space(space, config, overrides or []).params if p.path == "backbone.name"]
+        backbones = list(dict.fromkeys(named[0])) if named else None
+    report = run_preflight(cfg, backbones=backbones, random_weights=random_weights, wait_s=wait_s)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report)
+    for failure in report.failures:
+        typer.echo(f"preflight: {failure.name}: {failure.detail}" + (f" (fix: {failure.fix})" if failure.fix else ""),
+                   err=True)
+    if report.failures:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,8 @@ config fails here, once, before any model is built, with a `ConfigError` naming 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +26,29 @@ class ConfigError(UsageError, ValueError):
     """A config value that cannot work; the message names the dotted field and the fix."""
 
 
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, choices: tuple | None = None,
+            ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its help and bounds beside it: `coat config show` and docs/config.md print them, and
+    `validate` enforces them (choices, >= ge, > gt, <= le; None values pass)."""
+    bounds = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le}.items() if v is not None}
+    return field(default=default, default_factory=factory, metadata={"help": help, **bounds})
+
+
 @dataclass
 class BackboneConfig:
-    name: str = "qwen2-audio"
-    # "tiny": a small random-weight instance of the real class (embedded default, tests);
-    # "real": the real checkpoint's architecture, from `checkpoint` if given, else random weights (benchmarks).
-    size: str = "tiny"
-    # Local path or an already-cached hub id of the real checkpoint; never downloaded.
-    checkpoint: str | None = None
-    # Per-backbone checkpoints, used when `checkpoint` is unset: lets a sweep vary backbone.name.
-    checkpoints: dict[str, str] = field(default_factory=dict)
-    # Seeds the tiny random weights, so trained parts saved without the base reload onto the same base.
-    seed: int = 0
-    dtype: str = "float32"
-    # Tiny instances only: the audio window the processor pads to and the encoder accepts.
-    audio_window_s: float = 8.0
+    name: str = setting("qwen2-audio", "Which backbone adapter (coat/backbones).", choices=BACKBONES)
+    size: str = setting("tiny", "tiny: a small random-weight instance of the real class (embedded default, tests); "
+                        "real: the real architecture, from a checkpoint, else random weights (benchmarks).",
+                        choices=("tiny", "real"))
+    checkpoint: str | None = setting(None, "Local path or already-cached hub id of the real checkpoint; never "
+                                           "downloaded.")
+    checkpoints: dict[str, str] = setting(help="Per-backbone checkpoints, used when `checkpoint` is unset: lets a "
+                                               "sweep vary backbone.name.", factory=dict)
+    seed: int = setting(0, "Seeds the tiny random weights, so trained parts saved without the base reload onto the "
+                           "same base.")
+    dtype: str = setting("float32", "Weights' dtype.", choices=("float32", "bfloat16", "float16"))
+    audio_window_s: float = setting(8.0, "Tiny instances only: the audio window the processor pads to and the "
+                                         "encoder accepts (seconds).", gt=0)
 
     @property
     def resolved_checkpoint(self) -> str | None:
@@ -49,10 +58,12 @@ class BackboneConfig:
 
 @dataclass
 class ThinkingConfig:
-    num_slots: int = 16
-    max_slots: int = 64
-    # "after_prompt": between the instruction and the response; "after_audio": right after the audio.
-    placement: str = "after_prompt"
+    num_slots: int = setting(16, "K: thinking positions in the prefill (0: the plain fine-tune); at most max_slots.",
+                             ge=0)
+    max_slots: int = setting(64, "Slot embeddings allocated, so runs with different K share one architecture.", ge=0)
+    placement: str = setting("after_prompt", "after_prompt: between the instruction and the response; "
+                                             "after_audio: right after the audio.",
+                             choices=("after_prompt", "after_audio"))
 
     @property
     def prefill_positions(self) -> int:
@@ -66,71 +77,87 @@ PARAM_GROUPS = ("slots", "heads", "lora")  # what a training stage trains; "lora
 
 @dataclass
 class HeadsConfig:
-    kind: str = "transformer"  # "transformer" (as in the paper) or "linear"
-    layer: int = -1  # hidden_states index the heads read; -1 = last layer
-    # Which slot a head reads: "sinusoidal" (fixed) or "learned" (one row per slot up to thinking.max_slots, so the
-    # parameter count does not depend on K) added to each slot's state; "none" leaves the heads order-blind.
-    position: str = "sinusoidal"
-    num_layers: int = 1  # transformer heads: encoder layers over the K slots
-    dim: int = 128  # transformer heads: width
-    num_attention_heads: int = 4
+    kind: str = setting("transformer", "Projection heads: transformer (as in the paper) or linear.",
+                        choices=("transformer", "linear"))
+    layer: int = setting(-1, "The hidden_states index the heads read; -1: the last layer.")
+    position: str = setting("sinusoidal", "Which slot a head reads: sinusoidal (fixed) or learned (one row per slot "
+                                          "up to thinking.max_slots) added to each slot's state; none: order-blind.",
+                            choices=HEAD_POSITIONS)
+    num_layers: int = setting(1, "Transformer heads: encoder layers over the K slots.", ge=1)
+    dim: int = setting(128, "Transformer heads: width (divisible by num_attention_heads).", ge=1)
+    num_attention_heads: int = setting(4, "Transformer heads: attention heads.", ge=1)
 
 
 @dataclass
 class ExpertsConfig:
-    # Expert names (`coat experts list`) or roles, each standing for its default expert (coat.experts.roles).
-    # Default: the method's five roles (pitch, phonetic, affect, sound-events, reconstruction).
-    names: list[str] = field(default_factory=lambda: ["pitch", "phonetic", "egemaps", "sound-events", "mel"])
-    # Per-expert settings, e.g. {sound-events: {path: DIR}}, used while the expert is in `names` (a sweep over
-    # expert sets may add it); audio-encoder takes this config's backbone unless set here.
-    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    names: list[str] = setting(help="Expert names (`coat experts list`) or roles, each standing for its default "
+                                    "expert. Default: the method's five roles (pitch, phonetic, affect, "
+                                    "sound-events, reconstruction).",
+                               factory=lambda: ["pitch", "phonetic", "egemaps", "sound-events", "mel"])
+    settings: dict[str, dict[str, Any]] = setting(
+        help="Per-expert settings, e.g. {sound-events: {path: DIR}}, used while the expert is in `names`; "
+             "audio-encoder takes this config's backbone unless set here.", factory=dict)
 
 
 @dataclass
 class LossConfig:
-    ce_weight: float = 1.0
-    # lambda_e per expert; an expert in `experts.names` without an entry gets `default_weight`.
-    weights: dict[str, float] = field(default_factory=dict)
-    default_weight: float = 1.0
-    # D_e per expert (coat.model.losses): default smooth_l1 for continuous experts of up to 16 dims (magnitude
-    # matters: pitch, prosody), cosine for wider ones (embeddings, spectra), ce for discrete, bce for multi-label.
-    distance: dict[str, str] = field(default_factory=dict)
+    ce_weight: float = setting(1.0, "Weight of the response's cross-entropy.", ge=0)
+    weights: dict[str, float] = setting(help="lambda_e per expert (>= 0); an expert in experts.names without an "
+                                             "entry gets default_weight.", factory=dict)
+    default_weight: float = setting(1.0, "lambda_e of experts without an entry in `weights`.", ge=0)
+    distance: dict[str, str] = setting(
+        help=f"D_e per expert, one of {', '.join(DISTANCES)}. Default: smooth_l1 for continuous experts of up to 16 "
+             "dims, cosine for wider ones, ce for discrete, bce for multi-label.", factory=dict)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    # Module path parts that never get LoRA: the audio tower stays frozen, as does Omni's vision tower.
-    exclude: list[str] = field(default_factory=lambda: ["audio_tower", "visual"])
-    # Modules trained in full beside LoRA. Tiny random backbones need ["lm_head"]: behind a frozen final norm,
-    # their frozen random head caps every logit near zero, so the response loss cannot fall.
-    modules_to_save: list[str] = field(default_factory=list)
+    r: int = setting(16, "LoRA rank.", ge=1)
+    alpha: int = setting(32, "LoRA alpha.", gt=0)
+    dropout: float = setting(0.0, "LoRA dropout.", ge=0, le=1)
+    target_modules: list[str] = setting(
+        help="Module names that get LoRA.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    exclude: list[str] = setting(help="Module path parts that never get LoRA: the audio tower stays frozen, as does "
+                                      "Omni's vision tower.", factory=lambda: ["audio_tower", "visual"])
+    modules_to_save: list[str] = setting(
+        help="Modules trained in full beside LoRA. Tiny random backbones need [lm_head]: their frozen random head "
+             "caps every logit near zero.", factory=list)
+
+
+@dataclass
+class MixtureEntry:
+    """One manifest of a training mixture, and its share of the training examples (weights are normalised)."""
+
+    manifest: str = setting("", "Path of the manifest.")
+    weight: float = setting(1.0, "Its share of the training draws, relative to the other entries'.", gt=0)
+    name: str | None = setting(None, "Prefixes its ids and names it in the run; default: the manifest's folder "
+                                     "name.")
 
 
 @dataclass
 class DataConfig:
-    # Relative paths resolve against the working directory of the command that loads the config.
-    manifest: str = "data/coat-mini/manifest.jsonl"
-    store: str = "data/coat-mini/store"
-    # When `manifest` does not exist, generate coat-mini there with this many clips (0: fail instead).
-    synth_size: int = 2000
-    synth_seed: int = 0
-    synth_test_share: float = 0.1  # of the generated clips, in tenths; a tenth is validation, the rest training
-    # Clips longer than this are cut to it ("crop": experts and the model hear the same first max_seconds) or left
-    # out ("reject"), in training and evaluation alike.
-    max_seconds: float = 8.0
-    long_clips: str = "crop"
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    # At most this many decode tasks at once (None: as many as free CPUs allow). Where training shares the CPUs,
-    # Ray Data otherwise decodes far ahead in bursts that stall training steps: 1 suits the 2-core default.
-    decode_tasks: int | None = None
+    manifest: str = setting("data/coat-mini/manifest.jsonl", "The manifest (relative paths resolve against the "
+                                                             "working directory); with a mixture, where it is "
+                                                             "written.")
+    mixture: list[MixtureEntry] = setting(
+        help="Several manifests as one: combined into `manifest`; training draws from each in proportion to its "
+             "weight, whatever its size; validation and test use every row.", factory=list)
+    store: str = setting("data/coat-mini/store", "The feature store: experts' precomputed features.")
+    synth_size: int = setting(2000, "When `manifest` does not exist, generate coat-mini there with this many "
+                                    "clips (0: fail instead).", ge=0)
+    synth_seed: int = setting(0, "Seed of the generated coat-mini.")
+    synth_test_share: float = setting(0.1, "Of the generated clips, in tenths: the test share (a tenth is "
+                                           "validation, the rest training).", ge=0.1, le=0.8)
+    max_seconds: float = setting(8.0, "Clips longer than this are cropped to it or left out (`long_clips`), in "
+                                      "training and evaluation alike.", gt=0)
+    long_clips: str = setting("crop", "crop: experts and the model hear the same first max_seconds; reject: leave "
+                                      "the clip out.", choices=("crop", "reject"))
+    train_split: str = setting("train", "The manifest split trained on.")
+    val_split: str = setting("val", "The split validation losses are measured on.")
+    test_split: str = setting("test", "The split evaluated after training.")
+    decode_tasks: int | None = setting(None, "At most this many decode tasks at once (null: as many as free CPUs "
+                                             "allow); 1 suits a 2-core machine that also trains.", ge=1)
 
 
 @dataclass
@@ -140,40 +167,43 @@ class StageConfig:
     Each stage warms its learning rates up over its first `warmup_steps` and decays them (cosine) to 10% by its
     end, so a group a stage unfreezes starts gently."""
 
-    steps: int = 100
-    ce_weight: float = 1.0  # replaces loss.ce_weight during the stage
-    expert_scale: float = 1.0  # multiplies every expert weight at the stage's start
-    expert_scale_end: float | None = None  # anneal linearly to this by the stage's end; None: held
-    weights: dict[str, float] = field(default_factory=dict)  # per-expert weights for this stage, over loss.weights
-    train: list[str] = field(default_factory=lambda: list(PARAM_GROUPS))  # groups trained; the others frozen
-    lr: dict[str, float] = field(default_factory=dict)  # per group; a group without an entry gets train.lr
-    warmup_steps: int | None = None  # None: train.warmup_steps
+    steps: int = setting(100, "Optimizer steps of the stage.", ge=1)
+    ce_weight: float = setting(1.0, "Replaces loss.ce_weight during the stage.", ge=0)
+    expert_scale: float = setting(1.0, "Multiplies every expert weight at the stage's start.", ge=0)
+    expert_scale_end: float | None = setting(None, "Anneal linearly to this by the stage's end; null: held.", ge=0)
+    weights: dict[str, float] = setting(help="Per-expert weights for this stage, over loss.weights.", factory=dict)
+    train: list[str] = setting(help=f"Parameter groups trained ({', '.join(PARAM_GROUPS)}); the others frozen.",
+                               factory=lambda: list(PARAM_GROUPS))
+    lr: dict[str, float] = setting(help="Learning rate per group; a group without an entry gets train.lr.",
+                                   factory=dict)
+    warmup_steps: int | None = setting(None, "Warm-up steps of the stage; null: train.warmup_steps.", ge=0)
 
 
 @dataclass
 class TrainConfig:
-    run_name: str | None = None  # re-running with the same name resumes; default: derived from the config
-    storage: str = "runs"  # Ray Train storage (checkpoints, results); a shared path on clusters
-    num_workers: int = 2
-    use_gpu: bool = False
-    # Fractional by default: Ray Data's decode tasks need CPU left over on a 2-core machine, else they never start.
-    cpus_per_worker: float = 0.5
-    strategy: str = "ddp"  # "ddp" or "fsdp" (shards the frozen 7B weights too)
-    batch_size: int = 8  # per worker, per micro-batch
-    grad_accum: int = 1
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    stages: list[StageConfig] = field(
-        default_factory=lambda: [StageConfig(steps=60, ce_weight=0.1, train=["slots", "heads"]),
-                                 StageConfig(steps=240, ce_weight=1.0)]
-    )
-    checkpoint_every: int = 50  # optimizer steps; validation runs and metrics reach MLflow with each checkpoint
-    val_batches: int = 4  # per worker, per validation
-    keep_checkpoints: int = 2
-    max_failures: int = 0  # worker-group restarts from the last checkpoint
-    seed: int = 0
+    run_name: str | None = setting(None, "Re-running with the same name resumes; default: derived from the config.")
+    storage: str = setting("runs", "Ray Train storage (checkpoints, results); a path every node shares on clusters.")
+    num_workers: int = setting(2, "Ray Train workers (0: train in this process).", ge=0)
+    use_gpu: bool = setting(False, "One GPU per worker, bf16 autocast.")
+    cpus_per_worker: float = setting(0.5, "Fractional by default: Ray Data's decode tasks need CPU left over on a "
+                                          "2-core machine.", gt=0)
+    strategy: str = setting("ddp", "ddp, or fsdp (shards the frozen 7B weights too).", choices=("ddp", "fsdp"))
+    batch_size: int = setting(8, "Examples per worker per micro-batch.", ge=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", ge=1)
+    lr: float = setting(2e-3, "Learning rate of groups a stage gives none.", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0)
+    warmup_steps: int = setting(20, "Warm-up steps of each stage that sets none.", ge=0)
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm.", gt=0)
+    stages: list[StageConfig] = setting(
+        help="The schedule: by default the slots and heads ground first (LLM frozen, little CE), then all train.",
+        factory=lambda: [StageConfig(steps=60, ce_weight=0.1, train=["slots", "heads"]),
+                         StageConfig(steps=240, ce_weight=1.0)])
+    checkpoint_every: int = setting(50, "Optimizer steps between checkpoints; validation runs and metrics reach "
+                                        "MLflow with each.", ge=1)
+    val_batches: int = setting(4, "Validation batches per worker.", ge=1)
+    keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
+    max_failures: int = setting(0, "Worker-group restarts from the last checkpoint.", ge=0)
+    seed: int = setting(0, "Seeds the model's initialisation, data order and dropout.")
 
     @property
     def total_steps(self) -> int:
@@ -194,11 +224,12 @@ class SuiteRecipe:
     two is no answer); `wer` scores transcripts by word error rate after Whisper's English normaliser. Items
     without choices are always scored by WER."""
 
-    prompt: str | None = None  # the instruction for every item; None: each item's own question
-    max_new_tokens: int | None = None  # None: 1.5 x the longest reference answer in tokens, plus 4
-    rule: str = "choice"
-    metrics: list[str] = field(default_factory=lambda: ["accuracy"])  # and/or "weighted_f1" (choice suites)
-    breakdowns: list[str] = field(default_factory=list)  # item fields reported per value, e.g. MMAU's difficulty
+    prompt: str | None = setting(None, "The instruction for every item; null: each item's own question.")
+    max_new_tokens: int | None = setting(None, "null: 1.5 x the longest reference answer in tokens, plus 4.", ge=1)
+    rule: str = setting("choice", "How outputs are scored.", choices=SCORING_RULES)
+    metrics: list[str] = setting(help=f"Reported metrics, among {', '.join(SUITE_METRICS)} (choice suites).",
+                                 factory=lambda: ["accuracy"])
+    breakdowns: list[str] = setting(help="Item fields reported per value, e.g. MMAU's difficulty.", factory=list)
 
 
 def default_suites() -> dict[str, SuiteRecipe]:
@@ -214,62 +245,69 @@ def default_suites() -> dict[str, SuiteRecipe]:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # every suite's token budget; None: each suite's own (`suites`)
-    bootstrap: int = 1000  # resamples for the 95% intervals
-    # A subsample of this many examples, stratified by task family and drawn with `seed`; None: every example.
-    max_examples: int | None = None
-    seed: int = 0
-    # "generate": free text scored by each suite's rule; "loglik": the choice the model finds most likely
-    # (for small or untrained models whose text cannot be parsed; transcription is always generated).
-    scoring: str = "generate"
-    # Latency is measured apart from accuracy: this many examples one at a time, after `latency_warmup` calls.
-    latency_examples: int = 16
-    latency_warmup: int = 2
-    # Also evaluated after training, on the same examples: "base" (the backbone, no thinking block, no fine-tune)
-    # and "cot" (that backbone reasoning in text first, with `cot_tokens` more tokens).
-    baselines: list[str] = field(default_factory=list)
-    cot_tokens: int = 64
-    suites: dict[str, SuiteRecipe] = field(default_factory=default_suites)
+    batch_size: int = setting(16, "Examples per generation batch.", ge=1)
+    max_new_tokens: int | None = setting(None, "Every suite's token budget; null: each suite's own.", ge=1)
+    bootstrap: int = setting(1000, "Resamples for the 95% intervals.", ge=1)
+    max_examples: int | None = setting(None, "A subsample of this many examples, stratified by task family and "
+                                             "drawn with `seed`; null: every example.", ge=1)
+    seed: int = setting(0, "Seed of the subsample and the bootstrap.")
+    scoring: str = setting("generate", "generate: free text scored by each suite's rule; loglik: the choice the "
+                                       "model finds most likely (transcription is always generated).",
+                           choices=SCORING_MODES)
+    latency_examples: int = setting(16, "Latency is measured apart from accuracy, on this many examples one at a "
+                                        "time.", ge=0)
+    latency_warmup: int = setting(2, "Calls before latency is measured.", ge=0)
+    baselines: list[str] = setting(help="Also evaluated after training, on the same examples: base (the backbone, "
+                                        "no thinking block, no fine-tune) and cot (that backbone reasoning in text "
+                                        "first, with cot_tokens more tokens).", factory=list)
+    cot_tokens: int = setting(64, "Extra tokens the text chain-of-thought baseline may reason with.", ge=1)
+    suites: dict[str, SuiteRecipe] = setting(help="How each suite is asked and scored.", factory=default_suites)
 
 
 @dataclass
 class TrackingConfig:
-    # None: $MLFLOW_TRACKING_URI, else the embedded sqlite:///<cwd>/mlruns.db.
-    uri: str | None = None
-    experiment: str = "coat"
+    uri: str | None = setting(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db.")
+    experiment: str = setting("coat", "MLflow experiment.")
 
 
 @dataclass
 class SweepConfig:
-    name: str | None = None  # default: the space file's name; `--resume` continues the sweep of this name
-    num_samples: int = 8  # sampled spaces (Optuna TPE); a grid runs each point once
-    metric: str = "val/ce"  # comparable across loss weights and expert sets, unlike the total loss
-    mode: str = "min"
-    scheduler: str = "asha"  # "asha" or "none"; grids always run every trial to the end
-    grace_steps: int = 20  # ASHA: no trial is stopped before this many optimizer steps
-    reduction_factor: int = 3
-    max_concurrent: int | None = None  # None: derived from the cluster's CPUs/GPUs
-    trial_retries: int = 1  # a crashed trial is retried from its checkpoint this often, then marked failed
-    multi_objective: bool = False  # Optuna on (metric, prefill positions) instead of the metric alone
-    seed: int = 0
-    # Every point of a grid space trained once per seed (`train.seed`), so conclusions rest on several seeds.
-    seeds: list[int] = field(default_factory=list)
+    name: str | None = setting(None, "Default: the space file's name; `--resume` continues the sweep of this name.")
+    num_samples: int = setting(8, "Trials of a sampled space (Optuna TPE); a grid runs each point once.", ge=1)
+    metric: str = setting("val/ce", "Ranks trials: a val/... or eval/... metric; val/ce compares across loss "
+                                    "weights and expert sets, unlike the total loss.")
+    mode: str = setting("min", "Whether the metric is minimised or maximised.", choices=("min", "max"))
+    scheduler: str = setting("asha", "asha or none; grids always run every trial to the end.",
+                             choices=("asha", "none"))
+    grace_steps: int = setting(20, "ASHA: no trial is stopped before this many optimizer steps.", ge=1)
+    reduction_factor: int = setting(3, "ASHA's reduction factor.", ge=2)
+    max_concurrent: int | None = setting(None, "Trials at once; null: derived from the cluster's CPUs/GPUs.", ge=1)
+    trial_retries: int = setting(1, "A crashed trial is retried from its checkpoint this often, then marked failed.",
+                                 ge=0)
+    multi_objective: bool = setting(False, "Optuna on (metric, prefill positions) instead of the metric alone.")
+    seed: int = setting(0, "Seed of the search.")
+    seeds: list[int] = setting(help="Every point of a grid space trained once per seed (train.seed), so conclusions "
+                                    "rest on several seeds.", factory=list)
 
 
 @dataclass
 class CoATConfig:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
+    backbone: BackboneConfig = setting(help="The audio LLM.", factory=BackboneConfig)
+    thinking: ThinkingConfig = setting(help="The thinking block.", factory=ThinkingConfig)
+    heads: HeadsConfig = setting(help="The projection heads (training only).", factory=HeadsConfig)
+    experts: ExpertsConfig = setting(help="The audio experts whose features the slots regress.",
+                                     factory=ExpertsConfig)
+    loss: LossConfig = setting(help="CE plus weighted expert losses.", factory=LossConfig)
+    lora: LoraConfig = setting(help="LoRA on the LLM.", factory=LoraConfig)
+    data: DataConfig = setting(help="Manifests, feature store, clip length.", factory=DataConfig)
+    train: TrainConfig = setting(help="Ray Train: workers, schedule, checkpoints.", factory=TrainConfig)
+    eval: EvalConfig = setting(help="Evaluation after training.", factory=EvalConfig)
+    tracking: TrackingConfig = setting(help="MLflow.", factory=TrackingConfig)
+    sweep: SweepConfig = setting(help="Ray Tune + Optuna sweeps.", factory=SweepConfig)
+
+
+def mixture_name(entry: MixtureEntry) -> str:
+    return entry.name or Path(entry.manifest).parent.name or Path(entry.manifest).stem
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CoATConfig:
@@ -323,50 +361,68 @@ def _resolved(cfg: CoATConfig) -> CoATConfig:
     return cfg
 
 
+def declared_fields(node: Any, prefix: str = "") -> Iterator[tuple[str, Field, Any]]:
+    """(dotted path, field, value) of every field of a config tree, entries of lists and dicts of sections
+    included (`train.stages.0.steps`, `eval.suites.mmau.rule`)."""
+    for f in fields(node):
+        path, value = f"{prefix}{f.name}", getattr(node, f.name)
+        yield path, f, value
+        if is_dataclass(value):
+            yield from declared_fields(value, f"{path}.")
+        elif isinstance(value, list | dict):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if is_dataclass(item):
+                    yield from declared_fields(item, f"{path}.{key}.")
+
+
+def bounds_text(metadata: Mapping[str, Any]) -> str:
+    """A field's declared bounds in words: `one of a, b`, `>= 1`, `in [0.1, 0.8]`; empty when it has none."""
+    if "choices" in metadata:
+        return "one of " + ", ".join(map(str, metadata["choices"]))
+    low = f"{metadata['ge']:g}" if "ge" in metadata else None
+    if low is not None and "le" in metadata:
+        return f"in [{low}, {metadata['le']:g}]"
+    parts = [f">= {low}" if low is not None else "", f"> {metadata['gt']:g}" if "gt" in metadata else "",
+             f"<= {metadata['le']:g}" if "le" in metadata else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _out_of_bounds(value: Any, metadata: Mapping[str, Any]) -> bool:
+    if value is None:
+        return False
+    if "choices" in metadata:
+        return value not in metadata["choices"]
+    return (("ge" in metadata and value < metadata["ge"]) or ("gt" in metadata and value <= metadata["gt"])
+            or ("le" in metadata and value > metadata["le"]))
+
+
 def validate(cfg: CoATConfig) -> None:
-    """Cross-field checks that types alone can't express. Raises ConfigError naming the field."""
+    """Each field's declared bounds (`setting`), then what spans fields. Raises ConfigError naming the field."""
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"config field {key!r}: {msg}")
 
-    if cfg.backbone.name not in BACKBONES:
-        fail("backbone.name", f"{cfg.backbone.name!r} is not one of {', '.join(BACKBONES)}")
-    if cfg.backbone.size not in ("tiny", "real"):
-        fail("backbone.size", f"{cfg.backbone.size!r} must be 'tiny' or 'real'")
+    for path, declared, value in declared_fields(cfg):
+        if _out_of_bounds(value, declared.metadata):
+            fail(path, f"{value!r} must be {bounds_text(declared.metadata)}")
+
     for name in cfg.backbone.checkpoints:
         if name not in BACKBONES:
             fail(f"backbone.checkpoints.{name}", f"{name!r} is not one of {', '.join(BACKBONES)}")
     if cfg.backbone.checkpoint is not None and cfg.backbone.size != "real":
         fail("backbone.size", "a checkpoint holds the real architecture: set backbone.size=real with it")
-    if cfg.backbone.dtype not in ("float32", "bfloat16", "float16"):
-        fail("backbone.dtype", f"{cfg.backbone.dtype!r} must be float32, bfloat16 or float16")
-    if cfg.backbone.audio_window_s <= 0:
-        fail("backbone.audio_window_s", "must be positive")
 
     k = cfg.thinking
-    if k.max_slots < 0:
-        fail("thinking.max_slots", f"{k.max_slots} must be >= 0")
     if not 0 <= k.num_slots <= k.max_slots:
         fail("thinking.num_slots", f"{k.num_slots} must be between 0 and thinking.max_slots={k.max_slots}")
-    if k.placement not in ("after_prompt", "after_audio"):
-        fail("thinking.placement", f"{k.placement!r} must be 'after_prompt' or 'after_audio'")
 
-    if cfg.heads.kind not in ("transformer", "linear"):
-        fail("heads.kind", f"{cfg.heads.kind!r} must be 'transformer' or 'linear'")
-    if cfg.heads.position not in HEAD_POSITIONS:
-        fail("heads.position", f"{cfg.heads.position!r} must be one of {', '.join(HEAD_POSITIONS)}")
-    if cfg.heads.num_layers < 1:
-        fail("heads.num_layers", "must be >= 1")
     if cfg.heads.dim % cfg.heads.num_attention_heads:
         fail("heads.dim", f"{cfg.heads.dim} must be divisible by heads.num_attention_heads")
 
     names = cfg.experts.names
     if len(set(names)) != len(names):
         fail("experts.names", f"{names} lists an expert twice (a role counts as its default expert)")
-    if cfg.loss.ce_weight < 0:
-        fail("loss.ce_weight", f"{cfg.loss.ce_weight} must be >= 0")
-    if cfg.loss.default_weight < 0:
-        fail("loss.default_weight", f"{cfg.loss.default_weight} must be >= 0")
     for name, weight in cfg.loss.weights.items():
         if name not in names:
             fail(f"loss.weights.{name}", f"expert {name!r} is not in experts.names={names}")
@@ -378,26 +434,20 @@ def validate(cfg: CoATConfig) -> None:
         if distance not in DISTANCES:
             fail(f"loss.distance.{name}", f"{distance!r} must be one of {', '.join(DISTANCES)}")
 
-    if cfg.lora.r < 1:
-        fail("lora.r", "must be >= 1")
-
     if not (1 <= round(cfg.data.synth_test_share * 10) <= 8
             and abs(cfg.data.synth_test_share * 10 - round(cfg.data.synth_test_share * 10)) < 1e-9):
         fail("data.synth_test_share", f"{cfg.data.synth_test_share} must be a whole number of tenths in [0.1, 0.8]")
-    if cfg.data.max_seconds <= 0:
-        fail("data.max_seconds", f"{cfg.data.max_seconds} must be positive")
-    if cfg.data.long_clips not in ("crop", "reject"):
-        fail("data.long_clips", f"{cfg.data.long_clips!r} must be 'crop' or 'reject'")
-    if cfg.data.decode_tasks is not None and cfg.data.decode_tasks < 1:
-        fail("data.decode_tasks", f"{cfg.data.decode_tasks} must be >= 1, or null for as many as CPUs allow")
+    for i, entry in enumerate(cfg.data.mixture):
+        if not entry.manifest:
+            fail(f"data.mixture.{i}.manifest", "is empty: give the path of a manifest")
+    sources = [mixture_name(entry) for entry in cfg.data.mixture]
+    if len(set(sources)) < len(sources):
+        fail("data.mixture", f"names {sources} repeat: give the entries distinct `name`s")
+
     t = cfg.train
     if not t.stages:
         fail("train.stages", "needs at least one stage")
     for i, stage in enumerate(t.stages):
-        if stage.steps < 1:
-            fail(f"train.stages.{i}.steps", f"{stage.steps} must be >= 1")
-        if stage.ce_weight < 0 or stage.expert_scale < 0 or (stage.expert_scale_end or 0) < 0:
-            fail(f"train.stages.{i}", "ce_weight, expert_scale and expert_scale_end must be >= 0")
         if bad := [g for g in [*stage.train, *stage.lr] if g not in PARAM_GROUPS]:
             fail(f"train.stages.{i}.train", f"{bad} are not among the parameter groups {', '.join(PARAM_GROUPS)}")
         if not stage.train:
@@ -409,51 +459,20 @@ def validate(cfg: CoATConfig) -> None:
             if name not in names or weight < 0:
                 fail(f"train.stages.{i}.weights.{name}", f"{weight} for {name!r}: needs an expert of "
                                                          f"experts.names={names} and a weight >= 0")
-        if stage.warmup_steps is not None and stage.warmup_steps < 0:
-            fail(f"train.stages.{i}.warmup_steps", "must be >= 0")
     if t.strategy == "fsdp" and len({tuple(sorted(s.train)) for s in t.stages}) > 1:
         fail("train.stages", "under train.strategy=fsdp every stage must train the same groups: FSDP fixes the "
                              "trainable parameters when it wraps the model; use ddp, or the same `train` list")
-    for key in ("num_workers", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"):
-        if getattr(t, key) < (0 if key == "num_workers" else 1):
-            fail(f"train.{key}", f"{getattr(t, key)} is too small")
-    if t.max_failures < 0:
-        fail("train.max_failures", "must be >= 0")
-    if t.strategy not in ("ddp", "fsdp"):
-        fail("train.strategy", f"{t.strategy!r} must be 'ddp' or 'fsdp'")
-    if t.cpus_per_worker <= 0:
-        fail("train.cpus_per_worker", "must be positive")
-    if t.lr <= 0:
-        fail("train.lr", "must be positive")
+
     sw = cfg.sweep
-    if sw.mode not in ("min", "max"):
-        fail("sweep.mode", f"{sw.mode!r} must be 'min' or 'max'")
-    if sw.scheduler not in ("asha", "none"):
-        fail("sweep.scheduler", f"{sw.scheduler!r} must be 'asha' or 'none'")
-    if sw.num_samples < 1 or sw.grace_steps < 1 or sw.reduction_factor < 2 or sw.trial_retries < 0:
-        fail("sweep", "num_samples, grace_steps >= 1, reduction_factor >= 2 and trial_retries >= 0 are required")
     if len(set(sw.seeds)) != len(sw.seeds):
         fail("sweep.seeds", f"{sw.seeds} lists a seed twice")
     if not (sw.metric.startswith("val/") or sw.metric.startswith("eval/")):
         fail("sweep.metric", f"{sw.metric!r} must be a reported validation (val/...) or evaluation (eval/...) metric")
+
     e = cfg.eval
-    if e.batch_size < 1 or e.bootstrap < 1 or (e.max_new_tokens is not None and e.max_new_tokens < 1):
-        fail("eval", "batch_size, max_new_tokens and bootstrap must be >= 1")
-    if e.max_examples is not None and e.max_examples < 1:
-        fail("eval.max_examples", f"{e.max_examples} must be >= 1, or null for every example")
-    if e.scoring not in SCORING_MODES:
-        fail("eval.scoring", f"{e.scoring!r} must be one of {', '.join(SCORING_MODES)}")
-    if e.latency_examples < 0 or e.latency_warmup < 0:
-        fail("eval", "latency_examples and latency_warmup must be >= 0")
     if bad := [b for b in e.baselines if b not in ("base", "cot")]:
         fail("eval.baselines", f"{bad} are not among base, cot")
-    if e.cot_tokens < 1:
-        fail("eval.cot_tokens", "must be >= 1")
     for suite, recipe in e.suites.items():
-        if recipe.rule not in SCORING_RULES:
-            fail(f"eval.suites.{suite}.rule", f"{recipe.rule!r} must be one of {', '.join(SCORING_RULES)}")
-        if recipe.max_new_tokens is not None and recipe.max_new_tokens < 1:
-            fail(f"eval.suites.{suite}.max_new_tokens", "must be >= 1, or null for the references' length")
         unknown = [m for m in recipe.metrics if m not in SUITE_METRICS]
         if unknown:
             fail(f"eval.suites.{suite}.metrics", f"{unknown} are not among {', '.join(SUITE_METRICS)}")

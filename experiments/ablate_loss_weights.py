@@ -12,4 +12,4 @@ Results: a table in the terminal, and an MLflow parent run with one child per tr
 from coat.tune.experiment import main
 
 if __name__ == "__main__":
-    main("ablate_loss_weights")
+    main(__file__)

@@ -12,4 +12,4 @@ Results: a table in the terminal, and an MLflow parent run with one child per tr
 from coat.tune.experiment import main
 
 if __name__ == "__main__":
-    main("ablate_thinking_len")
+    main(__file__)

@@ -24,7 +24,7 @@ from ray.runtime_env import RuntimeEnv
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = ["gpu.yaml", "local.yaml"]
-ENV_VARS = ("COAT_STORAGE", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")
+ENV_VARS = ("COAT_STORAGE", "COAT_PROJECT", "HF_HOME", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")
 SCRIPT_PATH = re.compile(r"experiments/[\w/.-]+\.py")
 
 
@@ -132,7 +132,8 @@ def test_setup_commands_give_every_process_the_environment(name, tmp_path):
 
     env = node_env(worker)
     assert {k: env.get(k) for k in ENV_VARS} == {
-        "COAT_STORAGE": "/mnt/shared/coat", "HF_HOME": "/mnt/shared/hf", "HF_HUB_OFFLINE": "1",
+        "COAT_STORAGE": "/mnt/shared/coat", "COAT_PROJECT": str(worker / "coat"), "HF_HOME": "/mnt/shared/hf",
+        "HF_HUB_OFFLINE": "1",
         "MLFLOW_TRACKING_URI": "http://10.1.2.3:5000",
     }
     assert run_like_ray("command -v python", worker).strip() == str(worker / "coat-venv/bin/python")

@@ -31,7 +31,10 @@ from tests.conftest import SYNTHETIC_EXPERTS
         (["train.stages.0.train=[]"], "train.stages.0.train"),
         (["train.stages.1.lr.lora=0"], "train.stages.1.lr"),
         (["train.stages.1.weights.speaker=1"], "train.stages.1.weights.speaker"),
-        (["train.stages.1.expert_scale_end=-1"], "train.stages.1"),
+        (["train.stages.1.expert_scale_end=-1"], "train.stages.1.expert_scale_end"),
+        (["lora.dropout=1.5"], "lora.dropout"),
+        (["data.mixture=[{manifest: a/m.jsonl, weight: -1}]"], "data.mixture.0.weight"),
+        (["eval.suites.mmau.rule=exact"], "eval.suites.mmau.rule"),
         (["train.stages.2.steps=5"], "train.stages.2.steps"),
         (["train.strategy=fsdp"], "train.stages"),
     ],
@@ -81,3 +84,37 @@ def test_roles_stand_for_their_default_experts_and_stages_take_dotted_overrides(
     assert from_yaml(to_yaml(cfg)) == cfg
     fsdp = load_config(overrides=["train.strategy=fsdp", "train.stages=[{steps: 2}, {steps: 3}]"])
     assert fsdp.train.total_steps == 5, "FSDP with stages that train the same groups"
+
+
+def test_every_field_declares_its_help_and_the_reference_is_in_sync():
+    from dataclasses import fields, is_dataclass
+    from pathlib import Path
+
+    from coat.config import CoATConfig, MixtureEntry, StageConfig, SuiteRecipe
+    from coat.config_help import reference
+
+    for node in (CoATConfig(), StageConfig(), MixtureEntry(), SuiteRecipe()):
+        stack = [node]
+        while stack:
+            for f in fields(current := stack.pop()):
+                assert f.metadata.get("help"), f"{type(current).__name__}.{f.name} has no help"
+                if is_dataclass(value := getattr(current, f.name)):
+                    stack.append(value)
+    docs = Path(__file__).parents[1] / "docs" / "config.md"
+    assert docs.read_text() == reference(), "docs/config.md is stale: coat config show --reference > docs/config.md"
+
+
+def test_config_show_explains_every_field_and_loads_back_as_the_same_config(tmp_path, capsys):
+    from coat.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["config", "show", "thinking.num_slots=8", "train.stages.0.steps=7", "data.max_seconds=4"])
+    shown = capsys.readouterr().out
+    assert done.value.code == 0
+    lines = {line.split(":")[0].strip(): line for line in shown.splitlines()}
+    assert lines["num_slots"].split("#")[0].strip() == "num_slots: 8"
+    assert "K: thinking positions" in lines["num_slots"] and lines["num_slots"].endswith("[>= 0]")
+    assert lines["long_clips"].endswith("[one of crop, reject]") and "[> 0]" in lines["max_seconds"]
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_config(tmp_path / "shown.yaml") == load_config(
+        overrides=["thinking.num_slots=8", "train.stages.0.steps=7", "data.max_seconds=4"])

@@ -19,7 +19,7 @@ import torch
 from coat.config import load_config
 from coat.data.audio import decode
 from coat.data.precompute import ensure_ray, manifest_clips, precompute
-from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows
+from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows, feature_version
 from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
@@ -281,16 +281,18 @@ def test_precompute_command_takes_a_runs_expert_settings(ray_address, manifest, 
     from coat.experts.registry import expert_version
 
     config = tmp_path / "run.yaml"
-    config.write_text("backbone: {seed: 3, audio_window_s: 2}\n")
+    config.write_text("backbone: {seed: 3, audio_window_s: 2}\ndata: {max_seconds: 3}\n")
     result = CliRunner().invoke(app, ["experts", "precompute", "--data", str(manifest), "--store",
                                       str(tmp_path / "store"), "--experts", "reconstruction,audio-encoder",
                                       "--config", str(config)])
     assert result.exit_code == 0, result.output
-    encoder = expert_version("audio-encoder", backbone="qwen2-audio", size="tiny", seed=3, audio_window_s=2.0)
-    assert encoder != expert_version("audio-encoder"), "the run's backbone, not the default one"
+    encoder = feature_version(expert_version("audio-encoder", backbone="qwen2-audio", size="tiny", seed=3,
+                                             audio_window_s=2.0), 3.0)  # cropped to the run's data.max_seconds
+    assert encoder != feature_version(expert_version("audio-encoder"), 3.0), "the run's backbone, not the default"
     store, (good, _) = FeatureStore(tmp_path / "store"), manifest_clips(manifest)
     decodable = set(good["clip_hash"]) - set(store.quarantined())
-    assert store.present("audio-encoder", encoder) == decodable == store.present("mel", build_expert("mel").version), \
+    mel = feature_version(build_expert("mel").version, 3.0)
+    assert store.present("audio-encoder", encoder) == decodable == store.present("mel", mel), \
         "a role ('reconstruction') stands for its default expert"
     first = good.iloc[0]
     (frames,) = store.read("audio-encoder", encoder, [first["clip_hash"]]).values()

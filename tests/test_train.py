@@ -261,6 +261,7 @@ def test_a_batch_that_cannot_fill_one_step_is_refused_before_decoding(uninterrup
                          Path(cfg.data.store))
 
 
+@pytest.mark.faults  # a worker group killed and restarted: a minute on 2 cores
 def test_two_ddp_workers_survive_a_kill_before_anything_is_committed(tmp_path, coat_mini, server, monkeypatch):
     """Rank 0 dies while writing the first checkpoint, so the restart redoes steps 1 and 2; metrics go to a real
     tracking server, from Ray Train's controller once each checkpoint is registered."""

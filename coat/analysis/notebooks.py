@@ -9,6 +9,7 @@ bottom with nbclient in `out_dir`, and writes the executed `.ipynb` there. Insid
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,10 +72,11 @@ def outputs(out_dir: str | Path) -> Outputs:
 
 
 def notebook_folder(explicit: str | Path | None = None) -> Path:
-    """`explicit`, else `analysis/` in the working directory, else the one beside this package in a checkout.
+    """`explicit`, else `analysis/` in the working directory, else in $COAT_PROJECT (the cluster configs set it).
 
     Raises FileNotFoundError naming where it looked and the option to give."""
-    candidates = [Path(explicit)] if explicit else [Path.cwd() / "analysis", Path(__file__).parents[2] / "analysis"]
+    project = [Path(os.environ["COAT_PROJECT"]) / "analysis"] if os.environ.get("COAT_PROJECT") else []
+    candidates = [Path(explicit)] if explicit else [Path.cwd() / "analysis", *project]
     for folder in candidates:
         if (folder / f"{NOTEBOOKS[0]}.py").is_file():
             return folder

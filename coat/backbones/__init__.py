@@ -95,6 +95,6 @@ def resolve_checkpoint(checkpoint: str) -> str:
         raise FileNotFoundError(
             f"backbone.checkpoint={checkpoint!r} is not a local directory nor a hub id in the local cache "
             f"({err.__class__.__name__}). Nothing is downloaded at run time: copy the checkpoint to a local "
-            f"path (e.g. `huggingface-cli download {checkpoint} --local-dir DIR` on a machine with network) "
+            f"path (e.g. `hf download {checkpoint} --local-dir DIR` on a machine with network) "
             f"and set backbone.checkpoint=DIR."
         ) from None

@@ -58,6 +58,7 @@ class Stream:
     crop_seconds: float | None = None  # audio is cut to this, as the experts' features were (`precompute`)
     decode_tasks: int | None = None  # concurrent decode tasks; None: as many as free CPUs allow
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
+    weights: np.ndarray | None = None  # a mixture's per-row draw probabilities (`mixture.sample_weights`)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,14 +79,17 @@ class Stream:
         return dataset
 
 
-def epoch_order(rows: int, *, seed: int, epoch: int, world: int, rank: int, step_rows: int) -> np.ndarray:
+def epoch_order(rows: int, *, seed: int, epoch: int, world: int, rank: int, step_rows: int,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """The row indices rank `rank` of `world` trains on in `epoch`, in order.
 
     A permutation of all rows drawn from (`seed`, `epoch`) — random, new each epoch, the same for the same
     seed — cut to whole optimizer steps of every rank (`step_rows`: rows per rank per step) and dealt to the
     ranks in turn, so no row is seen twice in an epoch and the rows left over differ from epoch to epoch.
+    With `weights` (a mixture), `rows` draws with replacement at those probabilities take the permutation's place.
     """
-    permutation = np.random.default_rng([seed, epoch]).permutation(rows)
+    rng = np.random.default_rng([seed, epoch])
+    permutation = rng.permutation(rows) if weights is None else rng.choice(rows, size=rows, p=weights)
     usable = rows // (world * step_rows) * world * step_rows
     return permutation[:usable][rank::world]
 
@@ -133,7 +137,8 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         raise ValueError(f"{manifest}: no usable rows in split {split!r}")
     choices = rows["choices"] if "choices" in rows else [None] * len(rows)
     rows = rows.assign(prompt=[model_prompt(p, c) for p, c in zip(rows["prompt"], choices, strict=True)])
-    rows = rows[["id", "audio_path", "prompt", "answer", "clip_hash"]].astype({"id": str})
+    kept = ["id", "audio_path", "prompt", "answer", "clip_hash", *(["mixture"] if "mixture" in rows else [])]
+    rows = rows[kept].astype({"id": str})
     sources = {}
     for name in experts:
         chosen = settings.get(name, {})

@@ -26,7 +26,8 @@ def precompute_command(
                                                                        "or 1 on CPU).")] = None,
     crop_seconds: Annotated[float | None, typer.Option(
         "--crop-seconds", min=0.001, help="Experts hear each clip's first SECONDS only, as training does with "
-                                          "data.long_clips=crop (data.max_seconds).")] = None,
+                                          "data.long_clips=crop (data.max_seconds; with --config, its value).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", exists=True, dir_okay=False,
         help="A run config whose expert settings (experts.settings, and the backbone for audio-encoder) the experts "
@@ -49,9 +50,12 @@ def precompute_command(
     settings = {}
     if config is not None:
         try:
-            settings = expert_settings(apply_overrides(load_config(config), [f"experts.names=[{','.join(names)}]"]))
+            run = apply_overrides(load_config(config), [f"experts.names=[{','.join(names)}]"])
         except (ConfigError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err), param_hint="--config") from err
+        settings = expert_settings(run)
+        if crop_seconds is None and run.data.long_clips == "crop":  # the features the run will look for
+            crop_seconds = run.data.max_seconds
     for name in names:
         try:
             expert_spec(name, **settings.get(name, {}))

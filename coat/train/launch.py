@@ -24,7 +24,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
 from coat.backbones import BACKBONES, backbone_source
-from coat.config import CoATConfig, expert_settings, to_yaml
+from coat.config import CoATConfig, expert_settings, mixture_name, to_yaml
+from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import ensure_ray, precompute
 from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
@@ -72,10 +73,13 @@ def crop_seconds(cfg: CoATConfig) -> float | None:
 
 
 def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
-    """The manifest (coat-mini generated on first use when `data.synth_size` > 0) and a store holding every
-    configured expert's features. Raises FileNotFoundError naming the manifest when it is missing."""
+    """The manifest (a mixture's entries combined into it; coat-mini generated on first use when
+    `data.synth_size` > 0) and a store holding every configured expert's features. Raises FileNotFoundError
+    naming the manifest when it is missing."""
     manifest, store = Path(cfg.data.manifest).resolve(), Path(cfg.data.store).resolve()
-    if not manifest.is_file():
+    if cfg.data.mixture:
+        combine(cfg.data.mixture, manifest)
+    elif not manifest.is_file():
         if cfg.data.synth_size <= 0 or manifest.name != "manifest.jsonl":
             raise FileNotFoundError(
                 f"data.manifest={manifest} does not exist; point it at a manifest, or set data.synth_size>0 with "
@@ -107,7 +111,11 @@ def training_streams(cfg: CoATConfig, manifest: Path, store: Path) -> dict[str, 
     val_items, _, val_left_out = training_items(manifest, cfg.data.val_split, cfg.experts.names, store,
                                                 stats_from=sources, **common)
     crop = crop_seconds(cfg)
-    return {"train": Stream(items, sources, rate, crop, cfg.data.decode_tasks, left_out),
+    weights = None
+    if cfg.data.mixture:
+        weights = sample_weights([item["mixture"] for item in items],
+                                 {mixture_name(entry): entry.weight for entry in cfg.data.mixture})
+    return {"train": Stream(items, sources, rate, crop, cfg.data.decode_tasks, left_out, weights),
             "val": Stream(val_items, sources, rate, crop, cfg.data.decode_tasks, val_left_out)}
 
 

@@ -208,7 +208,7 @@ def run_loop(loop_config: dict, session) -> None:
     last_step_end = time.perf_counter()
     while step < cfg.train.total_steps:
         order = epoch_order(len(train), seed=cfg.train.seed, epoch=epoch, world=world, rank=rank,
-                            step_rows=batch_size * accum)
+                            step_rows=batch_size * accum, weights=train.weights)
         # Closed on leaving, so a stream stopped mid-epoch (the last step) shuts down while Ray is still up.
         stream = iter_training_batches(train.dataset(order[batch_in_epoch * batch_size:]), coat, batch_size)
         with contextlib.closing(stream) as batches:

@@ -3,8 +3,9 @@ Ray, run the sweep, print and log the results table.
 
 On a cluster (`ray submit`, `ray job submit`: see `attach_ray`) the script uses `<name>.cluster.yaml` (real
 checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and `$MLFLOW_TRACKING_URI` for MLflow;
-otherwise `<name>.yaml`, the embedded default. `ray submit` copies only the script, so configs are found
-through the installed `coat` package (the cluster's setup installs it).
+otherwise `<name>.yaml`, the embedded default. Configs are found beside the script (`configs/`, in a checkout),
+else under `$COAT_PROJECT/experiments/configs`: `ray submit` copies the script alone to the head node's home
+folder, and the cluster configs' setup points COAT_PROJECT at the project they mount there.
 """
 
 from __future__ import annotations
@@ -16,11 +17,8 @@ from pathlib import Path
 
 import ray
 
-import coat
 from coat.config import load_config
-
-PROJECT = Path(coat.__file__).resolve().parents[1]
-CONFIGS = PROJECT / "experiments" / "configs"
+from coat.errors import UserError
 
 # The notebook in analysis/ that reads each experiment's sweep; run at its end.
 NOTEBOOK = {"ablate_thinking_len": "thinking_length", "ablate_loss_weights": "loss_weights",
@@ -36,6 +34,19 @@ SMOKE = [
 ]
 
 
+def project_folder(script: str | Path) -> Path:
+    """The project a script belongs to: the folder above its own `experiments/` when it has `configs/` beside
+    it, else $COAT_PROJECT. Raises UserError naming both places and the fix."""
+    beside = Path(script).resolve().parent
+    candidates = [beside.parent, *([Path(os.environ["COAT_PROJECT"])] if os.environ.get("COAT_PROJECT") else [])]
+    for project in candidates:
+        if (project / "experiments" / "configs").is_dir():
+            return project
+    raise UserError(f"no experiment configs beside {beside} (configs/) nor in $COAT_PROJECT/experiments/configs "
+                    f"(COAT_PROJECT={os.environ.get('COAT_PROJECT', 'unset')}): run the script from the project's "
+                    "experiments/ folder, or set COAT_PROJECT to the project folder (the cluster configs do)")
+
+
 def attach_ray() -> bool:
     """Attach to the cluster when there is one: `ray job submit` sets RAY_ADDRESS, and the cluster configs set
     COAT_STORAGE on every node (`ray submit` runs the script on the head). Not by probing with
@@ -48,18 +59,35 @@ def attach_ray() -> bool:
     return True
 
 
-def main(name: str, argv: list[str] | None = None) -> None:
+def main(script: str | Path, argv: list[str] | None = None) -> None:
+    """The experiment of `script` (its file name is the experiment's name), as its command line asks. A user's
+    mistake prints one line and exits with its code, as `coat` does (COAT_DEBUG=1 shows the traceback)."""
+    try:
+        run(script, argv)
+    except UserError as err:
+        if os.environ.get("COAT_DEBUG") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def run(script: str | Path, argv: list[str] | None = None) -> None:
+    name = Path(script).stem
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=f"coat experiment {name}")
     parser.add_argument("--smoke", action="store_true", help="a minutes-long check on a small coat-mini")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this name")
     parser.add_argument("--seeds", help="train every point once per seed, e.g. 0,1,2 (grid spaces)")
     parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook at the end")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and space, say what would run, and run nothing")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (after --)")
     args = parser.parse_args(argv)
 
+    project = project_folder(script)
+    configs = project / "experiments" / "configs"
     on_cluster = attach_ray()
-    config = CONFIGS / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
-    space = CONFIGS / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
+    config = configs / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
+    space = configs / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
     extra = [*(SMOKE if args.smoke else []), f"sweep.name={name}{'-smoke' if args.smoke else ''}"]
     shared = os.environ.get("COAT_STORAGE") if on_cluster else None
     if shared:  # every node must see the data, results and checkpoints
@@ -71,6 +99,13 @@ def main(name: str, argv: list[str] | None = None) -> None:
         extra.append(f"sweep.seeds=[{args.seeds}]")
     extra += args.overrides
     cfg = load_config(config, extra)  # a bad config fails here, before the sweep's heavy imports
+    if args.dry_run:
+        from coat.tune.space import load_space
+
+        searched = load_space(space, config, extra)
+        trials = len(searched.grid()) * max(1, len(cfg.sweep.seeds)) if searched.is_grid else cfg.sweep.num_samples
+        print(f"config: {config}\nspace: {space}\ntrials: {trials} ({'grid' if searched.is_grid else 'optuna'})")
+        return
 
     from coat.tune.report import print_results
     from coat.tune.sweep import run_sweep
@@ -78,10 +113,10 @@ def main(name: str, argv: list[str] | None = None) -> None:
     result = run_sweep(config, space, extra, resume=args.resume)
     print_results(result, cfg)
     if not args.no_analysis:
-        conclude(name, result.name, cfg)
+        conclude(name, result.name, cfg, project / "analysis")
 
 
-def conclude(name: str, sweep: str, cfg) -> None:
+def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:
     """Execute the experiment's notebook on its sweep, attach its outputs to the sweep's parent run, and print
     where the figures and the executed notebook are, and what they conclude. Exits 1 when the notebook fails."""
     from rich.console import Console
@@ -93,7 +128,7 @@ def conclude(name: str, sweep: str, cfg) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)
     notebook = NOTEBOOK[name]
     try:
-        folder = notebook_folder()
+        folder = notebook_folder(notebooks if notebooks.is_dir() else None)
     except FileNotFoundError as err:
         console.print(f"analysis skipped: {err}")
         return

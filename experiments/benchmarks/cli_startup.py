@@ -21,8 +21,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-COMMANDS = [[], ["train"], ["sweep"], ["eval"], ["score"], ["analyze"], ["probe"], ["data"], ["experts"],
-            ["experts", "precompute"]]
+COMMANDS = [[], ["train"], ["sweep"], ["eval"], ["score"], ["analyze"], ["probe"], ["data"], ["data", "import"],
+            ["experts"], ["experts", "precompute"], ["preflight"], ["config", "show"]]
 
 
 def median_seconds(code: str, tree: Path, repeat: int) -> float:
