@@ -118,7 +118,7 @@ def check_ray(cfg: CoATConfig, wait_s: float) -> Check:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    from coat.data.precompute import ensure_ray
+    from coat.ray_runtime import ensure_ray
 
     ensure_ray()
     need = needed_resources(cfg)

@@ -38,6 +38,7 @@ RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 SQLITE_PREFIX = "sqlite:///"
 DASHBOARD = "http://127.0.0.1:5000"  # where `make dashboard` serves the embedded store
+PREFILL_COST = "cost/prefill_positions"  # the thinking block's extra prefill positions: every run reports it
 
 
 class TrackingUnavailableError(UserError, RuntimeError):

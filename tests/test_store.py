@@ -18,12 +18,13 @@ import torch
 
 from coat.config import load_config
 from coat.data.audio import decode
-from coat.data.precompute import ensure_ray, manifest_clips, precompute
+from coat.data.precompute import manifest_clips, precompute
 from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows, feature_version
 from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
+from coat.ray_runtime import ensure_ray
 
 SIZE = 16
 EXPERTS = ["mel", "prosody"]

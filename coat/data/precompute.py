@@ -10,7 +10,6 @@ model does under `data.long_clips=crop`; those features are filed under a versio
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pyarrow as pa
 
 from coat.data.manifest import quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
+from coat.ray_runtime import ensure_ray
 
 
 @dataclass
@@ -82,15 +82,6 @@ class ExpertActor:
         failed = feature_rows([h for h, _ in errors], [[0.0]] * len(errors))  # placeholders, never stored
         reasons = [None] * len(good) + [r for _, r in errors]
         return pa.concat_tables([table, failed]).append_column("error", pa.array(reasons, pa.string()))
-
-
-def ensure_ray() -> None:
-    """Start a local Ray (or attach to RAY_ADDRESS) unless this process already has one."""
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for local clusters
-        ray.init()
 
 
 def hash_clips(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -26,9 +26,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from coat.data.audio import decode
 from coat.data.manifest import model_prompt, quarantine_records
-from coat.data.precompute import ensure_ray, manifest_clips
+from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, read_located, standardise
 from coat.errors import UserError
+from coat.ray_runtime import ensure_ray
 
 LONG_CLIPS = ("crop", "reject")
 

@@ -26,9 +26,10 @@ from coat import tracking
 from coat.backbones import BACKBONES, backbone_source
 from coat.config import CoATConfig, expert_settings, mixture_name, to_yaml
 from coat.data.mixture import combine, sample_weights
-from coat.data.precompute import ensure_ray, precompute
+from coat.data.precompute import precompute
 from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
+from coat.ray_runtime import ensure_ray
 from coat.train import faults
 from coat.train.checkpoint import latest_checkpoint, load_training_state
 from coat.train.loop import run_loop, train_loop_per_worker
@@ -193,7 +194,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     metrics = dict(metrics or load_training_state(checkpoint)["metrics"])
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
     trained_at = time.time()
-    tracking.log_metrics(uri, run_id, {"cost/prefill_positions": cfg.thinking.prefill_positions,
+    tracking.log_metrics(uri, run_id, {tracking.PREFILL_COST: cfg.thinking.prefill_positions,
                                        "time/train_s": trained_at - launched_at}, step=cfg.train.total_steps)
     eval_metrics = {}
     if evaluate_after:

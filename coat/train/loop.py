@@ -227,7 +227,7 @@ def run_loop(loop_config: dict, session) -> None:
                 last_step_end = now
                 if step % cfg.train.checkpoint_every == 0 or step in ends:
                     metrics |= validation_losses(model, coat, val, cfg, rank, world, device)  # the step's record too
-                    report = {"step": step, "epoch": epoch, "cost/prefill_positions": cfg.thinking.prefill_positions,
+                    report = {"step": step, "epoch": epoch, tracking.PREFILL_COST: cfg.thinking.prefill_positions,
                               **metrics}
                     position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
                     checkpoint_and_report(session, model, coat, optimizer, position, report, pending,

@@ -1,11 +1,12 @@
 """What every script in `experiments/` does: find its config and space, attach to a cluster or start a local
 Ray, run the sweep, print and log the results table.
 
-On a cluster (`ray submit`, `ray job submit`: see `attach_ray`) the script uses `<name>.cluster.yaml` (real
-checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and `$MLFLOW_TRACKING_URI` for MLflow;
-otherwise `<name>.yaml`, the embedded default. Configs are found beside the script (`configs/`, in a checkout),
-else under `$COAT_PROJECT/experiments/configs`: `ray submit` copies the script alone to the head node's home
-folder, and the cluster configs' setup points COAT_PROJECT at the project they mount there.
+On a cluster (`ray submit`, `ray job submit`: see `coat.ray_runtime.attach_cluster`) the script uses
+`<name>.cluster.yaml` (real checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and
+`$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. Configs are found beside the
+script (`configs/`, in a checkout), else under `$COAT_PROJECT/experiments/configs`: `ray submit` copies the script
+alone to the head node's home folder, and the cluster configs' setup points COAT_PROJECT at the project they mount
+there.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-import ray
-
 from coat.config import load_config
 from coat.errors import UserError
+from coat.ray_runtime import attach_cluster
 
 # The notebook in analysis/ that reads each experiment's sweep; run at its end.
 NOTEBOOK = {"ablate_thinking_len": "thinking_length", "ablate_loss_weights": "loss_weights",
@@ -47,18 +47,6 @@ def project_folder(script: str | Path) -> Path:
                     "experiments/ folder, or set COAT_PROJECT to the project folder (the cluster configs do)")
 
 
-def attach_ray() -> bool:
-    """Attach to the cluster when there is one: `ray job submit` sets RAY_ADDRESS, and the cluster configs set
-    COAT_STORAGE on every node (`ray submit` runs the script on the head). Not by probing with
-    address="auto" alone, which would also attach to any local Ray left running on a workstation.
-    Without a cluster the sweep starts a local Ray itself, after the config and space have been checked."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not (os.environ.get("RAY_ADDRESS") or os.environ.get("COAT_STORAGE")):
-        return False
-    ray.init(address="auto")
-    return True
-
-
 def main(script: str | Path, argv: list[str] | None = None) -> None:
     """The experiment of `script` (its file name is the experiment's name), as its command line asks. A user's
     mistake prints one line and exits with its code, as `coat` does (COAT_DEBUG=1 shows the traceback)."""
@@ -85,7 +73,7 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
 
     project = project_folder(script)
     configs = project / "experiments" / "configs"
-    on_cluster = attach_ray()
+    on_cluster = attach_cluster()
     config = configs / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
     space = configs / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
     extra = [*(SMOKE if args.smoke else []), f"sweep.name={name}{'-smoke' if args.smoke else ''}"]

@@ -33,7 +33,7 @@ def print_results(result, cfg: CoATConfig, console: Console | None = None) -> No
                  _num(row.get(cfg.sweep.metric))]
         for task in results_columns(table):
             cells.append(_scored(row, task))
-        cells += [_num(row.get("cost/prefill_positions"), "{:.0f}"), _num(row.get("latency/ttft_s"))]
+        cells += [_num(row.get(tracking.PREFILL_COST), "{:.0f}"), _num(row.get("latency/ttft_s"))]
         out.add_row(*cells)
     # Logs and `ray submit` output are not terminals: give the table room instead of folding every cell.
     console = console or Console(width=None if sys.stdout.isatty() else 220)

@@ -24,12 +24,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
 from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
-from coat.data.precompute import ensure_ray
 from coat.experts.roles import resolve_roles
+from coat.ray_runtime import ensure_ray
 from coat.train.launch import prepare_data, train
 from coat.tune.space import Param, Space, SpaceError, load_space, overrides
-
-PREFILL_COST = "cost/prefill_positions"  # reported by every training run
 
 
 @dataclass
@@ -146,7 +144,7 @@ def sweep_description(name: str, space: Space, table: pd.DataFrame, best: dict |
         lines.append(f"Best by {cfg.sweep.metric} ({cfg.sweep.mode}): {best['setting']} "
                      f"({cfg.sweep.metric} = {best[cfg.sweep.metric]:.4g}).")
     lines.append("Units: eval/<task>/accuracy and wer are fractions of the test split, with 95% bootstrap intervals "
-                 "in *_ci_low/*_ci_high; latency/* are seconds at batch size 1; cost/prefill_positions counts "
+                 f"in *_ci_low/*_ci_high; latency/* are seconds at batch size 1; {tracking.PREFILL_COST} counts "
                  "tokens; time/train_s and time/eval_s are a run's wall seconds; val/* and train/* are losses. "
                  "`coat analyze` adds figures, tables and conclusions here.")
     return "\n\n".join(lines)
@@ -175,7 +173,7 @@ def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Pat
     else:
         param_space = {}
         if s.multi_objective:
-            metric, mode = [s.metric, PREFILL_COST], [s.mode, "min"]
+            metric, mode = [s.metric, tracking.PREFILL_COST], [s.mode, "min"]
             sampler = optuna.samplers.NSGAIISampler(seed=s.seed)
         else:
             metric, mode = s.metric, s.mode

@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from coat.config import load_config
 from coat.data.audio import decode
 from coat.data.manifest import read_manifest
-from coat.data.precompute import ensure_ray, precompute
+from coat.data.precompute import precompute
 from coat.data.stream import Stream, collate, iter_training_batches, load_batch, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
+from coat.ray_runtime import ensure_ray
 
 
 class StoreRows(Dataset):

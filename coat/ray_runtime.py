@@ -1,0 +1,29 @@
+"""Starting Ray or attaching to it, in one place: training, sweeps, precompute, preflight and the experiment
+scripts all come through here, so they agree on what "a cluster" means and on Ray's settings."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray() -> None:
+    """Start a local Ray (or attach to RAY_ADDRESS) unless this process already has one."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for local clusters
+        ray.init()
+
+
+def attach_cluster() -> bool:
+    """Attach to the cluster when there is one: `ray job submit` sets RAY_ADDRESS, and the cluster configs set
+    COAT_STORAGE on every node (`ray submit` runs the script on the head). Not by probing with
+    address="auto" alone, which would also attach to any local Ray left running on a workstation.
+    Returns False without a cluster: the caller starts a local Ray (`ensure_ray`) when it needs one."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not (os.environ.get("RAY_ADDRESS") or os.environ.get("COAT_STORAGE")):
+        return False
+    ray.init(address="auto")
+    return True
