@@ -111,7 +111,7 @@ def ray(*args: str, timeout: int) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.timeout(1500)  # above the sum of the commands' own limits
+@pytest.mark.timeout(1500)  # above the sum of the commands' own limits (1440 s)
 def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home_restored):
     cluster = overlay(tmp_path, sshd, free_port())
     cpu_tiny = ["backbone.size=tiny", "backbone.checkpoint=null", "backbone.dtype=float32", "train.use_gpu=false",
@@ -122,14 +122,14 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
         assert (tmp_path / "project" / "experiments" / "configs").is_dir()
         checked = ray("exec", str(cluster), "coat preflight --json --config "
                       "$COAT_PROJECT/experiments/configs/train_tiny.yaml train.batch_size=2 data.max_seconds=2",
-                      timeout=300)
+                      timeout=240)
         printed = [line for line in checked.stdout.splitlines() if not line.lstrip("\x1b[0123456789m").startswith("(")]
         start = len(printed) - printed[::-1].index("{") - 1  # Ray's forwarded worker logs, "(name pid=...)", dropped
         report = json.loads("\n".join(printed[start:printed.index("}", start) + 1]))
         assert report["ok"] and [c["status"] for c in report["checks"]] == ["ok"] * 6, report
         assert f"http://127.0.0.1:{MLFLOW_PORT}" in report["checks"][4]["detail"]
         submitted = ray("submit", str(cluster), "experiments/ablate_thinking_len.py", "--", "--smoke", "--",
-                        *cpu_tiny, timeout=840)
+                        *cpu_tiny, timeout=720)
         assert "executed notebook:" in submitted.stdout, submitted.stdout[-3000:]
         client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{MLFLOW_PORT}")
         [experiment] = [e for e in client.search_experiments() if e.name == "coat"]
@@ -142,7 +142,7 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
         assert (tmp_path / "shared" / "mlflow" / "mlruns.db").is_file()
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "down", "-y", str(cluster)], cwd=ROOT,
-                       capture_output=True, timeout=300)
+                       capture_output=True, timeout=180)
         servers = [p for p in psutil.process_iter(["cmdline"])
                    if "mlflow" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])]
         for proc in servers:  # `ray down` stops Ray, not the head's MLflow server (on a cloud the node goes)

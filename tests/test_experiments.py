@@ -13,8 +13,9 @@ SCRIPTS = ["ablate_thinking_len", "ablate_loss_weights", "ablate_expert_sets", "
 
 
 def run_script(name: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The script in a subprocess, stopped before the test's own 900 s timeout would stop the test."""
     return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=1500, env={**os.environ, "COLUMNS": "250"})
+                          capture_output=True, text=True, timeout=840, env={**os.environ, "COLUMNS": "250"})
 
 
 def sweep_children(cwd: Path) -> tuple[object, list]:
