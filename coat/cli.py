@@ -16,7 +16,7 @@ import typer
 from coat.analysis.analyze_cli import analyze_command
 from coat.analysis.probe_cli import probe_command
 from coat.data.cli import app as data_app
-from coat.errors import UserError
+from coat.errors import reported
 from coat.eval.cli import eval_command
 from coat.eval.score_cli import score_command
 from coat.experts.cli import app as experts_app
@@ -108,11 +108,5 @@ def main(argv: list[str] | None = None) -> None:
     its code (2 for a bad command line, config or space; 1 otherwise); `--debug` anywhere on the line, or
     COAT_DEBUG=1, lets the exception through with its traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("COAT_DEBUG") == "1"
-    try:
+    with reported("--debug" in argv or os.environ.get("COAT_DEBUG") == "1"):
         app([a for a in argv if a != "--debug"], prog_name="coat")
-    except (UserError, FileNotFoundError) as err:
-        if debug:
-            raise
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(getattr(err, "exit_code", 1))

@@ -20,6 +20,7 @@ tokenizer, and the data check already covers the real rows.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import tempfile
 import time
@@ -155,11 +156,8 @@ def _probe_worker(_config: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    facts = {"rank": dist.get_rank(), "host": socket.gethostname(), "backend": dist.get_backend(), "cuda": cuda,
-             "gpu": torch.cuda.get_device_name(device) if cuda else None,
-             "bf16": bool(cuda and torch.cuda.is_bf16_supported())}
+    device = ray.train.torch.get_device()  # Ray has made it this worker's current device
+    facts = {"rank": dist.get_rank(), "host": socket.gethostname(), "backend": dist.get_backend(), **_device_facts()}
     total = torch.tensor([dist.get_rank() + 1.0], device=device)
     dist.all_reduce(total)
     facts["all_reduce"] = total.item()
@@ -334,7 +332,7 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3) -> dict:
     for _ in range(repeats):  # the first step pays for allocation and kernel selection: the median skips it
         sync()
         start = time.perf_counter()
-        metrics = train_step(coat, coat, _repeat(batch), optimizer, cfg, cfg.train.total_steps - 1, device)
+        metrics = train_step(coat, coat, itertools.repeat(batch), optimizer, cfg, cfg.train.total_steps - 1, device)
         sync()
         step_s.append(time.perf_counter() - start)
     with tempfile.TemporaryDirectory(prefix="coat-preflight-") as folder:
@@ -374,11 +372,6 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3) -> dict:
         "prefill_s": prefill_s[k], "prefill_s_k0": prefill_s[0], "prefill_ratio": prefill_s[k] / prefill_s[0],
         "trained_params": coat.parameter_counts()["total"],
     }
-
-
-def _repeat(batch: dict):
-    while True:
-        yield batch
 
 
 @torch.no_grad()

@@ -18,9 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from coat.config import MixtureEntry, mixture_name
-from coat.data.manifest import ManifestError, read_manifest
+from coat.data.manifest import ManifestError, read_manifest, write_table
 
 
 def combine(entries: Sequence[MixtureEntry], out: str | Path) -> Path:
@@ -30,21 +31,20 @@ def combine(entries: Sequence[MixtureEntry], out: str | Path) -> Path:
     if out.is_file() and not _combined(out):
         raise ManifestError(f"data.manifest={out} is a manifest of its own; with data.mixture, data.manifest is where "
                             "the combined manifest is written: point it at a new path")
-    lines = []
+    rows = []
     for entry in entries:
         name = mixture_name(entry)
         try:
-            rows = read_manifest(entry.manifest)
+            manifest = read_manifest(entry.manifest)
         except ManifestError as err:
             raise ManifestError(f"data.mixture entry {name!r}: {err}") from None
-        for row in rows.to_dict(orient="records"):
-            audio_path = row.pop("audio_path")
-            row |= {"id": f"{name}/{row['id']}", "audio": audio_path, "mixture": name}
-            lines.append(json.dumps({k: v for k, v in row.items() if _present(v)}, ensure_ascii=False, default=str))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_suffix(".jsonl.tmp")
-    staging.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(staging, out)
+        rows.append(manifest.assign(id=[f"{name}/{i}" for i in manifest["id"]], audio=manifest["audio_path"],
+                                    mixture=name).drop(columns="audio_path"))
+    staging = write_table(pd.concat(rows, ignore_index=True), out.with_name(f".{out.stem}.tmp.jsonl"))
+    if out.is_file() and out.read_bytes() == staging.read_bytes():
+        staging.unlink()  # every trial of a sweep combines again: the same rows leave the file as it was
+    else:
+        os.replace(staging, out)
     return out
 
 
@@ -55,11 +55,6 @@ def _combined(path: Path) -> bool:
         return first is None or "mixture" in json.loads(first)
     except json.JSONDecodeError:
         return False
-
-
-def _present(value: object) -> bool:
-    """JSON has no NaN: cells a manifest lacks (pandas fills them with NaN) are left out of the row."""
-    return not (value is None or (isinstance(value, float) and np.isnan(value)))
 
 
 def sample_weights(entries: Sequence[str], weights: Mapping[str, float]) -> np.ndarray:

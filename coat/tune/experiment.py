@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from coat.config import load_config
-from coat.errors import UserError
+from coat.errors import UserError, reported
 from coat.ray_runtime import attach_cluster
 
 # The notebook in analysis/ that reads each experiment's sweep; run at its end.
@@ -50,13 +50,8 @@ def project_folder(script: str | Path) -> Path:
 def main(script: str | Path, argv: list[str] | None = None) -> None:
     """The experiment of `script` (its file name is the experiment's name), as its command line asks. A user's
     mistake prints one line and exits with its code, as `coat` does (COAT_DEBUG=1 shows the traceback)."""
-    try:
+    with reported(os.environ.get("COAT_DEBUG") == "1"):
         run(script, argv)
-    except UserError as err:
-        if os.environ.get("COAT_DEBUG") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
 
 
 def run(script: str | Path, argv: list[str] | None = None) -> None:
