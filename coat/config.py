@@ -268,6 +268,8 @@ class EvalConfig:
 class TrackingConfig:
     uri: str | None = setting(None, "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns.db.")
     experiment: str = setting("coat", "MLflow experiment.")
+    retry_s: float = setting(30.0, "While the tracking server is away, a run's writes wait on disk; this often it "
+                                   "checks whether the server is back to send them.", gt=0)
 
 
 @dataclass

@@ -3,26 +3,37 @@
 Everything goes through an explicit `MlflowClient(uri)`, never MLflow's fluent global state: one process may
 drive several runs (a sweep's parent and children), and Ray workers log into a run the driver created.
 Calls the store rejects (unknown run id, a server error) raise `mlflow.exceptions.MlflowException`.
+
+A run opened with a spool folder (`start_run(..., spool=)`, `spool_writes` in the other processes that write to
+it) survives the tracking server going away: its writes wait on disk and are replayed exactly once (`spool.py`).
+Each write is therefore built as a record, which `_send` delivers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
+import logging
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
+import requests
+import yaml
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from mlflow.utils.proto_json_utils import NumpyEncoder
 from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
@@ -33,6 +44,15 @@ from mlflow.utils.validation import (
 
 from coat.config import CoATConfig, flatten
 from coat.errors import UserError
+from coat.spool import PENDING, Spool, Unreachable
+
+log = logging.getLogger(__name__)
+
+# A write the server cannot take waits in the run's spool, so MLflow's own retries (seven, over about four
+# minutes, by default) need not hold training up: two, over seconds. Settings of the user's own win.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_name, _value)
 
 RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -144,45 +164,173 @@ def start_run(
     parent_run_id: str | None = None,
     resume: bool = True,
     display_name: str | None = None,
+    spool: Path | None = None,
 ) -> str:
     """Create a run (or, with `resume`, reopen the live run tagged `coat.run_name=run_name`) and log the config.
 
     The whole flattened config becomes params. MLflow params are immutable, so a reopened run keeps its
     original values and only gains keys it lacks; over-long values are truncated to MLflow's limit.
     `display_name` is what the dashboard shows (default `run_name`, which stays the run's key in the
-    `coat.run_name` tag). Returns the run id. Raises ValueError for an empty run_name, one holding both quote
-    characters (MLflow's search cannot match it), or a deleted experiment.
+    `coat.run_name` tag). With a `spool` folder the run's writes outlive a server outage (see `spool.py`); opened
+    during one, the run gets a provisional id. Returns the run id. Raises ValueError for an empty run_name, one
+    holding both quote characters (MLflow's search cannot match it), or a deleted experiment.
     """
     if not run_name or ("'" in run_name and '"' in run_name):
         raise ValueError(f"start_run: run_name {run_name!r} must be non-empty and not hold both ' and \"")
-    experiment_id = get_or_create_experiment(uri, experiment)
-    client = mlflow_client(uri)
-    run_id = find_run(uri, experiment_id, run_name) if resume else None
-    if run_id is None:
-        run_id = client.create_run(experiment_id, run_name=display_name or run_name).info.run_id
-        logged: dict[str, str] = {}
-    else:
-        client.update_run(run_id, status="RUNNING")
-        logged = client.get_run(run_id).data.params
-
     all_tags = {
         "backbone": cfg.backbone.name,
         "experts": ",".join(cfg.experts.names),
         "thinking.num_slots": str(cfg.thinking.num_slots),
         **code_provenance(),
-        RUN_NAME_TAG: run_name,
         **(tags or {}),
     }
     if parent_run_id is not None:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-    params = [
-        Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in flatten(cfg).items() if key not in logged
-    ]
-    run_tags = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in all_tags.items()]
+    record = {"kind": "open", "experiment": experiment, "run_name": run_name,
+              "display_name": display_name or run_name, "resume": resume,
+              "params": {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(cfg).items()},
+              "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in all_tags.items()}}
+    if spool is None or urlparse(uri).scheme not in ("http", "https"):  # a local store has no outages to ride out
+        return _open_run(uri, record)
+    run_spool = _spool(uri, spool, cfg.tracking.retry_s)
+    run_id = run_spool.write(record)
+    _spools[run_id] = run_spool
+    return run_id
+
+
+def _open_run(uri: str, record: dict) -> str:
+    """What `start_run` does on the server (an `open` record): find the run by its name or create it (tagged with
+    the name, so that opening it again finds it), and log the params it lacks and the tags."""
+    experiment_id = get_or_create_experiment(uri, record["experiment"])
+    client = mlflow_client(uri)
+    run_id = find_run(uri, experiment_id, record["run_name"]) if record["resume"] else None
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=record["display_name"]).info.run_id
+        logged: dict[str, str] = {}
+    else:
+        client.update_run(run_id, status="RUNNING")
+        logged = client.get_run(run_id).data.params
+    params = [Param(key, value) for key, value in record["params"].items() if key not in logged]
+    run_tags = [RunTag(key, value) for key, value in (record["tags"] | {RUN_NAME_TAG: record["run_name"]}).items()]
     for i in range(0, max(len(params), len(run_tags)), MAX_PARAMS_TAGS_PER_BATCH):
         end = i + MAX_PARAMS_TAGS_PER_BATCH
         client.log_batch(run_id, params=params[i:end], tags=run_tags[i:end])
     return run_id
+
+
+_spools: dict[str, Spool] = {}  # run id -> its spool, for the runs this process writes to with one
+
+
+@functools.cache
+def _spool(uri: str, folder: Path, retry_s: float) -> Spool:
+    return Spool(Path(folder), functools.partial(_send, uri), functools.partial(_reachable, uri),
+                 f"MLflow tracking server at {uri}", retry_s)
+
+
+def spool_writes(uri: str, run_id: str, folder: Path, retry_s: float) -> None:
+    """Let this process's writes to `run_id` wait in `folder` through an outage, checking every `retry_s` seconds
+    whether the server is back (the driver's `start_run` did this for its own process; Ray Train's controller and
+    workers write to the same run)."""
+    if urlparse(uri).scheme in ("http", "https"):
+        _spools[run_id] = _spool(uri, Path(folder), retry_s)
+
+
+def wait_until_reachable(uri: str, then: str, timeout_s: float = 3600.0) -> None:
+    """Wait (a warning a minute) for a server that went away, where nothing can go on without it. Raises
+    TrackingUnavailableError, saying `then` (what to do once it is back), after `timeout_s`."""
+    deadline, warned = time.monotonic() + timeout_s, -60.0
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except TrackingUnavailableError as err:
+            if time.monotonic() > deadline:
+                raise TrackingUnavailableError(f"{err}; {then}") from None
+            if time.monotonic() - warned >= 60:
+                warned = time.monotonic()
+                log.warning("%s; waiting for it (up to %.0f s)", err, deadline - time.monotonic())
+            time.sleep(5)
+
+
+def replay_spool(uri: str, folder: Path) -> bool:
+    """Send what a run's spool folder holds (left by an earlier start of the run, or by its other processes) if
+    the server answers. Returns whether nothing waits any more."""
+    run_spool = _spool(uri, Path(folder), 0.0)
+    return not run_spool.waiting() or run_spool.replay()
+
+
+def _reachable(uri: str) -> bool:
+    try:
+        check_reachable(uri)
+    except TrackingUnavailableError:
+        return False
+    return True
+
+
+def is_outage(err: Exception) -> bool:
+    """A write that failed because the server could not be reached or answered 5xx past MLflow's retries (down,
+    restarting, behind a proxy that is up), not one the server rejected."""
+    if isinstance(err, RestException):
+        return False
+    if isinstance(err, requests.HTTPError):
+        return err.response is not None and err.response.status_code >= 500
+    if isinstance(err, MlflowException):
+        text = str(err)
+        return " failed with exception " in text or " failed with timeout exception " in text or \
+            err.get_http_status_code() >= 500 and "failed with error code" in text
+    return isinstance(err, requests.ConnectionError | requests.Timeout)
+
+
+def _send(uri: str, record: dict, ids: dict[str, str]) -> str | None:
+    """Deliver one write record (`ids`: provisional run ids a replay has resolved). Raises `Unreachable` for an
+    outage (see `is_outage`), MlflowException when the server rejects it."""
+    try:
+        if record["kind"] == "open":
+            parent = record["tags"].get(MLFLOW_PARENT_RUN_ID)
+            tags = record["tags"] | ({MLFLOW_PARENT_RUN_ID: ids.get(parent, parent)} if parent else {})
+            return _open_run(uri, {**record, "tags": tags})
+        run_id = ids.get(record["run"], record["run"])
+        if run_id.startswith(PENDING):
+            raise Unreachable(f"run {run_id} is not open on the server yet")
+        client = mlflow_client(uri)
+        if record["kind"] == "log":
+            metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in record.get("metrics", [])]
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+            tags = [RunTag(key, value) for key, value in record.get("tags", {}).items()]
+            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
+                client.log_batch(run_id, tags=tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+        elif record["kind"] == "artifact":
+            local = Path(record["local"])
+            if local.is_dir():
+                client.log_artifacts(run_id, str(local), record["path"])
+            else:
+                client.log_artifact(run_id, str(local), record["path"])
+        elif record["kind"] == "end":
+            client.set_terminated(run_id, record["status"])
+        return None
+    except Exception as err:
+        if is_outage(err):
+            raise Unreachable(str(err)) from err
+        raise
+
+
+def _write(uri: str, record: dict) -> None:
+    """Send a record, through the run's spool when it has one."""
+    run_spool = _spools.get(record["run"])
+    if run_spool is None:
+        try:
+            _send(uri, record, {})
+        except Unreachable as err:
+            raise err.__cause__ from None
+    else:
+        run_spool.write(record)
+
+
+def flush(run_id: str) -> bool:
+    """At a run's end: replay what waits in its spool if the server is back. Returns whether nothing waits."""
+    run_spool = _spools.get(run_id)
+    return run_spool is None or not run_spool.waiting() or run_spool.replay()
 
 
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
@@ -252,60 +400,71 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, tim
     batch = []
     for key, value in metrics.items():
         try:
-            batch.append(Metric(key, float(value), now, int(step)))
+            batch.append([key, float(value), now, int(step)])
         except (TypeError, ValueError):
             raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
-    for i in range(0, len(batch), MAX_METRICS_PER_BATCH):
-        mlflow_client(uri).log_batch(run_id, metrics=batch[i:i + MAX_METRICS_PER_BATCH])
+    _write(uri, {"kind": "log", "run": run_id, "metrics": batch})
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """Write `text` to the run's artifact `artifact_file` (the config YAML, a report). Raises MlflowException."""
-    mlflow_client(uri).log_text(run_id, text, artifact_file)
+    with _local_file(artifact_file) as local:
+        local.write_text(text, encoding="utf-8")
+        _log_file(uri, run_id, local, artifact_file)
 
 
 def log_dict_artifact(uri: str, run_id: str, data: dict[str, Any], artifact_file: str) -> None:
     """Write `data` as JSON or YAML (by the file's extension) to the run's artifacts. Raises MlflowException."""
-    mlflow_client(uri).log_dict(run_id, data, artifact_file)
+    as_yaml = Path(artifact_file).suffix in (".yaml", ".yml")
+    plain = json.loads(json.dumps(data, cls=NumpyEncoder))  # numpy scalars and arrays as plain numbers and lists
+    log_text(uri, run_id, yaml.safe_dump(plain) if as_yaml else json.dumps(plain, indent=2), artifact_file)
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
     """Upload a directory's contents (e.g. the trained parts). Raises NotADirectoryError naming `local_dir`."""
     if not Path(local_dir).is_dir():
         raise NotADirectoryError(f"log_artifacts: {local_dir} is not a directory")
-    mlflow_client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+    _write(uri, {"kind": "artifact", "run": run_id, "local": str(local_dir), "path": artifact_path})
 
 
 def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
     """Write a table (e.g. an eval table) as a .json (pandas "split", MLflow's table format), .csv or .parquet
     artifact. Unlike `MlflowClient.log_table`, this replaces an existing file rather than appending to it, so a
     re-run evaluation does not duplicate rows. Raises ValueError naming an unsupported extension."""
-    name = Path(artifact_file).name
-    suffix = Path(name).suffix
+    suffix = Path(artifact_file).suffix
     if suffix not in (".json", ".csv", ".parquet"):
         raise ValueError(f"log_table: {artifact_file!r} must end in .json, .csv or .parquet")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / name
+    with _local_file(artifact_file) as local:
         if suffix == ".json":
             df.to_json(local, orient="split", index=False, date_format="iso")
         elif suffix == ".csv":
             df.to_csv(local, index=False)
         else:
             df.to_parquet(local, index=False)
-        parent = str(Path(artifact_file).parent)
-        mlflow_client(uri).log_artifact(run_id, str(local), None if parent == "." else parent)
+        _log_file(uri, run_id, local, artifact_file)
+
+
+@contextlib.contextmanager
+def _local_file(artifact_file: str) -> Iterator[Path]:
+    """A path named like the artifact, in a folder removed on leaving."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp) / Path(artifact_file).name
+
+
+def _log_file(uri: str, run_id: str, local: Path, artifact_file: str) -> None:
+    parent = str(Path(artifact_file).parent)
+    _write(uri, {"kind": "artifact", "run": run_id, "local": str(local), "path": None if parent == "." else parent})
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     """Set (or overwrite) tags on a run, values truncated to MLflow's limit. Raises MlflowException."""
-    run_tags = [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
-    for i in range(0, len(run_tags), MAX_PARAMS_TAGS_PER_BATCH):
-        mlflow_client(uri).log_batch(run_id, tags=run_tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+    _write(uri, {"kind": "log", "run": run_id,
+                 "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items()}})
 
 
 def set_description(uri: str, run_id: str, text: str) -> None:
     """The run's description: what the dashboard shows at the top of the run's page (MLflow's note tag)."""
-    mlflow_client(uri).set_tag(run_id, MLFLOW_RUN_NOTE, text)
+    set_tags(uri, run_id, {MLFLOW_RUN_NOTE: text})
 
 
 def dashboard_link(uri: str, experiment_id: str) -> str | None:
@@ -321,7 +480,7 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run finished, failed or killed. Raises ValueError for any other status."""
     if status not in END_STATUSES:
         raise ValueError(f"end_run: status {status!r} must be one of {', '.join(END_STATUSES)}")
-    mlflow_client(uri).set_terminated(run_id, status)
+    _write(uri, {"kind": "end", "run": run_id, "status": status})
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

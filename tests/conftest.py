@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -16,6 +17,7 @@ import requests
 import soundfile as sf
 import torch
 
+from coat import tracking
 from coat.config import load_config
 from coat.data.synth import synthesize
 from coat.experts.base import ExpertSpec
@@ -170,17 +172,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(condition, what: str, timeout_s: float = 240.0):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def open_run(uri: str, run_name: str) -> str | None:
+    """The run's id once it is open on the server (None while it is not, or the server is away)."""
+    try:
+        return tracking.find_run(uri, tracking.get_or_create_experiment(uri, "coat"), run_name)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def wait_for_health(uri: str, timeout_s: float = 120.0) -> None:
+    """Until the tracking server at `uri` answers /health."""
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{uri}/health", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(healthy, f"{uri} to answer /health", timeout_s)
+
+
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, root: Path, *args: str):
-    """A real `mlflow server` on a free loopback port over `backend_uri` (log in `root`), answering /health;
-    yields its URI and stops it, uvicorn worker included, on leaving."""
-    uri = f"http://127.0.0.1:{free_port()}"
+def mlflow_server(backend_uri: str, root: Path, *args: str, port: int | None = None):
+    """A real `mlflow server` on `port` (default: a free one) of the loopback over `backend_uri` (log in `root`),
+    answering /health; yields its URI and stops it, uvicorn worker included, on leaving."""
+    uri = f"http://127.0.0.1:{port or free_port()}"
     # The GenAI job executor starts ~7 huey consumer processes and doubles start-up time; tracking needs none.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
            "--port", uri.rsplit(":", 1)[1], "--workers", "1", *args]
     log_path = root / "server.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

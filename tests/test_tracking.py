@@ -2,16 +2,19 @@
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from coat import tracking
 from coat.config import flatten, from_yaml, load_config, to_yaml
+from coat.spool import Spool
 from coat.tracking import TrackingUnavailableError
 from tests.conftest import free_port
 
@@ -223,3 +226,40 @@ def test_server_down_fails_fast():
     uri = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingUnavailableError, match=f"{uri}.*not reachable.*make dashboard"):
         tracking.check_reachable(uri, timeout_s=3)
+
+
+def test_a_write_the_server_rejects_is_raised_not_spooled(server, tmp_path):
+    """Only an outage makes a write wait: one the server refuses would wait forever, so it fails as before."""
+    uri, _ = server
+    spool = tmp_path / "spool"
+    tracking.spool_writes(uri, "0" * 32, spool, retry_s=1)
+    with pytest.raises(MlflowException, match="0" * 32):
+        tracking.log_metrics(uri, "0" * 32, {"loss": 1.0}, 0)
+    assert not list(spool.glob("*.jsonl"))
+
+
+def test_spooled_writes_reach_the_server_once_however_often_they_are_replayed(server, tmp_path):
+    """A replay cut short is repeated whole: every record must be idempotent, a run opened while the server was
+    away included (found again by its name, not created twice)."""
+    uri, _ = server
+    folder = tmp_path / "spool"
+    spool = Spool(folder, lambda record, ids: None, lambda: True, "test", retry_s=1)
+    spool.append({"kind": "open", "pending": "pending-1", "experiment": "coat", "run_name": "spooled",
+                  "display_name": "spooled", "resume": True, "params": {"a": "1"}, "tags": {"k": "v"}})
+    spool.append({"kind": "log", "run": "pending-1", "metrics": [["loss", 2.0, 1000, 1], ["loss", 1.0, 2000, 2]],
+                  "tags": {"k": "w"}})
+    (tmp_path / "note.txt").write_text("hello")
+    spool.append({"kind": "artifact", "run": "pending-1", "local": str(tmp_path / "note.txt"), "path": "notes"})
+    spool.append({"kind": "end", "run": "pending-1", "status": "FINISHED"})
+    with open(spool.own, "a") as f:
+        f.write('{"kind": "log", "run": "pend')  # a writer killed mid-append: never acknowledged, dropped
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert tracking.replay_spool(uri, folder) and tracking.replay_spool(uri, copy)
+    experiment = tracking.get_or_create_experiment(uri, "coat")
+    runs = MlflowClient(uri).search_runs([experiment], "tags.`coat.run_name` = 'spooled'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["k"] == "w"
+    assert tracking.metric_history(uri, runs[0].info.run_id, "loss") == [(1, 2.0), (2, 1.0)]
+    assert json.loads((folder / "run_ids.json").read_text()) == {"pending-1": runs[0].info.run_id}
+    assert [a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id, "notes")] == ["notes/note.txt"]
+    assert not list(folder.glob("*.jsonl")) and not list(folder.glob("files/*")), "sent records are cleared"

@@ -1,11 +1,13 @@
 """Training on a real local Ray with real coat-mini audio, a real feature store and a real MLflow store."""
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -37,7 +39,16 @@ from coat.train.loop import (
     train_step,
 )
 from coat.train.session import InProcessSession, fsdp_options
-from tests.conftest import SYNTHETIC_EXPERTS, free_port, synthetic_targets, tiny_config
+from tests.conftest import (
+    SYNTHETIC_EXPERTS,
+    free_port,
+    mlflow_server,
+    open_run,
+    synthetic_targets,
+    tiny_config,
+    wait_for,
+    wait_for_health,
+)
 
 # The method's two stages: the slots and heads learn alone (LLM frozen, little CE, their own learning rates), then
 # LoRA joins with the expert losses annealed to half and mel's weight changed.
@@ -305,6 +316,79 @@ def test_tracking_server_down_fails_before_any_compute(tmp_path):
     with pytest.raises(tracking.TrackingUnavailableError, match="127.0.0.1"):
         train(cfg)
     assert not missing.parent.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_run_rides_out_a_tracking_server_outage_and_logs_everything_once(uninterrupted, tmp_path):
+    """A real server killed as soon as the run is open, and brought back (same port, same store) half-way
+    through training: the run never stops; what it wrote meanwhile waited on disk and reached the server once."""
+    cfg, _ = uninterrupted
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = ("sqlite:///" + str(root / "db"), root, "--artifacts-destination", str(root / "art"))
+    outage = contextlib.ExitStack()
+    uri = outage.enter_context(mlflow_server(*server, port=port))
+    run = apply_overrides(cfg, ["train.num_workers=0", "train.run_name=outage", f"train.storage={tmp_path / 'runs'}",
+                                f"tracking.uri={uri}", "tracking.retry_s=1"])
+    (tmp_path / "outage.yaml").write_text(to_yaml(run))
+    spool = tmp_path / "runs" / "outage" / "mlflow-spool"
+    command = [str(Path(sys.executable).parent / "coat"), "train", "--config", str(tmp_path / "outage.yaml")]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        run_id = wait_for(lambda: open_run(uri, "outage"), "the run to open")
+        outage.close()  # the server goes away
+        wait_for(lambda: (tmp_path / "runs" / "outage" / "checkpoint_000004").is_dir(), "training to go on")
+        proc.send_signal(signal.SIGSTOP)  # held while the server restarts, so that it is back mid-run
+        waiting = list(spool.glob("*.jsonl"))
+        with mlflow_server(*server, port=port):
+            proc.send_signal(signal.SIGCONT)
+            assert proc.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
+            assert waiting, "the steps trained while the server was away waited in the spool"
+            assert not list(spool.glob("*.jsonl")), "and were replayed before the run ended"
+            assert steps_logged(uri, run_id) == list(range(1, 9)), "every step once"
+            assert steps_logged(uri, run_id, "val/ce") == [2, 4, 6, 8]
+            client = mlflow.tracking.MlflowClient(uri)
+            record = client.get_run(run_id)
+            assert record.info.status == "FINISHED" and record.data.params["thinking.num_slots"] == "4"
+            assert any(key.startswith("eval/") for key in record.data.metrics)
+            assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "trained_parts", "eval"}
+    finally:
+        proc.kill()
+        outage.close()
+    output = (tmp_path / "train.log").read_text()
+    assert "is unreachable" in output and "is back: replayed" in output
+
+
+@pytest.mark.faults  # Ray Train's worker group: a minute on 2 cores
+def test_ray_train_rides_out_an_outage_past_its_end_and_replays_at_the_next_start(tmp_path, coat_mini):
+    """The server goes away once the run is open and is still away when training ends: the run ends normally
+    (Ray Train's controller spools the step metrics), and the same command, once the server is back, replays
+    what waited and trains nothing."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = ("sqlite:///" + str(root / "db"), root, "--artifacts-destination", str(root / "art"))
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=1", "train.run_name=away", "tracking.retry_s=1",
+                       f"tracking.uri=http://127.0.0.1:{port}", "train.stages=[{steps: 4}]")
+    spool = tmp_path / "runs" / "away" / "mlflow-spool"
+
+    def kill_once_open(uri: str) -> None:
+        with mlflow_server(*server, port=port):
+            wait_for(lambda: open_run(uri, "away"), "the run to open")
+
+    killer = threading.Thread(target=kill_once_open, args=(cfg.tracking.uri,))
+    killer.start()
+    wait_for_health(cfg.tracking.uri)
+    first = train(cfg, evaluate_after=False)
+    killer.join()
+    assert first.metrics["step"] == 4 and list(spool.glob("*.jsonl")), "the run ended with writes waiting"
+    with mlflow_server(*server, port=port) as uri:
+        again = train(cfg, evaluate_after=False)
+        assert again.mlflow_run_id == first.mlflow_run_id and not list(spool.glob("*.jsonl"))
+        assert steps_logged(uri, first.mlflow_run_id) == [1, 2, 3, 4], "every step once"
+        assert tracking.run_status(uri, first.mlflow_run_id) == "FINISHED"
+        artifacts = mlflow.tracking.MlflowClient(uri).list_artifacts(first.mlflow_run_id, "trained_parts")
+        assert "trained_parts/coat.safetensors" in {a.path for a in artifacts}
 
 
 def fsdp_batch(coat: CoATModel, clips: list, step: int) -> dict:

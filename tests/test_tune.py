@@ -1,5 +1,6 @@
 """Sweeps: search spaces, and real Ray Tune sweeps (grid and Optuna + ASHA) with MLflow parent/child runs."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
 from coat.tune.sweep import run_sweep, trial_label, with_seeds
-from tests.conftest import kill_when, sweep_args
+from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, wait_for_health
 
 TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 
@@ -215,3 +216,47 @@ def test_multi_objective_sweep_trades_quality_against_prefill_cost(sweeps):
         assert cost == (k + 2 if k else 0), setting
     search = MlflowClient(uri).download_artifacts(result.parent_run_id, "search.json", str(sweeps["root"]))
     assert '"multi_objective": true' in Path(search).read_text()
+
+
+@pytest.mark.faults
+def test_a_sweep_keeps_its_parent_and_children_through_a_tracking_server_outage(tmp_path, coat_mini):
+    """The server goes away once the sweep's parent run is open and comes back after the first trial has trained
+    to the end: no trial fails; the children opened meanwhile are created under the parent, every step once."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = ("sqlite:///" + str(root / "db"), root, "--artifacts-destination", str(root / "art"))
+    done = threading.Event()
+    first_trial_trained = threading.Event()
+
+    def outage(uri: str) -> None:
+        with contextlib.ExitStack() as up:
+            up.enter_context(mlflow_server(*server, port=port))
+            while not done.is_set() and not open_run(uri, "sweep-u"):
+                time.sleep(0.2)
+        while not done.is_set() and not list((tmp_path / "sweeps" / "trials").glob("*/checkpoint_000004")):
+            time.sleep(0.2)
+        first_trial_trained.set()
+        with mlflow_server(*server, port=port):
+            done.wait()
+
+    uri = f"http://127.0.0.1:{port}"
+    switcher = threading.Thread(target=outage, args=(uri,))
+    switcher.start()
+    try:
+        wait_for_health(uri)
+        space = write(tmp_path / "u.yaml", "thinking.num_slots: {grid: [2, 4]}\n")
+        result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=u", "sweep.max_concurrent=1",
+                                                   f"tracking.uri={uri}", "tracking.retry_s=1"))
+        assert first_trial_trained.is_set(), "the first trial trained while the server was away"
+        assert list(result.table["status"]) == ["done", "done"]
+        children = child_runs(uri, result.parent_run_id)
+        assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+        assert sorted(r.data.params["thinking.num_slots"] for r in children) == ["2", "4"]
+        for child in children:
+            assert [s for s, _ in tracking.metric_history(uri, child.info.run_id, "train/loss")] == [1, 2, 3, 4]
+        trials = tmp_path / "sweeps" / "trials"
+        assert list(trials.glob("*/mlflow-spool/run_ids.json")), "a child opened while the server was away"
+        assert not list(trials.glob("*/mlflow-spool/*.jsonl")), "nothing left waiting"
+    finally:
+        done.set()
+        switcher.join()

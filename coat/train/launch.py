@@ -10,6 +10,7 @@ in a Ray task when training used GPUs, in this process on CPU otherwise.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.tune
+from mlflow.exceptions import MlflowException
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -34,6 +36,8 @@ from coat.train import faults
 from coat.train.checkpoint import latest_checkpoint, load_training_state
 from coat.train.loop import run_loop, train_loop_per_worker
 from coat.train.session import CommittedStepsLogger, InProcessSession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,10 +57,21 @@ def run_name(cfg: CoATConfig) -> str:
     return f"{cfg.backbone.name}-k{cfg.thinking.num_slots}-{digest}"
 
 
+def spool_folder(storage: Path, name: str) -> Path:
+    """Where the MLflow writes of run `name` wait while the tracking server is away (see `coat/spool.py`)."""
+    return storage / name / "mlflow-spool"
+
+
 def finished_run(cfg: CoATConfig, uri: str, name: str, storage: Path) -> TrainResult | None:
     """The result of this run if it already trained to the end and closed its MLflow run: re-running the
-    same command (or Tune restoring a trial that finished just before a crash) redoes nothing."""
-    run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, cfg.tracking.experiment), name)
+    same command (or Tune restoring a trial that finished just before a crash) redoes nothing. With the
+    tracking server away, None: the run resumes from its last checkpoint."""
+    try:
+        run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, cfg.tracking.experiment), name)
+    except MlflowException as err:
+        if tracking.is_outage(err):
+            return None
+        raise
     checkpoint = latest_checkpoint(storage / name)
     if run_id is None or checkpoint is None or tracking.run_status(uri, run_id) != "FINISHED":
         return None
@@ -146,9 +161,12 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     """
     launched_at = time.time()
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    tracking.check_reachable(uri)
+    if parent_run_id is None:  # a wrong address fails before any compute; a sweep's trial rides an outage out
+        tracking.check_reachable(uri)
     name = run_name(cfg)
     storage = Path(cfg.train.storage).resolve()
+    spool = spool_folder(storage, name)
+    tracking.replay_spool(uri, spool)  # what an earlier start of this run could not send
     finished = finished_run(cfg, uri, name, storage)
     if finished is not None:
         if report_to_tune:
@@ -164,7 +182,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     tags = {"dataset_fingerprint": tracking.dataset_fingerprint(manifest), "backbone.source": backbone_source(cfg),
             **data_provenance(streams)}
     run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id, tags=tags,
-                                display_name=display_name)
+                                display_name=display_name, spool=spool)
     tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
     tracking.log_dict_artifact(uri, run_id, target_stats, "target_stats.json")
     loop_config = {
@@ -175,6 +193,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         "launched_at": launched_at,
         "mlflow_uri": uri,
         "mlflow_run_id": run_id,
+        "mlflow_spool": spool,
         "faults": fault_spec,
         "fault_dir": storage / name,
     }
@@ -184,7 +203,8 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
             run_loop(loop_config, session)
             metrics, checkpoint = session.last
         else:
-            result = _trainer(cfg, loop_config, storage, name, report_to_tune, CommittedStepsLogger(uri, run_id)).fit()
+            logger = CommittedStepsLogger(uri, run_id, spool, cfg.tracking.retry_s)
+            result = _trainer(cfg, loop_config, storage, name, report_to_tune, logger).fit()
             metrics, checkpoint = result.metrics, result.checkpoint and Path(result.checkpoint.path)
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
@@ -203,6 +223,9 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         if report_to_tune:
             ray.tune.report({**metrics, **eval_metrics})
     tracking.end_run(uri, run_id)
+    if not tracking.flush(run_id):
+        log.warning("MLflow at %s is still unreachable: this run's last writes wait in %s and reach it at the next "
+                    "start of the run (the same command again)", uri, spool)
     return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
 
 

@@ -163,8 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def run_loop(loop_config: dict, session) -> None:
     """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `streams` (`Stream`s of the train
     and val splits), `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
-    (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking), `faults` and
-    `fault_dir` (see `faults.py`). `session`: a `coat.train.session` session (Ray Train worker or in-process).
+    (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking) / `mlflow_spool` (where
+    the run's writes wait through an outage), `faults` and `fault_dir` (see `faults.py`). `session`: a
+    `coat.train.session` session (Ray Train worker or in-process).
 
     Raises ValueError when the checkpoint resumed from was trained on targets standardised otherwise (the
     training split changed)."""
@@ -175,6 +176,9 @@ def run_loop(loop_config: dict, session) -> None:
     rank, world = session.rank, session.world
     faults.arm(loop_config.get("faults"), rank, loop_config["fault_dir"])
     tracked = loop_config.get("mlflow_run_id") is not None
+    if tracked:
+        tracking.spool_writes(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], loop_config["mlflow_spool"],
+                              cfg.tracking.retry_s)
     device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
     coat = CoATModel(cfg, experts, device=device)

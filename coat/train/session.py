@@ -23,6 +23,7 @@ import ray.tune
 import torch
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from coat import tracking
 from coat.train import faults
 from coat.train.checkpoint import STEPS_FILE, latest_checkpoint, log_committed_steps, prune_checkpoints
 
@@ -40,12 +41,13 @@ class CommittedStepsLogger(ray.train.UserCallback):
     """Runs in Ray Train's controller: after a report, its checkpoint is registered (a restart resumes from it),
     so the step metrics it carries can go to MLflow without a restart ever logging those steps again."""
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str, spool: Path, retry_s: float):
+        self.uri, self.run_id, self.spool, self.retry_s = uri, run_id, spool, retry_s
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
         if checkpoint is None:
             return
+        tracking.spool_writes(self.uri, self.run_id, self.spool, self.retry_s)
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STEPS_FILE}") as f:
             log_committed_steps(self.uri, self.run_id, f.read().decode())
 

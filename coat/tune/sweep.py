@@ -26,7 +26,7 @@ from coat import tracking
 from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
 from coat.experts.roles import resolve_roles
 from coat.ray_runtime import ensure_ray
-from coat.train.launch import prepare_data, train
+from coat.train.launch import prepare_data, spool_folder, train
 from coat.tune.space import Param, Space, SpaceError, load_space, overrides
 
 
@@ -102,7 +102,8 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
     storage = Path(base.train.storage).resolve() / "sweeps"
     parent = tracking.start_run(uri, base.tracking.experiment, f"sweep-{name}", base,
                                 tags={"coat.kind": "sweep", "coat.sweep": name,
-                                      "coat.search": "grid" if space.is_grid else "optuna"})
+                                      "coat.search": "grid" if space.is_grid else "optuna"},
+                                spool=spool_folder(storage, f"sweep-{name}"))
     tracking.log_text(uri, parent, Path(space_file).read_text(), "space.yaml")
     search = {"search": "grid" if space.is_grid else "optuna-tpe", "num_samples": base.sweep.num_samples,
               "scheduler": "none" if space.is_grid else base.sweep.scheduler, "metric": base.sweep.metric,
@@ -120,6 +121,10 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
         tuner = _new_tuner(base, space, trainable, name, storage)
     grid = tuner.fit()
 
+    tracking.wait_until_reachable(uri, f"the trials are done and kept in {path}: once it is back, run the same "
+                                       "`coat sweep --resume` to log the sweep's summary")
+    for result in grid:  # trials that ended while the server was away
+        tracking.replay_spool(uri, spool_folder(storage / "trials", f"{name}-{_trial_id(result)}"))
     table = _results_table(grid, uri, base, name)
     best = _best(table, base)
     tracking.log_table(uri, parent, table, "sweep/results.json")
@@ -232,7 +237,7 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = _trial_id(result)
         run_id = tracking.find_run(uri, experiment, f"{name}-{trial_id}")
         running = run_id is not None and tracking.run_status(uri, run_id) == "RUNNING"
         status = "error" if result.error else "stopped" if running else "done"
@@ -244,6 +249,10 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
         row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/", "latency/"))}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def _best(table: pd.DataFrame, cfg: CoATConfig) -> dict | None:
