@@ -19,7 +19,7 @@ import torch
 from coat.config import load_config
 from coat.data.audio import decode
 from coat.data.precompute import manifest_clips, precompute
-from coat.data.store import STD_FLOOR, FeatureStore, clip_hash, feature_rows, feature_version
+from coat.data.store import STD_FLOOR, DamagedFeaturesError, FeatureStore, clip_hash, feature_rows, feature_version
 from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
@@ -251,6 +251,7 @@ def test_a_clip_missing_from_the_store_is_a_clear_error(first_run, manifest, tmp
         table = pq.read_table(part)
         keep = pa.array(np.array(table.column("clip_hash").to_pylist()) != victim["clip_hash"])
         pq.write_table(table.filter(keep), part)
+    (store_dir / "mel" / mel.version / "parts.jsonl").unlink()  # as a store from before the ledger: no checksums
     with pytest.raises(MissingFeaturesError) as err:
         training_items(manifest, "train", EXPERTS, store_dir)
     message = str(err.value)
@@ -299,3 +300,204 @@ def test_precompute_command_takes_a_runs_expert_settings(ray_address, manifest, 
     (frames,) = store.read("audio-encoder", encoder, [first["clip_hash"]]).values()
     seconds = min(2.0, decode(first["audio_path"], 16_000).shape[-1] / 16_000)
     assert frames.shape[1] == 64 and abs(frames.shape[0] - 25 * seconds) <= 1, "25 fps over the 2 s audio window"
+
+
+def _truncate(part: Path) -> None:
+    """A copy cut short: the part loses its second half."""
+    data = part.read_bytes()
+    part.write_bytes(data[:len(data) // 2])
+
+
+def _flip_bytes(part: Path) -> None:
+    """A flipped block: 16 bytes in the middle of the part inverted, its size unchanged."""
+    data = bytearray(part.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    part.write_bytes(bytes(data))
+
+
+def _ledger_lines(folder: Path) -> list[dict]:
+    """Every line of a version's ledger, parsed strictly: a torn or interleaved line fails here."""
+    return [json.loads(line) for line in (folder / "parts.jsonl").read_text().splitlines()]
+
+
+def _features(store: FeatureStore, runs, hashes) -> dict:
+    return {run.name: store.read(run.name, run.version, hashes) for run in runs}
+
+
+def _assert_same_features(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].keys() == want[name].keys(), name
+        for h in want[name]:
+            np.testing.assert_allclose(got[name][h], want[name][h], rtol=1e-5, atol=1e-5, err_msg=f"{name} {h}")
+
+
+def _check_store(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """`coat data check --store ...` as a user runs it: exit code and everything it printed."""
+    from coat.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as done:
+        main(["data", "check", "--store", *args])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out + captured.err
+
+
+def test_each_committed_part_is_in_the_ledger_with_its_size_checksum_and_clips(tmp_path):
+    store = FeatureStore(tmp_path)
+    first = store.write("e", "v1", feature_rows(["a", "b"], [np.ones((3, 2)), np.zeros((1, 2))]))
+    with (store.folder("e", "v1") / "parts.jsonl").open("a") as ledger:
+        ledger.write('{"part": "part-killed-mid-li')  # a writer killed mid-line
+    second = store.write("e", "v1", feature_rows(["c"], [np.full((2, 2), 5.0)]))
+    ledger = store.ledger("e", "v1")
+    assert set(ledger) == {first.name, second.name}, "the torn line must not swallow the next commit"
+    for part in (first, second):
+        entry = ledger[part.name]
+        assert entry["bytes"] == part.stat().st_size and entry["sha256"] == clip_hash(part)
+        stored = pq.read_table(part).column("clip_hash").to_pylist()
+        assert entry["clips"] == stored and entry["rows"] == len(stored)
+    assert store.verify("e", "v1") == [] and store.unrecorded("e", "v1") == []
+    assert store.present("e", "v1") == {"a", "b", "c"}
+
+
+def test_a_store_written_before_the_ledger_reads_as_before_and_is_reported_without_checksums(tmp_path):
+    store = FeatureStore(tmp_path)
+    folder = store.folder("e", "v1")
+    folder.mkdir(parents=True)
+    old = folder / "part-old.parquet"
+    pq.write_table(feature_rows(["a", "b"], [np.ones((3, 2)), np.zeros((1, 2))]), old)  # as older code wrote
+    assert store.ledger("e", "v1") == {} and store.present("e", "v1") == {"a", "b"}
+    assert store.verify("e", "v1") == [] and store.unrecorded("e", "v1") == [old]
+    store.write("e", "v1", feature_rows(["c"], [np.full((2, 2), 5.0)]))
+    assert store.present("e", "v1") == {"a", "b", "c"} and store.unrecorded("e", "v1") == [old]
+    np.testing.assert_array_equal(store.read("e", "v1", ["a"])["a"], np.ones((3, 2)))
+
+    old.write_bytes(b"garbage where a legacy part was")
+    (damage,) = store.verify("e", "v1")
+    assert damage.part == old and damage.reason.startswith("unreadable (no checksum recorded)")
+    assert store.present("e", "v1") == {"c"}, "an unreadable legacy part's clips count as missing"
+
+
+def test_damaged_parts_are_found_and_reading_their_clips_names_the_part_and_the_fix(tmp_path):
+    store = FeatureStore(tmp_path)
+    rng = np.random.default_rng(0)
+    values = {f"clip{i}": rng.standard_normal((50, 8)).astype(np.float32) for i in range(8)}
+    names = list(values)
+    truncated, flipped, lost, sound = (store.write("e", "v1", feature_rows(names[i:i + 2],
+                                                                          [values[h] for h in names[i:i + 2]]))
+                                       for i in range(0, 8, 2))
+    _truncate(truncated)
+    _flip_bytes(flipped)
+    lost.unlink()
+
+    damage = {d.part: d for d in store.verify("e", "v1")}
+    assert set(damage) == {truncated, flipped, lost}
+    assert damage[truncated].reason.startswith("truncated") and damage[truncated].clips == ("clip0", "clip1")
+    assert damage[flipped].reason.startswith("corrupt: its sha256 differs") and damage[flipped].clips == (
+        "clip2", "clip3")
+    assert damage[lost].reason.startswith("missing") and damage[lost].clips == ("clip4", "clip5")
+
+    index = store.index("e", "v1")
+    assert set(index["clip_hash"]) == set(names), "the index must not drop the clips of a damaged part"
+    assert store.present("e", "v1") == {"clip2", "clip3", "clip6", "clip7"}  # sizes only: the flip reads at read
+    for clip, part in [("clip1", truncated), ("clip4", lost), ("clip3", flipped)]:
+        with pytest.raises(DamagedFeaturesError) as err:
+            store.read("e", "v1", ["clip7", clip])
+        assert part.name in str(err.value) and f"coat data check --store {tmp_path} --repair" in str(err.value)
+    with pytest.raises(DamagedFeaturesError, match=truncated.name):
+        store.split_stats("e", "v1", names)
+    np.testing.assert_array_equal(store.read("e", "v1", ["clip7"])["clip7"], values["clip7"])
+
+    store.set_aside("e", "v1", damage.values())
+    assert sorted(p.name for p in (store.folder("e", "v1") / "damaged").iterdir()) == sorted(
+        [truncated.name, flipped.name])
+    assert set(store.ledger("e", "v1")) == {sound.name} and store.verify("e", "v1") == []
+    assert store.missing("e", "v1", names) == {f"clip{i}" for i in range(6)}
+
+
+def test_check_store_reports_damage_and_after_repair_precompute_recomputes_exactly_those_clips(
+        first_run, manifest, tmp_path, capsys, monkeypatch):
+    store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    store, runs = FeatureStore(store_dir), first_run[1].experts
+    good, _ = manifest_clips(manifest)
+    hashes = sorted(set(good["clip_hash"]) - set(store.quarantined()))
+    before = _features(store, runs, hashes)
+    mel, prosody = runs
+    first_train_clip = good.loc[good["split"] == "train", "clip_hash"].iloc[0]
+    mel_part = Path(store.index("mel", mel.version).set_index("clip_hash").loc[first_train_clip, "part"])
+    prosody_part = store.parts("prosody", prosody.version)[0]
+    affected = {"mel": set(store.ledger("mel", mel.version)[mel_part.name]["clips"]),
+                "prosody": set(store.ledger("prosody", prosody.version)[prosody_part.name]["clips"])}
+    _truncate(mel_part)
+    _flip_bytes(prosody_part)
+
+    with pytest.raises(DamagedFeaturesError, match=mel_part.name):
+        training_items(manifest, "train", EXPERTS, store_dir)
+    code, output = _check_store(capsys, monkeypatch, str(store_dir))
+    assert code == 1, output
+    assert f"damaged: {mel_part}: truncated or overwritten" in output
+    assert f"{len(affected['mel'])} clips)" in output.split(str(mel_part))[1].splitlines()[0]
+    assert f"damaged: {prosody_part}: corrupt: its sha256 differs" in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: feature store {store_dir}: 2 damaged parts holding "
+                      f"{len(affected['mel'] | affected['prosody'])} clips; run `coat data check --store "
+                      f"{store_dir} --repair` to set the damaged parts aside; the next `coat experts precompute` "
+                      "(or `coat train`, which precomputes first) recomputes exactly their clips"]
+
+    code, output = _check_store(capsys, monkeypatch, str(store_dir), "--repair")
+    assert code == 0 and "set 2 damaged parts aside" in output, output
+    assert (mel_part.parent / "damaged" / mel_part.name).is_file() and not mel_part.exists()
+    assert _check_store(capsys, monkeypatch, str(store_dir))[0] == 0
+
+    summary = precompute(manifest, EXPERTS, store_dir, batch_size=4, progress=False)
+    for run in summary.experts:
+        assert (run.computed, run.present) == (len(affected[run.name]), SIZE - len(affected[run.name])), run.name
+        assert store.verify(run.name, run.version) == []
+        assert store.present(run.name, run.version) == set(hashes)
+    _assert_same_features(_features(store, runs, hashes), before)
+
+
+def test_the_next_precompute_sets_damaged_parts_aside_and_recomputes_their_clips(first_run, manifest, tmp_path):
+    store_dir = shutil.copytree(first_run[0], tmp_path / "store")
+    store, (mel, _) = FeatureStore(store_dir), first_run[1].experts
+    hashes = sorted(store.present("mel", mel.version))
+    before = _features(store, [mel], hashes)
+    part = store.parts("mel", mel.version)[-1]
+    affected = store.ledger("mel", mel.version)[part.name]["clips"]
+    _flip_bytes(part)  # same size: only the checksum tells
+
+    (run,) = precompute(manifest, ["mel"], store_dir, batch_size=4, progress=False).experts
+    assert run.damaged == run.computed == len(affected) and run.present == SIZE - len(affected)
+    assert (part.parent / "damaged" / part.name).is_file() and store.verify("mel", mel.version) == []
+    _assert_same_features(_features(store, [mel], hashes), before)
+
+
+def test_two_precomputes_filling_one_store_at_once_leave_it_whole(ray_address, first_run, manifest, tmp_path):
+    store_dir = tmp_path / "store"
+    script = ("import sys, time; from pathlib import Path; from coat.data.precompute import precompute\n"
+              "ready = Path(sys.argv[1]); ready.touch()\n"
+              "deadline = time.monotonic() + 120\n"
+              "while len(list(ready.parent.glob('ready-*'))) < 2 and time.monotonic() < deadline:\n"
+              "    time.sleep(0.01)\n"
+              f"precompute({str(manifest)!r}, {EXPERTS!r}, {str(store_dir)!r}, batch_size=2, progress=False)\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"ready-{i}")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for writer in writers:
+        _, err = writer.communicate(timeout=600)
+        assert writer.returncode == 0, err[-3000:]
+
+    store, single = FeatureStore(store_dir), FeatureStore(first_run[0])
+    for run in first_run[1].experts:
+        folder = store.folder(run.name, run.version)
+        ledger = _ledger_lines(folder)
+        clips = [clip for entry in ledger for clip in entry["clips"]]
+        assert len(clips) > len(set(clips)), f"{run.name}: the two writers did not overlap, the test proves nothing"
+        assert {entry["part"] for entry in ledger} == {part.name for part in store.parts(run.name, run.version)}
+        assert store.verify(run.name, run.version) == []
+        assert store.present(run.name, run.version) == single.present(run.name, run.version)
+    assert [json.loads(line) for line in (store_dir / "quarantine.jsonl").read_text().splitlines()]
+    hashes = sorted(single.present("mel", first_run[1].experts[0].version))
+    _assert_same_features(_features(store, first_run[1].experts, hashes),
+                          _features(single, first_run[1].experts, hashes))

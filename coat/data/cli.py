@@ -1,7 +1,8 @@
-"""`coat data ...`: generate coat-mini and check a manifest before anything trains on it.
+"""`coat data ...`: generate coat-mini, check a manifest before anything trains on it, check a feature store.
 
     coat data synth --out data/coat-mini --size 200 --seed 0
     coat data check data/coat-mini/manifest.jsonl --max-seconds 30
+    coat data check --store data/coat-mini/store [--repair]
     coat data import librispeech data/LibriSpeech --out data/librispeech
 """
 
@@ -15,7 +16,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-app = typer.Typer(help="Data: coat-mini generation, corpus import and manifest checks.", no_args_is_help=True)
+app = typer.Typer(help="Data: coat-mini generation, corpus import, manifest and feature store checks.",
+                  no_args_is_help=True)
 
 
 def _print_kept(console: Console, title: str, rows) -> None:
@@ -50,18 +52,43 @@ def _print_reasons(console: Console, quarantine) -> None:
 
 @app.command()
 def check(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (.jsonl or .parquet).")],
+    manifest: Annotated[Path | None, typer.Argument(help="Manifest (.jsonl or .parquet).")] = None,
     rate: Annotated[int, typer.Option("--rate", min=1, help="Target sample rate (Hz).")] = 16000,
     max_seconds: Annotated[float, typer.Option("--max-seconds", min=0.0, help="Longest clip kept.")] = 30.0,
     quarantine_out: Annotated[Path | None, typer.Option(
         "--quarantine-out", help="Quarantine table (.jsonl or .parquet); default "
         "<manifest stem>.quarantine.jsonl beside the manifest.")] = None,
+    store: Annotated[Path | None, typer.Option(
+        "--store", help="A feature store: check every part against the size and sha256 recorded when it was "
+        "committed.")] = None,
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="With --store: set damaged parts aside (into <expert>/<version>/damaged/), so the next "
+        "precompute recomputes exactly their clips.")] = False,
 ) -> None:
-    """Validate every row, decode every clip, print a summary and write the quarantined rows.
+    """Check a manifest (validate every row, decode every clip, print a summary and write the quarantined rows)
+    and/or a feature store (`--store`: list damaged parts per expert version, with the reason and the clips they
+    hold).
 
-    Exits 0 when rows are quarantined (they are listed in the quarantine file); exits 1 only when the
-    manifest itself cannot be read.
+    Exits 0 when rows are quarantined (they are listed in the quarantine file) and 1 when the manifest itself
+    cannot be read, or when the store holds damaged parts and `--repair` was not given (with it: 0 once they are
+    set aside).
     """
+    from coat.errors import UsageError
+
+    if manifest is None and store is None:
+        raise UsageError("coat data check: give a MANIFEST, --store STORE, or both")
+    if repair and store is None:
+        raise UsageError("coat data check: --repair repairs a feature store: give --store STORE")
+    console = Console()
+    if manifest is not None:
+        _check_manifest(console, manifest, rate, max_seconds, quarantine_out)
+    if store is not None:
+        _check_store(console, store, repair)
+
+
+def _check_manifest(console: Console, manifest: Path, rate: int, max_seconds: float,
+                    quarantine_out: Path | None) -> None:
+    """`check` of a manifest: validate, decode, summarise, write the quarantine (exit 1 when it cannot be read)."""
     # Imported here so that `coat --help` does not pay for torch.
     import pandas as pd
 
@@ -74,7 +101,6 @@ def check(
         write_table,
     )
 
-    console = Console()
     out = quarantine_out or manifest.with_name(f"{manifest.stem}.quarantine.jsonl")
     if out.suffix not in SUFFIXES:
         raise typer.BadParameter(f"{out}: expected a .jsonl or .parquet path", param_hint="--quarantine-out")
@@ -104,6 +130,41 @@ def check(
 
     _print_reasons(console, quarantine)
     console.print(f"{len(quarantine)} of {len(df)} rows quarantined -> {out}")
+
+
+def _check_store(console: Console, root: Path, repair: bool) -> None:
+    """`check --store`: verify every expert version, print a table and each damaged part; with `repair`, set them
+    aside. Raises DamagedFeaturesError (exit 1) for damage left in place."""
+    from coat.data.store import DAMAGED_FOLDER, DamagedFeaturesError, FeatureStore, repair_hint
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"feature store {root} does not exist: give the folder of data.store")
+    store = FeatureStore(root)
+    table = Table(title=f"feature store {root}")
+    for column in ("expert", "version", "parts", "clips", "without checksums", "damaged parts", "clips affected"):
+        table.add_column(column, justify="left" if column in ("expert", "version") else "right")
+    found = {}
+    for name, version in store.versions():
+        damage = found[name, version] = store.verify(name, version)
+        counts = (len(store.parts(name, version)), len(store.index(name, version)),
+                  len(store.unrecorded(name, version)), len(damage), len({c for d in damage for c in d.clips}))
+        table.add_row(name, version, *map(str, counts))
+    console.print(table)
+    damaged = [d for damage in found.values() for d in damage]
+    for d in damaged:
+        console.print(f"damaged: {d.part}: {d.reason} ({len(d.clips) or 'unknown'} clips)", soft_wrap=True)
+    if not damaged:
+        console.print(f"no damaged parts in {len(found)} expert versions")
+        return
+    clips = len({c for d in damaged for c in d.clips})
+    if not repair:
+        raise DamagedFeaturesError(f"feature store {root}: {len(damaged)} damaged parts holding {clips} clips; "
+                                   f"{repair_hint(root)}")
+    for (name, version), damage in found.items():
+        store.set_aside(name, version, damage)
+    console.print(f"set {len(damaged)} damaged parts aside (into <expert>/<version>/{DAMAGED_FOLDER}/); their {clips} "
+                  "clips are missing now: the next `coat experts precompute` (or `coat train`) recomputes exactly "
+                  "those", soft_wrap=True)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Run experts over a manifest's clips on Ray Data and fill the feature store with what it lacks.
 
-Per expert: hash the clips, ask the store which (clip, version) pairs are missing, stream only those through
+Per expert: hash the clips, verify the store's parts against their checksums and set damaged ones aside (their
+clips become missing), ask the store which (clip, version) pairs are missing, stream only those through
 an actor pool that loads the expert once per actor and decodes each clip at the expert's rate inside the
 batch function, and write every output batch as a part as it arrives. A run killed part-way keeps its
 finished parts; the next run computes the rest. Clips whose audio cannot be decoded go to the store's
@@ -26,7 +27,8 @@ from coat.ray_runtime import ensure_ray
 
 @dataclass
 class ExpertRun:
-    """One expert's share of a precompute: clips it needed, found stored, computed, and failed to decode."""
+    """One expert's share of a precompute: clips it needed, found stored, computed, and failed to decode;
+    `damaged`: of the clips it needed, those whose stored part was damaged and set aside (so computed again)."""
 
     name: str
     version: str
@@ -35,6 +37,7 @@ class ExpertRun:
     computed: int
     failed: int
     seconds: float
+    damaged: int = 0
 
 
 @dataclass
@@ -126,7 +129,9 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     Actors: `num_actors` (default: one per GPU, or 1 on CPU), each `num_cpus_per_actor` CPUs and one GPU when
     the cluster has GPUs. Ray starts (or attaches to RAY_ADDRESS) only when something is missing. With
     `crop_seconds`, experts run on each clip's first `crop_seconds` and the features are filed under
-    `feature_version(version, crop_seconds)` (the versions the summary reports).
+    `feature_version(version, crop_seconds)` (the versions the summary reports). Before computing, each expert
+    version's parts are verified against the checksums recorded at commit (one read of its features, less than
+    an epoch of training reads) and damaged parts are set aside, so their clips are computed again.
 
     Raises:
         ManifestError: the manifest cannot be read.
@@ -154,6 +159,7 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     with Progress(*columns, disable=not progress, transient=True) as bar:
         for name, built in versions.items():
             start, version = time.perf_counter(), feature_version(built, crop_seconds)
+            damaged = set_aside_damage(store, name, version) & set(clips["clip_hash"])
             failed_before = clips["clip_hash"].isin(store.quarantined())
             todo = clips[~failed_before]
             todo = todo[todo["clip_hash"].isin(store.missing(name, version, todo["clip_hash"]))]
@@ -166,13 +172,20 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
                     advance=partial(bar.advance, task))
             present = len(clips) - len(todo) - int(failed_before.sum())
             runs.append(ExpertRun(name, version, len(clips), present, computed,
-                                  failed + int(failed_before.sum()), time.perf_counter() - start))
+                                  failed + int(failed_before.sum()), time.perf_counter() - start, len(damaged)))
 
     undecodable = store.quarantined()
     bad = good[good["clip_hash"].isin(undecodable)]
     quarantine = pd.concat([quarantine, quarantine_records(bad, bad["clip_hash"].map(undecodable))],
                            ignore_index=True)
     return PrecomputeSummary(runs, quarantine)
+
+
+def set_aside_damage(store: FeatureStore, name: str, version: str) -> set[str]:
+    """Verify one expert version's parts and set the damaged ones aside; returns the clip hashes they held."""
+    damage = store.verify(name, version)
+    store.set_aside(name, version, damage)
+    return {clip for d in damage for clip in d.clips}
 
 
 def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo: pd.DataFrame, *,

@@ -1,12 +1,12 @@
 """The training stream: decoded audio, prompt, answer and standardised expert targets, read from the store.
 
 `training_items` checks up front, on the driver, that the store holds every chosen expert's features for
-every clip of a split (experts are never run here) and locates them. A `Stream` holds those rows and how to
-read them; it is small and picklable, so each Ray Train worker builds its own Ray Data pipeline per epoch, over
-the rows `epoch_order` deals it in a seeded order (Ray's own split of a dataset across workers is not
-reproducible, and resuming mid-epoch needs the exact order). The batch function decodes audio and reads only
-the chosen experts' parts, and only their value columns. `collate` turns rows into a model batch;
-`iter_training_batches` does both.
+every clip of a split, none in a part it knows is damaged (experts are never run here), and locates them. A
+`Stream` holds those rows and how to read them; it is small and picklable, so each Ray Train worker builds its
+own Ray Data pipeline per epoch, over the rows `epoch_order` deals it in a seeded order (Ray's own split of a
+dataset across workers is not reproducible, and resuming mid-epoch needs the exact order). The batch function
+decodes audio and reads only the chosen experts' parts, and only their value columns. `collate` turns rows into a
+model batch; `iter_training_batches` does both.
 
 Targets are standardised with statistics of the training split only (`FeatureStore.split_stats`): the
 validation and test splits reuse the training split's, so no information from them reaches training.
@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from coat.data.audio import decode
 from coat.data.manifest import model_prompt, quarantine_records
 from coat.data.precompute import manifest_clips
-from coat.data.store import FeatureStore, feature_version, read_located, standardise
+from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
 from coat.errors import UserError
 from coat.ray_runtime import ensure_ray
 
@@ -115,6 +115,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         ValueError: the split has no usable rows, or `long_clips` is unknown.
         UnknownExpertError, ValueError: an expert name or its settings are invalid.
         MissingFeaturesError: naming the expert, the first missing clip id and the precompute command.
+        DamagedFeaturesError: a clip's features sit in a part the store knows is damaged (naming it and the fix).
     """
     from coat.experts.registry import expert_spec, expert_version
 
@@ -157,6 +158,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
                 f"{split!r}; run: coat experts precompute --data {manifest} --experts {name} "
                 f"--store {store_dir}{cropped}{with_settings}")
         located = index.loc[rows["clip_hash"]]
+        raise_if_damaged(located)
         rows[f"part.{name}"], rows[f"row.{name}"] = located["part"].to_numpy(), located["row"].to_numpy()
         if spec.kind != "continuous":
             stats = None
@@ -176,7 +178,7 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
 
     Raises:
         AudioError: a clip does not decode (precompute would have quarantined it).
-        FileNotFoundError: a part file was removed after `training_items` located the clip in it.
+        DamagedFeaturesError: a part is gone, or does not read, since `training_items` located the clip in it.
     """
     out = {"id": [str(i) for i in batch["id"]], "prompt": [str(p) for p in batch["prompt"]],
            "answer": [str(a) for a in batch["answer"]],

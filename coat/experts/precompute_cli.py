@@ -3,7 +3,8 @@
     coat experts precompute --data data/coat-mini/manifest.jsonl --experts mel,prosody --store data/features
 
 Run it again at will: clips already stored are skipped, so a second run computes nothing and a killed run
-resumes where it stopped.
+resumes where it stopped. Parts that fail their checksums are set aside first and their clips computed again
+(the `damaged` column).
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ def precompute_command(
         raise typer.Exit(1) from err
 
     table = Table(title=f"feature store {store}")
-    for column in ("expert", "version", "clips", "computed", "present", "undecodable", "seconds"):
+    for column in ("expert", "version", "clips", "computed", "present", "undecodable", "damaged", "seconds"):
         table.add_column(column, justify="left" if column in ("expert", "version") else "right")
     for run in summary.experts:
-        counts = (run.clips, run.computed, run.present, run.failed)
+        counts = (run.clips, run.computed, run.present, run.failed, run.damaged)
         table.add_row(run.name, run.version, *map(str, counts), f"{run.seconds:.1f}")
     console.print(table)
     if len(summary.quarantine):
