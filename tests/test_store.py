@@ -473,6 +473,7 @@ def test_the_next_precompute_sets_damaged_parts_aside_and_recomputes_their_clips
     _assert_same_features(_features(store, [mel], hashes), before)
 
 
+@pytest.mark.faults  # two more Ray Data pipelines at once: 20 s on 2 cores
 def test_two_precomputes_filling_one_store_at_once_leave_it_whole(ray_address, first_run, manifest, tmp_path):
     store_dir = tmp_path / "store"
     script = ("import sys, time; from pathlib import Path; from coat.data.precompute import precompute\n"
@@ -489,14 +490,16 @@ def test_two_precomputes_filling_one_store_at_once_leave_it_whole(ray_address, f
         assert writer.returncode == 0, err[-3000:]
 
     store, single = FeatureStore(store_dir), FeatureStore(first_run[0])
+    overlapped = []
     for run in first_run[1].experts:
         folder = store.folder(run.name, run.version)
         ledger = _ledger_lines(folder)
         clips = [clip for entry in ledger for clip in entry["clips"]]
-        assert len(clips) > len(set(clips)), f"{run.name}: the two writers did not overlap, the test proves nothing"
+        overlapped.append(len(clips) > len(set(clips)))
         assert {entry["part"] for entry in ledger} == {part.name for part in store.parts(run.name, run.version)}
         assert store.verify(run.name, run.version) == []
         assert store.present(run.name, run.version) == single.present(run.name, run.version)
+    assert any(overlapped), "the two writers never stored the same clip: they did not race, the test proves nothing"
     assert [json.loads(line) for line in (store_dir / "quarantine.jsonl").read_text().splitlines()]
     hashes = sorted(single.present("mel", first_run[1].experts[0].version))
     _assert_same_features(_features(store, first_run[1].experts, hashes),
