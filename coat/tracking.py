@@ -489,6 +489,15 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in history]
 
 
+def last_logged_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step at which `key` was logged; 0 when it never was, or the store cannot say (a run opened
+    during an outage, the server away)."""
+    try:
+        return max((m.step for m in mlflow_client(uri).get_metric_history(run_id, key)), default=0)
+    except MlflowException:
+        return 0
+
+
 def child_runs(uri: str, parent_run_id: str) -> list[Run]:
     """The runs whose parent is `parent_run_id` (a sweep's trials), oldest first."""
     client = mlflow_client(uri)

@@ -4,6 +4,8 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,16 @@ from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
-from coat.train.checkpoint import load_optimizer_shard, save_optimizer_shard, whole_trained_parts
+from coat.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_optimizer_shard,
+    load_training_state,
+    save_checkpoint,
+    save_optimizer_shard,
+    verify_checkpoint,
+    whole_trained_parts,
+)
 from coat.train.launch import train, training_streams
 from coat.train.loop import (
     clip_gradients,
@@ -182,17 +193,23 @@ def test_a_run_records_where_its_numbers_came_from(uninterrupted):
     assert from_yaml(Path(client.download_artifacts(result.mlflow_run_id, "config.yaml")).read_text()) == cfg
 
 
-def killed_runs(cfg, tmp_path: Path, faults: str, runs: int) -> tuple[list[int], str]:
-    """`coat train` of `cfg` in-process, in a subprocess, run `runs` times with `COAT_FAULT=faults`: the exit codes
-    and the uri of its MLflow store."""
+def killable(cfg, tmp_path: Path, faults: str) -> tuple[list[str], dict, str]:
+    """`coat train` of `cfg` in-process as run `killed`, with `COAT_FAULT=faults`: its command, environment and the
+    uri of its MLflow store."""
     killed = apply_overrides(cfg, ["train.num_workers=0", "train.run_name=killed", f"train.storage={tmp_path / 'runs'}",
                                    f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"])
     (tmp_path / "killed.yaml").write_text(to_yaml(killed))
     command = [str(Path(sys.executable).parent / "coat"), "train", "--config", str(tmp_path / "killed.yaml")]
     env = {**os.environ, "COAT_FAULT": faults, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return command, env, tracking.resolve_uri(killed.tracking.uri)
+
+
+def killed_runs(cfg, tmp_path: Path, faults: str, runs: int) -> tuple[list[int], str]:
+    """`killable` run `runs` times: the exit codes and the uri of its MLflow store."""
+    command, env, uri = killable(cfg, tmp_path, faults)
     done = [subprocess.run(command, env=env, capture_output=True, text=True, timeout=240) for _ in range(runs)]
     assert done[-1].returncode == 0, done[-1].stderr[-3000:]
-    return [d.returncode for d in done], tracking.resolve_uri(killed.tracking.uri)
+    return [d.returncode for d in done], uri
 
 
 def assert_resumed_like(uri: str, run_name: str, reference_uri: str, reference_run: str, steps: int) -> str:
@@ -231,6 +248,100 @@ def test_a_run_killed_before_its_first_checkpoint_and_after_a_commit_resumes_exa
     codes, uri = killed_runs(cfg, tmp_path, "step@1,reported@6", runs=3)
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
     assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
+
+
+def cut_short(checkpoint: Path) -> None:
+    weights = checkpoint / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def overwrite_a_block(checkpoint: Path) -> None:
+    state = checkpoint / "training_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 16] = bytes(16)
+    state.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [cut_short, pytest.param(overwrite_a_block, marks=pytest.mark.faults)])
+def test_a_torn_newest_checkpoint_is_skipped_for_the_one_before(uninterrupted, tmp_path, damage):
+    """Killed after step 7 (checkpoint 6 committed and logged); then checkpoint 6 is damaged on disk. The restart
+    says it skips it and why, resumes from checkpoint 4, redoes steps 5 to 8 with the uninterrupted run's losses,
+    and MLflow still holds every step once."""
+    cfg, reference = uninterrupted
+    command, env, uri = killable(cfg, tmp_path, "step@7")
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == -signal.SIGKILL
+    runs = tmp_path / "runs" / "killed"
+    damage(runs / "checkpoint_000006")
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {runs / 'checkpoint_000004'}: skipped {runs / 'checkpoint_000006'}" in again.stderr
+    assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
+    assert verify_checkpoint(runs / "checkpoint_000008") is None
+
+
+@pytest.mark.faults  # two Ray Train fits: two minutes on 2 cores
+def test_ray_train_skips_a_torn_newest_checkpoint_for_the_one_before(tmp_path, coat_mini, monkeypatch):
+    """Ray Train hands the restart its newest registered checkpoint; cut short on disk, the session finds the one
+    before it in the run's storage and resumes from there."""
+    monkeypatch.setenv("COAT_FAULT", "step@5")
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=1", "train.run_name=torn", "train.stages=[{steps: 6}]")
+    with pytest.raises(Exception, match="(?i)fail"):  # the worker is killed and no restart is allowed
+        train(cfg, evaluate_after=False)
+    checkpoints = sorted(p for p in (tmp_path / "runs" / "torn").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2
+    cut_short(checkpoints[-1])
+    result = train(cfg, evaluate_after=False)
+    assert result.metrics["step"] == 6
+    assert steps_logged(tracking.resolve_uri(cfg.tracking.uri), result.mlflow_run_id) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_whose_checkpoints_all_fail_is_refused_not_restarted(uninterrupted, tmp_path):
+    _, result = uninterrupted
+    root = tmp_path / "runs"
+    shutil.copytree(result.checkpoint, root / "checkpoint_000008")
+    (root / "checkpoint_000008" / "manifest.json").unlink()  # as a checkpoint written before manifests existed
+    with pytest.raises(CheckpointError, match="no checkpoint of this run can be resumed from.*no manifest.json"):
+        latest_checkpoint(root)
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["COAT_TEST_MARKER"]),))
+
+
+def test_checkpoints_load_tensors_and_numbers_only(uninterrupted, tmp_path, monkeypatch):
+    _, result = uninterrupted
+    state = load_training_state(result.checkpoint)
+    assert state["step"] == 8 and state["optimizer"]["state"] and isinstance(state["metrics"]["train/loss"], float)
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("COAT_TEST_MARKER", str(marker))
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"step": 1, "payload": Payload()}, evil / "training_state.pt")
+    with pytest.raises(CheckpointError, match=f"{evil / 'training_state.pt'} holds objects other than tensors"):
+        load_training_state(evil)
+    assert not marker.exists(), "the pickle's code did not run"
+
+
+def test_a_full_disk_fails_the_save_naming_the_folder_and_keeps_the_last_checkpoint(uninterrupted, tmp_path):
+    """A file-size limit makes the kernel refuse the write (EFBIG), as a full disk would (ENOSPC)."""
+    cfg, result = uninterrupted
+    root = tmp_path / "runs"
+    shutil.copytree(result.checkpoint, root / "checkpoint_000008")
+    coat = CoATModel.load(result.checkpoint)
+    session = InProcessSession(root, keep=2, report_to_tune=False, tracking=None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        with pytest.raises(CheckpointError, match=f"could not write checkpoint {root}/.staging-000010.*File too "
+                                                  "large.*point train.storage"):
+            with session.checkpoint_dir(10) as directory:
+                save_checkpoint(directory, coat, coat.trained_state(), None, 10, 1, 0, {}, [], {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p.name for p in root.iterdir()] == ["checkpoint_000008"], "nothing torn is left behind"
+    assert latest_checkpoint(root) == root / "checkpoint_000008"
 
 
 def test_the_five_roles_train_in_two_stages_from_real_experts(tmp_path):

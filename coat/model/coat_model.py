@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from coat.backbones import Backbone, build_backbone
@@ -231,7 +232,8 @@ class CoATModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         trained = self.trained_state() if trained is None else trained
-        save_file({k: v.contiguous().cpu() for k, v in trained.items()}, directory / WEIGHTS_FILE)
+        # Bytes written by Python's own I/O: a full disk is an OSError naming the file, not a serializer's error.
+        (directory / WEIGHTS_FILE).write_bytes(safetensors_bytes({k: v.contiguous().cpu() for k, v in trained.items()}))
         (directory / CONFIG_FILE).write_text(to_yaml(self.cfg))
         meta = {"made_for": self._made_for(), "experts": {n: asdict(s) for n, s in self.experts.items()}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -5,24 +5,50 @@ taken). They reach MLflow only once the checkpoint is committed — registered b
 renamed into place in-process — and whoever resumes from a checkpoint logs them again; MLflow keys a metric by
 (key, value, timestamp, step), so that is idempotent. Steps after the last committed checkpoint are never
 logged: a restart redoes them. Every step thus lands in MLflow exactly once, however a run is killed.
+
+A checkpoint is what its manifest says it is. Each writer (rank 0, and under FSDP every rank for its optimizer
+shard) ends by writing a manifest of its files with their sizes and sha256 (`manifest.json`, and
+`manifest_rank<r>.json` for the other ranks' shards), after the files themselves are flushed to disk. A
+checkpoint resumes only when rank 0's manifest is there and every file of every manifest matches it; otherwise
+(a copy cut short, a block overwritten on shared storage, a write killed half-way) the restart falls back to the
+previous committed one and says which it skipped and why. Checkpoints written before manifests existed are not
+trusted either: a run whose checkpoints all fail is refused, never silently started again from step 0.
+
+Training state and optimizer shards hold tensors, numbers and strings only, and are read with
+`torch.load(weights_only=True)`: a checkpoint from a shared or downloaded path cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import os
+import pickle
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
+from coat.errors import UserError
 from coat.model.coat_model import FSDP_UNIT
 from coat.train import faults
 
 STATE_FILE = "training_state.pt"
 STEPS_FILE = "steps.json"
 TARGET_STATS_FILE = "target_stats.json"
+MANIFEST_FILE = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written, or cannot be trusted to resume from."""
 
 
 def whole_trained_parts(model, coat) -> dict[str, torch.Tensor]:
@@ -37,9 +63,13 @@ def whole_trained_parts(model, coat) -> dict[str, torch.Tensor]:
 
 def save_optimizer_shard(directory: Path, rank: int, optimizer) -> None:
     """Under FSDP each rank's optimizer holds the state of that rank's shard: each rank saves its own (Ray merges
-    the ranks' checkpoint directories). Gathering it whole instead would go through FSDP's optimizer-state
-    resharding, which swapped Adam's moments on reload in torch 2.11 (tests/test_train.py checks the round trip)."""
-    torch.save(optimizer.state_dict(), directory / f"optimizer_rank{rank}.pt")
+    the ranks' checkpoint directories), rank 0 within `save_checkpoint`'s manifest, the others with one of their
+    own. Gathering it whole instead would go through FSDP's optimizer-state resharding, which swapped Adam's moments
+    on reload in torch 2.11 (tests/test_train.py checks the round trip)."""
+    with writing(directory):
+        save_tensors(optimizer.state_dict(), directory / f"optimizer_rank{rank}.pt")
+        if rank != 0:
+            write_manifest(directory, f"manifest_rank{rank}.json", [f"optimizer_rank{rank}.pt"])
 
 
 def load_optimizer_shard(directory: Path, rank: int) -> dict:
@@ -48,7 +78,7 @@ def load_optimizer_shard(directory: Path, rank: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no optimizer shard for rank {rank}: resume an FSDP run with the "
                                 "train.num_workers it was checkpointed with")
-    return torch.load(path, weights_only=False)
+    return safe_load(path)
 
 
 def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], optimizer_state: dict | None,
@@ -56,26 +86,119 @@ def save_checkpoint(directory: Path, coat, trained: dict[str, torch.Tensor], opt
                     steps: list[tuple[int, int, dict]], target_stats: dict) -> Path:
     """`trained`: from `whole_trained_parts`; `optimizer_state`: None when each rank saves its shard.
     `metrics`: what is reported with this checkpoint; `steps`: (step, timestamp ms, metrics) of the steps it
-    covers; `target_stats`: the standardisation statistics the targets were trained with, per expert. The training
-    state is written last: a directory without it is not a checkpoint."""
-    coat.save(directory, trained)
-    (directory / STEPS_FILE).write_text(json.dumps([[s, stamp, values] for s, stamp, values in steps]))
-    (directory / TARGET_STATS_FILE).write_text(json.dumps(target_stats))
-    faults.point("checkpoint", step)
-    torch.save(
-        {"optimizer": optimizer_state, "step": step, "epoch": epoch,
-         "batch_in_epoch": batch_in_epoch, "metrics": metrics},
-        directory / STATE_FILE,
-    )
+    covers; `target_stats`: the standardisation statistics the targets were trained with, per expert. The manifest
+    is written last: a directory without it is not a checkpoint.
+
+    Raises CheckpointError naming the directory when the storage is full or cannot be written; the previous
+    checkpoint is left as it was."""
+    with writing(directory):
+        coat.save(directory, trained)
+        (directory / STEPS_FILE).write_text(json.dumps([[s, stamp, values] for s, stamp, values in steps]))
+        (directory / TARGET_STATS_FILE).write_text(json.dumps(target_stats))
+        faults.point("checkpoint", step)
+        save_tensors({"optimizer": optimizer_state, "step": step, "epoch": epoch,
+                      "batch_in_epoch": batch_in_epoch, "metrics": metrics}, directory / STATE_FILE)
+        shards = [p.name for p in directory.glob("optimizer_rank*.pt")]  # this rank's, when FSDP saved it here
+        files = [p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith("manifest")]
+        write_manifest(directory, MANIFEST_FILE, sorted(set(files) | set(shards)))
     return directory
 
 
+@contextmanager
+def writing(directory: Path) -> Iterator[None]:
+    """Turn a failed write (ENOSPC, EFBIG, EACCES, a path that is a file...) into one error naming the checkpoint
+    folder and the fix. Every file goes through Python's own I/O (see `save_tensors`), so each such failure is an
+    OSError."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise CheckpointError(f"could not write checkpoint {directory}: {reason}; free space there or point "
+                              "train.storage at a writable place (the previous checkpoint is intact)") from err
+
+
+def save_tensors(state: dict, path: Path) -> None:
+    """`torch.save` into memory, then written with Python's I/O: torch's own writer reports a full disk as an
+    unrelated RuntimeError ("unexpected pos ...")."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
+def write_manifest(directory: Path, name: str, files: Iterable[str]) -> None:
+    """Flush `files` to disk, then record their sizes and sha256 in `name`, itself written whole and renamed."""
+    entries = {}
+    for file in files:
+        path = directory / file
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            entries[file] = {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    tmp = directory / f".{name}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": entries}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """Why `directory` cannot be resumed from (no manifest, a file missing, cut short or changed), else None."""
+    if not (directory / MANIFEST_FILE).is_file():
+        return (f"no {MANIFEST_FILE}: its write did not finish, or coat wrote it before checkpoints carried "
+                "checksums")
+    for manifest in sorted(directory.glob("manifest*.json")):
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return f"{manifest.name} does not parse"
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["bytes"]:
+                return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} when written"
+            with open(path, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
+                    return f"{name} changed since it was written (sha256 differs)"
+    return None
+
+
+def first_sound(candidates: Iterable[Path]) -> Path | None:
+    """The first of `candidates` (newest first) that verifies, saying which it skipped and why.
+
+    Raises CheckpointError when there are candidates and none verifies: starting such a run again from step 0
+    would redo, and log again, steps it already trained."""
+    skipped = []
+    for directory in candidates:
+        reason = verify_checkpoint(directory)
+        if reason is None:
+            if skipped:
+                log.warning("resuming from %s: skipped %s", directory, "; ".join(skipped))
+            return directory
+        skipped.append(f"{directory} ({reason})")
+    if skipped:
+        raise CheckpointError(f"no checkpoint of this run can be resumed from: {'; '.join(skipped)}; move them "
+                              "aside to start the run again, or choose another train.run_name")
+    return None
+
+
 def load_training_state(directory: Path) -> dict:
-    """Raises FileNotFoundError naming the directory when it holds no training state."""
+    """Raises FileNotFoundError naming the directory when it holds no training state, CheckpointError when it holds
+    something other than tensors, numbers and strings."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {STATE_FILE}: not a coat training checkpoint")
-    return torch.load(path, weights_only=False)
+    return safe_load(path)
+
+
+def safe_load(path: Path) -> dict:
+    """`torch.load` that builds tensors, numbers, strings and containers only: a pickle naming any other object is
+    refused before it is built, so loading cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} holds objects other than tensors and numbers, which coat never writes; "
+                              f"refusing to load it ({str(err).splitlines()[0][:200]})") from None
 
 
 def log_committed_steps(uri: str, run_id: str, steps_json: str) -> None:
@@ -86,11 +209,12 @@ def log_committed_steps(uri: str, run_id: str, steps_json: str) -> None:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest committed checkpoint under `root` (in-process runs keep their own; Ray keeps the others)."""
-    done = sorted(p.parent for p in root.glob(f"checkpoint_*/{STATE_FILE}"))
-    return done[-1] if done else None
+    """The newest committed checkpoint under `root` that verifies (in-process runs keep their own; Ray keeps the
+    others), skipping torn ones with a warning. Raises CheckpointError as `first_sound`."""
+    return first_sound(sorted(p for p in root.glob("checkpoint_*") if p.is_dir())[::-1])
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints. Called after a commit, so the one just written is among them."""
     for old in sorted(root.glob("checkpoint_*"))[:-keep]:
         shutil.rmtree(old)

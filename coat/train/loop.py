@@ -185,6 +185,8 @@ def run_loop(loop_config: dict, session) -> None:
     coat.train()
     step, epoch, batch_in_epoch = 0, 0, 0
     state = None
+    # Steps MLflow already holds: those of a newer checkpoint that turned out torn, redone now with the same values.
+    logged_through = 0
     with session.restored() as directory:
         if directory is not None:
             _check_target_stats(directory, loop_config["target_stats"])
@@ -195,6 +197,8 @@ def run_loop(loop_config: dict, session) -> None:
             if rank == 0 and tracked:  # committed, maybe not yet logged: logging again is idempotent
                 log_committed_steps(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
                                     (directory / STEPS_FILE).read_text())
+                logged_through = tracking.last_logged_step(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
+                                                           "train/loss")
     if state is not None:
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     elif rank == 0 and tracked:
@@ -227,7 +231,8 @@ def run_loop(loop_config: dict, session) -> None:
                 now = time.perf_counter()
                 metrics |= {"train/epoch": epoch, "train/since_launch_s": time.time() - loop_config["launched_at"],
                             "train/samples_per_s": batch_size * accum * world / (now - last_step_end)}
-                pending.append((step, int(time.time() * 1000), metrics))
+                if step > logged_through:
+                    pending.append((step, int(time.time() * 1000), metrics))
                 last_step_end = now
                 if step % cfg.train.checkpoint_every == 0 or step in ends:
                     metrics |= validation_losses(model, coat, val, cfg, rank, world, device)  # the step's record too

@@ -4,11 +4,13 @@ The loop asks its session for rank, device, the checkpoint to resume from, and w
 worker those come from `ray.train`, and a checkpoint's step metrics reach MLflow from Ray Train's controller
 once it has registered the checkpoint (`CommittedStepsLogger`). In-process (short trials on one machine, Tune
 trials without workers, benchmarks) the session keeps its own checkpoints, committed by an atomic rename, since
-Ray Train's API is not available inside a Tune function.
+Ray Train's API is not available inside a Tune function. Either way a restart resumes from the newest checkpoint
+that verifies against its manifest, skipping torn ones with a warning (see `checkpoint.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import ray.tune
@@ -25,7 +28,14 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from coat import tracking
 from coat.train import faults
-from coat.train.checkpoint import STEPS_FILE, latest_checkpoint, log_committed_steps, prune_checkpoints
+from coat.train.checkpoint import (
+    STEPS_FILE,
+    first_sound,
+    latest_checkpoint,
+    log_committed_steps,
+    prune_checkpoints,
+    writing,
+)
 
 STAGING = ".staging-"
 
@@ -68,12 +78,14 @@ class RayTrainSession:
 
     @contextmanager
     def restored(self) -> Iterator[Path | None]:
+        """Ray Train's latest registered checkpoint, or, when it does not verify, the newest older one that does."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
-        else:
-            with checkpoint.as_directory() as directory:
-                yield Path(directory)
+            return
+        with contextlib.ExitStack() as stack:
+            candidates = (Path(stack.enter_context(c.as_directory())) for c in [checkpoint, *older(checkpoint)])
+            yield first_sound(candidates)
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
@@ -84,6 +96,16 @@ class RayTrainSession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
 
+def older(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's checkpoints older than `checkpoint`, newest first: its siblings in the run's storage, which Ray
+    Train names `checkpoint_<time>` (so that names sort by age), listed through the storage's own filesystem."""
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    names = sorted(info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory
+                   and info.base_name.startswith("checkpoint_") and info.base_name < name)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in reversed(names)]
+
+
 class InProcessSession:
     """This process is the only worker; checkpoints live under `root`, written to a staging folder and renamed
     into place; metrics go to MLflow once committed (`tracking`: uri and run id) and to Tune when in a trial."""
@@ -92,7 +114,7 @@ class InProcessSession:
 
     def __init__(self, root: Path, keep: int, report_to_tune: bool, tracking: tuple[str, str] | None):
         self.root, self.keep, self.report_to_tune, self.tracking = root, keep, report_to_tune, tracking
-        self.last: tuple[dict, Path | None] = ({}, latest_checkpoint(root))
+        self.last: tuple[dict, Path | None] = ({}, None)  # what the last report committed
         for stale in root.glob(f"{STAGING}*"):  # a write that a kill interrupted
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -108,14 +130,24 @@ class InProcessSession:
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
+        """A staging folder, renamed into place by `report`; removed when writing it fails."""
         directory = self.root / f"{STAGING}{step:06d}-{uuid.uuid4().hex[:8]}"
-        directory.mkdir(parents=True)
-        yield directory
+        with writing(directory):
+            directory.mkdir(parents=True)
+        try:
+            yield directory
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         if checkpoint is not None:
             committed = self.root / f"checkpoint_{metrics['step']:06d}"
+            torn = self.root / f"{STAGING}torn-{uuid.uuid4().hex[:8]}"
+            if committed.exists():  # a torn checkpoint of this step, skipped at resume: the redone one replaces it
+                os.replace(committed, torn)
             os.replace(checkpoint, committed)
+            shutil.rmtree(torn, ignore_errors=True)
             faults.point("reported", metrics["step"])
             if self.tracking is not None:
                 log_committed_steps(*self.tracking, (committed / STEPS_FILE).read_text())
