@@ -222,7 +222,7 @@ def test_multi_objective_sweep_trades_quality_against_prefill_cost(sweeps):
     searcher.restore_from_dir(str(sweeps["root"] / "sweeps" / result.name))
     study = searcher._ot_study
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2, "quality (val/ce, min) and cost (min)"
-    told = [t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    told = [tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(told) == sorted(zip(result.table["val/ce"], result.table["cost/prefill_positions"], strict=True))
 
 
