@@ -9,7 +9,21 @@
 Results: a table in the terminal, and an MLflow parent run with one child per trial (`make dashboard`).
 """
 
-from coat.tune.experiment import main
+import os
+import sys
+from pathlib import Path
+
+# `ray submit` runs this file alone from the head node's home folder: the runner is then the project's, found
+# through $COAT_PROJECT (the cluster configs set it).
+sys.path[:0] = [str(Path(__file__).resolve().parent), os.path.join(os.environ.get("COAT_PROJECT", "."), "experiments")]
+try:
+    from runner import main
+except ModuleNotFoundError as err:
+    if err.name != "runner":
+        raise
+    sys.exit(f"error: no experiment runner beside {__file__} nor in $COAT_PROJECT/experiments "
+             f"(COAT_PROJECT={os.environ.get('COAT_PROJECT', 'unset')}): run the script from the project's "
+             "experiments/ folder, or set COAT_PROJECT to the project folder (the cluster configs do)")
 
 if __name__ == "__main__":
     main(__file__)

@@ -39,12 +39,14 @@ def python(code_or_script: list[str], cwd: Path, site: Path, **env: str) -> subp
 
 
 def test_the_installed_wheel_is_what_runs_and_needs_no_checkout(wheel_site, tmp_path):
-    done = python(["-c", "import coat.cli, coat.config_help; print(coat.cli.__file__); "
-                         "print(coat.config_help.reference() == open(r'%s').read())" % (ROOT / "docs/config.md")],
+    done = python(["-c", "import coat.cli, coat.config_help, coat.backbones.tokenizer as t; print(coat.cli.__file__); "
+                         "print(coat.config_help.reference() == open(r'%s').read()); "
+                         "print(len(t.tiny_corpus()))" % (ROOT / "docs/config.md")],
                   tmp_path, wheel_site)
     assert done.returncode == 0, done.stderr
-    location, same = done.stdout.split()
+    location, same, corpus_lines = done.stdout.split()
     assert Path(location).is_relative_to(wheel_site) and same == "True"
+    assert int(corpus_lines) == len((ROOT / "coat/backbones/tiny_corpus.txt").read_text().splitlines()) > 0
 
 
 def test_a_script_copied_alone_finds_its_configs_through_coat_project(wheel_site, tmp_path):
@@ -52,7 +54,7 @@ def test_a_script_copied_alone_finds_its_configs_through_coat_project(wheel_site
     head_home.mkdir()
     script = shutil.copy(ROOT / "experiments" / "ablate_thinking_len.py", head_home)
     lost = python([script, "--dry-run"], head_home, wheel_site)
-    assert lost.returncode == 1 and lost.stderr.startswith("error: no experiment configs beside")
+    assert lost.returncode == 1 and lost.stderr.startswith("error: no experiment runner beside")
     assert "set COAT_PROJECT to the project folder" in lost.stderr and "Traceback" not in lost.stderr
     found = python([script, "--dry-run", "--", "thinking.max_slots=64"], head_home, wheel_site,
                    COAT_PROJECT=str(ROOT))

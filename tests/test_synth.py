@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from coat.backbones.tokenizer import tiny_corpus
 from coat.data.speech import speak
 from coat.data.synth import PITCH_CLASSES, SENTENCES, TASKS, synthesize, text_corpus
 
@@ -175,6 +176,13 @@ def test_text_corpus_covers_every_text_in_a_manifest(sets):
     assert len(corpus) == len(set(corpus)) and len(SENTENCES) >= 200
     for row in _rows(sets["pool"]) + _rows(sets["other"]):
         assert {row["prompt"], row["answer"], *(row["choices"] or [])} <= set(corpus), row["id"]
+
+
+def test_the_tiny_tokenizer_is_trained_on_exactly_coat_minis_text():
+    assert tiny_corpus() == sorted(text_corpus()), (
+        "coat/backbones/tiny_corpus.txt differs from coat-mini's text: rewrite it with python -c \"from "
+        "coat.data.synth import text_corpus; print(*sorted(text_corpus()), sep=chr(10))\" > "
+        "coat/backbones/tiny_corpus.txt")
 
 
 def test_speak_repeats_exactly_whatever_was_spoken_before():

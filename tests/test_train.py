@@ -142,7 +142,7 @@ def uninterrupted(tmp_path_factory, coat_mini):
     return cfg, train(cfg, evaluate_after=False)
 
 
-def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(uninterrupted):
+def test_train_in_process_logs_every_step_and_a_finished_run_started_again_trains_nothing(uninterrupted):
     cfg, first = uninterrupted
     uri = tracking.resolve_uri(cfg.tracking.uri)
     assert first.metrics["step"] == 8
@@ -166,9 +166,11 @@ def test_train_in_process_logs_every_step_and_resumes_instead_of_restarting(unin
     assert run.data.params["thinking.num_slots"] == "4" and run.data.tags["backbone"] == "qwen2-audio"
     assert (first.checkpoint / "coat.safetensors").is_file() and (first.checkpoint / "training_state.pt").is_file()
 
-    again = train(cfg, evaluate_after=False)  # the same command: resumes from the finished run's checkpoint
-    assert again.mlflow_run_id == first.mlflow_run_id
+    written = {path: path.stat().st_mtime_ns for path in first.checkpoint.parent.rglob("*") if path.is_file()}
+    again = train(cfg, evaluate_after=False)  # the same command, once the run has ended: nothing left to train
+    assert again.mlflow_run_id == first.mlflow_run_id and again.metrics["step"] == 8
     assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
+    assert {path: path.stat().st_mtime_ns for path in written} == written, "no checkpoint rewritten"
 
 
 def test_a_run_records_where_its_numbers_came_from(uninterrupted):

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
 from coat.config import ConfigError, load_config
@@ -216,6 +217,13 @@ def test_multi_objective_sweep_trades_quality_against_prefill_cost(sweeps):
         assert cost == (k + 2 if k else 0), setting
     search = MlflowClient(uri).download_artifacts(result.parent_run_id, "search.json", str(sweeps["root"]))
     assert '"multi_objective": true' in Path(search).read_text()
+    # What Optuna itself was told, from the searcher state Tune saved: both objectives, each trial's cost among them.
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(sweeps["root"] / "sweeps" / result.name))
+    study = searcher._ot_study
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2, "quality (val/ce, min) and cost (min)"
+    told = [tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(told) == sorted(zip(result.table["val/ce"], result.table["cost/prefill_positions"], strict=True))
 
 
 @pytest.mark.faults

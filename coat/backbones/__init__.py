@@ -15,7 +15,7 @@ from transformers import AutoProcessor
 
 from coat.backbones import audio_flamingo3, qwen2_5_omni, qwen2_audio
 from coat.backbones.base import Backbone, BackboneSpec, ThinkingTokens, add_thinking_tokens, find_llm
-from coat.backbones.tokenizer import train_tiny_tokenizer
+from coat.backbones.tokenizer import tiny_corpus, train_tiny_tokenizer
 from coat.config import CoATConfig
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -57,9 +57,7 @@ def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backb
 
 
 def _build_tiny(spec: BackboneSpec, seed: int, window_s: float):
-    from coat.data.synth import text_corpus
-
-    tokenizer = train_tiny_tokenizer(text_corpus(), list(spec.special_tokens), spec.named_tokens)
+    tokenizer = train_tiny_tokenizer(tiny_corpus(), list(spec.special_tokens), spec.named_tokens)
     processor = spec.tiny_processor(tokenizer, window_s)
     config = spec.tiny_config(tokenizer, window_s)
     with torch.random.fork_rng(devices=[]):

@@ -1,10 +1,13 @@
-"""A small byte-level BPE tokenizer for tiny backbones, trained offline on coat-mini text.
+"""A small byte-level BPE tokenizer for tiny backbones, trained offline on coat-mini text (`tiny_corpus.txt`: every
+prompt, answer, choice and sentence coat-mini can emit, kept equal to `coat.data.synth.text_corpus` by a test).
 
 Tiny instances stand in for the 7B checkpoints in the embedded default and the tests; their tokenizer has
 the same chat special tokens as the real one, so prompts are built by the same code for both.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -15,6 +18,10 @@ CHAT_TEXT = [
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
     "and visual inputs, as well as generating text and speech.",
 ]
+
+
+def tiny_corpus() -> list[str]:
+    return Path(__file__).with_name("tiny_corpus.txt").read_text().splitlines()
 
 
 def train_tiny_tokenizer(

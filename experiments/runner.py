@@ -1,50 +1,38 @@
-"""What every script in `experiments/` does: find its config and space, attach to a cluster or start a local
-Ray, run the sweep, print and log the results table.
+"""What every experiment script beside this file does: find its config and space in `configs/`, attach to a
+cluster or start a local Ray, run the sweep, print and log the results table, execute its analysis notebook.
 
-On a cluster (`ray submit`, `ray job submit`: see `coat.ray_runtime.attach_cluster`) the script uses
+On a cluster (`ray submit`, `ray job submit`: see `coat.ray_runtime.attach_cluster`) a script uses
 `<name>.cluster.yaml` (real checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and
-`$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. Configs are found beside the
-script (`configs/`, in a checkout), else under `$COAT_PROJECT/experiments/configs`: `ray submit` copies the script
-alone to the head node's home folder, and the cluster configs' setup points COAT_PROJECT at the project they mount
-there.
+`$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. `--smoke` adds
+`configs/smoke.yaml` and the space `spaces/<name>.smoke.yaml`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from coat.config import load_config
-from coat.errors import UserError, reported
+from coat.errors import reported
 from coat.ray_runtime import attach_cluster
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONFIGS = PROJECT / "experiments" / "configs"
 
 # The notebook in analysis/ that reads each experiment's sweep; run at its end.
 NOTEBOOK = {"ablate_thinking_len": "thinking_length", "ablate_loss_weights": "loss_weights",
             "ablate_expert_sets": "expert_sets", "compare_backbones": "backbones"}
 
-# Smoke runs (the tests use them): a small coat-mini of their own, a few steps, a few test examples.
-SMOKE = [
-    "data.manifest=data/coat-mini-smoke/manifest.jsonl", "data.store=data/coat-mini-smoke/store",
-    "data.synth_size=60", "train.stages=[{steps: 3, ce_weight: 0.1}, {steps: 3, ce_weight: 1.0}]",
-    "train.checkpoint_every=3", "train.batch_size=4", "train.warmup_steps=1", "train.val_batches=1",
-    "eval.max_examples=6", "eval.max_new_tokens=6", "eval.bootstrap=200", "sweep.num_samples=2",
-    "sweep.grace_steps=3",
-]
 
-
-def project_folder(script: str | Path) -> Path:
-    """The project a script belongs to: the folder above its own `experiments/` when it has `configs/` beside
-    it, else $COAT_PROJECT. Raises UserError naming both places and the fix."""
-    beside = Path(script).resolve().parent
-    candidates = [beside.parent, *([Path(os.environ["COAT_PROJECT"])] if os.environ.get("COAT_PROJECT") else [])]
-    for project in candidates:
-        if (project / "experiments" / "configs").is_dir():
-            return project
-    raise UserError(f"no experiment configs beside {beside} (configs/) nor in $COAT_PROJECT/experiments/configs "
-                    f"(COAT_PROJECT={os.environ.get('COAT_PROJECT', 'unset')}): run the script from the project's "
-                    "experiments/ folder, or set COAT_PROJECT to the project folder (the cluster configs do)")
+def smoke_overrides() -> list[str]:
+    """`configs/smoke.yaml` (dotted keys, as in a space file) as overrides."""
+    settings = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
 def main(script: str | Path, argv: list[str] | None = None) -> None:
@@ -66,12 +54,10 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (after --)")
     args = parser.parse_args(argv)
 
-    project = project_folder(script)
-    configs = project / "experiments" / "configs"
     on_cluster = attach_cluster()
-    config = configs / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
-    space = configs / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
-    extra = [*(SMOKE if args.smoke else []), f"sweep.name={name}{'-smoke' if args.smoke else ''}"]
+    config = CONFIGS / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
+    space = CONFIGS / "spaces" / (f"{name}.smoke.yaml" if args.smoke else f"{name}.yaml")
+    extra = [*(smoke_overrides() if args.smoke else []), f"sweep.name={name}{'-smoke' if args.smoke else ''}"]
     shared = os.environ.get("COAT_STORAGE") if on_cluster else None
     if shared:  # every node must see the data, results and checkpoints
         extra.append(f"train.storage={shared}")
@@ -96,7 +82,7 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     result = run_sweep(config, space, extra, resume=args.resume)
     print_results(result, cfg)
     if not args.no_analysis:
-        conclude(name, result.name, cfg, project / "analysis")
+        conclude(name, result.name, cfg, PROJECT / "analysis")
 
 
 def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:

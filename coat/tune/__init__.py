@@ -1,0 +1,1 @@
+"""Sweeps on Ray Tune: search spaces, the sweep driver and its trials, the results table."""
