@@ -91,8 +91,7 @@ def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:
     from rich.console import Console
 
     from coat import tracking
-    from coat.analysis.analyze_cli import analyze
-    from coat.analysis.notebooks import notebook_folder
+    from coat.analysis.notebooks import analyze, notebook_folder
 
     console = Console(width=None if sys.stdout.isatty() else 200)
     notebook = NOTEBOOK[name]

@@ -14,9 +14,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from coat.analysis import compare, runs
-from coat.analysis.analyze_cli import analyze_command
 from coat.analysis.notebooks import NOTEBOOKS, EmptyFigureError, outputs
-from coat.analysis.probe_cli import probe_command
+from coat.cli import analyze_command, probe_command
 from coat.eval.scoring import paired_comparison
 from coat.train.checkpoint import latest_checkpoint
 

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from coat import tracking
-from coat.analysis.analyze_cli import analyze_command
+from coat.cli import analyze_command
 from coat.tune.sweep import trial_label
 from tests.conftest import mlflow_server
 

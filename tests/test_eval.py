@@ -12,12 +12,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from coat.cli import eval_command
 from coat.config import default_suites, load_config
 from coat.data.audio import decode
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
 from coat.eval.benchmarks import load_suite
-from coat.eval.cli import eval_command
 from coat.eval.runner import base_model, evaluate, generated_lengths, timed_generate, token_budget
 from coat.eval.scoring import normalise_transcript
 from coat.eval.tasks import final_answer
@@ -199,7 +199,7 @@ def checkpoint(model, tmp_path_factory) -> Path:
         model.cfg.eval.max_examples = None
 
 
-def test_cli_compares_coat_with_both_baselines_on_the_same_examples(cli, checkpoint, tmp_path):
+def test_coat_is_compared_with_both_baselines_on_the_same_examples(cli, checkpoint, tmp_path):
     out = tmp_path / "preds.jsonl"
     code, output = cli("--checkpoint", checkpoint, "--split", "train", "--max-examples", "4", "--baseline", "base",
                        "--baseline", "cot", "--cot-tokens", "4", "--out", out)
@@ -213,7 +213,7 @@ def test_cli_compares_coat_with_both_baselines_on_the_same_examples(cli, checkpo
     assert {"id", "answer", "prediction", "correct", "output"} <= set(record)
 
 
-def test_cli_evaluates_mmau_whole_and_writes_its_submission_format(cli, checkpoint, mmau, tmp_path):
+def test_mmau_is_evaluated_whole_and_written_in_its_submission_format(cli, checkpoint, mmau, tmp_path):
     out = tmp_path / "mmau.json"
     code, output = cli("--checkpoint", checkpoint, "--suite", "mmau", "--data", mmau, "--out", out)
     assert code == 0, output
@@ -229,7 +229,7 @@ def test_cli_evaluates_mmau_whole_and_writes_its_submission_format(cli, checkpoi
     assert sorted(item["task"] for item in json.loads(out.read_text())) == ["music", "sound", "speech"]
 
 
-def test_cli_evaluates_a_benchmark_copy(cli, checkpoint, librispeech, tmp_path):
+def test_a_librispeech_copy_is_transcribed_and_scored_by_wer(cli, checkpoint, librispeech, tmp_path):
     code, output = cli("--checkpoint", checkpoint, "--suite", "librispeech", "--data", librispeech, "--out",
                        tmp_path / "ls.jsonl")
     assert code == 0, output
@@ -237,7 +237,7 @@ def test_cli_evaluates_a_benchmark_copy(cli, checkpoint, librispeech, tmp_path):
     assert len((tmp_path / "ls.jsonl").read_text().splitlines()) == 3
 
 
-def test_cli_errors_name_the_problem(cli, checkpoint, tmp_path):
+def test_evaluation_errors_name_the_problem(cli, checkpoint, tmp_path):
     code, output = cli("--checkpoint", checkpoint, "--suite", "mmau")
     assert code == 2 and "needs --data" in output
     code, output = cli("--checkpoint", checkpoint, "--suite", "nope")

@@ -15,8 +15,8 @@ import transformers
 import typer
 from typer.testing import CliRunner
 
+from coat.cli import experts_app
 from coat.data.speech import speak
-from coat.experts.cli import app as experts_app
 from coat.experts.features import PROSODY_FIELDS
 from coat.experts.phonetic import PHONES
 from coat.experts.registry import UnknownExpertError, available_experts, build_expert, expert_spec, expert_version
@@ -345,7 +345,7 @@ def test_hub_errors_name_the_problem(hub_models, tmp_path):
         build_expert("hub:" + hub_models["whisper"], layer=5)
 
 
-def test_cli_lists_every_expert(hub_models, experts):
+def test_the_expert_list_shows_every_expert_with_its_role_and_version(hub_models, experts):
     root = typer.Typer()
     root.add_typer(experts_app, name="experts")
     result = CliRunner().invoke(root, ["experts", "list", "--hub", hub_models["ast"]], env={"COLUMNS": "250"})

@@ -122,7 +122,7 @@ def test_librispeech_one_subset_folder_is_one_split(librispeech, tmp_path):
     assert list(summary.rows["split"]) == ["val"] and list(summary.rows["id"]) == ["84-121123-0000"]
 
 
-def test_cli_import_prints_the_summary_and_errors_name_the_fix(librispeech, tmp_path, capsys):
+def test_an_import_prints_the_summary_and_errors_name_the_fix(librispeech, tmp_path, capsys):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["data", "import", "librispeech", str(librispeech), "--out", str(out)],
                                 terminal_width=200)

@@ -16,8 +16,8 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from coat.cli import data_app as app
 from coat.data.audio import AudioError, check_audio_rows, decode, load
-from coat.data.cli import app
 from coat.data.manifest import ManifestError, read_manifest, reason_code, validate_rows
 
 RATE = 16000
@@ -223,7 +223,7 @@ def _table_numbers(output, label):
     return [int(n) for n in re.findall(r"\b\d+\b", _table_line(output, label).split(label, 1)[1])]
 
 
-def test_check_command_prints_counts_and_writes_the_quarantine(corpus, tmp_path):
+def test_a_manifest_check_prints_counts_and_writes_the_quarantine(corpus, tmp_path):
     manifest, _, good_ids, expected = corpus
     runner = CliRunner()
     result = runner.invoke(app, ["check", str(manifest), "--max-seconds", str(MAX_SECONDS)],
@@ -257,7 +257,7 @@ def test_check_command_prints_counts_and_writes_the_quarantine(corpus, tmp_path)
     assert _pairs(pd.read_parquet(parquet)) == expected
 
 
-def test_check_command_fails_only_on_an_unreadable_manifest(tmp_path):
+def test_a_manifest_check_fails_only_on_an_unreadable_manifest(tmp_path):
     bad = tmp_path / "broken.jsonl"
     bad.write_text("{not json\n")
     result = CliRunner().invoke(app, ["check", str(bad)], env={"COLUMNS": "200"})

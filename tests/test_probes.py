@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from coat import tracking
-from coat.analysis.probe_cli import probe_command
 from coat.analysis.probes import (
     COLUMNS,
     HiddenStateWriter,
@@ -29,6 +28,7 @@ from coat.analysis.probes import (
     read_extraction,
     read_layer,
 )
+from coat.cli import probe_command
 from coat.data.audio import decode
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_rows, feature_version, standardise
@@ -289,7 +289,7 @@ def cli(tmp_path_factory):
     return invoke
 
 
-def test_cli_probes_mel_and_family_and_logs_to_mlflow(cli, checkpoint, coat_mini, tmp_path):
+def test_probes_of_mel_and_family_are_written_and_logged_to_mlflow(cli, checkpoint, coat_mini, tmp_path):
     out = tmp_path / "probes"
     code, output = cli("--checkpoint", checkpoint, "--data", coat_mini, "--targets", "mel", "--split", "train",
                        "--batch-size", "8", "--out", out, "--experiment", "probes")
@@ -328,7 +328,7 @@ def test_cli_probes_mel_and_family_and_logs_to_mlflow(cli, checkpoint, coat_mini
     assert [step for step, _ in history] == [0, 1, 2]
 
 
-def test_cli_errors_name_the_problem(cli, checkpoint, coat_mini, tmp_path):
+def test_probe_errors_name_the_problem(cli, checkpoint, coat_mini, tmp_path):
     common = ["--data", coat_mini, "--split", "train", "--out", tmp_path / "out"]
     cases = [
         (["--checkpoint", tmp_path, "--targets", "mel", *common], 1, "is not a CoAT checkpoint"),
@@ -353,7 +353,7 @@ def test_cli_errors_name_the_problem(cli, checkpoint, coat_mini, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reports_an_empty_split(cli, checkpoint, tmp_path):
+def test_an_empty_split_is_reported(cli, checkpoint, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     rows = [{"id": "a", "audio": "a.wav", "task": "emotion", "prompt": "p", "answer": "happy", "split": "train"}]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -18,6 +18,7 @@ import typer
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
+from coat.cli import score_command
 from coat.config import default_suites
 from coat.data.audio import decode
 from coat.data.manifest import validate_rows
@@ -41,7 +42,6 @@ from coat.eval.metrics import (
     word_error_rate,
     word_errors,
 )
-from coat.eval.score_cli import score_command
 from coat.eval.scoring import (
     TABLE_COLUMNS,
     normalise_transcript,
@@ -818,8 +818,11 @@ def test_score_names_a_file_of_another_suite(score, mmau_copy, tmp_path):
     assert code == 1 and "no item has 'answer_prediction'" in output
 
 
-def test_score_cli_imports_no_heavy_packages():
-    code = ("import sys, coat.eval.score_cli; "
+def test_rescoring_a_file_loads_no_model_ray_or_tracking_package(mmau_copy, tmp_path):
+    path = write_predictions(_mmau_examples(mmau_copy), "mmau", tmp_path / "mmau.json")
+    code = ("import sys\nfrom coat.cli import main\ntry:\n    main(['score', '--suite', 'mmau', '--json', "
+            f"{str(path)!r}])\nexcept SystemExit as done:\n    assert not done.code, done.code\n"
             "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout[:out.stdout.rindex("}") + 1])["metrics"], out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"

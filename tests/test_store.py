@@ -276,7 +276,7 @@ def test_collated_stream_batch_gives_finite_losses_for_each_expert(first_run, ma
     assert all(torch.isfinite(v) for v in out.losses.values()) and torch.isfinite(out.loss)
 
 
-def test_precompute_command_takes_a_runs_expert_settings(ray_address, manifest, tmp_path):
+def test_precompute_takes_a_runs_expert_settings(ray_address, manifest, tmp_path):
     from typer.testing import CliRunner
 
     from coat.cli import app

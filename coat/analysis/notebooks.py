@@ -15,6 +15,7 @@ from pathlib import Path
 
 NOTEBOOKS = ("thinking_length", "loss_weights", "expert_sets", "backbones", "probes")
 SUMMARY = "summary.json"
+ANALYSIS_HEADING = "## Analysis"
 
 
 class EmptyFigureError(ValueError):
@@ -110,3 +111,35 @@ def execute(name: str, parameters: dict, out_dir: Path, folder: Path, timeout_s:
     finally:
         nbformat.write(notebook, out_dir / f"{name}.ipynb")
     return json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).is_file() else {}
+
+
+def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out: Path, folder: Path
+            ) -> dict[str, dict]:
+    """Execute notebooks `names` from `folder` against the store at `uri`, each into `<out>/<name>/`, and attach
+    their outputs to the parent run of the sweep each analysed (artifacts `analysis/<name>/`; the run's description
+    gains their conclusions, replacing an earlier analysis). Returns each notebook's summary, with `error` instead
+    when a cell failed: the others still run."""
+    from nbclient.exceptions import CellExecutionError
+
+    from coat import tracking
+
+    summaries: dict[str, dict] = {}
+    for name in names:
+        try:
+            summaries[name] = execute(name, {"tracking_uri": uri, "experiment": experiment, "sweep": sweep},
+                                      out / name, folder)
+        except CellExecutionError as err:
+            summaries[name] = {"error": str(err).strip().splitlines()[-1]}
+    by_parent: dict[str, list[str]] = {}
+    for name, summary in summaries.items():
+        parent = summary.get("parent_run_id")
+        if parent:
+            tracking.log_artifacts(uri, parent, out / name, f"analysis/{name}")
+            by_parent.setdefault(parent, []).append(f"**{name}**\n" + "\n".join(f"- {s}" for s in
+                                                                              summary["conclusions"]))
+    client = tracking.mlflow_client(uri)
+    for parent, sections in by_parent.items():
+        described = client.get_run(parent).data.tags.get("mlflow.note.content", "")
+        kept = described.split(ANALYSIS_HEADING)[0].rstrip()
+        tracking.set_description(uri, parent, f"{kept}\n\n{ANALYSIS_HEADING}\n\n" + "\n\n".join(sections))
+    return summaries

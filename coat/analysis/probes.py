@@ -12,6 +12,8 @@ Three steps, each usable on its own:
    beside a baseline (training folds' mean or majority class) and a control task (the same probe on labels
    shuffled across clips): selectivity = score - control, so a wide layer that can fit anything scores nothing.
 
+`probe_checkpoint` runs the three on a saved checkpoint and writes (and logs) the table: what `coat probe` does.
+
 Hidden-state layout under the extraction folder (`read_layer` reads it; `HiddenStateWriter` writes it):
 
     <position>/chunk-<n>.npy   float32 [layers, batch, hidden], one per batch, layers in `meta.json` order
@@ -33,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from coat.errors import UsageError, UserError
+
 POSITIONS = ("slots", "response")
 FAMILY = "family"
 FREE_TEXT_TASKS = ("transcription",)
@@ -43,6 +47,15 @@ CLIPS_FILE = "clips.json"
 COLUMNS = ("position", "layer", "target", "kind", "metric", "score", "baseline", "control", "selectivity",
            "n_clips", "folds", "dims", "note")
 METRICS = {"regression": "r2", "classification": "accuracy"}
+RUN_PREFIX = "probe-"
+
+
+class ProbeError(UserError):
+    """A checkpoint, manifest, store or tracking store a probe run cannot use; the message names it."""
+
+
+class LayerError(UsageError, ValueError):
+    """A requested layer index the model does not have."""
 
 
 # ---------------------------------------------------------------- hidden states on disk
@@ -149,14 +162,14 @@ def normalise_layers(layers: Sequence[int] | None, count: int) -> list[int]:
     """Requested `hidden_states` indices (negative ones count from the end; None: all) as sorted distinct indices.
 
     Raises:
-        ValueError: naming a layer outside [-count, count - 1].
+        LayerError: naming a layer outside [-count, count - 1].
     """
     if layers is None:
         return list(range(count))
     out = set()
     for layer in layers:
         if not -count <= layer < count:
-            raise ValueError(f"layer {layer} is out of range: this model has {count} hidden states (0 = embeddings "
+            raise LayerError(f"layer {layer} is out of range: this model has {count} hidden states (0 = embeddings "
                              f"... {count - 1} = last layer; negative indices count from the end)")
         out.add(layer % count)
     return sorted(out)
@@ -530,3 +543,137 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                         "last_layer": last["layer"], "last_score": last["score"],
                         "last_selectivity": last["selectivity"]})
     return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------- a checkpoint, end to end
+
+@dataclass
+class ProbeRun:
+    """What `probe_checkpoint` did: the results table (also in `out`), the extraction, the MLflow run it logged to
+    (None: none), and what was left out, reused or taken from the store, in words."""
+
+    table: pd.DataFrame
+    out: Path
+    extraction: Extraction
+    run_id: str | None
+    notes: list[str]
+
+
+def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split: str = "test",
+                     data: Path | None = None, store: Path | None = None, out: Path | None = None,
+                     layers: Sequence[int] | None = None, batch_size: int = 8, max_clips: int | None = None,
+                     folds: int = 5, seed: int = 0, mlflow_run: str | None = None, experiment: str | None = None,
+                     progress: bool = False) -> ProbeRun:
+    """Probe `checkpoint` for `names` (experts and/or `family`) on `split` of `data` (default: the checkpoint
+    config's manifest and store), write `results.csv` / `results.parquet` to `out` (default
+    `<checkpoint>/probes/<split>`) and log them to the run `mlflow_run`, or to a new run of `experiment`.
+
+    The hidden states go to `<out>/hidden/` and are reused while the checkpoint, clips and layers stay the same.
+    Everything that can be checked before the forward passes is (checkpoint, tracking store, data); nothing is
+    written until then.
+
+    Raises:
+        ProbeError: the checkpoint, data or tracking store cannot be used (the message names which).
+        LayerError: a layer in `layers` the model does not have.
+    """
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from coat import tracking
+    from coat.config import ConfigError, from_yaml
+    from coat.data.manifest import ManifestError
+    from coat.data.stream import MissingFeaturesError
+    from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
+
+    if not (checkpoint / CONFIG_FILE).is_file():
+        raise ProbeError(not_a_checkpoint(checkpoint, CONFIG_FILE))
+    try:
+        cfg = from_yaml((checkpoint / CONFIG_FILE).read_text())
+    except (ConfigError, ValueError) as err:
+        raise ProbeError(f"{checkpoint / CONFIG_FILE}: {err}") from None
+    out = out or checkpoint / "probes" / split
+    if mlflow_run or experiment:
+        try:
+            tracking.check_reachable(uri)
+            if mlflow_run:
+                tracking.mlflow_client(uri).get_run(mlflow_run)
+        except (tracking.TrackingUnavailableError, MlflowException) as err:
+            raise ProbeError(f"MLflow: {str(err).splitlines()[0]}") from None
+
+    experts = [n for n in names if n != FAMILY]
+    try:
+        rows, sources, left_out, from_store = probe_rows(
+            data or Path(cfg.data.manifest), split, experts, store or Path(cfg.data.store),
+            target_stats=load_target_stats(checkpoint), max_seconds=cfg.data.max_seconds,
+            long_clips=cfg.data.long_clips, train_split=cfg.data.train_split, max_clips=max_clips, seed=seed)
+    except (ManifestError, MissingFeaturesError, ValueError) as err:
+        raise ProbeError(err) from None
+    notes = []
+    if from_store:
+        notes.append(f"{', '.join(from_store)}: not in the checkpoint's target_stats.json; standardised with split "
+                     f"{cfg.data.train_split!r}'s statistics from the store")
+    if len(left_out):
+        notes.append(f"{len(left_out)} manifest rows left out (invalid, undecodable or too long)")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = CoATModel.load(checkpoint, device=device)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        raise ProbeError(err) from None
+    chosen = normalise_layers(layers, hidden_state_count(model))
+    extraction = extract_hidden_states(
+        model, rows, out / "hidden", chosen, batch_size, max_seconds=cfg.data.max_seconds,
+        crop=cfg.data.long_clips == "crop", progress=progress,
+        fingerprint=_fingerprint(checkpoint, rows, chosen, cfg.data.max_seconds, cfg.data.long_clips))
+    del model
+    if extraction.reused:
+        notes.append(f"reusing the hidden states in {out / 'hidden'} (same checkpoint, clips and layers)")
+    if extraction.skipped:
+        notes.append(f"{len(extraction.skipped)} clips did not decode and were left out")
+    rows = rows.set_index("id").loc[extraction.ids].reset_index()
+
+    table = fit_probes(out / "hidden", probe_targets(rows, names, sources), clip_groups(rows), folds=folds, seed=seed)
+    table = table.assign(checkpoint=str(checkpoint.resolve()), split=split, num_slots=cfg.thinking.num_slots)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    table.to_parquet(out / "results.parquet", index=False)
+    run_id = mlflow_run
+    try:
+        if experiment:
+            run_id = _new_probe_run(uri, experiment, checkpoint, cfg, split, names)
+        if run_id:
+            log_probe_results(uri, run_id, table)
+            if experiment:
+                tracking.end_run(uri, run_id)
+    except (MlflowException, ValueError) as err:
+        raise ProbeError(f"MLflow: {str(err).splitlines()[0]} (results are in {out})") from None
+    return ProbeRun(table, out, extraction, run_id, notes)
+
+
+def _fingerprint(checkpoint: Path, rows: pd.DataFrame, layers: list[int], max_seconds: float, long_clips: str) -> str:
+    """What the hidden states depend on: the trained parts, the config, the clips and prompts, layers and cropping."""
+    import hashlib
+
+    from coat.model.coat_model import CONFIG_FILE, WEIGHTS_FILE
+
+    digest = hashlib.sha256()
+    with open(checkpoint / WEIGHTS_FILE, "rb") as f:
+        digest.update(hashlib.file_digest(f, "sha256").digest())
+    digest.update((checkpoint / CONFIG_FILE).read_bytes())
+    digest.update(repr((layers, max_seconds, long_clips)).encode())
+    for row in rows[["id", "clip_hash", "prompt"]].itertuples(index=False):
+        digest.update("\t".join(map(str, row)).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _new_probe_run(uri: str, experiment: str, checkpoint: Path, cfg, split: str, names: Sequence[str]) -> str:
+    """A run `probe-<checkpoint folder>` of `experiment`, tagged with what was probed."""
+    from coat import tracking
+
+    tags = {"coat.probe.checkpoint": str(checkpoint.resolve()), "coat.probe.split": split,
+            "coat.probe.targets": ",".join(names), "backbone": cfg.backbone.name,
+            "thinking.num_slots": str(cfg.thinking.num_slots)}
+    experiment_id = tracking.get_or_create_experiment(uri, experiment)
+    run = tracking.mlflow_client(uri).create_run(experiment_id, run_name=f"{RUN_PREFIX}{checkpoint.resolve().name}",
+                                                 tags=tags)
+    return run.info.run_id

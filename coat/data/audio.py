@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from coat.data.manifest import quarantine_records
+from coat.data.manifest import quarantine_records, read_manifest, validate_rows, write_table
 
 SILENCE_PEAK = 1e-4
 
@@ -156,3 +157,30 @@ def check_audio_rows(good_df: pd.DataFrame, target_rate: int, max_seconds: float
          for i, (n, r, c) in zip(good["id"], (outcome[p] for p in good["audio_path"]), strict=True)],
         columns=["id", "duration_s", "sample_rate", "channels", "num_samples"])
     return good, quarantine, stats
+
+
+@dataclass
+class ManifestCheck:
+    """What `check_manifest` found: rows read, rows kept, rows quarantined (with reasons), decode stats per kept
+    row (see `check_audio_rows`)."""
+
+    read: int
+    kept: pd.DataFrame
+    quarantine: pd.DataFrame
+    stats: pd.DataFrame
+
+
+def check_manifest(manifest: str | Path, target_rate: int, max_seconds: float | None, quarantine_out: str | Path,
+                   progress: Callable[[Iterable[str]], Iterable[str]] | None = None) -> ManifestCheck:
+    """Validate every row of `manifest` and decode every clip once, before anything trains on it; the rows that
+    fail go to `quarantine_out` (.jsonl or .parquet) with their reasons.
+
+    Raises:
+        ManifestError: the manifest itself cannot be read.
+    """
+    rows = read_manifest(manifest)
+    valid, bad_rows = validate_rows(rows)
+    kept, bad_audio, stats = check_audio_rows(valid, target_rate, max_seconds, progress=progress)
+    quarantine = pd.concat([bad_rows, bad_audio], ignore_index=True)
+    write_table(quarantine, quarantine_out)
+    return ManifestCheck(len(rows), kept, quarantine, stats)

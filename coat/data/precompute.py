@@ -181,6 +181,20 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     return PrecomputeSummary(runs, quarantine)
 
 
+def settings_of_run(config: str | Path, experts: Sequence[str]) -> tuple[dict[str, dict], float | None]:
+    """The settings the run that `config` describes gives `experts` (experts.settings; its backbone for
+    audio-encoder) and the crop its training applies (data.max_seconds under data.long_clips=crop): what the store
+    must hold for that run to find its features.
+
+    Raises:
+        ConfigError, FileNotFoundError: the config cannot be used.
+    """
+    from coat.config import apply_overrides, expert_settings, load_config
+
+    run = apply_overrides(load_config(config), [f"experts.names=[{','.join(experts)}]"])
+    return expert_settings(run), run.data.max_seconds if run.data.long_clips == "crop" else None
+
+
 def set_aside_damage(store: FeatureStore, name: str, version: str) -> set[str]:
     """Verify one expert version's parts and set the damaged ones aside; returns the clip hashes they held."""
     damage = store.verify(name, version)

@@ -95,6 +95,39 @@ def damaged_part_error(part: str | Path, reason: str, clips: int) -> DamagedFeat
                                 f"the clips asked for, is damaged ({reason}); {repair_hint(root)}")
 
 
+@dataclass(frozen=True)
+class VersionCheck:
+    """One expert version of a store, verified: its parts, clips, parts committed before checksums were recorded,
+    and the damage found."""
+
+    name: str
+    version: str
+    parts: int
+    clips: int
+    unrecorded: int
+    damage: list[Damage]
+
+
+def check_store(root: str | Path, repair: bool = False) -> list[VersionCheck]:
+    """Verify every part of the store at `root` against the size and sha256 recorded at its commit; with `repair`,
+    set the damaged parts aside, so that the next precompute recomputes exactly their clips.
+
+    Raises:
+        FileNotFoundError: `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"feature store {root} does not exist: give the folder of data.store")
+    store = FeatureStore(root)
+    checks = [VersionCheck(name, version, len(store.parts(name, version)), len(store.index(name, version)),
+                           len(store.unrecorded(name, version)), store.verify(name, version))
+              for name, version in store.versions()]
+    if repair:
+        for check in checks:
+            store.set_aside(check.name, check.version, check.damage)
+    return checks
+
+
 def clip_hash(path: str | Path) -> str:
     """sha256 hex digest of the file's bytes: the key of a clip in the store.
 

@@ -70,6 +70,11 @@ class Space:
                 points.append(point)
         return points
 
+    def backbones(self) -> list[str] | None:
+        """The backbones the space sweeps over, in file order; None when it does not vary `backbone.name`."""
+        named = [p.values for p in self.params if p.path == "backbone.name"]
+        return list(dict.fromkeys(named[0])) if named else None
+
     def suggest(self, trial) -> dict[str, Any]:
         """Optuna define-by-run: sample the entries that apply, in file order."""
         point: dict[str, Any] = {}
