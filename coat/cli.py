@@ -35,12 +35,11 @@ from rich.progress import track
 from rich.table import Table
 
 from coat.analysis.notebooks import NOTEBOOKS
-from coat.config import default_suites
+from coat.config import BASELINES, default_suites
 from coat.errors import UsageError, reported
 from coat.experts.roles import PAPER_ROLES, ROLE_DEFAULTS
 
 SUITES = tuple(default_suites())
-BASELINES = ("base", "cot")
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,

@@ -7,6 +7,7 @@ config fails here, once, before any model is built, with a `ConfigError` naming 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,15 @@ class ConfigError(UsageError, ValueError):
     """A config value that cannot work; the message names the dotted field and the fix."""
 
 
+def invalid(key: str, message: str) -> ConfigError:
+    return ConfigError(f"config field {key!r}: {message}")
+
+
 def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, choices: tuple | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
     """A config field with its help and bounds beside it: `coat config show` and docs/config.md print them, and
-    `validate` enforces them (choices, >= ge, > gt, <= le; None values pass)."""
+    `validate` enforces them (choices, >= ge, > gt, <= le; None values pass). What spans fields is checked by
+    the section's `check`."""
     bounds = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le}.items() if v is not None}
     return field(default=default, default_factory=factory, metadata={"help": help, **bounds})
 
@@ -55,6 +61,13 @@ class BackboneConfig:
         """The checkpoint this config loads: `checkpoint`, else at real size `checkpoints[name]`, else None."""
         return self.checkpoint or (self.checkpoints.get(self.name) if self.size == "real" else None)
 
+    def check(self) -> None:
+        for name in self.checkpoints:
+            if name not in BACKBONES:
+                raise invalid(f"backbone.checkpoints.{name}", f"{name!r} is not one of {', '.join(BACKBONES)}")
+        if self.checkpoint is not None and self.size != "real":
+            raise invalid("backbone.size", "a checkpoint holds the real architecture: set backbone.size=real with it")
+
 
 @dataclass
 class ThinkingConfig:
@@ -69,6 +82,11 @@ class ThinkingConfig:
     def prefill_positions(self) -> int:
         """Extra prompt positions the block costs: K slots and its two delimiters (none at K = 0)."""
         return self.num_slots + 2 if self.num_slots else 0
+
+    def check(self) -> None:
+        if not 0 <= self.num_slots <= self.max_slots:
+            raise invalid("thinking.num_slots", f"{self.num_slots} must be between 0 and "
+                                                f"thinking.max_slots={self.max_slots}")
 
 
 HEAD_POSITIONS = ("sinusoidal", "learned", "none")
@@ -87,6 +105,10 @@ class HeadsConfig:
     dim: int = setting(128, "Transformer heads: width (divisible by num_attention_heads).", ge=1)
     num_attention_heads: int = setting(4, "Transformer heads: attention heads.", ge=1)
 
+    def check(self) -> None:
+        if self.dim % self.num_attention_heads:
+            raise invalid("heads.dim", f"{self.dim} must be divisible by heads.num_attention_heads")
+
 
 @dataclass
 class ExpertsConfig:
@@ -98,6 +120,10 @@ class ExpertsConfig:
         help="Per-expert settings, e.g. {sound-events: {path: DIR}}, used while the expert is in `names`; "
              "audio-encoder takes this config's backbone unless set here.", factory=dict)
 
+    def check(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise invalid("experts.names", f"{self.names} lists an expert twice (a role counts as its default expert)")
+
 
 @dataclass
 class LossConfig:
@@ -108,6 +134,19 @@ class LossConfig:
     distance: dict[str, str] = setting(
         help=f"D_e per expert, one of {', '.join(DISTANCES)}. Default: smooth_l1 for continuous experts of up to 16 "
              "dims, cosine for wider ones, ce for discrete, bce for multi-label.", factory=dict)
+
+    def check(self, experts: list[str]) -> None:
+        """Weights and distances name experts of `experts` (experts.names)."""
+        for name, weight in self.weights.items():
+            if name not in experts:
+                raise invalid(f"loss.weights.{name}", f"expert {name!r} is not in experts.names={experts}")
+            if weight < 0:
+                raise invalid(f"loss.weights.{name}", f"{weight} must be >= 0")
+        for name, distance in self.distance.items():
+            if name not in experts:
+                raise invalid(f"loss.distance.{name}", f"expert {name!r} is not in experts.names={experts}")
+            if distance not in DISTANCES:
+                raise invalid(f"loss.distance.{name}", f"{distance!r} must be one of {', '.join(DISTANCES)}")
 
 
 @dataclass
@@ -159,6 +198,18 @@ class DataConfig:
     decode_tasks: int | None = setting(None, "At most this many decode tasks at once (null: as many as free CPUs "
                                              "allow); 1 suits a 2-core machine that also trains.", ge=1)
 
+    def check(self) -> None:
+        tenths = self.synth_test_share * 10
+        if not (1 <= round(tenths) <= 8 and abs(tenths - round(tenths)) < 1e-9):
+            raise invalid("data.synth_test_share", f"{self.synth_test_share} must be a whole number of tenths in "
+                                                   "[0.1, 0.8]")
+        for i, entry in enumerate(self.mixture):
+            if not entry.manifest:
+                raise invalid(f"data.mixture.{i}.manifest", "is empty: give the path of a manifest")
+        sources = [mixture_name(entry) for entry in self.mixture]
+        if len(set(sources)) < len(sources):
+            raise invalid("data.mixture", f"names {sources} repeat: give the entries distinct `name`s")
+
 
 @dataclass
 class StageConfig:
@@ -177,6 +228,20 @@ class StageConfig:
     lr: dict[str, float] = setting(help="Learning rate per group; a group without an entry gets train.lr.",
                                    factory=dict)
     warmup_steps: int | None = setting(None, "Warm-up steps of the stage; null: train.warmup_steps.", ge=0)
+
+    def check(self, key: str, experts: list[str]) -> None:
+        """`key`: the stage's dotted path (`train.stages.<i>`); `experts`: experts.names."""
+        if bad := [g for g in [*self.train, *self.lr] if g not in PARAM_GROUPS]:
+            raise invalid(f"{key}.train", f"{bad} are not among the parameter groups {', '.join(PARAM_GROUPS)}")
+        if not self.train:
+            raise invalid(f"{key}.train", "trains nothing: name at least one of " + ", ".join(PARAM_GROUPS))
+        if any(lr <= 0 for lr in self.lr.values()):
+            raise invalid(f"{key}.lr", f"{dict(self.lr)}: learning rates must be positive (freeze a group by leaving "
+                                       "it out of the stage's train list)")
+        for name, weight in self.weights.items():
+            if name not in experts or weight < 0:
+                raise invalid(f"{key}.weights.{name}", f"{weight} for {name!r}: needs an expert of "
+                                                       f"experts.names={experts} and a weight >= 0")
 
 
 @dataclass
@@ -209,10 +274,21 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
+    def check(self, experts: list[str]) -> None:
+        if not self.stages:
+            raise invalid("train.stages", "needs at least one stage")
+        for i, stage in enumerate(self.stages):
+            stage.check(f"train.stages.{i}", experts)
+        if self.strategy == "fsdp" and len({tuple(sorted(s.train)) for s in self.stages}) > 1:
+            raise invalid("train.stages", "under train.strategy=fsdp every stage must train the same groups: FSDP "
+                                          "fixes the trainable parameters when it wraps the model; use ddp, or the "
+                                          "same `train` list")
+
 
 SCORING_RULES = ("string_match", "choice", "wer")
 SCORING_MODES = ("generate", "loglik")
 SUITE_METRICS = ("accuracy", "weighted_f1")
+BASELINES = ("base", "cot")  # systems built from a checkpoint's backbone (coat/eval/runner.py)
 
 
 @dataclass
@@ -263,6 +339,13 @@ class EvalConfig:
     cot_tokens: int = setting(64, "Extra tokens the text chain-of-thought baseline may reason with.", ge=1)
     suites: dict[str, SuiteRecipe] = setting(help="How each suite is asked and scored.", factory=default_suites)
 
+    def check(self) -> None:
+        if bad := [b for b in self.baselines if b not in BASELINES]:
+            raise invalid("eval.baselines", f"{bad} are not among {', '.join(BASELINES)}")
+        for suite, recipe in self.suites.items():
+            if unknown := [m for m in recipe.metrics if m not in SUITE_METRICS]:
+                raise invalid(f"eval.suites.{suite}.metrics", f"{unknown} are not among {', '.join(SUITE_METRICS)}")
+
 
 @dataclass
 class TrackingConfig:
@@ -290,6 +373,13 @@ class SweepConfig:
     seed: int = setting(0, "Seed of the search.")
     seeds: list[int] = setting(help="Every point of a grid space trained once per seed (train.seed), so conclusions "
                                     "rest on several seeds.", factory=list)
+
+    def check(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise invalid("sweep.seeds", f"{self.seeds} lists a seed twice")
+        if not self.metric.startswith(("val/", "eval/")):
+            raise invalid("sweep.metric", f"{self.metric!r} must be a reported validation (val/...) or evaluation "
+                                          "(eval/...) metric")
 
 
 @dataclass
@@ -319,7 +409,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     FileNotFoundError naming the file when `path` does not exist.
     """
     merged = OmegaConf.structured(CoATConfig)
-    try:
+    with _named_field(f" in {path}" if path is not None else ""):
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -328,12 +418,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 merged = OmegaConf.merge(merged, OmegaConf.load(path))
             except yaml.YAMLError as err:
                 raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
-        merged = _with_overrides(merged, overrides)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"config field {err.full_key!r}{where}: {err.msg.splitlines()[0]}") from None
+        cfg = OmegaConf.to_object(_with_overrides(merged, overrides))
     return _resolved(cfg)
+
+
+@contextmanager
+def _named_field(where: str = "") -> Iterator[None]:
+    """OmegaConf's errors (unknown key, wrong type) as a ConfigError naming the dotted field, and `where` it was
+    set."""
+    try:
+        yield
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config field {err.full_key!r}{where}: {err.msg.splitlines()[0]}") from None
 
 
 def _with_overrides(merged, overrides):
@@ -346,13 +442,12 @@ def _with_overrides(merged, overrides):
         for i, part in enumerate(parts[1:], 1):
             parent = OmegaConf.select(merged, ".".join(parts[:i]))
             if part.isdigit() and OmegaConf.is_list(parent) and int(part) >= len(parent):
-                raise ConfigError(f"config field {key!r}: {'.'.join(parts[:i])} has {len(parent)} entries; set "
-                                  "the whole list to add one")
+                raise invalid(key, f"{'.'.join(parts[:i])} has {len(parent)} entries; set the whole list to add one")
         parsed = OmegaConf.from_dotlist([f"value={value}"])["value"]  # YAML, as on the command line
         try:
             OmegaConf.update(merged, key, parsed, merge=True)
         except (IndexError, TypeError) as err:
-            raise ConfigError(f"config field {key!r}: {err}") from None
+            raise invalid(key, str(err)) from None
     return merged
 
 
@@ -400,92 +495,26 @@ def _out_of_bounds(value: Any, metadata: Mapping[str, Any]) -> bool:
 
 
 def validate(cfg: CoATConfig) -> None:
-    """Each field's declared bounds (`setting`), then what spans fields. Raises ConfigError naming the field."""
-
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"config field {key!r}: {msg}")
-
+    """Each field's declared bounds (`setting`), then each section's `check` of what spans its fields. Raises
+    ConfigError naming the field."""
     for path, declared, value in declared_fields(cfg):
         if _out_of_bounds(value, declared.metadata):
-            fail(path, f"{value!r} must be {bounds_text(declared.metadata)}")
-
-    for name in cfg.backbone.checkpoints:
-        if name not in BACKBONES:
-            fail(f"backbone.checkpoints.{name}", f"{name!r} is not one of {', '.join(BACKBONES)}")
-    if cfg.backbone.checkpoint is not None and cfg.backbone.size != "real":
-        fail("backbone.size", "a checkpoint holds the real architecture: set backbone.size=real with it")
-
-    k = cfg.thinking
-    if not 0 <= k.num_slots <= k.max_slots:
-        fail("thinking.num_slots", f"{k.num_slots} must be between 0 and thinking.max_slots={k.max_slots}")
-
-    if cfg.heads.dim % cfg.heads.num_attention_heads:
-        fail("heads.dim", f"{cfg.heads.dim} must be divisible by heads.num_attention_heads")
-
-    names = cfg.experts.names
-    if len(set(names)) != len(names):
-        fail("experts.names", f"{names} lists an expert twice (a role counts as its default expert)")
-    for name, weight in cfg.loss.weights.items():
-        if name not in names:
-            fail(f"loss.weights.{name}", f"expert {name!r} is not in experts.names={names}")
-        if weight < 0:
-            fail(f"loss.weights.{name}", f"{weight} must be >= 0")
-    for name, distance in cfg.loss.distance.items():
-        if name not in names:
-            fail(f"loss.distance.{name}", f"expert {name!r} is not in experts.names={names}")
-        if distance not in DISTANCES:
-            fail(f"loss.distance.{name}", f"{distance!r} must be one of {', '.join(DISTANCES)}")
-
-    if not (1 <= round(cfg.data.synth_test_share * 10) <= 8
-            and abs(cfg.data.synth_test_share * 10 - round(cfg.data.synth_test_share * 10)) < 1e-9):
-        fail("data.synth_test_share", f"{cfg.data.synth_test_share} must be a whole number of tenths in [0.1, 0.8]")
-    for i, entry in enumerate(cfg.data.mixture):
-        if not entry.manifest:
-            fail(f"data.mixture.{i}.manifest", "is empty: give the path of a manifest")
-    sources = [mixture_name(entry) for entry in cfg.data.mixture]
-    if len(set(sources)) < len(sources):
-        fail("data.mixture", f"names {sources} repeat: give the entries distinct `name`s")
-
-    t = cfg.train
-    if not t.stages:
-        fail("train.stages", "needs at least one stage")
-    for i, stage in enumerate(t.stages):
-        if bad := [g for g in [*stage.train, *stage.lr] if g not in PARAM_GROUPS]:
-            fail(f"train.stages.{i}.train", f"{bad} are not among the parameter groups {', '.join(PARAM_GROUPS)}")
-        if not stage.train:
-            fail(f"train.stages.{i}.train", "trains nothing: name at least one of " + ", ".join(PARAM_GROUPS))
-        if any(lr <= 0 for lr in stage.lr.values()):
-            fail(f"train.stages.{i}.lr", f"{dict(stage.lr)}: learning rates must be positive (freeze a group by "
-                                         "leaving it out of the stage's train list)")
-        for name, weight in stage.weights.items():
-            if name not in names or weight < 0:
-                fail(f"train.stages.{i}.weights.{name}", f"{weight} for {name!r}: needs an expert of "
-                                                         f"experts.names={names} and a weight >= 0")
-    if t.strategy == "fsdp" and len({tuple(sorted(s.train)) for s in t.stages}) > 1:
-        fail("train.stages", "under train.strategy=fsdp every stage must train the same groups: FSDP fixes the "
-                             "trainable parameters when it wraps the model; use ddp, or the same `train` list")
-
-    sw = cfg.sweep
-    if len(set(sw.seeds)) != len(sw.seeds):
-        fail("sweep.seeds", f"{sw.seeds} lists a seed twice")
-    if not (sw.metric.startswith("val/") or sw.metric.startswith("eval/")):
-        fail("sweep.metric", f"{sw.metric!r} must be a reported validation (val/...) or evaluation (eval/...) metric")
-
-    e = cfg.eval
-    if bad := [b for b in e.baselines if b not in ("base", "cot")]:
-        fail("eval.baselines", f"{bad} are not among base, cot")
-    for suite, recipe in e.suites.items():
-        unknown = [m for m in recipe.metrics if m not in SUITE_METRICS]
-        if unknown:
-            fail(f"eval.suites.{suite}.metrics", f"{unknown} are not among {', '.join(SUITE_METRICS)}")
+            raise invalid(path, f"{value!r} must be {bounds_text(declared.metadata)}")
+    cfg.backbone.check()
+    cfg.thinking.check()
+    cfg.heads.check()
+    cfg.experts.check()
+    cfg.loss.check(cfg.experts.names)
+    cfg.data.check()
+    cfg.train.check(cfg.experts.names)
+    cfg.sweep.check()
+    cfg.eval.check()
 
 
 def apply_overrides(cfg: CoATConfig, overrides: list[str]) -> CoATConfig:
     """`cfg` with dotted overrides applied, validated. Raises ConfigError naming the field."""
-    try:
+    with _named_field():
         out = OmegaConf.to_object(_with_overrides(OmegaConf.structured(cfg), overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config field {err.full_key!r}: {err.msg.splitlines()[0]}") from None
     return _resolved(out)
 
 
@@ -523,10 +552,8 @@ def to_yaml(cfg: CoATConfig) -> str:
 
 def from_yaml(text: str) -> CoATConfig:
     """Inverse of `to_yaml` (a saved run's config), validated like `load_config`."""
-    try:
+    with _named_field():
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CoATConfig), OmegaConf.create(text)))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config field {err.full_key!r}: {err.msg.splitlines()[0]}") from None
     return _resolved(cfg)
 
 
