@@ -142,7 +142,7 @@ def uninterrupted(tmp_path_factory, coat_mini):
     return cfg, train(cfg, evaluate_after=False)
 
 
-def test_train_in_process_logs_every_step_and_a_finished_run_started_again_trains_nothing(uninterrupted):
+def test_every_step_is_logged_once_and_a_finished_run_started_again_trains_nothing(uninterrupted):
     cfg, first = uninterrupted
     uri = tracking.resolve_uri(cfg.tracking.uri)
     assert first.metrics["step"] == 8

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,42 +209,59 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
     by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
     chosen = subsample(good, cfg.max_examples, cfg.seed, by if by in good else "task")
     budget = token_budget(recipe, chosen, model.backbone.tokenizer, max_new_tokens or cfg.max_new_tokens)
+    budget += cot_tokens if system == "cot" else 0
     suffix = COT_SUFFIX if system == "cot" else ""
-    generate_budget = budget + cot_tokens if system == "cot" else budget
-    device = model.slot_table.device
-    rate, eos = model.backbone.sample_rate, model.backbone.end_of_turn_id
-    records, skipped = [], [quarantine]
-    was_training = model.training
-    model.eval()
-    try:
-        with _autocast(device):
-            starts = range(0, len(chosen), cfg.batch_size)
-            for start in track(starts, description=f"evaluating {system}", transient=True, disable=not progress):
-                chunk = chosen.iloc[start:start + cfg.batch_size]
-                audio, kept, failed = _decode_rows(chunk, rate, max_seconds, crop)
-                skipped.append(failed)
-                if kept:
-                    records += _answer(model, chunk.loc[kept], audio, cfg.scoring, suffix, generate_budget, eos)
-            latency, alone = measure_latency(model, chosen, cfg, suffix, generate_budget, rate, max_seconds, crop)
-    finally:
-        model.train(was_training)
+    rate, device = model.backbone.sample_rate, model.slot_table.device
+    with _evaluating(model):
+        records, undecodable = answer_rows(model, chosen, cfg, suffix, budget, max_seconds, crop,
+                                           progress=f"evaluating {system}" if progress else None)
+        latency, alone = measure_latency(model, chosen, cfg, suffix, budget, rate, max_seconds, crop)
     examples = pd.DataFrame(records)
     if len(examples):
-        examples = examples.merge(alone, on="id", how="left")
-    scoring = cfg.scoring
-    examples = score_examples(examples, recipe.rule) if len(examples) else examples
-    table = results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns, scoring=scoring,
+        examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule)
+    table = results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns, scoring=cfg.scoring,
                           n=cfg.bootstrap, seed=cfg.seed) if len(examples) else pd.DataFrame()
-    parts = [q for q in skipped if len(q)]
     setting = {
-        "suite": suite, "system": system, "scoring": scoring, "device": _device_name(device),
-        "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": generate_budget,
+        "suite": suite, "system": system, "scoring": cfg.scoring, "device": _device_name(device),
+        "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": budget,
         "examples": len(examples), "eligible": len(good),
         "subsample": f"{len(chosen)} of {len(good)}, stratified by {by}, seed {cfg.seed}"
         if len(chosen) < len(good) else "all",
     }
+    skipped = [q for q in (quarantine, undecodable) if len(q)]
     return EvalReport(system, suite, examples, table, latency, setting,
-                      pd.concat(parts, ignore_index=True) if parts else quarantine)
+                      pd.concat(skipped, ignore_index=True) if skipped else quarantine)
+
+
+@contextmanager
+def _evaluating(model: CoATModel) -> Iterator[None]:
+    """`model` in eval mode, as training ran it (bf16 autocast on CUDA), and back to its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(model.slot_table.device):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def answer_rows(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, suffix: str, budget: int,
+                max_seconds: float | None, crop: bool, progress: str | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Every row answered in batches of `cfg.batch_size` (`cfg.scoring`: generated, or the likeliest choice), the
+    prompt followed by `suffix`, with `budget` new tokens: one record per answered row, and the rows whose audio
+    did not decode (a quarantine table). `progress`: the description of a progress bar; None: no bar."""
+    rate, eos = model.backbone.sample_rate, model.backbone.end_of_turn_id
+    records, failed = [], []
+    starts = range(0, len(rows), cfg.batch_size)
+    for start in track(starts, description=progress or "", transient=True, disable=progress is None):
+        chunk = rows.iloc[start:start + cfg.batch_size]
+        audio, kept, undecodable = _decode_rows(chunk, rate, max_seconds, crop)
+        failed.append(undecodable)
+        if kept:
+            records += _answer(model, chunk.loc[kept], audio, cfg.scoring, suffix, budget, eos)
+    undecodable = [q for q in failed if len(q)]
+    return records, (pd.concat(undecodable, ignore_index=True) if undecodable
+                     else pd.DataFrame(columns=["id", "path", "reason"]))
 
 
 def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scoring: str, suffix: str,

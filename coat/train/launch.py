@@ -254,19 +254,13 @@ def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> lis
     import torch
 
     from coat.data.manifest import read_manifest
-    from coat.eval.runner import base_model, evaluate
-    from coat.model import CoATModel
+    from coat.eval.systems import evaluate_systems
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
     rows = read_manifest(manifest)
-    rows = rows[rows["split"] == cfg.data.test_split]
-    common = {"suite": "coat-mini", "max_seconds": cfg.data.max_seconds, "crop": cfg.data.long_clips == "crop",
-              "cot_tokens": cfg.eval.cot_tokens, "progress": False}
-    reports = [evaluate(CoATModel.load(checkpoint, device=device).eval(), rows, cfg.eval, **common)]
-    if cfg.eval.baselines:
-        base = base_model(checkpoint, device)
-        reports += [evaluate(base, rows, cfg.eval, system=system, **common) for system in cfg.eval.baselines]
-    return reports
+    return evaluate_systems(checkpoint, rows[rows["split"] == cfg.data.test_split], cfg.eval, cfg.eval.baselines,
+                            device, suite="coat-mini", max_seconds=cfg.data.max_seconds,
+                            crop=cfg.data.long_clips == "crop", cot_tokens=cfg.eval.cot_tokens, progress=False)
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from coat.train.checkpoint import (
     save_optimizer_shard,
     whole_trained_parts,
 )
-from coat.train.session import RayTrainSession
+from coat.train.session import RayTrainSession, Session
 
 
 def stage_at(cfg: CoATConfig, step: int) -> tuple[int, StageConfig, int]:
@@ -91,7 +92,7 @@ def make_optimizer(coat: CoATModel, cfg: CoATConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
-def enter_stage(session, coat: CoATModel, model, stage: StageConfig, strategy: str):
+def enter_stage(session: Session, coat: CoATModel, model, stage: StageConfig, strategy: str):
     """Freeze what `stage` does not train and return the model to train it through. DDP registers the parameters
     that take gradients when it wraps a model, so every stage wraps anew (FSDP fixes them for the whole run: the
     config allows it only when every stage trains the same groups, and it is wrapped once)."""
@@ -160,90 +161,113 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_loop(loop_config, RayTrainSession())
 
 
-def run_loop(loop_config: dict, session) -> None:
+@dataclass
+class Position:
+    """Where training stands: optimizer steps taken, the epoch, and the micro-batches of it consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class Resumed:
+    """What a restart takes from the checkpoint it resumes from (a fresh start: step 0, nothing else)."""
+
+    position: Position = field(default_factory=Position)
+    optimizer: dict | None = None
+    logged_through: int = 0  # steps MLflow already holds (those of a newer checkpoint that turned out torn)
+
+
+def run_loop(loop_config: dict, session: Session) -> None:
     """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `streams` (`Stream`s of the train
     and val splits), `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
     (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking) / `mlflow_spool` (where
-    the run's writes wait through an outage), `faults` and `fault_dir` (see `faults.py`). `session`: a
-    `coat.train.session` session (Ray Train worker or in-process).
+    the run's writes wait through an outage), `faults` and `fault_dir` (see `faults.py`).
 
     Raises ValueError when the checkpoint resumed from was trained on targets standardised otherwise (the
     training split changed)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a pipeline per epoch: its start-up notes are noise
     cfg = from_yaml(loop_config["config"])
-    experts = {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}
-    train, val = loop_config["streams"]["train"], loop_config["streams"]["val"]
-    rank, world = session.rank, session.world
-    faults.arm(loop_config.get("faults"), rank, loop_config["fault_dir"])
-    tracked = loop_config.get("mlflow_run_id") is not None
-    if tracked:
-        tracking.spool_writes(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], loop_config["mlflow_spool"],
-                              cfg.tracking.retry_s)
+    faults.arm(loop_config.get("faults"), session.rank, loop_config["fault_dir"])
+    tracking_run = _tracking_run(loop_config)
+    if tracking_run:
+        tracking.spool_writes(*tracking_run, loop_config["mlflow_spool"], cfg.tracking.retry_s)
     device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
-    coat = CoATModel(cfg, experts, device=device)
+    coat = CoATModel(cfg, {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}, device=device)
     coat.train()
-    step, epoch, batch_in_epoch = 0, 0, 0
-    state = None
-    # Steps MLflow already holds: those of a newer checkpoint that turned out torn, redone now with the same values.
-    logged_through = 0
-    with session.restored() as directory:
-        if directory is not None:
-            _check_target_stats(directory, loop_config["target_stats"])
-            coat.load_trained(directory)
-            state = load_training_state(directory)
-            if state["optimizer"] is None:  # FSDP: every rank saved its own shard
-                state["optimizer"] = load_optimizer_shard(directory, rank)
-            if rank == 0 and tracked:  # committed, maybe not yet logged: logging again is idempotent
-                log_committed_steps(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
-                                    (directory / STEPS_FILE).read_text())
-                logged_through = tracking.last_logged_step(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],
-                                                           "train/loss")
-    if state is not None:
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    elif rank == 0 and tracked:
-        tracking.set_tags(loop_config["mlflow_uri"], loop_config["mlflow_run_id"],  # outcomes of settings: tags
-                          {f"trainable.{group}": str(n) for group, n in coat.parameter_counts().items()})
-    stage_index = stage_at(cfg, min(step, cfg.train.total_steps - 1))[0]
-    model = enter_stage(session, coat, None, cfg.train.stages[stage_index], cfg.train.strategy)
+    resumed = resume(session, coat, loop_config["target_stats"], tracking_run)
+    if resumed.position.step == 0 and session.rank == 0 and tracking_run:  # a first start; outcomes of settings: tags
+        tracking.set_tags(*tracking_run, {f"trainable.{group}": str(n) for group, n in coat.parameter_counts().items()})
+    model = enter_stage(session, coat, None, stage_at(cfg, min(resumed.position.step, cfg.train.total_steps - 1))[1],
+                        cfg.train.strategy)
     optimizer = make_optimizer(coat, cfg)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    ends = stage_ends(cfg)
+    if resumed.optimizer is not None:
+        optimizer.load_state_dict(resumed.optimizer)
+    train_to_the_end(session, model, coat, optimizer, cfg, loop_config, resumed, device)
 
-    batch_size, accum = cfg.train.batch_size, cfg.train.grad_accum
+
+def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: tuple[str, str] | None) -> Resumed:
+    """Load the checkpoint the session restores, if any, into `coat`: its trained parts, position and optimizer
+    state (under FSDP each rank's own shard). Rank 0 logs the checkpoint's committed steps again (idempotent: they
+    may not have reached MLflow) and learns which steps MLflow already holds, so that redone steps are not logged
+    twice."""
+    with session.restored() as directory:
+        if directory is None:
+            return Resumed()
+        _check_target_stats(directory, target_stats)
+        coat.load_trained(directory)
+        state = load_training_state(directory)
+        if state["optimizer"] is None:  # FSDP: every rank saved its own shard
+            state["optimizer"] = load_optimizer_shard(directory, session.rank)
+        logged_through = 0
+        if session.rank == 0 and tracking_run:
+            log_committed_steps(*tracking_run, (directory / STEPS_FILE).read_text())
+            logged_through = tracking.last_logged_step(*tracking_run, "train/loss")
+    position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+    return Resumed(position, state["optimizer"], logged_through)
+
+
+def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: CoATConfig, loop_config: dict,
+                     resumed: Resumed, device) -> None:
+    """Steps from `resumed.position` to `train.total_steps`, epoch by epoch, each rank streaming the rows
+    `epoch_order` deals it; a checkpoint every `train.checkpoint_every` steps and at each stage's end."""
+    train, val = loop_config["streams"]["train"], loop_config["streams"]["val"]
+    at, ends = resumed.position, stage_ends(cfg)
+    stage_index = stage_at(cfg, min(at.step, cfg.train.total_steps - 1))[0]
+    batch_size, accum, world = cfg.train.batch_size, cfg.train.grad_accum, session.world
     pending: list[tuple[int, int, dict[str, float]]] = []  # rank 0's (step, ms, metrics) since the last checkpoint
     last_step_end = time.perf_counter()
-    while step < cfg.train.total_steps:
-        order = epoch_order(len(train), seed=cfg.train.seed, epoch=epoch, world=world, rank=rank,
+    while at.step < cfg.train.total_steps:
+        order = epoch_order(len(train), seed=cfg.train.seed, epoch=at.epoch, world=world, rank=session.rank,
                             step_rows=batch_size * accum, weights=train.weights)
         # Closed on leaving, so a stream stopped mid-epoch (the last step) shuts down while Ray is still up.
-        stream = iter_training_batches(train.dataset(order[batch_in_epoch * batch_size:]), coat, batch_size)
+        stream = iter_training_batches(train.dataset(order[at.batch_in_epoch * batch_size:]), coat, batch_size)
         with contextlib.closing(stream) as batches:
-            while step < cfg.train.total_steps and batch_in_epoch < len(order) // batch_size:
-                index, stage, _ = stage_at(cfg, step)
+            while at.step < cfg.train.total_steps and at.batch_in_epoch < len(order) // batch_size:
+                index, stage, _ = stage_at(cfg, at.step)
                 if index != stage_index:
                     stage_index, model = index, enter_stage(session, coat, model, stage, cfg.train.strategy)
-                torch.manual_seed(step_seed(cfg.train.seed, rank, step))
-                metrics = train_step(model, coat, batches, optimizer, cfg, step, device)
-                step, batch_in_epoch = step + 1, batch_in_epoch + accum
-                faults.point("step", step)
+                torch.manual_seed(step_seed(cfg.train.seed, session.rank, at.step))
+                metrics = train_step(model, coat, batches, optimizer, cfg, at.step, device)
+                at.step, at.batch_in_epoch = at.step + 1, at.batch_in_epoch + accum
+                faults.point("step", at.step)
                 now = time.perf_counter()
-                metrics |= {"train/epoch": epoch, "train/since_launch_s": time.time() - loop_config["launched_at"],
+                metrics |= {"train/epoch": at.epoch, "train/since_launch_s": time.time() - loop_config["launched_at"],
                             "train/samples_per_s": batch_size * accum * world / (now - last_step_end)}
-                if step > logged_through:
-                    pending.append((step, int(time.time() * 1000), metrics))
+                if at.step > resumed.logged_through:
+                    pending.append((at.step, int(time.time() * 1000), metrics))
                 last_step_end = now
-                if step % cfg.train.checkpoint_every == 0 or step in ends:
-                    metrics |= validation_losses(model, coat, val, cfg, rank, world, device)  # the step's record too
-                    report = {"step": step, "epoch": epoch, tracking.PREFILL_COST: cfg.thinking.prefill_positions,
-                              **metrics}
-                    position = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-                    checkpoint_and_report(session, model, coat, optimizer, position, report, pending,
+                if at.step % cfg.train.checkpoint_every == 0 or at.step in ends:
+                    metrics |= validation_losses(model, coat, val, cfg, session.rank, world, device)  # the record too
+                    report = {"step": at.step, "epoch": at.epoch,
+                              tracking.PREFILL_COST: cfg.thinking.prefill_positions, **metrics}
+                    checkpoint_and_report(session, model, coat, optimizer, at, report, pending,
                                           loop_config["target_stats"])
                     pending = []
                     last_step_end = time.perf_counter()  # validation and checkpointing are not training time
-        epoch, batch_in_epoch = epoch + 1, 0
+        at.epoch, at.batch_in_epoch = at.epoch + 1, 0
 
 
 def train_step(model, coat: CoATModel, batches, optimizer, cfg: CoATConfig, step: int, device) -> dict[str, float]:
@@ -273,12 +297,12 @@ def train_step(model, coat: CoATModel, batches, optimizer, cfg: CoATConfig, step
         "train/grad_norm": grad_norm.item()}
 
 
-def checkpoint_and_report(session, model, coat: CoATModel, optimizer, position: dict, report: dict,
+def checkpoint_and_report(session: Session, model, coat: CoATModel, optimizer, position: Position, report: dict,
                           pending: list, target_stats: dict) -> None:
     """Every rank reports; rank 0 writes the checkpoint (under FSDP every rank also its optimizer shard), carrying
     the step metrics `pending` since the last one, which reach MLflow once it is committed."""
     sharded = isinstance(model, FullyShardedDataParallel)
-    rank, step = session.rank, position["step"]
+    rank, step = session.rank, position.step
     trained = whole_trained_parts(model, coat)  # every rank, under FSDP
     if rank == 0 or sharded:
         with session.checkpoint_dir(step) as directory:
@@ -286,11 +310,17 @@ def checkpoint_and_report(session, model, coat: CoATModel, optimizer, position: 
                 save_optimizer_shard(directory, rank, optimizer)
             if rank == 0:
                 save_checkpoint(directory, coat, trained, None if sharded else optimizer.state_dict(),
-                                step, position["epoch"], position["batch_in_epoch"], report, pending, target_stats)
+                                step, position.epoch, position.batch_in_epoch, report, pending, target_stats)
             session.report(report, directory)
     else:
         session.report(report, None)
     faults.point("reported", step)
+
+
+def _tracking_run(loop_config: dict) -> tuple[str, str] | None:
+    """(tracking URI, run id) of the run this loop logs to; None: untracked."""
+    run_id = loop_config.get("mlflow_run_id")
+    return None if run_id is None else (loop_config["mlflow_uri"], run_id)
 
 
 def _check_target_stats(directory, expected: dict) -> None:

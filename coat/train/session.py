@@ -16,8 +16,9 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow.fs
 import ray.train
@@ -38,6 +39,28 @@ from coat.train.checkpoint import (
 )
 
 STAGING = ".staging-"
+
+
+class Session(Protocol):
+    """What the training loop asks of where it runs."""
+
+    rank: int
+    world: int
+
+    def device(self, use_gpu: bool) -> torch.device:
+        """The device this rank trains on."""
+
+    def wrap(self, model, strategy: str):
+        """`model` as this rank trains it under `strategy` (ddp, fsdp): wrapped, or itself for a single process."""
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The newest checkpoint of this run that verifies, readable inside the block; None: a fresh start."""
+
+    def checkpoint_dir(self, step: int) -> AbstractContextManager[Path]:
+        """A folder to write the checkpoint of `step` into, inside the block; `report` commits it."""
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        """Report the metrics of a checkpoint step, committing `checkpoint` (rank 0's; None on other ranks)."""
 
 
 def fsdp_options(coat) -> dict:
@@ -63,7 +86,7 @@ class CommittedStepsLogger(ray.train.UserCallback):
 
 
 class RayTrainSession:
-    """Inside a `TorchTrainer` worker."""
+    """A `Session` inside a `TorchTrainer` worker."""
 
     def __init__(self):
         context = ray.train.get_context()
@@ -107,8 +130,9 @@ def older(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
 
 
 class InProcessSession:
-    """This process is the only worker; checkpoints live under `root`, written to a staging folder and renamed
-    into place; metrics go to MLflow once committed (`tracking`: uri and run id) and to Tune when in a trial."""
+    """A `Session` where this process is the only worker; checkpoints live under `root`, written to a staging
+    folder and renamed into place; metrics go to MLflow once committed (`tracking`: uri and run id) and to Tune
+    when in a trial."""
 
     rank, world = 0, 1
 
