@@ -409,9 +409,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     FileNotFoundError naming the file when `path` does not exist.
     """
     merged = OmegaConf.structured(CoATConfig)
+    path = Path(path) if path is not None else None
     with _named_field(f" in {path}" if path is not None else ""):
         if path is not None:
-            path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"config file {path} does not exist")
             try:

@@ -1,5 +1,7 @@
 """Bad configs fail in `load_config`, before any model is built, naming the dotted field."""
 
+import re
+
 import pytest
 
 from coat.config import ConfigError, expert_settings, expert_weight, flatten, from_yaml, load_config, to_yaml
@@ -37,6 +39,15 @@ from tests.conftest import SYNTHETIC_EXPERTS
         (["eval.suites.mmau.rule=exact"], "eval.suites.mmau.rule"),
         (["train.stages.2.steps=5"], "train.stages.2.steps"),
         (["train.strategy=fsdp"], "train.stages"),
+        (["backbone.checkpoints.whisper=/models/w"], "backbone.checkpoints.whisper"),
+        (["heads.dim=30"], "heads.dim"),
+        (["data.synth_test_share=0.25"], "data.synth_test_share"),
+        (["data.mixture=[{weight: 2}]"], "data.mixture.0.manifest"),
+        (["data.mixture=[{manifest: a/m.jsonl}, {manifest: a/n.jsonl}]"], "data.mixture"),
+        (["train.stages=[]"], "train.stages"),
+        (["sweep.metric=loss"], "sweep.metric"),
+        (["eval.baselines=[gpt]"], "eval.baselines"),
+        (["eval.suites.mmau.metrics=[recall]"], "eval.suites.mmau.metrics"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):
@@ -53,6 +64,9 @@ def test_yaml_file_and_overrides(tmp_path):
     assert from_yaml(to_yaml(cfg)) == cfg
     assert flatten(cfg)["loss.weights.pitch"] == 0.5 and flatten(cfg)["thinking.num_slots"] == 8
 
+    path.write_text("thinking:\n  num_slot: 8\n")
+    with pytest.raises(ConfigError, match=re.escape(f"'thinking.num_slot' in {path}:")):
+        load_config(str(path))
     path.write_text("thinking:\n  num_slots: 99\n")
     with pytest.raises(ConfigError, match=r"'thinking.num_slots'"):
         load_config(path)
