@@ -206,8 +206,7 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
         raise ValueError(f"unknown system {system!r}; one of {', '.join(SYSTEMS)}")
     recipe = cfg.suites[suite]
     good, quarantine = prepare_rows(rows, recipe)
-    by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
-    chosen = subsample(good, cfg.max_examples, cfg.seed, by if by in good else "task")
+    chosen, by = choose_rows(good, recipe, cfg)
     budget = token_budget(recipe, chosen, model.backbone.tokenizer, max_new_tokens or cfg.max_new_tokens)
     budget += cot_tokens if system == "cot" else 0
     suffix = COT_SUFFIX if system == "cot" else ""
@@ -216,11 +215,7 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
         records, undecodable = answer_rows(model, chosen, cfg, suffix, budget, max_seconds, crop,
                                            progress=f"evaluating {system}" if progress else None)
         latency, alone = measure_latency(model, chosen, cfg, suffix, budget, rate, max_seconds, crop)
-    examples = pd.DataFrame(records)
-    if len(examples):
-        examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule)
-    table = results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns, scoring=cfg.scoring,
-                          n=cfg.bootstrap, seed=cfg.seed) if len(examples) else pd.DataFrame()
+    examples, table = score_answers(records, alone, recipe, cfg)
     setting = {
         "suite": suite, "system": system, "scoring": cfg.scoring, "device": _device_name(device),
         "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": budget,
@@ -231,6 +226,26 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
     skipped = [q for q in (quarantine, undecodable) if len(q)]
     return EvalReport(system, suite, examples, table, latency, setting,
                       pd.concat(skipped, ignore_index=True) if skipped else quarantine)
+
+
+def choose_rows(good: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig) -> tuple[pd.DataFrame, str]:
+    """The rows to evaluate (`cfg.max_examples` of `good`, drawn with `cfg.seed`) and the column they are
+    stratified by: the task family, or a single-family benchmark's first breakdown, so that each part keeps its
+    share."""
+    by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
+    return subsample(good, cfg.max_examples, cfg.seed, by if by in good else "task"), by
+
+
+def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The answered rows scored by the suite's rule, with the batch-size-1 timings of those measured alone, and
+    the results table over them (both empty when no row was answered)."""
+    examples = pd.DataFrame(records)
+    if not len(examples):
+        return examples, pd.DataFrame()
+    examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule)
+    return examples, results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns,
+                                   scoring=cfg.scoring, n=cfg.bootstrap, seed=cfg.seed)
 
 
 @contextmanager

@@ -198,8 +198,6 @@ def run_loop(loop_config: dict, session: Session) -> None:
     coat = CoATModel(cfg, {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}, device=device)
     coat.train()
     resumed = resume(session, coat, loop_config["target_stats"], tracking_run)
-    if resumed.position.step == 0 and session.rank == 0 and tracking_run:  # a first start; outcomes of settings: tags
-        tracking.set_tags(*tracking_run, {f"trainable.{group}": str(n) for group, n in coat.parameter_counts().items()})
     model = enter_stage(session, coat, None, stage_at(cfg, min(resumed.position.step, cfg.train.total_steps - 1))[1],
                         cfg.train.strategy)
     optimizer = make_optimizer(coat, cfg)
@@ -212,9 +210,12 @@ def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: 
     """Load the checkpoint the session restores, if any, into `coat`: its trained parts, position and optimizer
     state (under FSDP each rank's own shard). Rank 0 logs the checkpoint's committed steps again (idempotent: they
     may not have reached MLflow) and learns which steps MLflow already holds, so that redone steps are not logged
-    twice."""
+    twice. On a first start rank 0 tags the run with the trainable parameter counts instead, once per run."""
     with session.restored() as directory:
         if directory is None:
+            if session.rank == 0 and tracking_run:  # outcomes of settings: tags
+                tracking.set_tags(*tracking_run, {f"trainable.{group}": str(n)
+                                                  for group, n in coat.parameter_counts().items()})
             return Resumed()
         _check_target_stats(directory, target_stats)
         coat.load_trained(directory)
