@@ -18,7 +18,7 @@ from coat.data.audio import decode
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
 from coat.eval.benchmarks import load_suite
-from coat.eval.runner import base_model, evaluate, generated_lengths, timed_generate, token_budget
+from coat.eval.runner import base_model, choose_rows, evaluate, generated_lengths, timed_generate, token_budget
 from coat.eval.scoring import normalise_transcript
 from coat.eval.tasks import final_answer
 from coat.model import CoATModel
@@ -268,3 +268,15 @@ def mmau(tmp_path_factory) -> Path:
     del items[8]["question"]
     (root / "mmau-test-mini.json").write_text(json.dumps(items))
     return root
+
+
+def test_a_subsample_names_the_column_it_was_really_stratified_by():
+    import pandas as pd
+
+    cfg = replace(load_config().eval, max_examples=4)
+    recipe = default_suites()["mmau"]  # single-family benchmarks stratify by their first breakdown
+    one_family = pd.DataFrame({"id": [str(i) for i in range(8)], "task": ["reasoning"] * 8,
+                               "group.task": ["sound", "music"] * 4})
+    assert choose_rows(one_family, recipe, cfg)[1] == "group.task"
+    chosen, by = choose_rows(one_family.drop(columns="group.task"), recipe, cfg)
+    assert (len(chosen), by) == (4, "task")

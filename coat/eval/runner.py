@@ -233,7 +233,8 @@ def choose_rows(good: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig) -> tup
     stratified by: the task family, or a single-family benchmark's first breakdown, so that each part keeps its
     share."""
     by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
-    return subsample(good, cfg.max_examples, cfg.seed, by if by in good else "task"), by
+    by = by if by in good else "task"  # the setting names the column the draw really used
+    return subsample(good, cfg.max_examples, cfg.seed, by), by
 
 
 def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig
