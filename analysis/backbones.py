@@ -45,7 +45,8 @@ found = (runs.find_sweep(uri, experiment, sweep, varying=(BACKBONE,), grid=True)
          or runs.find_sweep(uri, experiment, grid=True))
 assert found is not None, f"no sweep in experiment {experiment!r} at {uri}"
 parent, trials = found
-done = trials[trials["status"] == "FINISHED"]
+done = compare.with_targets(trials[trials["status"] == "FINISHED"])
+done = done[done[compare.TARGETS] == "experts"]  # the controls (thinking_length reads them) are not systems
 families = compare.families(done)
 print(f"sweep {parent['name']}: backbones {sorted(done[BACKBONE].unique())}, K {sorted(done[K].unique())}")
 

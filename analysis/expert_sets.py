@@ -14,8 +14,9 @@
 # # Which experts matter? Every expert set against the full set, on the same examples
 #
 # Reads a sweep over `experts.names`. The reference is the largest set; a set missing exactly one expert is that
-# expert's leave-one-out. Per task family: each set's difference from the full set with its paired 95% interval
-# (pairs pooled over seeds), and which removals hurt outside it.
+# expert's leave-one-out. Per task family: each set's difference from the full set, paired seed by seed on the same
+# test examples, with its 95% interval (two-level bootstrap over seeds and examples), and which removals hurt at a
+# Holm-adjusted p < 0.05 over every comparison this notebook makes.
 #
 #     coat analyze --notebooks expert_sets [--sweep NAME]
 
@@ -64,16 +65,15 @@ out.table(quality, "quality_by_set")
 quality
 
 # %% [markdown]
-# ## Each set against the full set (paired; leave-one-out where one expert is missing)
+# ## Each set against the full set (paired seed by seed; leave-one-out where one expert is missing)
 
 # %%
-paired = compare.paired_against(uri, trials, EXPERTS, full).assign(set=lambda d: d[EXPERTS].map(label))
+paired = compare.adjust(compare.paired_against(uri, trials, EXPERTS, full)).assign(set=lambda d: d[EXPERTS].map(label))
 out.table(paired, "paired_vs_full_set")
 fig, axes = plt.subplots(1, len(families), figsize=(3.6 * len(families), 3), squeeze=False)
 for ax, family in zip(axes[0], families, strict=True):
     rows = paired[paired["task"] == family]
-    ax.errorbar(rows["diff"], range(len(rows)), xerr=[rows["diff"] - rows["diff_ci_low"],
-                                                      rows["diff_ci_high"] - rows["diff"]], fmt="o", capsize=3)
+    ax.errorbar(rows["diff"], range(len(rows)), xerr=compare.error_bars(rows), fmt="o", capsize=3)
     ax.axvline(0, color="grey", linestyle=":")
     ax.set_yticks(range(len(rows)), list(rows["set"]))
     ax.set_title(f"{family}: set - full")
@@ -87,16 +87,14 @@ paired
 
 # %%
 sentences = []
-for family, rows in paired.groupby("task", sort=True):
+for key, rows in paired.groupby(["task", *others], sort=True):
     rows = rows.assign(verdict=rows.apply(compare.verdict, axis=1))
-    hurt = rows[rows["verdict"] == "worse"]
-    helped = rows[rows["verdict"] == "better"]
-    seeds = int(rows["seeds"].max())
-    text = f"{family}: " + ("; ".join(f"{r['set']} is worse than {full} by {r['diff']:+.3f} "
-                                      f"[{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"
-                                      for _, r in hurt.iterrows()) or f"no set is worse than {full} outside the "
-                                                                     "paired 95% interval")
+    hurt, helped = rows[rows["verdict"] == "worse"], rows[rows["verdict"] == "better"]
+    setting = " ".join(f"{f}={v}" for f, v in zip(others, key[1:], strict=True))
+    text = f"{key[0]}{f' ({setting})' if setting else ''}: " + (
+        "; ".join(f"{compare.describe(r, r['set'])} is worse than {full}" for _, r in hurt.iterrows())
+        or f"no set is worse than {full} at the adjusted p")
     if len(helped):
-        text += "; better than the full set: " + ", ".join(helped["set"])
-    sentences.append(f"{text} ({seeds} seed{'s' if seeds != 1 else ''}).")
+        text += "; better than the full set: " + "; ".join(compare.describe(r, r["set"]) for _, r in helped.iterrows())
+    sentences.append(f"{text} ({compare.evidence(rows)}).")
 out.conclude(sentences, parent["run_id"])

@@ -65,10 +65,12 @@ out.figure(fig, "quality_vs_weights")
 out.table(done[["name", *varied, *scores]], "trials")
 
 # %% [markdown]
-# ## Parameter importances for the sweep's metric (fANOVA over the finished trials)
+# ## Parameter importances for the sweep's metric (fANOVA over the finished trials and those ASHA stopped)
 
 # %%
-importance = compare.importances(done, varied, metric, mode)
+importance = compare.importances(trials, varied, metric, mode)
+print(f"importances over {importance.attrs['finished']} finished trials and {importance.attrs['stopped']} that ASHA "
+      "stopped early, each at its last reported value")
 out.table(importance.rename("importance").rename_axis("parameter").reset_index(), "importances")
 fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * max(1, len(importance))))
 ax.barh(list(importance.index)[::-1], list(importance.values)[::-1])
@@ -87,7 +89,9 @@ sentences = [f"Best of {len(done)} finished trials by {metric} ({mode}): {settin
 if len(importance):
     top = importance.index[0]
     sentences.append(f"Most important for {metric}: {top} ({importance.iloc[0]:.0%} of the explained variance"
-                     f"{'' if len(importance) == 1 else f'; next {importance.index[1]} {importance.iloc[1]:.0%}'}).")
+                     f"{'' if len(importance) == 1 else f'; next {importance.index[1]} {importance.iloc[1]:.0%}'}; "
+                     f"over {importance.attrs['finished']} finished trials and {importance.attrs['stopped']} stopped "
+                     "early by ASHA at their last reported value).")
 for weight in weights:
     rho = pd.Series(done[weight]).corr(done[metric], method="spearman")
     sentences.append(f"{weight} against {metric}: Spearman {rho:+.2f} over {len(done)} trials.")

@@ -15,8 +15,11 @@
 #
 # Reads the probe results `coat probe --mlflow-run RUN` logged into a sweep's runs: per layer, how well a linear
 # probe decodes each target from the hidden states at the thinking slots and at the position that produces the
-# first response token, beside a control task with shuffled labels (selectivity = probe - control). A CoAT run
-# is compared with the run of the same sweep that differs only by K = 0, on the same clips.
+# first response token, beside a control task (Hewitt and Liang's random value per question type: selectivity =
+# probe - control discounts what memorising the question gives). A CoAT run is compared with the run of the same
+# sweep that differs only by K = 0, on the same clips: each run's layer is chosen on half of the clips and the two
+# are compared at those layers on the other half, with a bootstrap interval over clips. Where `coat probe
+# --logit-lens` ran, the slots' states are also read through the LM head, layer by layer.
 #
 #     coat probe --checkpoint RUN/checkpoint_... --data MANIFEST --targets mel,prosody --mlflow-run RUN_ID
 #     coat analyze --notebooks probes [--sweep NAME]
@@ -32,11 +35,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from coat import tracking
 from coat.analysis import runs
 from coat.analysis.notebooks import outputs
+from coat.analysis.probes import held_out_comparison
 
 K = "thinking.num_slots"
 uri = tracking.resolve_uri(tracking_uri)
@@ -79,27 +84,71 @@ fig.tight_layout()
 out.figure(fig, "probes_by_layer")
 
 # %% [markdown]
+# ## CoAT against its K = 0 twin at the response position, on clips the choice of layer never saw
+
+# %%
+clips = {run: runs.table_artifact(uri, run_id, "probes/clips.parquet") for run, run_id in
+         zip(probed["name"], probed["run_id"], strict=True) if runs.has_artifact(uri, run_id, "probes/clips.parquet")}
+held_out = []
+for (setting, target), group in results[results["position"] == "response"].groupby(["setting", "target"]):
+    plain = group.loc[group["K"] == 0, "run"].unique()
+    for run, k in group.loc[group["K"] > 0, ["run", "K"]].drop_duplicates().itertuples(index=False):
+        if len(plain) != 1 or run not in clips or plain[0] not in clips:
+            continue
+        mine, theirs = (clips[name][(clips[name]["target"] == target) & (clips[name]["position"] == "response")]
+                        for name in (run, plain[0]))
+        held_out.append({"setting": setting, "target": target, "K": k, "metric": group["metric"].iloc[0],
+                         **held_out_comparison(mine, theirs)})
+held_out = pd.DataFrame(held_out)
+out.table(held_out if len(held_out) else pd.DataFrame(columns=["setting", "target", "K"]), "held_out_vs_k0")
+held_out
+
+# %% [markdown]
+# ## The thinking slots through the LM head (logit lens)
+
+# %%
+lenses = {run: runs.table_artifact(uri, run_id, "probes/logit_lens.parquet") for run, run_id in
+          zip(probed["name"], probed["run_id"], strict=True)
+          if runs.has_artifact(uri, run_id, "probes/logit_lens.parquet")}
+lenses = {run: lens for run, lens in lenses.items() if len(lens)}
+if lenses:
+    fig, axes = plt.subplots(1, len(lenses), figsize=(4.5 * len(lenses), 3.2), squeeze=False)
+    for ax, (run, lens) in zip(axes[0], lenses.items(), strict=True):
+        top = lens[lens["rank"] == 1].pivot(index="layer", columns="slot", values="probability").sort_index()
+        tokens = lens[lens["rank"] == 1].pivot(index="layer", columns="slot", values="token").sort_index()
+        image = ax.imshow(top.to_numpy(), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        for (i, j), token in np.ndenumerate(tokens.to_numpy()):
+            ax.text(j, i, repr(token)[1:-1][:6], ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(top.shape[1]), list(top.columns))
+        ax.set_yticks(range(top.shape[0]), list(top.index))
+        ax.set_xlabel("slot")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{run}: likeliest token", fontsize=8)
+        fig.colorbar(image, ax=ax, label="probability (mean over clips)")
+    fig.tight_layout()
+    out.figure(fig, "logit_lens")
+    out.table(pd.concat([lens.assign(run=run) for run, lens in lenses.items()], ignore_index=True), "logit_lens")
+print(f"logit lens of {len(lenses)} run(s): {sorted(lenses)}")
+
+# %% [markdown]
 # ## Conclusion (computed from the probe results above)
 
 # %%
 sentences = []
-fitted = results[results["score"].notna()]
-best = (fitted.sort_values("selectivity", ascending=False)
-        .groupby(["setting", "K", "target", "position"], sort=True).head(1))
-for (setting, target), group in best[best["position"] == "response"].groupby(["setting", "target"], sort=True):
-    thinking, plain = group[group["K"] > 0], group[group["K"] == 0]
-    if thinking.empty or plain.empty:
-        continue
-    for _, t in thinking.iterrows():
-        p = plain.iloc[0]
-        sentences.append(
-            f"{target} at the response position{f' ({setting})' if setting else ''}: K={t['K']} decodes it with "
-            f"{t['metric']} {t['score']:.3f} (selectivity {t['selectivity']:+.3f}, layer {t['layer']}) against "
-            f"{p['score']:.3f} (selectivity {p['selectivity']:+.3f}, layer {p['layer']}) at K=0, a difference in "
-            f"selectivity of {t['selectivity'] - p['selectivity']:+.3f} ({int(t['n_clips'])} clips, "
-            f"{int(t['folds'])}-fold grouped cross-validation; one fit each, so no interval).")
+for row in held_out.itertuples():
+    sentences.append(
+        f"{row.target} at the response position{f' ({row.setting})' if row.setting else ''}: K={row.K} (layer "
+        f"{row.coat_layer}) has {row.metric} selectivity {row.coat:+.3f} against {row.plain:+.3f} at K=0 (layer "
+        f"{row.plain_layer}), a difference of {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] (95% bootstrap "
+        f"interval over {row.n_clips} clips; each run's layer chosen on the other half of the clips).")
+for run, lens in lenses.items():
+    top = lens[(lens["rank"] == 1) & (lens["layer"] == lens["layer"].max())]
+    sentences.append(f"{run}: read through the LM head at the last layer, its slots' likeliest tokens are "
+                     + ", ".join(f"{t!r} ({p:.2f})" for t, p in zip(top["token"], top["probability"], strict=True))
+                     + ".")
 for target, note in results.loc[results["score"].isna(), ["target", "note"]].drop_duplicates("target").values:
     sentences.append(f"{target}: not probed ({note}).")
-if not sentences:
-    sentences.append("No CoAT run has a K = 0 twin with probe results: probe both to compare them.")
+if held_out.empty:
+    sentences.append("No CoAT run has a K = 0 twin with per-clip probe results: probe both (coat probe) to compare "
+                     "them.")
 out.conclude(sentences, parent["run_id"])

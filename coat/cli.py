@@ -40,6 +40,7 @@ from coat.errors import UsageError, reported
 from coat.experts.roles import PAPER_ROLES, ROLE_DEFAULTS
 
 SUITES = tuple(default_suites())
+LENS_TOP_K = 5  # tokens kept per slot and layer by `coat probe --logit-lens`
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", exists=True, dir_okay=False,
@@ -391,6 +392,10 @@ def eval_command(
     max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", min=1, help="Token budget (default: the suite's).")] = None,
     cot_tokens: Annotated[int, typer.Option("--cot-tokens", min=1, help="cot: extra tokens for the reasoning.")] = 256,
+    circular: Annotated[bool, typer.Option(
+        "--circular", help="CircularEval: ask each multiple-choice item once per rotation of its choices; it counts "
+                           "as right only when right under every rotation (circular_accuracy, beside accuracy).",
+    )] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Per-example predictions of CoAT (baselines beside it as <stem>.<baseline><suffix>); MMAU "
                       "and MMAR in their own submission format.")] = None,
@@ -424,6 +429,7 @@ def eval_command(
         raise _fail(console, err) from err
     eval_cfg = cfg.eval
     eval_cfg.max_examples, eval_cfg.seed, eval_cfg.scoring = max_examples, seed, scoring
+    eval_cfg.circular = circular or eval_cfg.circular
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reports = systems.evaluate_systems(
         checkpoint, rows, eval_cfg, baselines, device, suite=suite, max_new_tokens=max_new_tokens,
@@ -531,13 +537,18 @@ def probe_command(
         "--experiment", help="Log into a new run probe-<checkpoint folder> of this MLflow experiment.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(
         "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db).")] = None,
+    lens: Annotated[bool, typer.Option(
+        "--logit-lens", help="Also decode each thinking slot's state at each layer through the LM head: its top "
+                             "tokens and their probabilities, averaged over the clips (logit_lens.parquet).")] = False,
 ) -> None:
-    """Fit linear probes per layer and position (thinking slots, response) for expert features or task answers,
-    with grouped cross-validation, a baseline and a shuffled-label control; print the best and last layers.
+    """Fit linear probes per layer and position (thinking slots, response) for expert features or each subtask's
+    answers, with grouped cross-validation, a baseline conditioned on the question and a control task (random
+    targets per question type); print the best and last layers.
 
-    Writes the hidden states (`<out>/hidden/`, reused while the checkpoint, clips and layers stay the same) and the
-    tidy table `results.csv` / `results.parquet`, one row per (position, layer, target). Compare a CoAT checkpoint
-    with its K = 0 twin by concatenating their tables.
+    Writes the hidden states (`<out>/hidden/`, reused while the checkpoint, clips and layers stay the same), the
+    tidy table `results.csv` / `results.parquet`, one row per (position, layer, target), and each clip's
+    out-of-fold scores (`clips.parquet`). Compare a CoAT checkpoint with its K = 0 twin by concatenating their
+    tables (the probes notebook does).
 
     Exits 2 on a bad option, 1 when the checkpoint, the data or the tracking store cannot be used.
     """
@@ -569,7 +580,8 @@ def probe_command(
     try:
         run = probe_checkpoint(checkpoint, names, uri=uri, split=split, data=data,
                                store=store, out=out, layers=requested, batch_size=batch_size, max_clips=max_clips,
-                               folds=folds, seed=seed, mlflow_run=mlflow_run, experiment=experiment, progress=True)
+                               folds=folds, seed=seed, mlflow_run=mlflow_run, experiment=experiment,
+                               lens_top_k=LENS_TOP_K if lens else None, progress=True)
     except LayerError as err:
         raise typer.BadParameter(str(err), param_hint="--layers") from None
     except ProbeError as err:
@@ -578,8 +590,10 @@ def probe_command(
         console.print(note, soft_wrap=True)
     _print_probe_summary(console, run.table, f"probes: {checkpoint} ({split}, {run.extraction.chunks} batches, "
                                              f"{len(run.extraction.ids)} clips)")
-    console.print(f"results: {run.out / 'results.parquet'} (and results.csv); hidden states: {run.out / 'hidden'}",
-                  soft_wrap=True)
+    console.print(f"results: {run.out / 'results.parquet'} (and results.csv, clips.parquet); hidden states: "
+                  f"{run.out / 'hidden'}", soft_wrap=True)
+    if run.lens is not None:
+        _print_logit_lens(console, run.lens)
     if run.run_id:
         console.print(f"MLflow run: {run.run_id} at {uri}", soft_wrap=True)
 
@@ -595,6 +609,17 @@ def _print_probe_summary(console: Console, table, title: str) -> None:
         for r in summarise(table).itertuples()], left=3))
     for row in table[table["note"] != ""].drop_duplicates("target").itertuples():
         console.print(f"not probed: {row.target} ({row.note})", soft_wrap=True)
+
+
+def _print_logit_lens(console: Console, lens) -> None:
+    if lens.empty:
+        console.print("logit lens: K = 0, no thinking slots to read")
+        return
+    top = lens[lens["rank"] == 1]
+    console.print(_table("logit lens: each slot's likeliest next token per layer (probability, mean over clips)",
+                         ["layer", *[f"slot {k}" for k in sorted(top["slot"].unique())]],
+                         [(layer, *[f"{t!r} {p:.2f}" for t, p in zip(rows["token"], rows["probability"], strict=True)])
+                          for layer, rows in top.sort_values(["layer", "slot"]).groupby("layer")]))
 
 
 @app.command("analyze")

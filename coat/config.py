@@ -69,6 +69,9 @@ class BackboneConfig:
             raise invalid("backbone.size", "a checkpoint holds the real architecture: set backbone.size=real with it")
 
 
+TARGETS = ("experts", "none", "shuffled")  # what the thinking slots regress (see ThinkingConfig.targets)
+
+
 @dataclass
 class ThinkingConfig:
     num_slots: int = setting(16, "K: thinking positions in the prefill (0: the plain fine-tune); at most max_slots.",
@@ -77,16 +80,31 @@ class ThinkingConfig:
     placement: str = setting("after_prompt", "after_prompt: between the instruction and the response; "
                                              "after_audio: right after the audio.",
                              choices=("after_prompt", "after_audio"))
+    targets: str = setting("experts", "What the slots regress: experts (CoAT); none (no heads, no expert loss: the "
+                                      "same K positions as pause tokens); shuffled (the experts' targets of another "
+                                      "clip of the training split, drawn per epoch from train.seed: supervision "
+                                      "with the right statistics and no information). none and shuffled are the "
+                                      "controls that separate the positions from the supervision.",
+                           choices=TARGETS)
 
     @property
     def prefill_positions(self) -> int:
         """Extra prompt positions the block costs: K slots and its two delimiters (none at K = 0)."""
         return self.num_slots + 2 if self.num_slots else 0
 
-    def check(self) -> None:
+    @property
+    def supervised(self) -> bool:
+        """Whether projection heads regress expert targets from the slots (K > 0 and targets not `none`)."""
+        return self.num_slots > 0 and self.targets != "none"
+
+    def check(self, experts: list[str]) -> None:
+        """`experts`: experts.names."""
         if not 0 <= self.num_slots <= self.max_slots:
             raise invalid("thinking.num_slots", f"{self.num_slots} must be between 0 and "
                                                 f"thinking.max_slots={self.max_slots}")
+        if self.targets == "shuffled" and self.num_slots > 0 and not experts:
+            raise invalid("thinking.targets", "shuffled shuffles the experts' targets, and experts.names is empty: "
+                                              "name the experts whose targets to shuffle, or use none")
 
 
 HEAD_POSITIONS = ("sinusoidal", "learned", "none")
@@ -268,7 +286,8 @@ class TrainConfig:
     val_batches: int = setting(4, "Validation batches per worker.", ge=1)
     keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
     max_failures: int = setting(0, "Worker-group restarts from the last checkpoint.", ge=0)
-    seed: int = setting(0, "Seeds the model's initialisation, data order and dropout.")
+    seed: int = setting(0, "One training run: seeds the initialisation of every trained part (slots, heads, LoRA), "
+                           "the data order and dropout; backbone.seed alone seeds the frozen base.")
 
     @property
     def total_steps(self) -> int:
@@ -337,6 +356,9 @@ class EvalConfig:
                                         "no thinking block, no fine-tune) and cot (that backbone reasoning in text "
                                         "first, with cot_tokens more tokens).", factory=list)
     cot_tokens: int = setting(64, "Extra tokens the text chain-of-thought baseline may reason with.", ge=1)
+    circular: bool = setting(False, "CircularEval (as MMBench reports it): every multiple-choice item is asked once "
+                                    "per rotation of its choices and counts as right only when right under every "
+                                    "rotation; reported as circular_accuracy beside the standard accuracy.")
     suites: dict[str, SuiteRecipe] = setting(help="How each suite is asked and scored.", factory=default_suites)
 
     def check(self) -> None:
@@ -501,7 +523,7 @@ def validate(cfg: CoATConfig) -> None:
         if _out_of_bounds(value, declared.metadata):
             raise invalid(path, f"{value!r} must be {bounds_text(declared.metadata)}")
     cfg.backbone.check()
-    cfg.thinking.check()
+    cfg.thinking.check(cfg.experts.names)
     cfg.heads.check()
     cfg.experts.check()
     cfg.loss.check(cfg.experts.names)

@@ -1,4 +1,5 @@
-"""How much thinking: K in {0, 4, 8, 16, 32, 64}.
+"""How much thinking: K in {0, 4, 16, 64}, and at K = 16 the controls that say what explains a gain (the same slots
+unsupervised, and supervised with another clip's targets).
 
     python experiments/ablate_thinking_len.py                 # one machine: local Ray, tiny backbone, coat-mini
     python experiments/ablate_thinking_len.py --smoke         # minutes, small coat-mini (the tests)

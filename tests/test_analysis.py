@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import typer
 from mlflow.tracking import MlflowClient
+from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from coat.analysis import compare, runs
 from coat.analysis.notebooks import NOTEBOOKS, EmptyFigureError, outputs
 from coat.cli import analyze_command, probe_command
-from coat.eval.scoring import paired_comparison
 from coat.train.checkpoint import latest_checkpoint
 
 matplotlib.use("Agg")
@@ -45,20 +45,74 @@ def test_a_sweep_reads_as_one_row_per_child_with_params_and_final_metrics(sweeps
 def test_each_setting_is_paired_with_its_reference_run_of_the_same_other_fields(sweeps):
     uri = sweeps["uri"]
     _, trials = runs.find_sweep(uri, "coat", sweep="k")
-    paired = compare.paired_against(uri, trials, "thinking.num_slots", 0)
-    assert set(paired["thinking.num_slots"]) == {4}
-    # The pooled pairs are exactly each K=4 run against the K=0 run of its own expert set.
-    mine, theirs = [], []
+    paired = compare.paired_against(uri, trials, "thinking.num_slots", 0, n=200)
+    assert set(paired["thinking.num_slots"]) == {4} and set(paired["experts.names"]) == {"mel", "mel+prosody"}
+    # Each expert set's K=4 run against the K=0 run of that set, never pooled across sets.
     for names in (("mel",), ("mel", "prosody")):
         rows = trials[trials["experts.names"].map(tuple) == names]
-        for k, into in ((4, mine), (0, theirs)):
-            run = rows[rows["thinking.num_slots"] == k].iloc[0]
-            into.append(runs.predictions(uri, run["run_id"]).assign(id=lambda d, n=names: "+".join(n) + ":" + d["id"]))
-    expected = paired_comparison(pd.concat(mine), pd.concat(theirs), n=100).set_index("task")
-    got = paired.set_index("task")
-    order_free = ["metric", "a", "b", "diff", "p_mcnemar", "n_pairs", "a_only_correct", "b_only_correct"]
-    pd.testing.assert_frame_equal(got[order_free], expected[order_free], check_dtype=False)
-    assert (got["n_pairs"] > 0).all() and (got["seeds"] == 1).all()
+        mine, theirs = (runs.predictions(uri, rows[rows["thinking.num_slots"] == k].iloc[0]["run_id"]) for k in (4, 0))
+        expected = compare.seed_paired([(mine, theirs)], n=200).set_index("task")
+        got = paired[paired["experts.names"] == "+".join(names)].set_index("task")
+        columns = ["metric", "a", "b", "diff", "diff_ci_low", "diff_ci_high", "p", "n_examples", "seeds"]
+        pd.testing.assert_frame_equal(got[columns], expected[columns], check_dtype=False)
+        assert (got["seeds"] == 1).all() and (got["interval"] == "test examples of one run (paired bootstrap)").all()
+
+
+def planted(seeds: int, examples: int = 60, effect: float = 0.1, repeat: bool = False, family: str = "emotion",
+            rng_seed: int = 0) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(a, b) scored examples per seed: a right with p = q_i + effect, b with q_i, for a difficulty q_i per example
+    shared by every seed; `repeat`: every seed is the first one again."""
+    rng = np.random.default_rng(rng_seed)
+    difficulty = rng.uniform(0.2, 0.7, examples)
+    ids = [f"x{i}" for i in range(examples)]
+
+    def scored(right: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"id": ids, "task": family, "answer": "a", "prediction": np.where(right, "a", "b"),
+                             "correct": right})
+
+    pairs = [(scored(rng.random(examples) < difficulty + effect), scored(rng.random(examples) < difficulty))
+             for _ in range(seeds)]
+    return [pairs[0]] * seeds if repeat else pairs
+
+
+def width(row: pd.Series) -> float:
+    return row["diff_ci_high"] - row["diff_ci_low"]
+
+
+def test_one_result_repeated_as_seeds_is_no_more_certain_than_one_seed():
+    (one,) = compare.seed_paired(planted(1), n=2000).itertuples()
+    (thrice,) = compare.seed_paired(planted(3, repeat=True), n=2000).itertuples()
+    assert thrice.diff == pytest.approx(one.diff) and thrice.seeds == 3 and thrice.n_examples == one.n_examples == 60
+    assert width(pd.Series(thrice._asdict())) >= width(pd.Series(one._asdict()))
+    assert thrice.p >= one.p and thrice.p_signflip >= one.p_signflip and thrice.p_bootstrap >= one.p_bootstrap
+    a, b = planted(1)[0]
+    discordant = (a["correct"] & ~b["correct"]).sum(), (b["correct"] & ~a["correct"]).sum()
+    assert one.p_signflip == pytest.approx(binomtest(discordant[0], sum(discordant), 0.5).pvalue), "McNemar's exact"
+    assert one.p == max(one.p_signflip, one.p_bootstrap)
+
+
+def test_independent_seeds_narrow_the_interval():
+    """Over eight planted studies (one run's interval varies with its luck): four independent seeds give narrower
+    intervals than one, by about the sqrt(3/4) that averaging the runs' noise promises here."""
+    single = [compare.seed_paired(planted(1, rng_seed=r), n=2000).iloc[0] for r in range(8)]
+    several = [compare.seed_paired(planted(4, rng_seed=r), n=2000).iloc[0] for r in range(8)]
+    assert several[0]["seeds"] == 4 and len(several[0]["seed_diffs"]) == 4
+    assert several[0]["diff"] == pytest.approx(np.mean(several[0]["seed_diffs"]))
+    assert np.mean([width(r) for r in several]) < 0.9 * np.mean([width(r) for r in single])
+    assert several[0]["interval"] == "seeds and test examples (two-level bootstrap)"
+
+
+def test_transcription_pairs_compare_corpus_wer_seed_by_seed():
+    ids = ["u1", "u2", "u3"]
+    answers = ["the cat sees the dog", "a bird", "my friend likes the red ball"]
+    a = pd.DataFrame({"id": ids, "task": "transcription", "answer": answers, "correct": False,
+                      "prediction": ["the cat sees the dog", "a word", "my friend likes red ball"]})
+    b = a.assign(prediction=["the cat sees a dog", "bird", "my friend likes the ball"])
+    (row,) = compare.seed_paired([(a, b), (a, b)], n=200).itertuples()
+    assert row.metric == "wer" and row.a == pytest.approx(2 / 13) and row.b == pytest.approx(3 / 13)
+    assert row.diff == pytest.approx(-1 / 13) and row.seed_diffs == pytest.approx([-1 / 13, -1 / 13])
+    (alone,) = compare.seed_paired([(a, b)], n=200).itertuples()
+    assert (row.diff_ci_low, row.diff_ci_high, row.p) == (alone.diff_ci_low, alone.diff_ci_high, alone.p)
 
 
 def test_scores_over_seeds_get_a_t_interval_and_one_seed_its_own_bootstrap():
@@ -73,29 +127,63 @@ def test_scores_over_seeds_get_a_t_interval_and_one_seed_its_own_bootstrap():
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
     assert table.loc[4, "mean"] == pytest.approx(0.7) and table.loc[4, "seeds"] == 3
     assert table.loc[4, "ci_low"] == pytest.approx(0.7 - half) and table.loc[4, "ci_high"] == pytest.approx(0.7 + half)
+    assert table.loc[0, "interval"] == "across test examples of one run (bootstrap)"
+    assert table.loc[4, "interval"] == "across 3 seeds (t)"
 
 
-def test_runs_of_different_settings_are_never_pooled_as_seeds():
+def test_runs_of_different_settings_or_one_seed_twice_are_never_pooled_as_seeds():
     children = pd.DataFrame({
-        "status": ["FINISHED"] * 2, "thinking.num_slots": [4, 4], "experts.names": [["mel"], ["mel", "prosody"]],
-        "train.seed": [0, 0], "eval/emotion/accuracy": [0.5, 0.7]})
+        "status": ["FINISHED"] * 2, "name": ["a", "b"], "thinking.num_slots": [4, 4],
+        "experts.names": [["mel"], ["mel", "prosody"]], "train.seed": [0, 0], "eval/emotion/accuracy": [0.5, 0.7]})
     with pytest.raises(ValueError, match="experts.names"):
         compare.by_setting(children, ["thinking.num_slots"], ["eval/emotion/accuracy"])
     table = compare.by_setting(children, ["thinking.num_slots", "experts.names"], ["eval/emotion/accuracy"])
     assert list(table["experts.names"]) == ["mel", "mel+prosody"] and list(table["mean"]) == [0.5, 0.7]
     assert (table["seeds"] == 1).all()
+    twice = children.assign(**{"experts.names": [["mel"], ["mel"]]})
+    with pytest.raises(ValueError, match=r"runs \['a', 'b'\] share .* train.seed=0"):
+        compare.by_setting(twice, ["thinking.num_slots", "experts.names"], ["eval/emotion/accuracy"])
 
 
-def test_verdicts_read_the_interval_in_the_metrics_direction():
-    row = {"metric": "accuracy", "diff_ci_low": 0.01, "diff_ci_high": 0.2}
-    assert compare.verdict(pd.Series(row)) == "better"
-    assert compare.verdict(pd.Series({**row, "metric": "wer"})) == "worse"
-    assert compare.verdict(pd.Series({**row, "diff_ci_low": -0.01})) == "no different"
-    paired = pd.DataFrame({"thinking.num_slots": [4, 8], "task": "emotion", "metric": "accuracy",
-                           "diff": [0.1, 0.02], "diff_ci_low": [0.02, -0.05], "diff_ci_high": [0.2, 0.09],
-                           "n_pairs": 100, "seeds": 3})
-    (sentence,) = compare.family_sentences(paired, "thinking.num_slots", "K", 0)
-    assert sentence.startswith("emotion: K=4 +0.100 [+0.020, +0.200] beats K=0") and "3 seeds, 100 pairs" in sentence
+def test_verdicts_read_the_holm_adjusted_p_in_the_metrics_direction():
+    paired = pd.DataFrame({"thinking.num_slots": [4, 8, 16], "task": "emotion", "metric": "accuracy",
+                           "diff": [0.1, 0.06, -0.02], "diff_ci_low": [0.02, 0.01, -0.09],
+                           "diff_ci_high": [0.2, 0.11, 0.05], "p": [0.01, 0.04, 0.6], "n_examples": 100,
+                           "seeds": 3, "interval": "seeds and test examples (two-level bootstrap)"})
+    adjusted = compare.adjust(paired)
+    assert adjusted["p_holm"].tolist() == pytest.approx([0.03, 0.08, 0.6]) and (adjusted["comparisons"] == 3).all()
+    assert [compare.verdict(r) for _, r in paired.iterrows()] == ["better", "better", "no different"]
+    assert [compare.verdict(r) for _, r in adjusted.iterrows()] == ["better", "no different", "no different"]
+    assert compare.verdict(adjusted.iloc[0].copy().replace({"accuracy": "wer"})) == "worse"
+    (sentence,) = compare.family_sentences(adjusted, "thinking.num_slots", "K", 0)
+    assert sentence.startswith("emotion: K=4 +0.100 [+0.020, +0.200], p 0.01 (Holm 0.03) beats K=0 on accuracy")
+    assert "3 seeds, 100 test examples" in sentence and "Holm-adjusted over the 3 comparisons" in sentence
+
+
+def comparison(a: str, b: str, diff: float, p_holm: float, family: str = "emotion") -> dict:
+    return {"a_system": a, "b_system": b, "thinking.num_slots": 16, "task": family, "metric": "accuracy",
+            "diff": diff, "diff_ci_low": diff - 0.05, "diff_ci_high": diff + 0.05, "p": p_holm / 2, "p_holm": p_holm,
+            "comparisons": 5, "seeds": 3, "n_examples": 120, "interval": "seeds and test examples (two-level bootstrap)"}
+
+
+@pytest.mark.parametrize(("gain", "over_none", "over_shuffled", "pause", "explanation"), [
+    (0.01, 0.01, 0.01, 0.01, "neither: CoAT does not beat K=0"),
+    (0.01, 0.01, 0.01, 0.5, "the experts' information: CoAT beats the same positions unsupervised and supervised "
+                            "with another clip's targets"),
+    (0.01, 0.5, 0.5, 0.01, "the positions: the same K slots without expert supervision do as well"),
+    (0.01, 0.01, 0.01, 0.01, "both: the pause positions alone beat K=0"),
+    (0.01, 0.01, 0.5, 0.5, "the supervision, not the experts' information: shuffled targets do as well"),
+    (0.01, 0.5, 0.5, 0.5, "the data cannot tell"),
+])
+def test_controls_say_what_explains_a_gain(gain, over_none, over_shuffled, pause, explanation):
+    gain_diff = 0.1 if explanation != "neither: CoAT does not beat K=0" else -0.1
+    table = pd.DataFrame([comparison("coat", "K=0", gain_diff, gain), comparison("coat", "none", 0.08, over_none),
+                          comparison("coat", "shuffled", 0.07, over_shuffled), comparison("none", "K=0", 0.09, pause),
+                          comparison("shuffled", "K=0", 0.03, 0.9)])
+    (sentence,) = compare.control_sentences(table)
+    assert sentence.startswith("emotion at K=16: coat vs K=0 ") and f"What explains it: {explanation}" in sentence
+    assert "coat vs none +0.080 [+0.030, +0.130]" in sentence and f"(Holm {over_none:.3g})" in sentence
+    assert "3 seeds, 120 test examples" in sentence
 
 
 def test_pareto_front_and_importances():
@@ -108,6 +196,11 @@ def test_pareto_front_and_importances():
     importance = compare.importances(trials, ["loss.weights.mel", "train.lr"], "val/ce", "min")
     assert importance.index[0] == "loss.weights.mel" and importance.iloc[0] > 0.9
     assert compare.importances(trials.head(1), ["loss.weights.mel"], "val/ce", "min").empty
+    # ASHA stopped the trials with the largest weights early: they count, at their last value.
+    stopped = trials.assign(status=np.where(weight > 5, "KILLED", "FINISHED"))
+    with_stopped = compare.importances(stopped, ["loss.weights.mel", "train.lr"], "val/ce", "min")
+    assert with_stopped.attrs == {"finished": int((weight <= 5).sum()), "stopped": int((weight > 5).sum())}
+    assert with_stopped.index[0] == "loss.weights.mel"
 
 
 def test_an_empty_figure_is_a_failure(tmp_path):
@@ -127,7 +220,8 @@ def checkpoint_of(run: pd.Series) -> Path:
 
 @pytest.fixture(scope="module")
 def analysed(sweeps, tmp_path_factory):
-    """`coat probe` into the K=4 run with one expert and its K=0 twin, then `coat analyze` of every notebook."""
+    """`coat probe` into the K=4 run with one expert (with its logit lens) and its K=0 twin, then `coat analyze` of
+    every notebook."""
     uri, out = sweeps["uri"], tmp_path_factory.mktemp("analysis-out")
     _, trials = runs.find_sweep(uri, "coat", sweep="k")
     probe = typer.Typer()
@@ -135,8 +229,9 @@ def analysed(sweeps, tmp_path_factory):
     for _, run in trials[trials["experts.names"].map(len) == 1].iterrows():
         done = CliRunner().invoke(probe, ["--checkpoint", str(checkpoint_of(run)), "--targets", "mel", "--split",
                                           "train", "--max-clips", "16", "--folds", "4", "--mlflow-run",
-                                          run["run_id"], "--tracking-uri", uri])
+                                          run["run_id"], "--tracking-uri", uri, "--logit-lens"])
         assert done.exit_code == 0, done.output
+        assert ("logit lens: each slot's likeliest next token" in done.output) == (run["thinking.num_slots"] > 0)
     app = typer.Typer()
     app.command()(analyze_command)
     result = CliRunner().invoke(app, ["--tracking-uri", uri, "--out", str(out)], env={"COLUMNS": "200"})
@@ -169,26 +264,37 @@ def test_every_notebook_executes_and_leaves_figures_tables_and_conclusions(analy
     assert "**loss_weights**" in pareto
 
 
-def test_probes_compare_a_coat_run_with_its_k0_twin(analysed, sweeps):
+def test_probes_compare_a_coat_run_with_its_k0_twin_on_clips_the_layer_choice_never_saw(analysed, sweeps):
     _, out, _ = analysed
     results = pd.read_parquet(out / "probes" / "probe_results.parquet")
     assert set(results["K"]) == {0, 4} and set(results["target"]) == {"mel"}
     assert set(results.loc[results["K"] == 4, "position"]) == {"slots", "response"}
     assert set(results.loc[results["K"] == 0, "position"]) == {"response"}
-    (sentence,) = json.loads((out / "probes" / "summary.json").read_text())["conclusions"]
-    best = results[results["position"] == "response"].sort_values("selectivity").groupby("K").tail(1).set_index("K")
-    assert f"decodes it with r2 {best.loc[4, 'score']:.3f}" in sentence and f"{best.loc[0, 'score']:.3f}" in sentence
+    assert (results["control_by"] == "question").all(), "coat-mini's clips carry their question type (subtask)"
+    (row,) = pd.read_parquet(out / "probes" / "held_out_vs_k0.parquet").itertuples()
+    assert row.K == 4 and row.n_clips == 8, "16 probed clips: the layers chosen on 8, compared on the other 8"
+    conclusions = json.loads((out / "probes" / "summary.json").read_text())["conclusions"]
+    (sentence,) = [s for s in conclusions if s.startswith("mel at the response position")]
+    assert f"a difference of {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]" in sentence
+    lens = pd.read_parquet(out / "probes" / "logit_lens.parquet")
+    assert set(lens["slot"]) == {0, 1, 2, 3} and set(lens["rank"]) == {1, 2, 3, 4, 5}
+    assert lens.groupby(["layer", "slot"])["probability"].apply(lambda p: p.is_monotonic_decreasing).all()
+    assert (lens["probability"].between(0, 1)).all() and "logit_lens.png" in json.loads(
+        (out / "probes" / "summary.json").read_text())["figures"]
+    assert any("likeliest tokens are" in s for s in conclusions)
 
 
 def test_thinking_length_concludes_from_the_pairs_it_computed(analysed):
     _, out, _ = analysed
     paired = pd.read_parquet(out / "thinking_length" / "paired_vs_k0.parquet")
     conclusions = json.loads((out / "thinking_length" / "summary.json").read_text())["conclusions"]
-    for family in paired["task"].unique():
-        (sentence,) = [s for s in conclusions if s.startswith(f"{family}:")]
-        rows = paired[paired["task"] == family].apply(compare.verdict, axis=1)
-        assert sentence.startswith(f"{family}: no K beats K=0") != (rows == "better").any()
-    assert any("One seed" in s for s in conclusions)
+    assert (paired["comparisons"] == len(paired)).all(), "Holm over every comparison the notebook made"
+    for (family, names), rows in paired.groupby(["task", "experts.names"]):
+        (sentence,) = [s for s in conclusions if s.startswith(f"{family} (experts.names={names}):")]
+        verdicts = rows.apply(compare.verdict, axis=1)
+        assert (": no K beats K=0" in sentence) != (verdicts == "better").any()
+        assert f"Holm {rows['p_holm'].iloc[0]:.3g}" in sentence
+    assert any("No control in this sweep" in s for s in conclusions) and any("One seed" in s for s in conclusions)
 
 
 def test_analyze_refuses_unknown_notebooks_and_names_failures(sweeps, tmp_path):

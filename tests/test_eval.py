@@ -18,7 +18,15 @@ from coat.data.audio import decode
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
 from coat.eval.benchmarks import load_suite
-from coat.eval.runner import base_model, choose_rows, evaluate, generated_lengths, timed_generate, token_budget
+from coat.eval.runner import (
+    base_model,
+    choose_rows,
+    circular_rows,
+    evaluate,
+    generated_lengths,
+    timed_generate,
+    token_budget,
+)
 from coat.eval.scoring import normalise_transcript
 from coat.eval.tasks import final_answer
 from coat.model import CoATModel
@@ -107,6 +115,33 @@ def test_loglik_scoring_ranks_the_choices_by_the_models_probability(model, manif
             scores.append(-torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100],
                                                              reduction="sum").item())
         assert prediction == row["choices"][int(np.argmax(scores))]
+
+
+def test_circular_eval_asks_every_rotation_and_counts_an_item_only_when_every_rotation_is_right(model, manifest):
+    rows = read_manifest(manifest)
+    rows = rows[rows["choices"].notna()].head(4)
+    asked = circular_rows(rows)
+    assert len(asked) == sum(len(c) for c in rows["choices"]) and set(asked["circular_id"]) == set(rows["id"])
+    first = rows.iloc[0]
+    rotated = asked[asked["circular_id"] == first["id"]]
+    assert rotated["id"].iloc[0] == first["id"] and rotated["id"].iloc[1] == f"{first['id']}@rotation1"
+    assert rotated["choices"].iloc[1] == [*first["choices"][1:], first["choices"][0]]
+
+    cfg = replace(model.cfg.eval, scoring="loglik", latency_examples=0)
+    circular = evaluate(model, rows, replace(cfg, circular=True), progress=False)
+    plain = evaluate(model, rows, cfg, progress=False)
+    by_rotation = evaluate(model, asked, cfg, progress=False).examples.set_index("id")  # each rotation by itself
+    examples = circular.examples.set_index("id")
+    assert list(examples.index) == list(rows["id"]) and circular.setting["circular"] is True
+    assert (examples["correct"] == plain.examples.set_index("id")["correct"]).all(), "rotation 0: the standard answer"
+    for item, group in asked.groupby("circular_id"):
+        assert examples.loc[item, "correct_circular"] == by_rotation.loc[group["id"], "correct"].all()
+        assert examples.loc[item, "circular_responses"] == by_rotation.loc[group["id"], "prediction"].tolist()
+    table = circular.table.set_index(["task", "metric"])
+    for task, group in examples.groupby("task"):
+        assert table.loc[(task, "circular_accuracy"), "value"] == pytest.approx(group["correct_circular"].mean())
+        assert table.loc[(task, "circular_accuracy"), "value"] <= table.loc[(task, "accuracy"), "value"]
+    assert any(key.endswith("/loglik_circular_accuracy") for key in circular.metrics())
 
 
 def test_a_subsample_keeps_each_groups_share_and_says_so(model, manifest):
@@ -227,6 +262,17 @@ def test_mmau_is_evaluated_whole_and_written_in_its_submission_format(cli, check
                        "--out", out)
     assert code == 0 and "3 of 8, stratified by group.task, seed 0" in output
     assert sorted(item["task"] for item in json.loads(out.read_text())) == ["music", "sound", "speech"]
+
+
+def test_mmau_circular_eval_scores_each_rotation_by_string_match_and_pairs_on_it(cli, checkpoint, mmau, tmp_path):
+    out = tmp_path / "mmau.json"
+    code, output = cli("--checkpoint", checkpoint, "--suite", "mmau", "--data", mmau, "--out", out, "--circular",
+                       "--baseline", "base")
+    assert code == 0, output
+    assert "circular_accuracy" in output and "reasoning/task.sound" in output
+    submitted = json.loads(out.read_text())
+    assert len(submitted) == 8 and not any("@rotation" in item["id"] for item in submitted), "one answer an item"
+    assert output.count("circular_accuracy") >= 2, "the table and the paired comparison"
 
 
 def test_a_librispeech_copy_is_transcribed_and_scored_by_wer(cli, checkpoint, librispeech, tmp_path):

@@ -29,16 +29,19 @@ def sweep_children(cwd: Path) -> tuple[object, list]:
 def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
     done = run_script("ablate_thinking_len", tmp_path, "--smoke")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sweep ablate_thinking_len-smoke: 2 trials" in done.stdout
-    assert "thinking.num_slots=0" in done.stdout and "thinking.num_slots=4" in done.stdout
+    assert "sweep ablate_thinking_len-smoke: 3 trials" in done.stdout
+    assert "thinking.num_slots=0" in done.stdout and "thinking.targets=none" in done.stdout
     assert (tmp_path / "data" / "coat-mini-smoke" / "manifest.jsonl").is_file(), "coat-mini generated on first use"
     parent, children = sweep_children(tmp_path)
-    assert sorted(c.data.params["thinking.num_slots"] for c in children) == ["0", "4"]
+    assert sorted((c.data.params["thinking.num_slots"], c.data.params["thinking.targets"]) for c in children) == [
+        ("0", "experts"), ("4", "experts"), ("4", "none")]
     assert {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert any(key.startswith("eval/") for key in children[0].data.metrics)
     notebook = tmp_path / "analysis-out" / "ablate_thinking_len-smoke" / "thinking_length"
     assert (notebook / "thinking_length.ipynb").is_file() and (notebook / "quality_vs_k.png").is_file()
-    assert "executed notebook:" in done.stdout and "K=0" in done.stdout.split("executed notebook:")[1]
+    concluded = done.stdout.split("executed notebook:")[1]
+    assert "K=0" in concluded and "at K=4: coat vs K=0" in concluded and "coat vs none" in concluded
+    assert "What explains it:" in concluded and "Holm" in concluded
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_a_script_copied_alone_finds_its_configs_through_coat_project(wheel_site
     assert found.returncode == 0, found.stderr
     assert found.stdout.splitlines() == [
         f"config: {ROOT / 'experiments/configs/ablate_thinking_len.yaml'}",
-        f"space: {ROOT / 'experiments/configs/spaces/ablate_thinking_len.yaml'}", "trials: 4 (grid)"]
+        f"space: {ROOT / 'experiments/configs/spaces/ablate_thinking_len.yaml'}", "trials: 6 (grid)"]
 
 
 def test_a_script_in_a_checkout_finds_the_configs_beside_it(tmp_path):

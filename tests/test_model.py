@@ -39,6 +39,27 @@ def test_k0_logits_equal_the_unmodified_backbone(backbone, clips):
     assert torch.equal(got, expected)
 
 
+def test_train_seed_draws_every_trained_part_and_backbone_seed_only_the_frozen_base():
+    def state(*overrides):
+        model = coat_model("qwen2-audio", "lora.modules_to_save=[lm_head]", *overrides)
+        trained = {n: p.detach().clone() for n, p in model.trained_state().items()}
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trained}
+        return trained, frozen
+
+    trained, frozen = state("train.seed=0")
+    again, frozen_again = state("train.seed=0")
+    other, frozen_other = state("train.seed=1")
+    assert all(torch.equal(trained[n], again[n]) for n in trained), "one seed, one initialisation, bit for bit"
+    # Drawn at random: all but constant starts (LoRA B, biases, norms) and lm_head, copied from the frozen base.
+    drawn = [n for n, p in trained.items() if p.float().std() > 0 and "lm_head" not in n]
+    assert any("lora_A" in n for n in drawn) and any(n.startswith("heads.") for n in drawn)
+    assert any(n.endswith("table") for n in drawn)
+    assert all(not torch.equal(trained[n], other[n]) for n in drawn), "another seed draws every trained part anew"
+    assert all(torch.equal(frozen[n], frozen_other[n]) for n in frozen), "the frozen base is the same"
+    _, frozen_base = state("train.seed=0", "backbone.seed=5")
+    assert any(not torch.equal(frozen[n], frozen_base[n]) for n in frozen)
+
+
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)
 def test_gradients_reach_slots_and_lora_but_not_the_audio_tower(backbone, clips):
     model = coat_model(backbone)

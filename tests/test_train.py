@@ -37,6 +37,7 @@ from coat.train.checkpoint import (
     verify_checkpoint,
     whole_trained_parts,
 )
+from coat.data.stream import iter_training_batches, shuffled_donors
 from coat.train.launch import train, training_streams
 from coat.train.loop import (
     clip_gradients,
@@ -193,6 +194,47 @@ def test_a_run_records_where_its_numbers_came_from(uninterrupted):
     assert saved["mel"]["id"] == stats["id"] and saved["mel"]["mean"] == stats["mean"]
     assert json.loads((result.checkpoint / "target_stats.json").read_text())["mel"]["id"] == stats["id"]
     assert from_yaml(Path(client.download_artifacts(result.mlflow_run_id, "config.yaml")).read_text()) == cfg
+
+
+def test_shuffled_targets_come_from_another_clip_of_the_split_fixed_per_epoch_by_the_seed(uninterrupted):
+    donors = shuffled_donors(12, seed=0, epoch=0)
+    assert sorted(donors) == list(range(12)) and not (donors == np.arange(12)).any(), "every clip's targets, elsewhere"
+    assert (donors == shuffled_donors(12, seed=0, epoch=0)).all()
+    assert (donors != shuffled_donors(12, seed=0, epoch=1)).any() and (donors != shuffled_donors(12, seed=1, epoch=0)).any()
+    cfg, _ = uninterrupted
+    cfg = apply_overrides(cfg, ["thinking.targets=shuffled"])
+    train_stream = training_streams(cfg, Path(cfg.data.manifest), Path(cfg.data.store))["train"]
+    coat = CoATModel(cfg)
+    donors = shuffled_donors(len(train_stream), seed=0, epoch=0)
+    rows = [0, 1, 2, 3]
+    (own,) = iter_training_batches(train_stream.dataset(rows), coat, 4)
+    (shuffled,) = iter_training_batches(train_stream.dataset(rows, donors), coat, 4)
+    (theirs,) = iter_training_batches(train_stream.dataset(donors[rows]), coat, 4)
+    assert torch.equal(shuffled["input_ids"], own["input_ids"]), "the clip's own audio, question and answer"
+    for name in ("mel", "prosody"):
+        assert torch.equal(shuffled[f"target.{name}"], theirs[f"target.{name}"]), "the donor's targets"
+        assert not torch.equal(shuffled[f"target.{name}"], own[f"target.{name}"])
+    torch.testing.assert_close(shuffled["duration"], theirs["duration"], rtol=1e-3, atol=1e-3)
+
+
+def test_controls_train_the_same_slots_on_the_same_data_with_no_or_shuffled_supervision(uninterrupted, tmp_path):
+    cfg, reference = uninterrupted
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    short = ["train.stages=[{steps: 1, ce_weight: 0.1, train: [slots, heads]}, {steps: 1}]"]
+    none = apply_overrides(cfg, [*short, "thinking.targets=none", "train.run_name=pause"])
+    assert not CoATModel(none).heads and CoATModel(none).parameter_counts()["heads"] == 0
+    first = {}
+    for control in ("none", "shuffled"):
+        run = train(apply_overrides(cfg, [*short, f"thinking.targets={control}", f"train.run_name={control}"]),
+                    evaluate_after=False)
+        logged = mlflow.tracking.MlflowClient(uri).get_run(run.mlflow_run_id).data.metrics
+        assert ("train/mel" in logged) == (control == "shuffled") and "val/ce" in logged
+        first[control] = {key: tracking.metric_history(uri, run.mlflow_run_id, key)[0][1]
+                          for key in ("train/ce", "train/mel") if key in logged}
+    expected = {key: tracking.metric_history(uri, reference.mlflow_run_id, key)[0][1] for key in ("train/ce", "train/mel")}
+    assert first["none"]["train/ce"] == pytest.approx(expected["train/ce"], rel=1e-6), "same slots, data and order"
+    assert first["shuffled"]["train/ce"] == pytest.approx(expected["train/ce"], rel=1e-6)
+    assert first["shuffled"]["train/mel"] != pytest.approx(expected["train/mel"], rel=1e-3), "another clip's targets"
 
 
 def killable(cfg, tmp_path: Path, faults: str) -> tuple[list[str], dict, str]:

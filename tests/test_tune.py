@@ -136,6 +136,28 @@ def test_seeds_repeat_every_grid_point(tmp_path):
         load_config(overrides=["sweep.seeds=[1,1]"])
 
 
+def test_controls_join_the_grid_at_one_k(tmp_path):
+    space = load_space(write(tmp_path / "s.yaml", (
+        "thinking.num_slots: {grid: [0, 4, 16]}\n"
+        "thinking.targets: {grid: [experts, none, shuffled], when: {thinking.num_slots: 16}}\n")))
+    points = [(p["thinking.num_slots"], p.get("thinking.targets", "experts")) for p in space.grid()]
+    assert points == [(0, "experts"), (4, "experts"), (16, "experts"), (16, "none"), (16, "shuffled")]
+    assert trial_label({"thinking.num_slots": 16, "thinking.targets": "none"}) == "K=16 targets=none"
+    with pytest.raises(ConfigError, match="thinking.targets"):
+        load_config(overrides=["thinking.targets=shuffled", "experts.names=[]"])
+
+
+def test_a_sweep_run_again_without_resume_is_a_new_sweep(tmp_path, coat_mini):
+    """Its trials never join the earlier sweep's, where they would count as more seeds of the same settings."""
+    space = write(tmp_path / "once.yaml", "thinking.num_slots: {grid: [2]}\n")
+    args = sweep_args(tmp_path, coat_mini, "sweep.name=once", "train.stages=[{steps: 1}]", "eval.max_examples=2",
+                      "eval.latency_examples=0")
+    first, second = run_sweep(None, space, args), run_sweep(None, space, args)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert first.parent_run_id != second.parent_run_id
+    assert len(child_runs(uri, first.parent_run_id)) == len(child_runs(uri, second.parent_run_id)) == 1
+
+
 @pytest.mark.faults
 def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(tmp_path, coat_mini):
     space = write(tmp_path / "f.yaml", "thinking.num_slots: {grid: [2, 4]}\n")

@@ -7,12 +7,18 @@ Three steps, each usable on its own:
    absent when K = 0) and the hidden state at the last prompt position, which produces the first response token
    (`response`). A 7B model's 29 layers over thousands of clips never sit in memory at once.
 2. `probe_rows` + `probe_targets` give per-clip targets: expert features standardised with the training split's
-   statistics (the checkpoint's `target_stats.json`) and averaged over frames, or each task family's answers.
+   statistics (the checkpoint's `target_stats.json`) and averaged over frames, or the answers of each subtask
+   (one question type, one answer set: pooled subtasks could be told apart by the question alone).
 3. `fit_probes` fits a standardised linear probe per (position, layer, target) under grouped cross-validation,
-   beside a baseline (training folds' mean or majority class) and a control task (the same probe on labels
-   shuffled across clips): selectivity = score - control, so a wide layer that can fit anything scores nothing.
+   beside a baseline conditioned on the question (the training folds' mean or majority answer for the clip's
+   question type: what the question alone predicts) and a control task in Hewitt and Liang's sense (each question
+   type gets a fixed random target drawn from the real ones, and the same probe is trained and tested on it):
+   selectivity = score - control, so a probe that scores by memorising which question was asked scores nothing.
+   Out-of-fold scores are kept per clip too, so layers can be chosen on some clips and compared on others.
 
-`probe_checkpoint` runs the three on a saved checkpoint and writes (and logs) the table: what `coat probe` does.
+`probe_checkpoint` runs the three on a saved checkpoint and writes (and logs) the tables: what `coat probe` does.
+`logit_lens` decodes each thinking slot's hidden state at each layer through the LM head (`coat probe
+--logit-lens`): whether the slots carry language.
 
 Hidden-state layout under the extraction folder (`read_layer` reads it; `HiddenStateWriter` writes it):
 
@@ -45,7 +51,8 @@ SPEAKER_COLUMNS = ("speaker", "voice")
 META_FILE = "meta.json"
 CLIPS_FILE = "clips.json"
 COLUMNS = ("position", "layer", "target", "kind", "metric", "score", "baseline", "control", "selectivity",
-           "n_clips", "folds", "dims", "note")
+           "n_clips", "folds", "dims", "control_by", "note")
+CLIP_COLUMNS = ("position", "layer", "target", "clip", "score", "control")
 METRICS = {"regression": "r2", "classification": "accuracy"}
 RUN_PREFIX = "probe-"
 
@@ -190,16 +197,9 @@ def extract_hidden_states(model, rows: pd.DataFrame, out_dir: str | Path, layers
     Raises:
         ValueError: a layer out of range, `batch_size` < 1, or rows lacking a column.
     """
-    import torch
-    from rich.progress import track
 
-    from coat.data.audio import AudioError, decode
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    missing = [c for c in ("id", "audio_path", "prompt") if c not in rows.columns]
-    if missing:
-        raise ValueError(f"extract_hidden_states: rows lack the columns {missing}")
+    _check_rows(rows, batch_size)
     count = hidden_state_count(model)
     layers = normalise_layers(layers, count)
     out_dir = Path(out_dir)
@@ -210,51 +210,115 @@ def extract_hidden_states(model, rows: pd.DataFrame, out_dir: str | Path, layers
     k = model.num_slots
     positions = [p for p in POSITIONS if p != "slots" or k > 0]
     writer = HiddenStateWriter(out_dir, layers, positions, model.backbone.hidden_size, fingerprint)
-    device = model.slot_table.device
-    rate = model.backbone.sample_rate
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    skipped = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:
-            starts = range(0, len(rows), batch_size)
-            for start in track(starts, description="hidden states", transient=True, disable=not progress):
-                chunk = rows.iloc[start:start + batch_size]
-                audio, kept, prompts = [], [], []
-                for i, path, prompt in zip(chunk["id"], chunk["audio_path"], chunk["prompt"], strict=True):
-                    try:
-                        audio.append(decode(path, rate, max_seconds, crop).numpy())
-                    except AudioError as err:
-                        skipped.append({"id": str(i), "path": str(path), "reason": err.reason})
-                        continue
-                    kept.append(str(i))
-                    prompts.append(str(prompt))
-                if kept:
-                    writer.append(kept, _batch_states(model, audio, prompts, layers, count))
-    finally:
-        model.train(was_training)
+    skipped: list[dict] = []
+    for kept, inputs, hidden in _forward_batches(model, rows, batch_size, max_seconds, crop, skipped,
+                                                 "hidden states" if progress else None):
+        states = {"response": np.stack([hidden[layer][:, -1].float().cpu().numpy() for layer in layers])}
+        if k > 0:
+            states["slots"] = np.stack([_slot_states(model, inputs, hidden[layer]).float().mean(1).cpu().numpy()
+                                        for layer in layers])
+        writer.append(kept, states)
     return writer.close(skipped)
 
 
-def _batch_states(model, audio: list[np.ndarray], prompts: list[str], layers: list[int], count: int
-                  ) -> dict[str, np.ndarray]:
-    batch = model.encode(audio, prompts)
-    inputs = model._model_inputs(batch)
-    if not bool(inputs["attention_mask"][:, -1].all()):
-        raise RuntimeError("the prompt encoding is not left-padded: the last position is not every row's last "
-                           "prompt token")
-    hidden = model.lm(**inputs, output_hidden_states=True, use_cache=False).hidden_states
-    if len(hidden) != count:
-        raise RuntimeError(f"the model returned {len(hidden)} hidden states, its config promises {count}")
-    states = {"response": np.stack([hidden[layer][:, -1].float().cpu().numpy() for layer in layers])}
+def logit_lens(model, rows: pd.DataFrame, layers: Sequence[int] | None = None, batch_size: int = 8, *,
+               top_k: int = 5, max_seconds: float | None = None, crop: bool = True, progress: bool = False
+               ) -> pd.DataFrame:
+    """Each thinking slot's hidden state at each of `layers` read through the LM head, as latent-reasoning papers
+    do to ask whether slots carry language: the final norm applied (the last layer's states have had it), the
+    next-token distribution averaged over `rows`' clips, and its `top_k` tokens. Columns: layer, slot, rank,
+    token_id, token, probability. Empty at K = 0; rows are read as `extract_hidden_states` reads them.
+
+    Raises:
+        ValueError: a layer out of range, `batch_size` < 1, or rows lacking a column.
+    """
+    import torch
+
+    _check_rows(rows, batch_size)
+    count = hidden_state_count(model)
+    layers = normalise_layers(layers, count)
+    columns = ["layer", "slot", "rank", "token_id", "token", "probability"]
     k = model.num_slots
-    if k > 0:
-        is_slot = model.backbone.thinking.is_slot(inputs["input_ids"])
-        rows = is_slot.shape[0]
-        states["slots"] = np.stack([hidden[layer][is_slot].view(rows, k, -1).float().mean(1).cpu().numpy()
-                                    for layer in layers])
-    return states
+    if k == 0:
+        return pd.DataFrame(columns=columns)
+    norm, head = model.backbone.llm.norm, model.backbone.model.get_output_embeddings()
+    dtype = next(head.parameters()).dtype
+
+    def next_token(layer: int, states: torch.Tensor) -> torch.Tensor:
+        states = states if layer == count - 1 else norm(states)
+        return torch.softmax(head(states.to(dtype)).float(), -1)
+
+    sums, clips = None, 0
+    for kept, inputs, hidden in _forward_batches(model, rows, batch_size, max_seconds, crop, [],
+                                                 "logit lens" if progress else None):
+        with torch.no_grad():  # [layers, K, vocabulary], summed over the batch's clips
+            probabilities = torch.stack([next_token(layer, _slot_states(model, inputs, hidden[layer])).sum(0)
+                                         for layer in layers])
+        sums = probabilities if sums is None else sums + probabilities
+        clips += len(kept)
+    if sums is None:
+        return pd.DataFrame(columns=columns)
+    top = (sums / clips).topk(min(top_k, sums.shape[-1]), dim=-1)
+    tokenizer = model.backbone.tokenizer
+    records = [(layer, slot, rank + 1, int(token), tokenizer.decode([int(token)]), float(p))
+               for j, layer in enumerate(layers) for slot in range(k)
+               for rank, (token, p) in enumerate(zip(top.indices[j, slot], top.values[j, slot], strict=True))]
+    return pd.DataFrame(records, columns=columns)
+
+
+def _check_rows(rows: pd.DataFrame, batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if missing := [c for c in ("id", "audio_path", "prompt") if c not in rows.columns]:
+        raise ValueError(f"rows lack the columns {missing}")
+
+
+def _forward_batches(model, rows: pd.DataFrame, batch_size: int, max_seconds: float | None, crop: bool,
+                     skipped: list[dict], progress: str | None):
+    """Per batch of `rows`: the ids whose audio decoded, the model inputs (the left-padded prompt encoding) and the
+    hidden states of one forward pass under no_grad, in eval mode, with bf16 autocast on CUDA. Rows whose audio
+    does not decode are appended to `skipped` (`id`, `path`, `reason`). `progress`: a progress bar's description."""
+    import torch
+    from rich.progress import track
+
+    from coat.data.audio import AudioError, decode
+
+    device, rate, count = model.slot_table.device, model.backbone.sample_rate, hidden_state_count(model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(rows), batch_size)
+        for start in track(starts, description=progress or "", transient=True, disable=progress is None):
+            chunk = rows.iloc[start:start + batch_size]
+            audio, kept, prompts = [], [], []
+            for i, path, prompt in zip(chunk["id"], chunk["audio_path"], chunk["prompt"], strict=True):
+                try:
+                    audio.append(decode(path, rate, max_seconds, crop).numpy())
+                except AudioError as err:
+                    skipped.append({"id": str(i), "path": str(path), "reason": err.reason})
+                    continue
+                kept.append(str(i))
+                prompts.append(str(prompt))
+            if not kept:
+                continue
+            with torch.no_grad(), autocast:
+                inputs = model._model_inputs(model.encode(audio, prompts))
+                if not bool(inputs["attention_mask"][:, -1].all()):
+                    raise RuntimeError("the prompt encoding is not left-padded: the last position is not every "
+                                       "row's last prompt token")
+                hidden = model.lm(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+            if len(hidden) != count:
+                raise RuntimeError(f"the model returned {len(hidden)} hidden states, its config promises {count}")
+            yield kept, inputs, hidden
+    finally:
+        model.train(was_training)
+
+
+def _slot_states(model, inputs: dict, hidden):
+    """[B, K, H]: the states at the K thinking slots of each row."""
+    is_slot = model.backbone.thinking.is_slot(inputs["input_ids"])
+    return hidden[is_slot].view(is_slot.shape[0], model.num_slots, -1)
 
 
 # ---------------------------------------------------------------- targets
@@ -311,7 +375,7 @@ def probe_rows(manifest: str | Path, split: str, experts: Sequence[str], store_d
                                              **common)
     rows = pd.DataFrame(rows)
     good, _ = validate_rows(read_manifest(manifest))
-    extra = [c for c in ("task", *SPEAKER_COLUMNS) if c in good.columns]
+    extra = [c for c in ("task", "subtask", *SPEAKER_COLUMNS) if c in good.columns]
     rows = rows.merge(good[["id", *extra]].astype({"id": str}), on="id", how="left")
     if max_clips is not None and max_clips < len(rows):
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), max_clips, replace=False))
@@ -324,8 +388,9 @@ def probe_targets(rows: pd.DataFrame, names: Sequence[str], sources: Mapping[str
 
     An expert name gives one regression target [clips, dim]: each clip's features standardised with its
     source's statistics (kept as they are for discrete and multi-label experts, whose frame average is then a
-    class distribution) and averaged over frames. `family` gives one classification target per task family
-    present (the answers of that family's clips); free-text families are listed with a note, not fit.
+    class distribution) and averaged over frames. `family` gives one classification target per subtask of each
+    task family present (`family/<task>/<subtask>`: the answers of its clips; `family/<task>` where the rows name
+    no subtask); free-text families are listed with a note, not fit.
 
     Raises:
         KeyError: naming an expert without a source.
@@ -337,11 +402,16 @@ def probe_targets(rows: pd.DataFrame, names: Sequence[str], sources: Mapping[str
     for name in names:
         if name == FAMILY:
             tasks = rows["task"].astype(str).to_numpy()
+            subtasks = rows["subtask"].astype(str).to_numpy() if "subtask" in rows else None
+            answers = rows["answer"].astype(str).to_numpy()
             for task in sorted(set(tasks) & TASKS):
-                at = np.flatnonzero(tasks == task)
                 note = "free-text answers: not a classification target" if task in FREE_TEXT_TASKS else ""
-                labels = rows["answer"].astype(str).to_numpy()[at]
-                targets.append(ProbeTarget(f"{FAMILY}/{task}", "classification", labels, at, note))
+                at_task = np.flatnonzero(tasks == task)
+                parts = {task: at_task} if subtasks is None or note else {
+                    f"{task}/{subtask}": at_task[subtasks[at_task] == subtask]
+                    for subtask in sorted(set(subtasks[at_task]))}
+                for label, at in parts.items():
+                    targets.append(ProbeTarget(f"{FAMILY}/{label}", "classification", answers[at], at, note))
             continue
         if name not in sources:
             raise KeyError(f"no target source for expert {name!r}: pass it to probe_rows")
@@ -385,6 +455,13 @@ def clip_groups(rows: pd.DataFrame) -> np.ndarray:
     return np.unique([root(i) for i in range(len(rows))], return_inverse=True)[1]
 
 
+def question_types(rows: pd.DataFrame) -> np.ndarray:
+    """Per row, the question type it was asked: its `subtask` where the rows have one (coat-mini's question types),
+    else its prompt. The condition of the probes' baseline and the types of their control task."""
+    column = "subtask" if "subtask" in rows and rows["subtask"].notna().all() else "prompt"
+    return rows[column].astype(str).to_numpy()
+
+
 # ---------------------------------------------------------------- probes
 
 def cv_splits(groups: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -405,31 +482,64 @@ def _probe(kind: str):
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
 
 
-def _score(kind: str, y: np.ndarray, predicted: np.ndarray) -> float:
-    from sklearn.metrics import r2_score
+def clip_scores(kind: str, y: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Each clip's share of the score, so that their mean is it: 1 for a right answer (accuracy), and for
+    regression 1 - the clip's squared error over the target's variance, averaged over dimensions (their mean is
+    the uniform-average R², as scikit-learn's r2_score computes it)."""
+    if kind == "classification":
+        return (y == predicted).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 1 - ((y - predicted) ** 2 / y.var(0)).mean(1)
 
-    if kind == "regression":
-        return float(r2_score(y, predicted, multioutput="uniform_average"))
-    return float(np.mean(y == predicted))
 
-
-def _out_of_fold(kind: str, x: np.ndarray | None, y: np.ndarray, splits) -> np.ndarray:
-    """Out-of-fold predictions of the probe (`x` given) or of the baseline (`x` None: the training folds' mean,
-    or their majority class). A training fold holding one class predicts it."""
+def _out_of_fold(kind: str, x: np.ndarray | None, y: np.ndarray, splits, conditions: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Out-of-fold predictions of the probe (`x` given) or of the baseline (`x` None: the training folds' mean, or
+    their majority class, among the clips of the same `conditions` value where the training folds hold one). A
+    training fold holding one class predicts it."""
     from sklearn.exceptions import ConvergenceWarning
 
     predicted = np.empty(y.shape, dtype=y.dtype if kind == "regression" else object)
     for train, test in splits:
-        classes, counts = np.unique(y[train], return_counts=True) if kind == "classification" else (None, None)
-        if kind == "regression" and x is None:
-            predicted[test] = y[train].mean(0)
-        elif kind == "classification" and (x is None or len(classes) == 1):
-            predicted[test] = classes[np.argmax(counts)]
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                predicted[test] = _probe(kind).fit(x[train], y[train]).predict(x[test]).reshape(y[test].shape)
+        if x is None:
+            for i in test:
+                same = train[conditions[train] == conditions[i]] if conditions is not None else train
+                predicted[i] = _typical(kind, y[same if len(same) else train])
+            continue
+        if kind == "classification" and len(np.unique(y[train])) == 1:
+            predicted[test] = y[train][0]
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            predicted[test] = _probe(kind).fit(x[train], y[train]).predict(x[test]).reshape(y[test].shape)
     return predicted
+
+
+def _typical(kind: str, y: np.ndarray):
+    """The mean target, or the majority class."""
+    if kind == "regression":
+        return y.mean(0)
+    classes, counts = np.unique(y, return_counts=True)
+    return classes[np.argmax(counts)]
+
+
+def control_task(y: np.ndarray, types: np.ndarray, seed: int) -> np.ndarray:
+    """Hewitt and Liang's control task for target values `y`, with clip types (question types) in the place of their
+    word types: each type is assigned a type at random (seeded, fixed), and each clip takes the value of a random
+    clip of its assigned type. What a type's clips share becomes a fixed random value per type, which a probe gets
+    only by memorising the type; what varies within a type becomes noise that no probe predicts across grouped
+    folds. The control keeps the target's distribution and the share of it that types explain, and says nothing
+    else about the clip. With every clip its own type it is a shuffle of `y`. A classification control is redrawn
+    (up to 100 times) while it would hold one class."""
+    rng = np.random.default_rng(seed)
+    kinds, index = np.unique(types, return_inverse=True)
+    members = [np.flatnonzero(index == kind) for kind in range(len(kinds))]
+    for _ in range(100):
+        assigned = rng.integers(0, len(kinds), len(kinds))[index]
+        control = y[[members[kind][rng.integers(len(members[kind]))] for kind in assigned]]
+        if y.dtype.kind in "fc" or len(np.unique(control)) > 1 or len(np.unique(y)) == 1:
+            break
+    return control
 
 
 def _why_not(target: ProbeTarget, y: np.ndarray, groups: np.ndarray, folds: int) -> str:
@@ -446,25 +556,40 @@ def _why_not(target: ProbeTarget, y: np.ndarray, groups: np.ndarray, folds: int)
     return ""
 
 
+@dataclass
+class ProbeFit:
+    """What `fit_probes` found: one row per (position, layer, target) (`COLUMNS`), and one per clip of each
+    (`CLIP_COLUMNS`: its out-of-fold share of the probe's and the control's score; see `clip_scores`)."""
+
+    table: pd.DataFrame
+    clips: pd.DataFrame
+
+
 def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups: np.ndarray,
-               layers: Sequence[int] | None = None, folds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """One row per (position, layer, target) of the extraction in `features_dir` (see `COLUMNS`).
+               questions: np.ndarray | None = None, layers: Sequence[int] | None = None, folds: int = 5,
+               seed: int = 0) -> ProbeFit:
+    """Probes for `targets` at every (position, layer) of the extraction in `features_dir`.
 
     Regression targets: `StandardScaler` + `RidgeCV` scored by out-of-fold R² (the mean over target dimensions;
     dimensions constant over the clips carry nothing and are dropped, `dims` counts the rest). Classification:
     `StandardScaler` + `LogisticRegression` scored by out-of-fold accuracy. Folds: `GroupKFold` over `groups`
     (one label per extracted clip, e.g. `clip_groups`), the same for every layer, position and the control.
-    `baseline`: the training folds' mean (R² <= 0) or majority class; `control`: the probe fit to the target's
-    values shuffled across its clips (seeded per target, the same shuffle at every layer); selectivity = score -
-    control. Targets that cannot be fit get NaN scores and a `note`.
+    `questions` (one per extracted clip, e.g. `question_types`) conditions the `baseline` — the training folds'
+    mean or majority class among clips of the same question — and types the `control` (`control_task`, seeded per
+    target, the same at every layer), so selectivity = score - control discounts what a probe gets by memorising
+    which question was asked (`control_by` "question"). Without them, or where a target's clips share one
+    question, every clip is its own type and the control scores about chance (`control_by` "clip"). Targets that
+    cannot be fit get NaN scores and a `note`.
 
     Raises:
-        ValueError: `groups` does not match the extraction's clips, `folds` < 2, or a layer was not extracted.
+        ValueError: `groups` or `questions` do not match the extraction's clips, `folds` < 2, or a layer was not
+            extracted.
     """
     extraction = read_extraction(features_dir)
     groups = np.asarray(groups)
-    if len(groups) != len(extraction.ids):
-        raise ValueError(f"{len(groups)} groups for the {len(extraction.ids)} clips of {features_dir}")
+    if len(groups) != len(extraction.ids) or (questions is not None and len(questions) != len(groups)):
+        raise ValueError(f"{len(groups)} groups and {'no' if questions is None else len(questions)} questions for "
+                         f"the {len(extraction.ids)} clips of {features_dir}")
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
     layers = extraction.layers if layers is None else list(layers)
@@ -482,38 +607,51 @@ def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups:
         elif target.kind != "classification":
             raise ValueError(f"target {target.name!r}: kind must be regression or classification, not {target.kind}")
         rows = np.asarray(target.rows)
+        asked = None if questions is None else np.asarray(questions)[rows]
+        by_question = asked is not None and len(np.unique(asked)) > 1
         note = _why_not(target, y, groups[rows], folds)
         splits = control = None
+        baseline = np.nan
         if not note:
             splits = cv_splits(groups[rows], folds, seed)
-            control = y[np.random.default_rng([seed, zlib.crc32(target.name.encode())]).permutation(len(y))]
-        baseline = _score(target.kind, y, _out_of_fold(target.kind, None, y, splits)) if splits else np.nan
-        prepared.append((target, y, rows, dims, note, splits, control, baseline))
+            types = asked if by_question else np.arange(len(rows))
+            control = control_task(y, types, seed=zlib.crc32(f"{seed}/{target.name}".encode()))
+            baseline = clip_scores(target.kind, y, _out_of_fold(target.kind, None, y, splits, asked)).mean()
+        prepared.append((target, y, rows, dims, note, splits, control, baseline, "question" if by_question else "clip"))
 
-    records = []
+    records, per_clip = [], []
     for position in extraction.positions:
         for layer in layers:
             x = read_layer(features_dir, position, layer) if any(not p[4] for p in prepared) else None
-            for target, y, rows, dims, note, splits, control, baseline in prepared:
+            for target, y, rows, dims, note, splits, control, baseline, control_by in prepared:
                 score = control_score = np.nan
                 if not note:
                     xs = x[rows]
-                    score = _score(target.kind, y, _out_of_fold(target.kind, xs, y, splits))
-                    control_score = _score(target.kind, control, _out_of_fold(target.kind, xs, control, splits))
+                    scores = clip_scores(target.kind, y, _out_of_fold(target.kind, xs, y, splits))
+                    controls = clip_scores(target.kind, control, _out_of_fold(target.kind, xs, control, splits))
+                    score, control_score = scores.mean(), controls.mean()
+                    per_clip.append(pd.DataFrame({"position": position, "layer": int(layer), "target": target.name,
+                                                  "clip": np.asarray(extraction.ids)[rows], "score": scores,
+                                                  "control": controls}))
                 records.append({
                     "position": position, "layer": int(layer), "target": target.name, "kind": target.kind,
                     "metric": METRICS[target.kind], "score": score, "baseline": baseline, "control": control_score,
                     "selectivity": score - control_score, "n_clips": len(rows), "folds": folds,
-                    "dims": dims, "note": note,
+                    "dims": dims, "control_by": control_by, "note": note,
                 })
-    return pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(
+    table = pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(
         {"layer": "int64", "n_clips": "int64", "folds": "int64", "dims": "int64", "score": "float64",
          "baseline": "float64", "control": "float64", "selectivity": "float64"})
+    clips = (pd.concat(per_clip, ignore_index=True) if per_clip
+             else pd.DataFrame(columns=list(CLIP_COLUMNS)).astype({"layer": "int64"}))
+    return ProbeFit(table, clips)
 
 
-def log_probe_results(uri: str, run_id: str, table: pd.DataFrame) -> None:
-    """Log `probe/<position>/<target>/<metric>` and `..._selectivity` at step = layer for every fitted row, and the
-    table as the artifact `probes/results.parquet`. Raises MlflowException (unknown run, store errors)."""
+def log_probe_results(uri: str, run_id: str, table: pd.DataFrame, clips: pd.DataFrame | None = None,
+                      lens: pd.DataFrame | None = None) -> None:
+    """Log `probe/<position>/<target>/<metric>` and `..._selectivity` at step = layer for every fitted row, the
+    table as the artifact `probes/results.parquet`, and where given the per-clip scores (`probes/clips.parquet`)
+    and the logit lens (`probes/logit_lens.parquet`). Raises MlflowException (unknown run, store errors)."""
     from coat import tracking
 
     fitted = table[table["score"].notna()]
@@ -524,6 +662,37 @@ def log_probe_results(uri: str, run_id: str, table: pd.DataFrame) -> None:
             metrics[key], metrics[f"{key}_selectivity"] = row.score, row.selectivity
         tracking.log_metrics(uri, run_id, metrics, step=int(layer))
     tracking.log_table(uri, run_id, table, "probes/results.parquet")
+    for name, extra in (("clips", clips), ("logit_lens", lens)):
+        if extra is not None:
+            tracking.log_table(uri, run_id, extra, f"probes/{name}.parquet")
+
+
+def held_out_comparison(coat: pd.DataFrame, plain: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> dict:
+    """A CoAT run's probe against its K = 0 twin's, for one target at one position, from their per-clip scores
+    (`ProbeFit.clips` rows): each run's layer is chosen by mean selectivity (score - control) on a seeded half of the
+    clips both probed, and the two are compared at those layers on the other half, which neither choice saw: each
+    one's mean selectivity there, their difference, and its bootstrap 95% interval over clips. Returns
+    {coat_layer, plain_layer, coat, plain, diff, ci_low, ci_high, n_clips}. Raises ValueError when the runs share
+    fewer than four clips."""
+    from coat.eval.metrics import bootstrap_ci
+
+    shared = sorted(set(coat["clip"]) & set(plain["clip"]))
+    if len(shared) < 4:
+        raise ValueError(f"the two runs share {len(shared)} probed clips: too few to choose a layer on half of them")
+    choose = set(np.random.default_rng(seed).permutation(shared)[: len(shared) // 2])
+    report = [clip for clip in shared if clip not in choose]
+
+    def at_chosen_layer(clips: pd.DataFrame) -> tuple[int, np.ndarray]:
+        clips = clips.assign(selectivity=clips["score"] - clips["control"])
+        layer = int(clips[clips["clip"].isin(choose)].groupby("layer")["selectivity"].mean().idxmax())
+        rows = clips[clips["layer"] == layer].set_index("clip")
+        return layer, rows.loc[report, "selectivity"].to_numpy(np.float64)
+
+    (coat_layer, mine), (plain_layer, theirs) = at_chosen_layer(coat), at_chosen_layer(plain)
+    low, high = bootstrap_ci(mine - theirs, n=n, seed=seed)
+    return {"coat_layer": coat_layer, "plain_layer": plain_layer, "coat": float(mine.mean()),
+            "plain": float(theirs.mean()), "diff": float((mine - theirs).mean()), "ci_low": low, "ci_high": high,
+            "n_clips": len(report)}
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -549,10 +718,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class ProbeRun:
-    """What `probe_checkpoint` did: the results table (also in `out`), the extraction, the MLflow run it logged to
-    (None: none), and what was left out, reused or taken from the store, in words."""
+    """What `probe_checkpoint` did: the results table and per-clip scores (also in `out`), the logit lens (None:
+    not asked for), the extraction, the MLflow run it logged to (None: none), and what was left out, reused or taken
+    from the store, in words."""
 
     table: pd.DataFrame
+    clips: pd.DataFrame
+    lens: pd.DataFrame | None
     out: Path
     extraction: Extraction
     run_id: str | None
@@ -563,10 +735,11 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
                      data: Path | None = None, store: Path | None = None, out: Path | None = None,
                      layers: Sequence[int] | None = None, batch_size: int = 8, max_clips: int | None = None,
                      folds: int = 5, seed: int = 0, mlflow_run: str | None = None, experiment: str | None = None,
-                     progress: bool = False) -> ProbeRun:
+                     lens_top_k: int | None = None, progress: bool = False) -> ProbeRun:
     """Probe `checkpoint` for `names` (experts and/or `family`) on `split` of `data` (default: the checkpoint
-    config's manifest and store), write `results.csv` / `results.parquet` to `out` (default
-    `<checkpoint>/probes/<split>`) and log them to the run `mlflow_run`, or to a new run of `experiment`.
+    config's manifest and store), write `results.csv` / `results.parquet` and the per-clip `clips.parquet` to `out`
+    (default `<checkpoint>/probes/<split>`) and log them to the run `mlflow_run`, or to a new run of `experiment`.
+    With `lens_top_k`, also the slots' logit lens (`logit_lens`, that many tokens each) as `logit_lens.parquet`.
 
     The hidden states go to `<out>/hidden/` and are reused while the checkpoint, clips and layers stay the same.
     Everything that can be checked before the forward passes is (checkpoint, tracking store, data); nothing is
@@ -621,10 +794,11 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
     except (FileNotFoundError, ValueError, ConfigError) as err:
         raise ProbeError(err) from None
     chosen = normalise_layers(layers, hidden_state_count(model))
+    read = {"max_seconds": cfg.data.max_seconds, "crop": cfg.data.long_clips == "crop", "progress": progress}
     extraction = extract_hidden_states(
-        model, rows, out / "hidden", chosen, batch_size, max_seconds=cfg.data.max_seconds,
-        crop=cfg.data.long_clips == "crop", progress=progress,
+        model, rows, out / "hidden", chosen, batch_size, **read,
         fingerprint=_fingerprint(checkpoint, rows, chosen, cfg.data.max_seconds, cfg.data.long_clips))
+    lens = None if lens_top_k is None else logit_lens(model, rows, chosen, batch_size, top_k=lens_top_k, **read)
     del model
     if extraction.reused:
         notes.append(f"reusing the hidden states in {out / 'hidden'} (same checkpoint, clips and layers)")
@@ -632,22 +806,26 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
         notes.append(f"{len(extraction.skipped)} clips did not decode and were left out")
     rows = rows.set_index("id").loc[extraction.ids].reset_index()
 
-    table = fit_probes(out / "hidden", probe_targets(rows, names, sources), clip_groups(rows), folds=folds, seed=seed)
-    table = table.assign(checkpoint=str(checkpoint.resolve()), split=split, num_slots=cfg.thinking.num_slots)
+    fit = fit_probes(out / "hidden", probe_targets(rows, names, sources), clip_groups(rows), question_types(rows),
+                     folds=folds, seed=seed)
+    table = fit.table.assign(checkpoint=str(checkpoint.resolve()), split=split, num_slots=cfg.thinking.num_slots)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
     table.to_parquet(out / "results.parquet", index=False)
+    fit.clips.to_parquet(out / "clips.parquet", index=False)
+    if lens is not None:
+        lens.to_parquet(out / "logit_lens.parquet", index=False)
     run_id = mlflow_run
     try:
         if experiment:
             run_id = _new_probe_run(uri, experiment, checkpoint, cfg, split, names)
         if run_id:
-            log_probe_results(uri, run_id, table)
+            log_probe_results(uri, run_id, table, fit.clips, lens)
             if experiment:
                 tracking.end_run(uri, run_id)
     except (MlflowException, ValueError) as err:
         raise ProbeError(f"MLflow: {str(err).splitlines()[0]} (results are in {out})") from None
-    return ProbeRun(table, out, extraction, run_id, notes)
+    return ProbeRun(table, fit.clips, lens, out, extraction, run_id, notes)
 
 
 def _fingerprint(checkpoint: Path, rows: pd.DataFrame, layers: list[int], max_seconds: float, long_clips: str) -> str:

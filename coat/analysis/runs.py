@@ -114,6 +114,12 @@ def table_artifact(uri: str, run_id: str, path: str) -> pd.DataFrame:
         return pd.read_csv(local) if local.suffix == ".csv" else pd.read_json(local, orient="split")
 
 
+def has_artifact(uri: str, run_id: str, path: str) -> bool:
+    """Whether the run logged an artifact at `path` (e.g. `probes/clips.parquet`, which older runs lack)."""
+    folder = path.rsplit("/", 1)[0] if "/" in path else None
+    return any(a.path == path for a in tracking.mlflow_client(uri).list_artifacts(run_id, folder))
+
+
 def histories(uri: str, run_ids: list[str], key: str) -> pd.DataFrame:
     """One row per (run, step) of metric `key`: run_id, step, value."""
     rows = [(run_id, step, value) for run_id in run_ids for step, value in tracking.metric_history(uri, run_id, key)]

@@ -14,6 +14,7 @@ validation and test splits reuse the training split's, so no information from th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from coat.errors import UserError
 from coat.ray_runtime import ensure_ray
 
 LONG_CLIPS = ("crop", "reject")
+SHUFFLE_STREAM = 1  # the shuffled-targets control's entry in (seed, epoch, ...): apart from the data order's
 
 
 class MissingFeaturesError(UserError, LookupError):
@@ -64,13 +66,16 @@ class Stream:
     def __len__(self) -> int:
         return len(self.items)
 
-    def dataset(self, order: Sequence[int] | None = None):
+    def dataset(self, order: Sequence[int] | None = None, donors: np.ndarray | None = None):
         """A Ray Data dataset of the rows at `order` (default: all, in manifest order), in exactly that order,
-        decoded by at most `decode_tasks` tasks at once (see `load_batch`)."""
+        decoded by at most `decode_tasks` tasks at once (see `load_batch`). With `donors` (`shuffled_donors`),
+        row i carries the expert targets of row `donors[i]`: the shuffled-targets control."""
         import ray
 
         ensure_ray()
-        rows = self.items if order is None else [self.items[i] for i in order]
+        order = range(len(self.items)) if order is None else order
+        rows = [self.items[i] if donors is None else with_targets_of(self.items[i], self.items[donors[i]])
+                for i in order]
         dataset = ray.data.from_items(rows).map_batches(
             load_batch, fn_kwargs={"sources": self.sources, "sample_rate": self.sample_rate,
                                    "crop_seconds": self.crop_seconds},
@@ -93,6 +98,25 @@ def epoch_order(rows: int, *, seed: int, epoch: int, world: int, rank: int, step
     permutation = rng.permutation(rows) if weights is None else rng.choice(rows, size=rows, p=weights)
     usable = rows // (world * step_rows) * world * step_rows
     return permutation[:usable][rank::world]
+
+
+def shuffled_donors(rows: int, *, seed: int, epoch: int) -> np.ndarray:
+    """For each row of a split, the other row whose expert targets it trains on under `thinking.targets=shuffled`:
+    a random cycle through all rows (so no row keeps its own targets and every row's targets are used once), drawn
+    from (`seed`, `epoch`) apart from the data order, so it is fixed for the epoch and reproduced on resume.
+    Raises ValueError for fewer than two rows."""
+    if rows < 2:
+        raise ValueError(f"shuffled targets need at least two rows to exchange targets, the split has {rows}")
+    cycle = np.random.default_rng([seed, epoch, SHUFFLE_STREAM]).permutation(rows)
+    donors = np.empty(rows, dtype=np.int64)
+    donors[cycle] = np.roll(cycle, -1)
+    return donors
+
+
+def with_targets_of(row: Mapping, donor: Mapping) -> dict:
+    """`row` reading its expert targets from `donor`'s clip: where the features sit, and which audio they span."""
+    located = {key: donor[key] for key in donor if key.startswith(("part.", "row."))}
+    return {**row, **located, "targets_clip": donor["clip_hash"], "targets_audio_path": donor["audio_path"]}
 
 
 def training_items(manifest: str | Path, split: str, experts: Sequence[str], store_dir: str | Path, *,
@@ -174,7 +198,8 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
                crop_seconds: float | None = None) -> dict[str, list]:
     """Batch function of the stream: rows from `training_items` -> `id`, `audio` (float32 at `sample_rate`, cut
     to `crop_seconds`), `prompt`, `answer` and `target.<e>` ([T, D] or [D] for clip-level experts, standardised
-    when continuous).
+    when continuous). Rows that read their targets from another clip (`with_targets_of`) also give
+    `targets_seconds`: that clip's length, which aligns its frames to the slots.
 
     Raises:
         AudioError: a clip does not decode (precompute would have quarantined it).
@@ -183,11 +208,15 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
     out = {"id": [str(i) for i in batch["id"]], "prompt": [str(p) for p in batch["prompt"]],
            "answer": [str(a) for a in batch["answer"]],
            "audio": [decode(p, sample_rate, crop_seconds, crop=True).numpy() for p in batch["audio_path"]]}
+    clips = batch.get("targets_clip", batch["clip_hash"])
+    if "targets_audio_path" in batch:
+        longest = crop_seconds or math.inf
+        out["targets_seconds"] = [min(sf.info(p).duration, longest) for p in batch["targets_audio_path"]]
     for name, src in sources.items():
-        where = pd.DataFrame({"clip_hash": batch["clip_hash"], "part": batch[f"part.{name}"],
+        where = pd.DataFrame({"clip_hash": clips, "part": batch[f"part.{name}"],
                               "row": batch[f"row.{name}"]}).drop_duplicates("clip_hash")
         found = read_located(where)
-        targets = [found[h] for h in batch["clip_hash"]]
+        targets = [found[h] for h in clips]
         if src.stats is not None:
             targets = [standardise(t, src.stats) for t in targets]
         out[f"target.{name}"] = [t[0] if src.clip_level else t for t in targets]
@@ -201,7 +230,8 @@ def _columns(rows: Mapping[str, Sequence] | Sequence[Mapping]) -> Mapping[str, S
 
 
 def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str, torch.Tensor]:
-    """`model.encode(audio, prompts, answers)`, the clips' `duration` [B] in seconds, and `target.<e>` per expert:
+    """`model.encode(audio, prompts, answers)`, the `duration` [B] in seconds of the clips the targets describe
+    (the row's own, or `targets_seconds`), and `target.<e>` per expert:
     [B, T, D] zero-padded with `target_len.<e>` [B] for frame-level experts, [B, D] for clip-level ones.
 
     `rows` is a batch of columns (Ray's numpy batches) or a list of row dicts (a DataLoader's).
@@ -212,7 +242,8 @@ def collate(rows: Mapping[str, Sequence] | Sequence[Mapping], model) -> dict[str
     cols = _columns(rows)
     audio = [np.asarray(a, np.float32) for a in cols["audio"]]
     batch = model.encode(audio, [str(p) for p in cols["prompt"]], [str(a) for a in cols["answer"]])
-    batch["duration"] = torch.tensor([len(a) / model.backbone.sample_rate for a in audio], dtype=torch.float64)
+    seconds = cols.get("targets_seconds", [len(a) / model.backbone.sample_rate for a in audio])
+    batch["duration"] = torch.tensor([float(s) for s in seconds], dtype=torch.float64)
     for name in model.experts:
         key = f"target.{name}"
         if key not in cols:

@@ -157,3 +157,71 @@ def chance_level(choices: Iterable[object]) -> float:
     (nan when none has). Raises nothing."""
     sizes = [len(c) for c in choices if isinstance(c, list | tuple | np.ndarray) and len(c)]
     return float(np.mean([1 / k for k in sizes])) if sizes else float("nan")
+
+
+def two_level_bootstrap(a: np.ndarray, b: np.ndarray, den: np.ndarray | None = None, *, n: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Interval and two-sided p of the mean over seeds of ratio(a_s) - ratio(b_s), where ratio(x_s) =
+    sum_i x_s,i / sum_i den_i over examples, for `a` and `b` of shape [seeds, examples] (one row per training seed
+    of each system, the same examples in every row).
+
+    Each of the `n` resamples draws the seeds with replacement, then the examples with replacement as clusters
+    shared by every seed: an example is one unit however many seeds answered it, and a seed one training run (the
+    pigeonhole bootstrap for crossed factors; it counts the seed-by-example noise twice, so it errs wide). The two
+    draws come from separate streams, so seeds that repeat one result give exactly the one-seed interval, while
+    independent seeds narrow it. p = 2 (min(k<=0, k>=0) + 1) / (n + 1), at most 1: it is never 0 from a
+    finite number of resamples, and identical systems give 1.
+
+    Raises ValueError unless `a` and `b` are 2-D of one shape with `den` (default ones) one entry per example,
+    `n` >= 1 and 0 < `level` < 1."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    den = np.ones(a.shape[-1]) if den is None else np.asarray(den, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape or den.shape != a.shape[1:]:
+        raise ValueError(f"seed x example arrays {a.shape} and {b.shape} with denominators {den.shape} must be "
+                         "[seeds, examples] of one shape and [examples]")
+    if n < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and 0 < level < 1, got n={n}, level={level}")
+    seeds, size = a.shape
+    if not seeds or not size:
+        return float("nan"), float("nan"), float("nan")
+    diff = a - b
+    pick_examples, pick_seeds = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+    chunk = max(1, 2**22 // size)
+    stats = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        examples = np.zeros((m, size))
+        np.add.at(examples, (np.arange(m)[:, None], pick_examples.integers(0, size, (m, size))), 1.0)
+        seed_share = np.zeros((m, seeds))
+        np.add.at(seed_share, (np.arange(m)[:, None], pick_seeds.integers(0, seeds, (m, seeds))), 1.0 / seeds)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats.append(((seed_share @ diff) * examples).sum(1) / (examples @ den))
+    stats = np.concatenate(stats)
+    stats = stats[~np.isnan(stats)]
+    if not stats.size:
+        return float("nan"), float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    p = min(1.0, 2 * (min(int((stats <= 0).sum()), int((stats >= 0).sum())) + 1) / (stats.size + 1))
+    return float(low), float(high), p
+
+
+def sign_flip_p(differences: Sequence[float], *, n: int = 9999, seed: int = 0) -> float:
+    """Two-sided p of the paired sign-flip test that the per-example `differences` (a - b, each averaged over the
+    seeds that answered the example) centre on 0: under the null, each example's two systems could swap names.
+
+    When every non-zero difference has the same size (one seed of right/wrong answers) this is the exact binomial
+    test on the discordant pairs, i.e. McNemar's exact test; otherwise scipy's permutation test (every sign pattern
+    when there are at most `n` of them, else `n` seeded random ones). Empty or all-zero differences give 1. Raises
+    nothing for 1-D input."""
+    from scipy.stats import binomtest, permutation_test
+
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[d != 0]
+    if not d.size:
+        return 1.0
+    if np.allclose(np.abs(d), np.abs(d[0])):
+        return float(binomtest(int((d > 0).sum()), d.size, 0.5).pvalue)
+    test = permutation_test((d,), np.sum, permutation_type="samples", n_resamples=n, random_state=seed,
+                            alternative="two-sided")
+    return float(test.pvalue)

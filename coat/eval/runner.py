@@ -39,6 +39,7 @@ from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
 COT_SUFFIX = " Think step by step about what you hear, then give the final answer after 'Answer:'."
 SYSTEMS = ("coat", "base", "cot")
+ROTATION = "@rotation"  # circular evaluation: `<id>@rotation<r>` asks row <id> with its choices rotated by r
 TRANSCRIPTION = "transcription"
 
 
@@ -211,18 +212,21 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
     budget += cot_tokens if system == "cot" else 0
     suffix = COT_SUFFIX if system == "cot" else ""
     rate, device = model.backbone.sample_rate, model.slot_table.device
+    asked = circular_rows(chosen) if cfg.circular else chosen
     with _evaluating(model):
-        records, undecodable = answer_rows(model, chosen, cfg, suffix, budget, max_seconds, crop,
+        records, undecodable = answer_rows(model, asked, cfg, suffix, budget, max_seconds, crop,
                                            progress=f"evaluating {system}" if progress else None)
         latency, alone = measure_latency(model, chosen, cfg, suffix, budget, rate, max_seconds, crop)
     examples, table = score_answers(records, alone, recipe, cfg)
     setting = {
         "suite": suite, "system": system, "scoring": cfg.scoring, "device": _device_name(device),
         "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": budget,
-        "examples": len(examples), "eligible": len(good),
+        "examples": len(examples), "eligible": len(good), "circular": cfg.circular,
         "subsample": f"{len(chosen)} of {len(good)}, stratified by {by}, seed {cfg.seed}"
         if len(chosen) < len(good) else "all",
     }
+    if cfg.circular:  # an item whose audio does not decode is quarantined once, not once per rotation
+        undecodable = undecodable[~undecodable["id"].astype(str).str.contains(ROTATION, regex=False)]
     skipped = [q for q in (quarantine, undecodable) if len(q)]
     return EvalReport(system, suite, examples, table, latency, setting,
                       pd.concat(skipped, ignore_index=True) if skipped else quarantine)
@@ -239,14 +243,44 @@ def choose_rows(good: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig) -> tup
 
 def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The answered rows scored by the suite's rule, with the batch-size-1 timings of those measured alone, and
-    the results table over them (both empty when no row was answered)."""
+    """The answered rows scored by the suite's rule (each rotation of a circular evaluation by itself, then folded
+    into its item: `fold_rotations`), with the batch-size-1 timings of those measured alone, and the results table
+    over them (both empty when no row was answered)."""
     examples = pd.DataFrame(records)
     if not len(examples):
         return examples, pd.DataFrame()
     examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule)
+    if cfg.circular:
+        examples = fold_rotations(examples)
     return examples, results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns,
                                    scoring=cfg.scoring, n=cfg.bootstrap, seed=cfg.seed)
+
+
+def circular_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """CircularEval's questions: every multiple-choice row once per rotation of its choices (rotation r asks
+    choices[r:] + choices[:r]; rotation 0 is the row as it is, under its own id, the others as `<id>@rotation<r>`),
+    other rows once. Column `circular_id` holds the row's own id. Raises nothing."""
+    asked = []
+    for _, row in rows.iterrows():
+        choices = row["choices"] if isinstance(row["choices"], list) else []
+        for r in range(max(1, len(choices))):
+            rotated = row.copy()
+            rotated["circular_id"] = str(row["id"])
+            if r:
+                rotated["id"], rotated["choices"] = f"{row['id']}{ROTATION}{r}", [*choices[r:], *choices[:r]]
+            asked.append(rotated)
+    return pd.DataFrame(asked).reset_index(drop=True)
+
+
+def fold_rotations(examples: pd.DataFrame) -> pd.DataFrame:
+    """Scored rotations (from `circular_rows`) back to one row per item: rotation 0's row (the standard answer, in
+    the benchmark's own choice order) with `correct_circular` (right under every rotation) and
+    `circular_responses` (each rotation's response or chosen choice, in rotation order). Raises nothing."""
+    said = examples["response"].where(examples["response"].notna(), examples["prediction"])
+    folded = examples.assign(said=said).groupby("circular_id", sort=False).agg(
+        correct_circular=("correct", "all"), circular_responses=("said", list))
+    first = examples[examples["id"] == examples["circular_id"]].drop(columns="circular_id")
+    return first.merge(folded, left_on="id", right_index=True, how="left").reset_index(drop=True)
 
 
 @contextmanager
@@ -302,7 +336,7 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
                   "choices": row["choices"] if has_choices[i] else None, "output": outputs[i],
                   "response": final_answer(outputs[i]) if suffix else outputs[i], "new_tokens": lengths[i],
                   "batch_s_per_example": batch_s}
-        record |= {k: row[k] for k in row.index if k.startswith("group.") or k == "item"}
+        record |= {k: row[k] for k in row.index if k.startswith("group.") or k in ("item", "circular_id")}
         if i in ranked:
             record["prediction"], record["response"] = ranked[i], None
         records.append(record)

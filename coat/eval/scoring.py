@@ -43,7 +43,9 @@ SUBMISSION_KEYS = {"mmau": "model_output", "mmar": "answer_prediction"}
 # The task family of every item of a single-family suite (coat-mini's rows carry their own).
 SUITE_FAMILIES = {"mmau": "reasoning", "mmar": "reasoning", "meld": "emotion", "librispeech": TRANSCRIPTION,
                   "gtzan": "music"}
-RECORD_COLUMNS = ("id", "task", "answer", "choices", "output", "response", "prediction", "correct", "wer")
+RECORD_COLUMNS = ("id", "task", "answer", "choices", "output", "response", "prediction", "correct", "wer",
+                  "correct_circular", "circular_responses")
+CIRCULAR = "circular_accuracy"  # right under every rotation of the choices (`coat.eval.runner.circular_rows`)
 # Per example: tokens generated and seconds in its batch (quality pass); where the latency pass measured it alone,
 # its time to first token and to the whole answer.
 LATENCY_COLUMNS = ("new_tokens", "batch_s_per_example", "ttft_s", "latency_s")
@@ -172,6 +174,9 @@ def _family_rows(name: str, family: str, group: pd.DataFrame, metrics: Sequence[
             said = np.where(group["correct"].astype(bool), group["answer"], _hypotheses(group["prediction"]))
             est = weighted_f1(list(group["answer"]), list(said), n=n, seed=seed)
         rows.append((name, metric, *est[:3], est.n, chance, scoring))
+    if "correct_circular" in group:
+        est = accuracy(group["correct_circular"].astype(bool), n=n, seed=seed)
+        rows.append((name, CIRCULAR, *est[:3], est.n, chance, scoring))
     return rows
 
 
@@ -187,6 +192,8 @@ def results_table(examples: pd.DataFrame, *, metrics: Sequence[str], breakdowns:
     of `breakdowns` and value, read from the column `group.<field>` and named `<family>/<field>.<value>` with
     characters MLflow refuses in metric keys replaced by "_". Columns: `TABLE_COLUMNS`; `chance` as uniform
     guessing scores; `scoring` ("generate" or "loglik") is in every row, so the mode stays with the number.
+    Examples with `correct_circular` (a circular evaluation) add a `circular_accuracy` row to each choice row
+    group.
 
     Raises ValueError naming an unknown metric or scoring mode, or columns the examples lack.
     """
@@ -229,27 +236,32 @@ def table_metrics(table: pd.DataFrame) -> dict[str, float]:
     return out
 
 
-def paired_comparison(a: pd.DataFrame, b: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> pd.DataFrame:
+def paired_comparison(a: pd.DataFrame, b: pd.DataFrame, *, n: int = 1000, seed: int = 0,
+                      correct: str = "correct") -> pd.DataFrame:
     """System `a` against system `b` per task family, on the examples both scored (joined on `id`).
 
     Accuracy, or corpus WER for transcription, for each system and their difference with a paired bootstrap
     interval and two-sided p (`metrics.paired_bootstrap`), the exact McNemar p on the discordant pairs
-    (accuracy only; NaN for WER) and their counts. Columns: `PAIRED_COLUMNS`. Ids in only one table are left
-    out and counted in `attrs["a_unpaired"]` and `attrs["b_unpaired"]`.
+    (accuracy only; NaN for WER) and their counts. `correct="correct_circular"` compares circular accuracy (choice
+    items only). Columns: `PAIRED_COLUMNS`. Ids in only one table are left out and counted in
+    `attrs["a_unpaired"]` and `attrs["b_unpaired"]`.
 
     Raises ValueError naming missing columns or duplicate ids.
     """
     from scipy.stats import binomtest
 
     for name, table in (("a", a), ("b", b)):
-        missing = [c for c in ("id", "task", "answer", "prediction", "correct") if c not in table]
+        missing = [c for c in ("id", "task", "answer", "prediction", correct) if c not in table]
         if missing:
             raise ValueError(f"paired_comparison: {name} lacks the columns {missing}; score it with score_examples")
         dup = table.loc[table["id"].duplicated(), "id"].tolist()
         if dup:
             raise ValueError(f"paired_comparison: {name} holds ids more than once, e.g. {dup[:3]}")
-    pairs = a[["id", "task", "answer", "prediction", "correct"]].merge(
-        b[["id", "prediction", "correct"]], on="id", suffixes=("_a", "_b"))
+    circular = correct == "correct_circular"
+    pairs = a[["id", "task", "answer", "prediction", correct]].rename(columns={correct: "correct"}).merge(
+        b[["id", "prediction", correct]].rename(columns={correct: "correct"}), on="id", suffixes=("_a", "_b"))
+    if circular:
+        pairs = pairs[pairs["task"] != TRANSCRIPTION]
     rows = []
     for family, group in pairs.groupby("task", sort=True):
         if family == TRANSCRIPTION:
@@ -266,8 +278,8 @@ def paired_comparison(a: pd.DataFrame, b: pd.DataFrame, *, n: int = 1000, seed: 
         low, high, p = paired_bootstrap(right_a, right_b, n=n, seed=seed)
         a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
         mcnemar = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
-        rows.append((family, "accuracy", right_a.mean(), right_b.mean(), right_a.mean() - right_b.mean(), low,
-                     high, p, float(mcnemar), len(group), a_only, b_only))
+        rows.append((family, CIRCULAR if circular else "accuracy", right_a.mean(), right_b.mean(),
+                     right_a.mean() - right_b.mean(), low, high, p, float(mcnemar), len(group), a_only, b_only))
     out = pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
     out.attrs["a_unpaired"] = int((~a["id"].isin(b["id"])).sum())
     out.attrs["b_unpaired"] = int((~b["id"].isin(a["id"])).sum())

@@ -52,9 +52,12 @@ def evaluate_systems(checkpoint: Path, rows: pd.DataFrame, cfg: EvalConfig, base
 
 
 def paired_with_coat(reports: list[EvalReport], n: int, seed: int) -> pd.DataFrame | None:
-    """Paired bootstrap differences of the trained model against each baseline, on the ids both answered."""
-    paired = [paired_comparison(reports[0].examples, r.examples, n=n, seed=seed)
-              .assign(system_a="coat", system_b=r.system) for r in reports[1:]]
+    """Paired bootstrap differences of the trained model against each baseline, on the ids both answered; on
+    circular accuracy too when the evaluation was circular."""
+    circular = "correct_circular" in reports[0].examples
+    paired = [paired_comparison(reports[0].examples, r.examples, n=n, seed=seed, correct=correct)
+              .assign(system_a="coat", system_b=r.system)
+              for r in reports[1:] for correct in ("correct", *(["correct_circular"] if circular else []))]
     return pd.concat(paired, ignore_index=True) if paired else None
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
@@ -43,6 +44,7 @@ FSDP_UNIT = "_fsdp_wrapped_module."  # in the parameter names of modules FSDP wr
 WEIGHTS_FILE = "coat.safetensors"
 CONFIG_FILE = "coat.yaml"
 META_FILE = "coat.json"
+INIT_STREAM = 1  # the initialisation's entry in train.seed's seed sequence (steps use [seed, rank, step])
 
 
 @dataclass
@@ -84,6 +86,13 @@ def default_distance(spec: ExpertSpec) -> str:
     return "smooth_l1" if spec.dim <= REGRESSION_MAX_DIM else "cosine"
 
 
+def init_seed(train_seed: int) -> int:
+    """The seed the trained parts (slot table, LoRA, heads) are drawn from: `train.seed`'s own stream, apart from
+    the data order's and each step's, so two seeds are two training runs while `backbone.seed` alone fixes the
+    frozen base they train on."""
+    return int(np.random.SeedSequence([train_seed, INIT_STREAM]).generate_state(1)[0])
+
+
 def _lora_targets(cfg: CoATConfig) -> str:
     """A regex on module names: the LLM's projections, nothing under the excluded towers."""
     excluded = "|".join(cfg.lora.exclude)
@@ -112,7 +121,7 @@ class CoATModel(nn.Module):
         model = self.backbone.model
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.backbone.seed + 1)
+            torch.manual_seed(init_seed(cfg.train.seed))
             model.set_input_embeddings(SlotEmbedding(model.get_input_embeddings(), self.backbone.thinking))
             lora = LoraConfig(
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -120,13 +129,13 @@ class CoATModel(nn.Module):
             )
             self.lm = get_peft_model(model, lora)
             self.slot_table.requires_grad_(True)
-            # K = 0 is the plain LoRA baseline: nothing to supervise, so no heads (DDP wants every trained
-            # parameter to get a gradient).
+            # K = 0 (the plain LoRA baseline) and thinking.targets=none (pause positions) supervise nothing, so
+            # they have no heads (DDP wants every trained parameter to get a gradient).
             hidden = self.backbone.hidden_size
             self.heads = nn.ModuleDict(
                 {name: make_head(cfg.heads, hidden, spec, cfg.thinking.max_slots)
                  for name, spec in self.experts.items()}
-                if cfg.thinking.num_slots > 0 else {}
+                if cfg.thinking.supervised else {}
             ).to(device)
         # What training may change, whatever a stage freezes: saved, loaded and optimised as one fixed set.
         self.trained_names = [name for name, p in self.named_parameters() if p.requires_grad]

@@ -1,7 +1,8 @@
 """The per-worker training loop: batch, forward, losses, backward, step, log, checkpoint — top to bottom.
 
 Runs inside each Ray Train worker, or in this process with `train.num_workers=0` (see `session.py`). Each epoch
-every rank streams the rows `epoch_order` deals it, in a seeded order; the randomness of each step is seeded by
+every rank streams the rows `epoch_order` deals it, in a seeded order (under `thinking.targets=shuffled` each row
+with the targets of the row `shuffled_donors` gives it for the epoch); the randomness of each step is seeded by
 (seed, rank, step). A run resumed from a checkpoint therefore continues exactly where the uninterrupted run
 would be, and takes the same steps. Rank 0 alone writes checkpoints; per-step metrics travel inside them and
 reach MLflow once the checkpoint is committed (see `checkpoint.py`), so every step is logged exactly once.
@@ -23,7 +24,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import CoATConfig, StageConfig, from_yaml
-from coat.data.stream import Stream, epoch_order, iter_training_batches
+from coat.data.stream import Stream, epoch_order, iter_training_batches, shuffled_donors
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
 from coat.train import faults
@@ -243,8 +244,11 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
     while at.step < cfg.train.total_steps:
         order = epoch_order(len(train), seed=cfg.train.seed, epoch=at.epoch, world=world, rank=session.rank,
                             step_rows=batch_size * accum, weights=train.weights)
+        donors = (shuffled_donors(len(train), seed=cfg.train.seed, epoch=at.epoch)
+                  if cfg.thinking.supervised and cfg.thinking.targets == "shuffled" else None)
         # Closed on leaving, so a stream stopped mid-epoch (the last step) shuts down while Ray is still up.
-        stream = iter_training_batches(train.dataset(order[at.batch_in_epoch * batch_size:]), coat, batch_size)
+        stream = iter_training_batches(train.dataset(order[at.batch_in_epoch * batch_size:], donors), coat,
+                                       batch_size)
         with contextlib.closing(stream) as batches:
             while at.step < cfg.train.total_steps and at.batch_in_epoch < len(order) // batch_size:
                 index, stage, _ = stage_at(cfg, at.step)

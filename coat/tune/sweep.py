@@ -41,8 +41,8 @@ class SweepResult:
 
 
 # Short names for what a sweep varies, for its children's names in the dashboard ("K=16 seed=0").
-LABELS = {"thinking.num_slots": "K", "train.seed": "seed", "experts.names": "experts", "backbone.name": "backbone",
-          "loss.ce_weight": "ce"}
+LABELS = {"thinking.num_slots": "K", "thinking.targets": "targets", "train.seed": "seed", "experts.names": "experts",
+          "backbone.name": "backbone", "loss.ce_weight": "ce"}
 
 
 def trial_label(point: dict) -> str:
@@ -100,10 +100,11 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
     ensure_ray()
 
     storage = Path(base.train.storage).resolve() / "sweeps"
+    # A sweep run again without --resume is a new sweep: its trials must not join the earlier one's as its seeds.
     parent = tracking.start_run(uri, base.tracking.experiment, f"sweep-{name}", base,
                                 tags={"coat.kind": "sweep", "coat.sweep": name,
                                       "coat.search": "grid" if space.is_grid else "optuna"},
-                                spool=spool_folder(storage, f"sweep-{name}"))
+                                resume=resume, spool=spool_folder(storage, f"sweep-{name}"))
     tracking.log_text(uri, parent, Path(space_file).read_text(), "space.yaml")
     search = {"search": "grid" if space.is_grid else "optuna-tpe", "num_samples": base.sweep.num_samples,
               "scheduler": "none" if space.is_grid else base.sweep.scheduler, "metric": base.sweep.metric,
