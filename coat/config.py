@@ -341,7 +341,6 @@ def default_suites() -> dict[str, SuiteRecipe]:
 @dataclass
 class EvalConfig:
     batch_size: int = setting(16, "Examples per generation batch.", ge=1)
-    max_new_tokens: int | None = setting(None, "Every suite's token budget; null: each suite's own.", ge=1)
     bootstrap: int = setting(1000, "Resamples for the 95% intervals.", ge=1)
     max_examples: int | None = setting(None, "A subsample of this many examples, stratified by task family and "
                                              "drawn with `seed`; null: every example.", ge=1)
@@ -356,6 +355,10 @@ class EvalConfig:
                                         "no thinking block, no fine-tune) and cot (that backbone reasoning in text "
                                         "first, with cot_tokens more tokens).", factory=list)
     cot_tokens: int = setting(64, "Extra tokens the text chain-of-thought baseline may reason with.", ge=1)
+    long_clips: str = setting("crop", "Benchmark clips longer than the backbone hears of a clip (its audio window): "
+                                      "crop: heard as their first window, and counted; reject: left out as too_long, "
+                                      "and counted. (coat-mini rows follow data.max_seconds and data.long_clips, as "
+                                      "in training.)", choices=("crop", "reject"))
     circular: bool = setting(False, "CircularEval (as MMBench reports it): every multiple-choice item is asked once "
                                     "per rotation of its choices and counts as right only when right under every "
                                     "rotation; reported as circular_accuracy beside the standard accuracy.")
@@ -381,8 +384,9 @@ class TrackingConfig:
 class SweepConfig:
     name: str | None = setting(None, "Default: the space file's name; `--resume` continues the sweep of this name.")
     num_samples: int = setting(8, "Trials of a sampled space (Optuna TPE); a grid runs each point once.", ge=1)
-    metric: str = setting("val/ce", "Ranks trials: a val/... or eval/... metric; val/ce compares across loss "
-                                    "weights and expert sets, unlike the total loss.")
+    metric: str = setting("val/ce", "Ranks trials (Optuna, ASHA, the best trial): a validation metric, val/...; "
+                                    "val/ce compares across loss weights and expert sets, unlike the total loss. "
+                                    "Test metrics (eval/...) never select: every trial reports them alike.")
     mode: str = setting("min", "Whether the metric is minimised or maximised.", choices=("min", "max"))
     scheduler: str = setting("asha", "asha or none; grids always run every trial to the end.",
                              choices=("asha", "none"))
@@ -399,9 +403,12 @@ class SweepConfig:
     def check(self) -> None:
         if len(set(self.seeds)) != len(self.seeds):
             raise invalid("sweep.seeds", f"{self.seeds} lists a seed twice")
-        if not self.metric.startswith(("val/", "eval/")):
-            raise invalid("sweep.metric", f"{self.metric!r} must be a reported validation (val/...) or evaluation "
-                                          "(eval/...) metric")
+        if self.metric.startswith("eval/"):
+            raise invalid("sweep.metric", f"{self.metric!r} is scored on the test split, and selecting on it would "
+                                          "report a test score chosen on the test data: rank by a validation metric "
+                                          "(val/ce, or val/<task>/<metric> with train.val_scores=true)")
+        if not self.metric.startswith("val/"):
+            raise invalid("sweep.metric", f"{self.metric!r} must be a reported validation metric (val/...)")
 
 
 @dataclass
@@ -444,6 +451,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _resolved(cfg)
 
 
+# Fields that were removed, and what to set instead.
+RETIRED = {"eval.max_new_tokens": "one budget for every suite cut long answers (LibriSpeech transcripts) short; set "
+                                  "a suite's own: eval.suites.<suite>.max_new_tokens"}
+
+
 @contextmanager
 def _named_field(where: str = "") -> Iterator[None]:
     """OmegaConf's errors (unknown key, wrong type) as a ConfigError naming the dotted field, and `where` it was
@@ -451,7 +463,8 @@ def _named_field(where: str = "") -> Iterator[None]:
     try:
         yield
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config field {err.full_key!r}{where}: {err.msg.splitlines()[0]}") from None
+        problem = RETIRED.get(err.full_key, err.msg.splitlines()[0])
+        raise ConfigError(f"config field {err.full_key!r}{where}: {problem}") from None
 
 
 def _with_overrides(merged, overrides):

@@ -34,7 +34,7 @@ SYNTHETIC_EXPERTS = {
 
 def tiny_config(backbone: str, *overrides: str):
     return load_config(overrides=[
-        f"backbone.name={backbone}", "backbone.audio_window_s=2", "thinking.max_slots=8",
+        f"backbone.name={backbone}", "backbone.audio_window_s=2", "data.max_seconds=2", "thinking.max_slots=8",
         "thinking.num_slots=4", "experts.names=[pitch,phonetic,speaker]", "heads.dim=32", *overrides,
     ])
 
@@ -61,7 +61,7 @@ SWEEP = [
     "lora.modules_to_save=[lm_head]",
     "train.num_workers=0", "train.batch_size=4", "train.warmup_steps=1", "train.val_batches=1",
     "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 2}]", "train.checkpoint_every=2",
-    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "eval.latency_examples=2",
+    "eval.max_examples=4", "eval.suites.coat-mini.max_new_tokens=4", "eval.bootstrap=100", "eval.latency_examples=2",
     "eval.latency_warmup=1", "sweep.grace_steps=2",
 ]
 

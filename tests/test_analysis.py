@@ -163,7 +163,8 @@ def test_verdicts_read_the_holm_adjusted_p_in_the_metrics_direction():
 def comparison(a: str, b: str, diff: float, p_holm: float, family: str = "emotion") -> dict:
     return {"a_system": a, "b_system": b, "thinking.num_slots": 16, "task": family, "metric": "accuracy",
             "diff": diff, "diff_ci_low": diff - 0.05, "diff_ci_high": diff + 0.05, "p": p_holm / 2, "p_holm": p_holm,
-            "comparisons": 5, "seeds": 3, "n_examples": 120, "interval": "seeds and test examples (two-level bootstrap)"}
+            "comparisons": 5, "seeds": 3, "n_examples": 120,
+            "interval": "seeds and test examples (two-level bootstrap)"}
 
 
 @pytest.mark.parametrize(("gain", "over_none", "over_shuffled", "pause", "explanation"), [

@@ -2,6 +2,7 @@
 the benchmark loaders are in test_scoring.py)."""
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from coat.backbones import check_audio_window
 from coat.cli import eval_command
-from coat.config import default_suites, load_config
+from coat.config import ConfigError, default_suites, load_config
 from coat.data.audio import decode
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
@@ -24,13 +26,15 @@ from coat.eval.runner import (
     circular_rows,
     evaluate,
     generated_lengths,
+    reasoning_before_answer,
     timed_generate,
     token_budget,
 )
 from coat.eval.scoring import normalise_transcript
-from coat.eval.tasks import final_answer
+from coat.eval.tasks import final_answer, split_answer
 from coat.model import CoATModel
 from tests.conftest import write_tone
+from tests.test_scoring import official_accuracy
 
 MAX_NEW_TOKENS = 4
 
@@ -47,7 +51,7 @@ def manifest(tmp_path_factory) -> Path:
 def model(manifest) -> CoATModel:
     cfg = load_config(overrides=[
         "experts.names=[]", "thinking.num_slots=2", "thinking.max_slots=4", "backbone.audio_window_s=8",
-        f"data.manifest={manifest}", "eval.batch_size=4", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
+        f"data.manifest={manifest}", "eval.batch_size=4", f"eval.suites.coat-mini.max_new_tokens={MAX_NEW_TOKENS}",
         "eval.bootstrap=200", "eval.latency_examples=3", "eval.latency_warmup=1",
     ])
     return CoATModel(cfg).eval()
@@ -144,6 +148,22 @@ def test_circular_eval_asks_every_rotation_and_counts_an_item_only_when_every_ro
     assert any(key.endswith("/loglik_circular_accuracy") for key in circular.metrics())
 
 
+def test_benchmarks_are_heard_whole_up_to_the_backbones_window_and_longer_clips_are_counted(model, tmp_path):
+    import pandas as pd
+
+    rows = pd.DataFrame([{"id": f"g{i}", "audio": str(write_tone(tmp_path / f"g{i}.wav", seconds=seconds)),
+                          "task": "music", "prompt": None, "answer": "blues", "choices": ["blues", "rock"],
+                          "split": "test"} for i, seconds in enumerate([3.0, 9.5, 12.0])])
+    cfg = replace(model.cfg.eval, latency_examples=0, scoring="loglik")
+    heard = evaluate(model, rows, cfg, suite="gtzan", progress=False)
+    assert model.backbone.audio_window_s == 8.0 and heard.setting["heard_s"] == 8.0
+    assert heard.setting["cut"] == 2 and heard.metrics()["eval/cut"] == 2 and len(heard.examples) == 3
+    rejected = evaluate(model, rows, replace(cfg, long_clips="reject"), suite="gtzan", progress=False)
+    assert list(rejected.examples["id"]) == ["g0"] and rejected.metrics()["eval/quarantined/too_long"] == 2
+    with pytest.raises(ConfigError, match=r"data.max_seconds.*10 s is longer than qwen2-audio hears of a clip \(8 s\)"):
+        check_audio_window(load_config(overrides=["data.max_seconds=10"]))
+
+
 def test_a_subsample_keeps_each_groups_share_and_says_so(model, manifest):
     rows = read_manifest(manifest)
     cfg = replace(model.cfg.eval, max_examples=5, latency_examples=0)
@@ -173,11 +193,23 @@ def test_cot_baseline_is_the_base_backbone_reasoning_in_text(checkpoint, manifes
     rows = read_manifest(manifest).head(4)
     cfg = replace(base.cfg.eval, latency_examples=2)
     direct = evaluate(base, rows, cfg, system="base", progress=False)
-    cot = evaluate(base, rows, cfg, system="cot", cot_tokens=12, progress=False)
+    cot = evaluate(base, rows, replace(cfg, cot_tokens=12), system="cot", progress=False)
     assert cot.setting["max_new_tokens"] == direct.setting["max_new_tokens"] + 12
     assert cot.latency["new_tokens"] > direct.latency["new_tokens"]
     assert cot.latency["total_s"] > direct.latency["total_s"]
     assert (cot.examples["response"] == [final_answer(o) for o in cot.examples["output"]]).all()
+    for report in (direct, cot):  # each system says how many of its answers ran out of tokens
+        ran_out = report.examples["out_of_budget"] == 1
+        assert (report.examples.loc[ran_out, "new_tokens"] == report.setting["max_new_tokens"]).all()
+        assert report.metrics()["eval/out_of_budget"] == pytest.approx(ran_out.mean())
+    assert not any("answer:" in o.lower() for o in cot.examples.loc[cot.examples["out_of_budget"] == 1, "output"])
+
+
+def test_every_path_reads_a_chain_of_thought_answer_after_its_last_mark():
+    text = "The answer: maybe happy, since it rises. Answer: sad"
+    assert split_answer(text) == ("The answer: maybe happy, since it rises. ", " sad") and final_answer(text) == " sad"
+    assert reasoning_before_answer(text) == "The answer: maybe happy, since it rises."
+    assert reasoning_before_answer("no mark at all ") == "no mark at all" and final_answer("happy") == "happy"
 
 
 def test_base_model_ignores_trained_parts(model, tmp_path):
@@ -253,14 +285,17 @@ def test_mmau_is_evaluated_whole_and_written_in_its_submission_format(cli, check
     code, output = cli("--checkpoint", checkpoint, "--suite", "mmau", "--data", mmau, "--out", out)
     assert code == 0, output
     submitted = json.loads(out.read_text())
-    assert len(submitted) == 8 and all("model_output" in item for item in submitted)  # all but the broken item
-    assert {item["id"] for item in submitted} == {f"m{i}" for i in range(9)} - {"m8"}
-    for text in ("reasoning/task.sound", "reasoning/difficulty.hard", "1 rows quarantined", "duplicate_choices 1",
-                 "examples: all"):
+    assert len(submitted) == 9 and all("model_output" in item for item in submitted)  # all but the silent clip
+    assert {item["id"] for item in submitted} == {f"m{i}" for i in range(9)}
+    for text in ("reasoning/task.sound", "reasoning/difficulty.hard", "1 rows quarantined (not evaluated: "
+                 "missing_file 1)", "duplicate_choices 1", "answer_not_in_choices 1", "examples: all"):
         assert text in output, text
+    official = official_accuracy(out, "model_output", ("task",))
+    scored = re.search(r"reasoning │ accuracy │ ([\d.]+) \[", output).group(1)
+    assert float(scored) == pytest.approx(official["total"], abs=5e-4), "coat eval's number is the official one"
     code, output = cli("--checkpoint", checkpoint, "--suite", "mmau", "--data", mmau, "--max-examples", "3",
                        "--out", out)
-    assert code == 0 and "3 of 8, stratified by group.task, seed 0" in output
+    assert code == 0 and "3 of 10, stratified by group.task, seed 0" in output
     assert sorted(item["task"] for item in json.loads(out.read_text())) == ["music", "sound", "speech"]
 
 
@@ -271,7 +306,7 @@ def test_mmau_circular_eval_scores_each_rotation_by_string_match_and_pairs_on_it
     assert code == 0, output
     assert "circular_accuracy" in output and "reasoning/task.sound" in output
     submitted = json.loads(out.read_text())
-    assert len(submitted) == 8 and not any("@rotation" in item["id"] for item in submitted), "one answer an item"
+    assert len(submitted) == 9 and not any("@rotation" in item["id"] for item in submitted), "one answer an item"
     assert output.count("circular_accuracy") >= 2, "the table and the paired comparison"
 
 
@@ -300,8 +335,9 @@ def test_evaluation_errors_name_the_problem(cli, checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def mmau(tmp_path_factory) -> Path:
-    """Nine items in MMAU test-mini's layout, three per task, with its quirks: a list-valued category,
-    duplicate choices, and one item without its question (quarantined, counted, never dropped silently)."""
+    """Ten items in MMAU test-mini's layout, three per task, with its quirks: a list-valued category, duplicate
+    choices, one item without its question and one whose answer is not among its choices (both scored, as the
+    official script scores them), and one whose audio is missing (dropped, counted, never silently)."""
     root = tmp_path_factory.mktemp("MMAU")
     items = []
     for i, task in enumerate(["sound", "music", "speech"] * 3):
@@ -312,6 +348,8 @@ def mmau(tmp_path_factory) -> Path:
                       "difficulty": ["easy", "medium", "hard"][i // 3]})
         write_tone(root / "test-mini-audios" / f"m{i}.wav", hz=200 + 40 * i)
     del items[8]["question"]
+    items[7]["answer"] = "Robot"
+    items.append(items[0] | {"id": "m9", "audio_id": "./test-mini-audios/gone.wav"})
     (root / "mmau-test-mini.json").write_text(json.dumps(items))
     return root
 

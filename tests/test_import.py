@@ -5,6 +5,7 @@ at 44.1 kHz stereo, and one video without any audio track). Each test asserts wh
 """
 
 import json
+import os
 
 import av
 import numpy as np
@@ -23,7 +24,7 @@ from coat.data.importers import (
     seeded_split,
 )
 from coat.data.manifest import read_manifest, reason_code, validate_rows
-from coat.eval.benchmarks import GTZAN_GENRES, MELD_EMOTIONS
+from coat.eval.benchmarks import GTZAN_GENRES, MELD_EMOTIONS, load_suite
 
 
 def _clip(path, seconds=0.3, rate=16000, freq=440.0, channels=1):
@@ -287,6 +288,29 @@ def test_mmau_and_mmar_rows_are_test_with_their_questions_and_choices(tmp_path):
     summary = import_corpus("mmar", mmar, tmp_path / "out-mmar")
     assert summary.rows[["id", "split"]].values.tolist() == [["1", "test"]]
     assert _reasons(summary) == {"2": "missing_file"}
+
+
+# --- evaluation scores what the import held out ----------------------------------------------------------------
+
+def test_every_suite_evaluates_the_test_split_its_import_defines(librispeech, meld, gtzan, tmp_path):
+    """An evaluated clip is never one the import put in training: by audio file, and by id in the import's naming."""
+    mmau = tmp_path / "mmau"
+    _clip(mmau / "a.wav")
+    (mmau / "mmau-test-mini.json").write_text(json.dumps([{"id": "q1", "audio_id": "a.wav", "question": "Q?",
+                                                           "choices": ["x", "y"], "answer": "x", "task": "sound"}]))
+    cases = [("librispeech", librispeech, librispeech / "test-clean", lambda i: i),
+             ("meld", meld, meld, lambda i: f"test-{i}"), ("gtzan", gtzan, gtzan, lambda i: i),
+             ("mmau", mmau, mmau, lambda i: i)]
+    for suite, corpus, data, imported_id in cases:
+        rows = import_corpus(suite, corpus, tmp_path / f"out-{suite}").rows
+        evaluated, _ = load_suite(suite, data, "test")
+        ids = {imported_id(i) for i in evaluated["id"]}
+        assert ids and not ids & set(rows.loc[rows["split"] != "test", "id"]), suite
+        assert ids >= set(rows.loc[rows["split"] == "test", "id"]), f"{suite}: every held-out row is scored"
+        training_audio = {os.path.realpath(p) for p in rows.loc[rows["split"] == "train", "audio_path"]}
+        assert not {os.path.realpath(p) for p in evaluated["audio_path"]} & training_audio, suite
+    with pytest.raises(ValueError, match="train-clean-100 is the train split"):
+        load_suite("librispeech", librispeech / "train-clean-100", "test")
 
 
 # --- generic table -----------------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from coat.config import ConfigError, load_config
 from coat.data.manifest import ManifestError, read_manifest, validate_rows
 from coat.data.mixture import combine, sample_weights
-from coat.data.stream import epoch_order
+from coat.data.stream import Stream, epoch_order
 from coat.train.launch import prepare_data, training_streams
 
 
@@ -79,3 +80,16 @@ def test_a_run_on_a_mixture_trains_on_every_source_at_its_weight(tmp_path, coat_
     train_ids = set(read_manifest(coat_mini).query("split == 'train'")["id"])
     second_train = sum(r["id"] in train_ids for r in map(json.loads, second.read_text().splitlines()[:12]))
     assert {s: (sources == s).sum() for s in ("mini", "second")} == {"mini": len(train_ids), "second": second_train}
+
+
+def test_validation_weighs_every_source_and_family_of_a_mixture():
+    """The validation subset is not the first rows in manifest order, where a mixture's first corpus stands."""
+    items = [{"id": f"{source}-{i}", "task": ("emotion", "music", "reasoning", "music")[i % 4], "mixture": source}
+             for source, count in (("first", 60), ("second", 20)) for i in range(count)]
+    val = Stream(items, {}, 16000)
+    chosen = pd.DataFrame(items).loc[val.stratified(20, seed=0)]
+    shares = {"first": 15, "second": 5, "emotion": 5, "music": 10, "reasoning": 5}  # of 20, as in the split
+    got = chosen.groupby("mixture").size().to_dict() | chosen.groupby("task").size().to_dict()
+    assert all(abs(got[key] - share) <= 1 for key, share in shares.items()), got
+    assert list(chosen.index) == list(val.stratified(20, seed=0)) and list(chosen.index) == sorted(chosen.index)
+    assert list(chosen.index) != list(val.stratified(20, seed=1))

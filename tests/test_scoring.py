@@ -26,12 +26,15 @@ from coat.data.synth import EMOTIONS, EVENTS, PITCH_CLASSES
 from coat.eval.benchmarks import (
     GTZAN_GENRES,
     MELD_EMOTIONS,
+    gtzan_clips,
+    gtzan_splits,
     load_gtzan,
     load_librispeech,
     load_meld,
     load_mmar,
     load_mmau,
     load_suite,
+    question_rows,
     read_records,
 )
 from coat.eval.metrics import (
@@ -320,6 +323,27 @@ def test_score_examples_takes_loglik_choices_as_they_are():
     assert no_response["correct"].tolist() == [True, False]
 
 
+def test_a_chosen_choice_scores_as_the_official_script_scores_its_text(tmp_path):
+    """An event-order item whose choices are permutations of the same words: choosing another order holds every
+    answer word and no word only other choices have, so MMAU's own script counts it right."""
+    order = ["dog barks then car passes", "car passes then dog barks", "car passes dog barks then"]
+    items = [{"id": "e1", "audio_id": "e1.wav", "question": "Which order?", "choices": order, "answer": order[0],
+              "task": "sound", "difficulty": "hard"},
+             {"id": "e2", "audio_id": "e2.wav", "question": "Who?", "choices": VOICES, "answer": "Man",
+              "task": "sound", "difficulty": "easy"}]
+    rows = question_rows("mmau", items, tmp_path)[0].assign(response=None, prediction=[order[1], "Woman"],
+                                                             scoring="loglik")
+    examples = score_examples(rows, "string_match")
+    path = write_predictions(examples, "mmau", tmp_path / "mmau.json")
+    assert [item["model_output"] for item in json.loads(path.read_text())] == [order[1], "Woman"]
+    assert examples["correct"].tolist() == [True, False]
+    official = official_accuracy(path, "model_output", ("task",))
+    table = results_table(examples, metrics=["accuracy"], breakdowns=[], scoring="loglik", n=10)
+    assert table["value"].iloc[0] == official["total"] == 0.5
+    back = score_examples(read_predictions(path, "mmau"), "string_match")
+    assert back["correct"].tolist() == examples["correct"].tolist(), "coat score reads the file the same way"
+
+
 @pytest.fixture
 def scored_mmau_like() -> pd.DataFrame:
     df = _examples([(f"q{i}", "reasoning", "Man", VOICES, "man" if i % 4 else "woman") for i in range(12)])
@@ -598,14 +622,18 @@ def test_load_librispeech(librispeech):
 
 
 def test_load_gtzan(tmp_path):
-    for name in ("blues/blues.00000.wav", "blues/blues.00001.wav", "rock/rock.00007.wav"):
-        write_tone(tmp_path / "genres_original" / name, seconds=0.5, rate=22050)
+    for genre in ("blues", "rock"):
+        for i in range(10):
+            write_tone(tmp_path / "genres_original" / genre / f"{genre}.{i:05d}.wav", seconds=0.2, rate=22050)
+    clips = gtzan_clips(tmp_path)
+    assert len(clips) == 20 and clips.loc[19, "item"] == {"file": "rock/rock.00009.wav", "genre": "rock"}
+    split = dict(zip(clips["id"], gtzan_splits(clips, seed=0, val_share=0.1, test_share=0.1), strict=True))
     df = load_gtzan(tmp_path)
     _check_manifest_shape(df, "gtzan")
-    assert df["id"].tolist() == ["blues.00000", "blues.00001", "rock.00007"]
-    assert df["answer"].tolist() == ["blues", "blues", "rock"]
+    assert df["id"].tolist() == [i for i, s in split.items() if s == "test"] and len(df) == 2, "a test clip a genre"
+    assert sorted(df["answer"]) == ["blues", "rock"] and (df["split"] == "test").all()
     assert df.loc[0, "choices"] == list(GTZAN_GENRES) and (df["task"] == "music").all()
-    assert df.loc[2, "item"] == {"file": "rock/rock.00007.wav", "genre": "rock"}
+    assert load_gtzan(tmp_path, "train")["id"].tolist() == [i for i, s in split.items() if s == "train"]
 
 
 def test_load_suite_reads_the_coat_mini_manifest_split(tmp_path):
@@ -772,11 +800,17 @@ def test_score_json_for_wer_f1_and_mixed_suites(score, tmp_path):
     metrics = json.loads(score("--suite", "coat-mini", path, "--json", "--bootstrap", "20")[2])["metrics"]
     assert metrics == {"emotion/accuracy": 0.5, "transcription/wer": pytest.approx(1 / 3), "accuracy": 0.5,
                        "wer": pytest.approx(1 / 3)}
-    loglik = pd.DataFrame({"id": ["m1", "m2"], "task": "emotion", "answer": ["joy", "anger"],
+    labels = pd.DataFrame({"id": ["m1", "m2"], "task": "emotion", "answer": ["joy", "anger"],
                            "choices": [list(MELD_EMOTIONS)] * 2, "prediction": ["joy", "joy"]})
-    path = write_predictions(loglik, "gtzan", tmp_path / "loglik.jsonl")
+    path = write_predictions(labels, "meld", tmp_path / "labels.jsonl")  # predicted labels, by any system
+    metrics = json.loads(score("--suite", "meld", path, "--json", "--bootstrap", "20")[2])["metrics"]
+    assert set(metrics) == {"accuracy", "weighted_f1"} and metrics["accuracy"] == 0.5
+    path = write_predictions(labels.assign(scoring="loglik"), "gtzan", tmp_path / "loglik.jsonl")
     metrics = json.loads(score("--suite", "gtzan", path, "--json", "--bootstrap", "20")[2])["metrics"]
-    assert metrics == {"loglik_accuracy": 0.5}
+    assert metrics == {"loglik_accuracy": 0.5}, "named after log-likelihood scoring only when the file says so"
+    mixed = write_predictions(labels.assign(scoring=["loglik", "generate"]), "gtzan", tmp_path / "mixed.jsonl")
+    code, output, _ = score("--suite", "gtzan", mixed, "--json")
+    assert code == 1 and "mixed.jsonl" in output and "declare the scoring modes" in output
 
 
 def test_score_against_a_baseline(score, tmp_path):

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from coat.backbones.tokenizer import tiny_corpus
 from coat.data.speech import speak
-from coat.data.synth import PITCH_CLASSES, SENTENCES, TASKS, synthesize, text_corpus
+from coat.data.synth import PITCH_CLASSES, SENTENCES, TASKS, split_sentences, synthesize, text_corpus
 
 SIZE = 40
 
@@ -114,15 +114,28 @@ def test_every_clip_decodes_at_the_rate_within_one_to_six_seconds(sets):
         assert 1.0 <= len(wav) / sr <= 6.0 and abs(len(wav) / sr - row["duration"]) < 1e-3, path
 
 
-def test_a_larger_test_share_moves_clips_to_test_and_changes_nothing_else(sets, tmp_path):
+def test_a_larger_test_share_moves_clips_to_test_and_changes_no_other_clip(sets, tmp_path):
     manifest = synthesize(tmp_path, SIZE, seed=0, workers=0, test_share=0.3)
     rows, tenth = _rows(manifest), {r["id"]: r for r in _rows(sets["pool"])}
     assert [sum(r["split"] == s for r in rows) for s in ("train", "val", "test")] == [24, 4, 12]
-    assert all(r | {"split": None} == tenth[r["id"]] | {"split": None} for r in rows)
+    kept = [r["id"] for r in rows if r["split"] == tenth[r["id"]]["split"]]
+    assert len(kept) == 28 and all(r == tenth[r["id"]] for r in rows if r["id"] in kept)
     assert {i for i, r in tenth.items() if r["split"] == "test"} < {r["id"] for r in rows if r["split"] == "test"}
     audio = [{name: digest for name, digest in _digest(m).items() if name.endswith(".wav")}
              for m in (manifest, sets["pool"])]
-    assert audio[0] == audio[1]
+    assert all(audio[0][f"{i}.wav"] == audio[1][f"{i}.wav"] for i in kept)
+
+
+def test_held_out_clips_speak_sentences_and_voices_training_never_hears(sets, tmp_path):
+    pools = {split: set(split_sentences(split)) for split in ("train", "val", "test")}
+    assert set().union(*pools.values()) == set(SENTENCES) and sum(map(len, pools.values())) == len(SENTENCES)
+    assert len(pools["val"]) == len(pools["test"]) == 29 and not pools["val"] & pools["test"]
+    rows = _rows(synthesize(tmp_path, 120, seed=2, workers=2, test_share=0.3)) + _rows(sets["pool"])
+    spoken = {split: {r["text"] for r in rows if r["split"] == split and "text" in r} for split in pools}
+    voices = {split: {r["espeak"]["voice"] for r in rows if r["split"] == split and "espeak" in r} for split in pools}
+    assert spoken["test"] and spoken["val"] and all(spoken[s] <= pools[s] for s in pools)
+    assert not spoken["test"] & spoken["train"] and not spoken["val"] & spoken["train"]
+    assert voices["test"] and not (voices["test"] | voices["val"]) & voices["train"]
 
 
 def test_sample_rate_is_honoured(tmp_path):

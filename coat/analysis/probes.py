@@ -375,7 +375,7 @@ def probe_rows(manifest: str | Path, split: str, experts: Sequence[str], store_d
                                              **common)
     rows = pd.DataFrame(rows)
     good, _ = validate_rows(read_manifest(manifest))
-    extra = [c for c in ("task", "subtask", *SPEAKER_COLUMNS) if c in good.columns]
+    extra = [c for c in ("task", "subtask", *SPEAKER_COLUMNS) if c in good.columns and c not in rows.columns]
     rows = rows.merge(good[["id", *extra]].astype({"id": str}), on="id", how="left")
     if max_clips is not None and max_clips < len(rows):
         keep = np.sort(np.random.default_rng(seed).choice(len(rows), max_clips, replace=False))

@@ -14,9 +14,16 @@ import torch
 from transformers import AutoProcessor
 
 from coat.backbones import audio_flamingo3, qwen2_5_omni, qwen2_audio
-from coat.backbones.base import Backbone, BackboneSpec, ThinkingTokens, add_thinking_tokens, find_llm
+from coat.backbones.base import (
+    Backbone,
+    BackboneSpec,
+    ThinkingTokens,
+    add_thinking_tokens,
+    find_llm,
+    heard_seconds,
+)
 from coat.backbones.tokenizer import tiny_corpus, train_tiny_tokenizer
-from coat.config import CoATConfig
+from coat.config import CoATConfig, invalid
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec for spec in (qwen2_audio.SPEC, qwen2_5_omni.SPEC, audio_flamingo3.SPEC)
@@ -54,6 +61,28 @@ def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backb
         else ThinkingTokens(first_id=model.config.get_text_config().vocab_size, max_slots=cfg.thinking.max_slots)
     )
     return Backbone(spec=spec, model=model, processor=processor, thinking=thinking, llm=find_llm(model))
+
+
+def check_audio_window(cfg: CoATConfig) -> None:
+    """Refuse `data.max_seconds` longer than the configured backbone hears of a clip (from its processor alone, no
+    weights): the processor would cut the model's audio while the expert targets cover the whole crop. Random
+    real-size weights have no processor, so nothing to check.
+
+    Raises ConfigError naming both numbers; FileNotFoundError as `resolve_checkpoint`."""
+    spec, checkpoint = BACKBONES[cfg.backbone.name], cfg.backbone.resolved_checkpoint
+    if checkpoint is not None:
+        processor = AutoProcessor.from_pretrained(resolve_checkpoint(checkpoint), local_files_only=True)
+    elif cfg.backbone.size == "real":
+        return
+    else:
+        tokenizer = train_tiny_tokenizer(tiny_corpus(), list(spec.special_tokens), spec.named_tokens)
+        processor = spec.tiny_processor(tokenizer, cfg.backbone.audio_window_s)
+    heard = heard_seconds(processor)
+    if cfg.data.max_seconds > heard:
+        raise invalid("data.max_seconds", f"{cfg.data.max_seconds:g} s is longer than {cfg.backbone.name} hears of a "
+                                          f"clip ({heard:g} s): its processor would cut the audio while the expert "
+                                          f"targets cover all {cfg.data.max_seconds:g} s; set data.max_seconds <= "
+                                          f"{heard:g}")
 
 
 def _build_tiny(spec: BackboneSpec, seed: int, window_s: float):

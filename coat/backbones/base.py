@@ -111,6 +111,11 @@ class Backbone:
         return self.processor.feature_extractor.sampling_rate
 
     @property
+    def audio_window_s(self) -> float:
+        """The longest audio the model hears of one clip, in seconds (`heard_seconds`)."""
+        return heard_seconds(self.processor)
+
+    @property
     def hidden_size(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
@@ -191,6 +196,15 @@ class Backbone:
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+
+def heard_seconds(processor: ProcessorMixin) -> float:
+    """The longest audio a backbone's processor passes on of one clip, in seconds: Audio Flamingo 3 splits up to
+    `max_audio_len` into windows; the Whisper-style feature extractors pad or truncate to `n_samples`. Anything
+    longer is cut."""
+    extractor = processor.feature_extractor
+    longest = getattr(processor, "max_audio_len", None)
+    return float(longest if longest is not None else extractor.n_samples / extractor.sampling_rate)
 
 
 def find_llm(model: PreTrainedModel) -> nn.Module:

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from coat.data.manifest import (
     TASKS,
     json_lines,
     quarantine_records,
+    seeded_split,
     validate_rows,
     write_table,
 )
@@ -64,7 +64,6 @@ LAYOUTS = {
     "mmar": "MMAR-meta.jsonl (or .json) beside its audio folder",
     "table": "a .csv or .jsonl file with one row per example; audio paths relative to its folder",
 }
-SUBSET_SPLITS = {"train-": "train", "dev-": "val", "test-": "test"}
 SPLIT_ALIASES = {"dev": "val", "valid": "val", "validation": "val"}
 MELD_SPEAKER = "Speaker"
 
@@ -113,24 +112,6 @@ def split_counts(rows: pd.DataFrame) -> pd.DataFrame:
     counts = pd.crosstab(rows["task"], rows["split"]).reindex(columns=splits, fill_value=0)
     counts["total"] = counts.sum(axis=1)
     return counts
-
-
-def seeded_split(groups: Sequence[str], seed: int, val_share: float, test_share: float,
-                 strata: Sequence[str] | None = None) -> list[str]:
-    """A split per row such that rows of one group (a speaker, a clip) share it: see the module docstring.
-
-    Raises nothing.
-    """
-    strata = list(strata) if strata is not None else [""] * len(groups)
-    chosen: dict[tuple[str, str], str] = {}
-    for stratum in sorted(set(strata)):
-        keys = sorted({g for g, s in zip(groups, strata, strict=True) if s == stratum})
-        order = np.random.default_rng([seed, zlib.crc32(stratum.encode())]).permutation(len(keys))
-        n_test = int(len(keys) * test_share + 0.5)
-        n_val = int(len(keys) * val_share + 0.5)
-        for rank, index in enumerate(order):
-            chosen[stratum, keys[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return [chosen[s, g] for g, s in zip(groups, strata, strict=True)]
 
 
 class NoAudio(Exception):
@@ -187,7 +168,7 @@ def _loaded(load: Callable[[], pd.DataFrame]) -> pd.DataFrame:
 def _librispeech(root: Path) -> pd.DataFrame:
     frames = []
     for subset in _librispeech_subsets(root):
-        split = next(s for prefix, s in SUBSET_SPLITS.items() if subset.name.startswith(prefix))
+        split = next(s for prefix, s in bench.LIBRISPEECH_SUBSETS.items() if subset.name.startswith(prefix))
         df = _loaded(lambda subset=subset, split=split: bench.load_librispeech(subset, split))
         df["speaker"] = [Path(a).parent.parent.name for a in df["audio"]]
         df["subset"] = subset.name
@@ -200,7 +181,7 @@ def _librispeech(root: Path) -> pd.DataFrame:
 def _librispeech_subsets(root: Path) -> list[Path]:
     """`root` itself when it is a subset folder, else its subset folders (also under `root/LibriSpeech`)."""
     def is_subset(folder: Path) -> bool:
-        return (folder.is_dir() and folder.name.startswith(tuple(SUBSET_SPLITS))
+        return (folder.is_dir() and folder.name.startswith(tuple(bench.LIBRISPEECH_SUBSETS))
                 and next(folder.glob("*/*/*.trans.txt"), None) is not None)
 
     if is_subset(root):
@@ -256,8 +237,8 @@ def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, progress: Callable
 
 
 def _gtzan(root: Path, seed: int, val_share: float, test_share: float) -> pd.DataFrame:
-    rows = _loaded(lambda: bench.load_gtzan(root, "train"))
-    rows["split"] = seeded_split(list(rows["id"]), seed, val_share, test_share, strata=list(rows["answer"]))
+    rows = _loaded(lambda: bench.gtzan_clips(root))
+    rows["split"] = bench.gtzan_splits(rows, seed, val_share, test_share)
     rows["prompt"] = _recipe_prompt("gtzan")
     return rows
 

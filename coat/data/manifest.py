@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,18 +128,20 @@ def _row_problem(row: pd.Series) -> str | None:
     return None
 
 
-def validate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validate_rows(df: pd.DataFrame, keep: frozenset[str] | set[str] = frozenset()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a manifest into rows fit to use and a quarantine table (`id`, `path`, `reason`).
 
     Checks: every field of `REQUIRED` present and non-empty (`missing_field:<fields>`), text fields are
     strings (`bad_type:<fields>`), `task` in `TASKS`, `split` in `SPLITS`, `choices` (when given) a
     non-empty list of str that contains `answer`. Duplicate ids are checked last, among rows that passed:
     the first keeps its place and later ones get `duplicate_id`, so a broken first copy does not take a good
-    one down with it. Audio files are not opened here: see `coat.data.audio.check_audio_rows`.
+    one down with it. Audio files are not opened here: see `coat.data.audio.check_audio_rows`. Rows whose only
+    problem has a reason code in `keep` pass (a benchmark's own scorer scores an answer outside the choices).
 
     Raises nothing for bad rows; a DataFrame without the columns `read_manifest` adds raises KeyError.
     """
     reasons = pd.Series([_row_problem(row) for _, row in df.iterrows()], index=df.index, dtype=object)
+    reasons[reasons.map(lambda r: r is not None and reason_code(r) in keep)] = None
     ok = reasons.isna()
     dup = df.loc[ok, "id"].astype(str).duplicated(keep="first")
     reasons[dup.index[dup]] = "duplicate_id"
@@ -193,3 +197,40 @@ def model_prompt(prompt: str, choices: object = None) -> str:
     if isinstance(choices, list | tuple) and len(choices):
         return f"{prompt} Options: {', '.join(map(str, choices))}."
     return prompt
+
+
+def seeded_split(groups: Sequence[str], seed: int, val_share: float, test_share: float,
+                 strata: Sequence[str] | None = None) -> list[str]:
+    """A split per row such that rows of one group (a speaker, a clip) share it, the same whatever the row order:
+    per stratum, the sorted group keys shuffled by `numpy.random.default_rng([seed, crc32(stratum)])`, the first
+    `round(n * test_share)` to test and the next `round(n * val_share)` to val (shares of groups, not rows).
+
+    Raises nothing.
+    """
+    strata = list(strata) if strata is not None else [""] * len(groups)
+    chosen: dict[tuple[str, str], str] = {}
+    for stratum in sorted(set(strata)):
+        keys = sorted({g for g, s in zip(groups, strata, strict=True) if s == stratum})
+        order = np.random.default_rng([seed, zlib.crc32(stratum.encode())]).permutation(len(keys))
+        n_test = int(len(keys) * test_share + 0.5)
+        n_val = int(len(keys) * val_share + 0.5)
+        for rank, index in enumerate(order):
+            chosen[stratum, keys[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return [chosen[s, g] for g, s in zip(groups, strata, strict=True)]
+
+
+def stratified_subsample(rows: pd.DataFrame, count: int | None, seed: int, by: str | list[str] = "task"
+                         ) -> pd.DataFrame:
+    """`count` rows drawn with `seed`, each value of the column(s) `by` keeping its share (largest remainders, ties
+    broken by the seed); all rows when `count` is None or not smaller. Rows keep their order. Raises nothing."""
+    if count is None or count >= len(rows):
+        return rows
+    by = by[0] if isinstance(by, list) and len(by) == 1 else by  # one column: plain group keys, not 1-tuples
+    rng = np.random.default_rng(seed)
+    shares = rows.groupby(by, dropna=False).size()
+    exact = shares * count / len(rows)
+    quota = np.floor(exact).astype(int)
+    remainders = (exact - quota + rng.random(len(shares)) * 1e-9).sort_values(ascending=False)
+    quota[remainders.index[:count - quota.sum()]] += 1
+    picked = [g.index[rng.choice(len(g), quota[key], replace=False)] for key, g in rows.groupby(by, dropna=False)]
+    return rows.loc[sorted(np.concatenate(picked))]

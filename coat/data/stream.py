@@ -26,7 +26,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from coat.data.audio import decode
-from coat.data.manifest import model_prompt, quarantine_records
+from coat.data.manifest import model_prompt, quarantine_records, stratified_subsample
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
 from coat.errors import UserError
@@ -65,6 +65,13 @@ class Stream:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def stratified(self, count: int, seed: int) -> np.ndarray:
+        """The indices of `count` rows fixed by `seed`, each task family (and mixture entry) keeping its share of
+        them, in manifest order: what every validation reads, so that val/ce weighs every corpus and family."""
+        table = pd.DataFrame(self.items)
+        by = [column for column in ("task", "mixture") if column in table]
+        return stratified_subsample(table, count, seed, by).index.to_numpy()
 
     def dataset(self, order: Sequence[int] | None = None, donors: np.ndarray | None = None):
         """A Ray Data dataset of the rows at `order` (default: all, in manifest order), in exactly that order,
@@ -123,7 +130,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
                    settings: Mapping[str, Mapping[str, object]] | None = None, max_seconds: float | None = None,
                    long_clips: str = "crop", stats_from: Mapping[str, TargetSource] | None = None,
                    ) -> tuple[list[dict], dict[str, TargetSource], pd.DataFrame]:
-    """The split's rows (`id`, `audio_path`, `prompt`, `answer`, `clip_hash`, and `part.<e>`/`row.<e>`: where
+    """The split's rows (`id`, `audio_path`, `task`, `prompt`, `answer`, `clip_hash`, and `part.<e>`/`row.<e>`: where
     each expert's features sit in the store), one `TargetSource` per expert, and the quarantine of the split's
     rows left out (`id`, `path`, `reason`).
 
@@ -163,7 +170,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         raise ValueError(f"{manifest}: no usable rows in split {split!r}")
     choices = rows["choices"] if "choices" in rows else [None] * len(rows)
     rows = rows.assign(prompt=[model_prompt(p, c) for p, c in zip(rows["prompt"], choices, strict=True)])
-    kept = ["id", "audio_path", "prompt", "answer", "clip_hash", *(["mixture"] if "mixture" in rows else [])]
+    kept = ["id", "audio_path", "task", "prompt", "answer", "clip_hash", *(["mixture"] if "mixture" in rows else [])]
     rows = rows[kept].astype({"id": str})
     sources = {}
     for name in experts:

@@ -2,6 +2,8 @@
 
 Five task families (reasoning, understanding, music, emotion, transcription) are rendered from espeak-ng
 speech and numpy signal synthesis, so the whole set builds offline in minutes and every label is exact.
+Validation and test clips speak sentences of their own (a tenth of the 288 each) in voices training never
+hears, so a transcription scored on them measures recognition, not recall of a training answer.
 Clip `i` depends only on (seed, i, sample_rate): its rng is seeded with [seed, i], so the set is
 byte-identical whatever the worker count or scheduling, and a larger `size` extends a smaller one.
 """
@@ -38,7 +40,9 @@ EMOTION_STYLES = {
     "sad": (28, 10, 125, 55),
     "angry": (58, 75, 215, 185),
 }
-SPEAKING_VOICES = ("en", "en+m3", "en+f3", "en+f2")
+# The last voice of each tuple speaks only validation and test clips: en+m3 and en+f4, which no training clip of any
+# task is spoken in.
+SPEAKING_VOICES = ("en", "en+f3", "en+f2", "en+m3")
 VOICE_KINDS = ("male", "female", "child")
 CHILD_SHIFT = 1.25  # child-like voices: female voice sped up, which raises pitch and formants together
 # kind -> (espeak voices, espeak pitch range, speed-up factor)
@@ -73,6 +77,20 @@ QUESTIONS = {
     "count": (("How many beeps are there before the speech?", "How many beeps come before the voice starts?"),
               COUNT_WORDS),
 }
+
+
+def held_out(split: str, voices: tuple[str, ...]) -> tuple[str, ...]:
+    """The voices a clip of `split` may speak in: training all but the last, validation and test the last."""
+    return voices[:-1] if split == "train" else voices[-1:]
+
+
+def split_sentences(split: str) -> tuple[str, ...]:
+    """The sentences clips of `split` speak: every tenth sentence is validation's, the one after it test's, the
+    rest training's, so a transcript on a held-out clip is never one that training heard."""
+    def home(i: int) -> str:
+        return {0: "val", 1: "test"}.get(i % 10, "train")
+
+    return tuple(sentence for i, sentence in enumerate(SENTENCES) if home(i) == split)
 
 
 def text_corpus() -> list[str]:
@@ -149,25 +167,25 @@ def _speech(text: str, sr: int, *, shift: float = 1.0, **style) -> np.ndarray:
     return AF.resample(torch.from_numpy(wav), native_sr, round(sr / shift)).numpy()
 
 
-def _transcription(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dict]:
-    text = str(rng.choice(SENTENCES))
-    style = {"voice": str(rng.choice(SPEAKING_VOICES)), "rate": int(rng.integers(150, 200)),
+def _transcription(rng: np.random.Generator, sr: int, split: str) -> tuple[list[np.ndarray], dict]:
+    text = str(rng.choice(split_sentences(split)))
+    style = {"voice": str(rng.choice(held_out(split, SPEAKING_VOICES))), "rate": int(rng.integers(150, 200)),
              "pitch": int(rng.integers(35, 65)), "pitch_range": int(rng.integers(30, 70)), "volume": 100}
     return [_speech(text, sr, **style)], {**_ask(rng, "transcribe", text), "text": text, "espeak": style}
 
 
-def _emotion(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dict]:
+def _emotion(rng: np.random.Generator, sr: int, split: str) -> tuple[list[np.ndarray], dict]:
     label = str(rng.choice(EMOTIONS))
     pitch, pitch_range, rate, volume = EMOTION_STYLES[label]
-    text = str(rng.choice(SENTENCES))
-    style = {"voice": str(rng.choice(SPEAKING_VOICES)), "pitch": pitch + int(rng.integers(-5, 6)),
+    text = str(rng.choice(split_sentences(split)))
+    style = {"voice": str(rng.choice(held_out(split, SPEAKING_VOICES))), "pitch": pitch + int(rng.integers(-5, 6)),
              "pitch_range": pitch_range + int(rng.integers(-8, 9)), "rate": rate + int(rng.integers(-10, 11)),
              "volume": volume + int(rng.integers(-10, 11))}
     return [_speech(text, sr, **style)], {**_ask(rng, "emotion", label), "style": label, "text": text,
                                           "espeak": style}
 
 
-def _music(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dict]:
+def _music(rng: np.random.Generator, sr: int, split: str) -> tuple[list[np.ndarray], dict]:
     question = str(rng.choice(["timbre", "pitch_class", "chord"]))
     timbre = str(rng.choice(TIMBRES))
     seconds = float(rng.uniform(1.2, 3.5))
@@ -217,22 +235,22 @@ def _event(name: str, rng: np.random.Generator, sr: int) -> np.ndarray:
     raise ValueError(f"unknown event {name!r}; expected one of {EVENTS}")
 
 
-def _understanding(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dict]:
+def _understanding(rng: np.random.Generator, sr: int, split: str) -> tuple[list[np.ndarray], dict]:
     if rng.random() < 0.5:
         name = str(rng.choice(EVENTS))
         wav = _event(name, rng, sr)
         return [wav / np.abs(wav).max() * rng.uniform(0.3, 0.8)], {**_ask(rng, "event", name), "event": name}
     kind = str(rng.choice(VOICE_KINDS))
-    text = str(rng.choice(SENTENCES))
+    text = str(rng.choice(split_sentences(split)))
     voices, (pitch_lo, pitch_hi), shift = VOICE_STYLES[kind]
-    style = {"voice": str(rng.choice(voices)), "pitch": int(rng.integers(pitch_lo, pitch_hi)),
+    style = {"voice": str(rng.choice(held_out(split, voices))), "pitch": int(rng.integers(pitch_lo, pitch_hi)),
              "rate": round(int(rng.integers(150, 195)) / shift), "pitch_range": int(rng.integers(30, 70)),
              "volume": 100}
     wav = _speech(text, sr, shift=shift, **style)
     return [wav], {**_ask(rng, "voice", kind), "voice_kind": kind, "text": text, "espeak": style}
 
 
-def _reasoning(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dict]:
+def _reasoning(rng: np.random.Generator, sr: int, split: str) -> tuple[list[np.ndarray], dict]:
     question = str(rng.choice(["higher", "louder", "longer", "count"]))
     gap = _silence(rng.uniform(0.2, 0.5), sr)
     if question == "count":
@@ -242,8 +260,9 @@ def _reasoning(rng: np.random.Generator, sr: int) -> tuple[list[np.ndarray], dic
         def beeps() -> list[np.ndarray]:
             return [beep, _silence(rng.uniform(0.1, 0.18), sr)]
 
-        text = str(rng.choice(SENTENCES))
-        speech = _speech(text, sr, voice=str(rng.choice(SPEAKING_VOICES)), rate=int(rng.integers(180, 210)))
+        text = str(rng.choice(split_sentences(split)))
+        voice = str(rng.choice(held_out(split, SPEAKING_VOICES)))
+        speech = _speech(text, sr, voice=voice, rate=int(rng.integers(180, 210)))
         parts = [p for _ in range(before) for p in beeps()] + [gap, speech, gap]
         parts += [p for _ in range(after) for p in beeps()]
         return parts, {**_ask(rng, "count", COUNT_WORDS[before - 1]), "beeps_before": before,
@@ -284,7 +303,8 @@ def _render(job: tuple[int, int, int, str, int]) -> dict:
     index, seed, sr, out_dir, test_tenths = job
     rng = np.random.default_rng([seed, index])
     task = TASKS[(index + index // 10) % len(TASKS)]  # rotates, so that val and test see every task
-    parts, fields = MAKERS[task](rng, sr)
+    split = _split(index, test_tenths)
+    parts, fields = MAKERS[task](rng, sr, split)
     wav = np.concatenate([_silence(rng.uniform(0.05, 0.3), sr), *parts, _silence(rng.uniform(0.05, 0.3), sr)])
     if len(wav) < MIN_SECONDS * sr:
         wav = np.concatenate([wav, _silence(MIN_SECONDS - len(wav) / sr, sr)])
@@ -293,7 +313,7 @@ def _render(job: tuple[int, int, int, str, int]) -> dict:
         raise RuntimeError(f"coat-mini clip {clip_id} ({task}) is {len(wav) / sr:.2f} s, over {MAX_SECONDS}")
     sf.write(Path(out_dir) / "audio" / f"{clip_id}.wav", np.clip(wav, -1, 1), sr, subtype="PCM_16")
     row = {"id": clip_id, "audio": f"audio/{clip_id}.wav", "task": task, "prompt": fields.pop("prompt"),
-           "answer": fields.pop("answer"), "choices": fields.pop("choices"), "split": _split(index, test_tenths)}
+           "answer": fields.pop("answer"), "choices": fields.pop("choices"), "split": split}
     return row | {"duration": round(len(wav) / sr, 4), "sample_rate": sr} | fields
 
 

@@ -17,7 +17,7 @@ per-item questions (MELD, LibriSpeech, GTZAN) leave `prompt` None: the suite rec
 | mmar | `MMAR-meta.jsonl` or `.json` (`id`, `audio_path`, `question`, `choices`, `answer`, `modality`) | reasoning |
 | meld | `test_sent_emo.csv` (`Utterance`, `Emotion`, `Dialogue_ID`, `Utterance_ID`) + WAV folder | emotion |
 | librispeech | subset folder: `<speaker>/<chapter>/<speaker>-<chapter>.trans.txt` + `.flac` | transcription |
-| gtzan | one folder per genre of `<genre>.000NN.wav` (or `.au`) | music |
+| gtzan | one folder per genre of `<genre>.000NN.wav` (or `.au`); the import's default seeded split | music |
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from coat.data.manifest import SPLITS, json_lines, read_manifest
+from coat.data.manifest import SPLITS, json_lines, read_manifest, seeded_split
 
 COLUMNS = ("id", "audio", "audio_path", "task", "prompt", "answer", "choices", "split", "category", "item")
 MELD_CSV = {"train": "train_sent_emo.csv", "val": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
@@ -40,6 +40,7 @@ MELD_CSV = {"train": "train_sent_emo.csv", "val": "dev_sent_emo.csv", "test": "t
 MELD_AUDIO = {"train": "train_splits", "val": "dev_splits_complete", "test": "output_repeated_splits_test"}
 MELD_COLUMNS = ("Utterance", "Emotion", "Dialogue_ID", "Utterance_ID")
 MELD_EMOTIONS = ("neutral", "joy", "sadness", "anger", "surprise", "fear", "disgust")
+LIBRISPEECH_SUBSETS = {"train-": "train", "dev-": "val", "test-": "test"}  # a subset's split, by its name
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 
 
@@ -234,6 +235,11 @@ def load_meld(root: str | Path, split: str = "test") -> pd.DataFrame:
 def _load_librispeech(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
     _check_split(split)
     root = Path(root).absolute()
+    named = next((s for prefix, s in LIBRISPEECH_SUBSETS.items() if root.name.startswith(prefix)), split)
+    if named != split:
+        raise ValueError(f"{root}: LibriSpeech's {root.name} is the {named} split (as `coat data import librispeech` "
+                         f"reads it), not {split}: give the subset folder of the {split} split, e.g. "
+                         "LibriSpeech/test-clean for test")
     transcripts = sorted(root.glob("*/*/*.trans.txt")) if root.is_dir() else []
     if not transcripts:
         raise FileNotFoundError(
@@ -260,13 +266,17 @@ def load_librispeech(root: str | Path, split: str = "test") -> pd.DataFrame:
     transcripts in lower case; `item` keeps the original.
 
     Raises FileNotFoundError naming `root` and the layout, ValueError naming the file and line of a malformed
-    transcript line or an unknown split.
+    transcript line, an unknown split, or a subset whose name gives another split (`train-*`, `dev-*`, `test-*`).
     """
     return _load_librispeech(root, split)[0]
 
 
-def _load_gtzan(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
-    _check_split(split)
+GTZAN_SPLIT = {"seed": 0, "val_share": 0.1, "test_share": 0.1}  # `coat data import gtzan`'s default split
+
+
+def gtzan_clips(root: str | Path) -> pd.DataFrame:
+    """Every GTZAN clip under `root` as a manifest row (split unset). Raises FileNotFoundError naming `root` and
+    the layout."""
     root = Path(root).absolute()
     folders = [root, root / "genres_original", root / "genres"]
     base = next((f for f in folders if any((f / g).is_dir() for g in GTZAN_GENRES)), None)
@@ -276,18 +286,33 @@ def _load_gtzan(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
             "clips, directly under it or under genres_original/ or genres/")
     rows = [
         {"id": clip.stem, "audio": str(clip), "task": "music", "prompt": None, "answer": genre,
-         "choices": list(GTZAN_GENRES), "split": split, "category": None,
+         "choices": list(GTZAN_GENRES), "split": None, "category": None,
          "item": {"file": str(clip.relative_to(base)), "genre": genre}}
         for genre in GTZAN_GENRES
         for clip in sorted([*(base / genre).glob("*.wav"), *(base / genre).glob("*.au")])
     ]
-    return _frame(rows), Counter()
+    return _frame(rows)
+
+
+def gtzan_splits(rows: pd.DataFrame, seed: int, val_share: float, test_share: float) -> list[str]:
+    """GTZAN has no official split: a seeded draw by clip, stratified by genre (`seeded_split`). The import and the
+    `gtzan` suite both call this, so evaluation scores exactly the clips the import held out."""
+    return seeded_split(list(rows["id"]), seed, val_share, test_share, strata=list(rows["answer"]))
+
+
+def _load_gtzan(root: str | Path, split: str) -> tuple[pd.DataFrame, Counter]:
+    _check_split(split)
+    rows = gtzan_clips(root)
+    rows["split"] = gtzan_splits(rows, **GTZAN_SPLIT)
+    return rows[rows["split"] == split].reset_index(drop=True), Counter()
 
 
 def load_gtzan(root: str | Path, split: str = "test") -> pd.DataFrame:
     """GTZAN genre classification (10 genres, all of them the choices): `root` holds one folder per genre
     (`blues/blues.00000.wav`, ...), directly or under `genres_original/` (Kaggle) or `genres/` (the original
-    archive, `.au` files). Every clip gets `split`: GTZAN has no official split.
+    archive, `.au` files). The clips of `split` in the split `coat data import gtzan` makes by default (seed 0, a
+    tenth each to validation and test, stratified by genre), so a model trained on the import is never scored on a
+    clip it trained on.
 
     Raises FileNotFoundError naming `root` and the layout, ValueError for an unknown split.
     """

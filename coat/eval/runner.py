@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
 from rich.console import Console
 from rich.progress import track
@@ -32,13 +33,21 @@ from rich.table import Table
 
 from coat.config import CoATConfig, EvalConfig, SuiteRecipe, from_yaml, validate
 from coat.data.audio import AudioError, decode
-from coat.data.manifest import REQUIRED, model_prompt, quarantine_records, validate_rows
+from coat.data.manifest import (
+    REQUIRED,
+    model_prompt,
+    quarantine_records,
+    reason_code,
+    stratified_subsample,
+    validate_rows,
+)
 from coat.eval.scoring import results_table, score_examples, table_metrics
-from coat.eval.tasks import final_answer
+from coat.eval.tasks import final_answer, has_answer_mark, split_answer
 from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
 COT_SUFFIX = " Think step by step about what you hear, then give the final answer after 'Answer:'."
 SYSTEMS = ("coat", "base", "cot")
+NO_QUESTION = "Which option fits the audio?"  # asked of a benchmark item published without a question
 ROTATION = "@rotation"  # circular evaluation: `<id>@rotation<r>` asks row <id> with its choices rotated by r
 TRANSCRIPTION = "transcription"
 
@@ -55,10 +64,17 @@ class EvalReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat names for MLflow: the table's (`eval/<task>/<metric>[_ci_low|_ci_high]`, `eval/<task>/n`,
-        `eval/<task>/chance`), `latency/<name>` (batch size 1) and `eval/quarantined`. Raises nothing."""
+        `eval/<task>/chance`), `latency/<name>` (batch size 1), `eval/quarantined` and `eval/out_of_budget` (the
+        share of generated answers that ran out of tokens before ending, or before their `Answer:` mark; absent
+        when nothing was generated). Raises nothing."""
         out = table_metrics(self.table)
         out |= {f"latency/{name}": value for name, value in self.latency.items()}
         out["eval/quarantined"] = float(len(self.quarantine))
+        out |= {f"eval/quarantined/{code}": float(n)
+                for code, n in self.quarantine["reason"].map(reason_code).value_counts().items()}
+        out["eval/cut"] = float(self.setting.get("cut", 0))
+        if "out_of_budget" in self.examples and self.examples["out_of_budget"].notna().any():
+            out["eval/out_of_budget"] = float(self.examples["out_of_budget"].mean())
         return out
 
 
@@ -76,21 +92,6 @@ def base_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Co
     cfg.experts.names, cfg.loss.weights, cfg.loss.distance = [], {}, {}
     validate(cfg)
     return CoATModel(cfg, experts={}, device=device)
-
-
-def subsample(rows: pd.DataFrame, count: int | None, seed: int, by: str = "task") -> pd.DataFrame:
-    """`count` rows drawn with `seed`, each value of column `by` keeping its share (largest remainders, ties
-    broken by the seed); all rows when `count` is None or not smaller. Rows keep their order. Raises nothing."""
-    if count is None or count >= len(rows):
-        return rows
-    rng = np.random.default_rng(seed)
-    shares = rows.groupby(by, dropna=False).size()
-    exact = shares * count / len(rows)
-    quota = np.floor(exact).astype(int)
-    remainders = (exact - quota + rng.random(len(shares)) * 1e-9).sort_values(ascending=False)
-    quota[remainders.index[:count - quota.sum()]] += 1
-    picked = [g.index[rng.choice(len(g), quota[key], replace=False)] for key, g in rows.groupby(by, dropna=False)]
-    return rows.loc[sorted(np.concatenate(picked))]
 
 
 def token_budget(recipe: SuiteRecipe, rows: pd.DataFrame, tokenizer, override: int | None = None) -> int:
@@ -174,7 +175,10 @@ def _decode_rows(rows: pd.DataFrame, rate: int, max_seconds: float | None, crop:
 
 def prepare_rows(rows: pd.DataFrame, recipe: SuiteRecipe) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The suite's prompt where the recipe sets one, `audio_path`, then `validate_rows`: (good rows, quarantine).
-    Raises ValueError naming the manifest columns `rows` lacks."""
+
+    A suite scored by its published string match (MMAU, MMAR) keeps every item its official script scores: one
+    whose answer is not among its choices is asked and scored (it can only match by the answer's words), and one
+    without a question is asked `NO_QUESTION`. Raises ValueError naming the manifest columns `rows` lacks."""
     rows = rows.copy()
     if recipe.prompt is not None:
         rows["prompt"] = recipe.prompt
@@ -183,24 +187,44 @@ def prepare_rows(rows: pd.DataFrame, recipe: SuiteRecipe) -> tuple[pd.DataFrame,
     missing = [c for c in REQUIRED if c not in rows.columns]
     if missing:
         raise ValueError(f"evaluate: rows lack the manifest columns {missing}")
-    return validate_rows(rows)
+    if recipe.rule != "string_match":
+        return validate_rows(rows)
+    rows["prompt"] = rows["prompt"].map(lambda p: p if isinstance(p, str) and p.strip() else NO_QUESTION)
+    return validate_rows(rows, keep={"answer_not_in_choices"})
+
+
+def clips_longer_than(rows: pd.DataFrame, seconds: float) -> int:
+    """How many of `rows`' audio files last longer than `seconds` (from their headers; unreadable ones are left to
+    the decoder to quarantine). Raises nothing."""
+    def longer(path: str) -> bool:
+        try:
+            return sf.info(path).duration > seconds
+        except (RuntimeError, TypeError, ValueError, OSError):
+            return False
+
+    return sum(longer(path) for path in rows["audio_path"])
 
 
 def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: str = "coat-mini",
-             system: str = "coat", max_new_tokens: int | None = None, cot_tokens: int = 256,
-             max_seconds: float | None = None, crop: bool = True, progress: bool = True) -> EvalReport:
+             system: str = "coat", max_new_tokens: int | None = None,
+             max_seconds: float | None = None, crop: bool | None = None, progress: bool = True) -> EvalReport:
     """Answer and score every row of `rows` (manifest rows, or a `coat.eval.benchmarks` loader's) with `system`'s
     prompt, then measure latency (see the module docstring).
 
     The suite's recipe (`cfg.suites[suite]`) gives the prompt, token budget, scoring rule, metrics and breakdowns;
     `max_new_tokens` overrides the budget. `cfg.max_examples` subsamples, stratified by task family (by the first
     breakdown for single-family benchmarks) with `cfg.seed`. `system="cot"` asks `model` (a `base_model`) to
-    reason first, with `cot_tokens` new tokens. Audio longer than `max_seconds` is cut to it (`crop`) or
+    reason first, with `cfg.cot_tokens` more new tokens. Audio longer than `max_seconds` is cut to it (`crop`) or
     quarantined as `too_long`; rows that fail validation or do not decode land in `report.quarantine` and the
     rest go on.
 
+    `max_seconds` None (benchmarks) is what the backbone hears of a clip (`Backbone.audio_window_s`), with
+    `eval.long_clips` in place of `crop`; clips cut to it are counted (`setting["cut"]`, `eval/cut`).
+
     Raises ValueError naming the columns `rows` lacks, an unknown suite or system.
     """
+    if max_seconds is None:
+        max_seconds, crop = model.backbone.audio_window_s, cfg.long_clips == "crop"
     if suite not in cfg.suites:
         raise ValueError(f"unknown suite {suite!r}; eval.suites has {', '.join(cfg.suites)}")
     if system not in SYSTEMS:
@@ -208,8 +232,8 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
     recipe = cfg.suites[suite]
     good, quarantine = prepare_rows(rows, recipe)
     chosen, by = choose_rows(good, recipe, cfg)
-    budget = token_budget(recipe, chosen, model.backbone.tokenizer, max_new_tokens or cfg.max_new_tokens)
-    budget += cot_tokens if system == "cot" else 0
+    budget = token_budget(recipe, chosen, model.backbone.tokenizer, max_new_tokens)
+    budget += cfg.cot_tokens if system == "cot" else 0
     suffix = COT_SUFFIX if system == "cot" else ""
     rate, device = model.backbone.sample_rate, model.slot_table.device
     asked = circular_rows(chosen) if cfg.circular else chosen
@@ -221,7 +245,8 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
     setting = {
         "suite": suite, "system": system, "scoring": cfg.scoring, "device": _device_name(device),
         "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": budget,
-        "examples": len(examples), "eligible": len(good), "circular": cfg.circular,
+        "examples": len(examples), "eligible": len(good), "circular": cfg.circular, "heard_s": max_seconds,
+        "cut": clips_longer_than(chosen, max_seconds) if crop else 0,
         "subsample": f"{len(chosen)} of {len(good)}, stratified by {by}, seed {cfg.seed}"
         if len(chosen) < len(good) else "all",
     }
@@ -238,7 +263,7 @@ def choose_rows(good: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig) -> tup
     share."""
     by = f"group.{recipe.breakdowns[0]}" if recipe.breakdowns and good["task"].nunique() == 1 else "task"
     by = by if by in good else "task"  # the setting names the column the draw really used
-    return subsample(good, cfg.max_examples, cfg.seed, by), by
+    return stratified_subsample(good, cfg.max_examples, cfg.seed, by), by
 
 
 def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe, cfg: EvalConfig
@@ -249,7 +274,7 @@ def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe,
     examples = pd.DataFrame(records)
     if not len(examples):
         return examples, pd.DataFrame()
-    examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule)
+    examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule).assign(scoring=cfg.scoring)
     if cfg.circular:
         examples = fold_rotations(examples)
     return examples, results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns,
@@ -321,12 +346,15 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
     prompts = [model_prompt(p, c) + suffix for p, c in zip(chunk["prompt"], chunk["choices"], strict=True)]
     has_choices = [isinstance(c, list) and len(c) > 0 for c in chunk["choices"]]
     direct = scoring == "loglik" and not suffix
-    outputs, lengths = [""] * len(chunk), [0] * len(chunk)
+    outputs, lengths, cut = [""] * len(chunk), [0] * len(chunk), [math.nan] * len(chunk)
     if not direct or not all(has_choices):
         started = time.perf_counter()
         ids = model.generate(model.encode(audio, prompts), budget)
         batch_s = (time.perf_counter() - started) / len(chunk)
         outputs, lengths = model.backbone.decode(ids), generated_lengths(ids, eos)
+        # Ran out of tokens before ending its turn (a chain of thought: before its `Answer:` mark too).
+        cut = [float(eos not in row and not (suffix and has_answer_mark(text)))
+               for row, text in zip(ids.tolist(), outputs, strict=True)]
     else:
         batch_s = float("nan")
     ranked = _rank_choices(model, chunk, audio, prompts, outputs if suffix else None) if scoring == "loglik" else {}
@@ -335,12 +363,19 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
         record = {"id": str(row["id"]), "task": row["task"], "answer": row["answer"],
                   "choices": row["choices"] if has_choices[i] else None, "output": outputs[i],
                   "response": final_answer(outputs[i]) if suffix else outputs[i], "new_tokens": lengths[i],
-                  "batch_s_per_example": batch_s}
+                  "out_of_budget": cut[i], "batch_s_per_example": batch_s}
         record |= {k: row[k] for k in row.index if k.startswith("group.") or k in ("item", "circular_id")}
-        if i in ranked:
-            record["prediction"], record["response"] = ranked[i], None
+        if i in ranked:  # the likeliest choice is the answer given: scored and written as its text
+            record["response"] = ranked[i]
         records.append(record)
     return records
+
+
+def reasoning_before_answer(output: str) -> str:
+    """What a chain of thought said before its answer (all of it when it never reached an `Answer:` mark): the
+    lead that log-likelihood scoring ranks each choice after."""
+    reasoning, answer = split_answer(output)
+    return (reasoning if reasoning else answer).strip()
 
 
 def _rank_choices(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], prompts: list[str],
@@ -351,7 +386,7 @@ def _rank_choices(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray]
     candidates = []
     for i, choices in enumerate(chunk["choices"]):
         if isinstance(choices, list) and choices:
-            lead = f"{reasoning[i].split('Answer:')[0].strip()} Answer: " if reasoning is not None else ""
+            lead = f"{reasoning_before_answer(reasoning[i])} Answer: " if reasoning is not None else ""
             candidates += [(i, choice, lead + choice) for choice in dict.fromkeys(choices)]
     scores: list[float] = []
     for start in range(0, len(candidates), len(chunk)):
@@ -439,6 +474,8 @@ def print_reports(reports: list[EvalReport], title: str = "evaluation", console:
             n, chance = str(int(row["n"])), "" if pd.isna(row["chance"]) else f"{row['chance']:.3f}"
         scoring = reports[0].setting["scoring"]
         table.add_row(task, metric if scoring == "generate" else f"{metric} ({scoring})", *cells, n, chance)
+    budgets = [r.metrics().get("eval/out_of_budget") for r in reports]
+    table.add_row("out of budget", "share", *["-" if b is None else f"{b:.3f}" for b in budgets], "", "")
     for label, key, fmt in (("new tokens", "new_tokens", "{:.1f}"), ("time to first token (s)", "ttft_s", "{:.4f}"),
                             ("latency per answer (s)", "total_s", "{:.4f}")):
         table.add_row(label, "batch 1", *[fmt.format(r.latency[key]) if key in r.latency else "-" for r in reports],
@@ -461,5 +498,10 @@ def print_reports(reports: list[EvalReport], title: str = "evaluation", console:
     for report in reports:
         if len(report.quarantine):
             first_bad = report.quarantine.iloc[0]
-            console.print(f"{report.system}: {len(report.quarantine)} rows quarantined (not evaluated), first: "
-                          f"{first_bad['id']}: {first_bad['reason']}")
+            counts = report.quarantine["reason"].map(reason_code).value_counts()
+            console.print(f"{report.system}: {len(report.quarantine)} rows quarantined (not evaluated: "
+                          + ", ".join(f"{code} {n}" for code, n in counts.items())
+                          + f"), first: {first_bad['id']}: {first_bad['reason']}")
+    if first.get("cut"):
+        console.print(f"{first['cut']} clips are longer than the {first['heard_s']:g} s the model hears of a clip: "
+                      "heard as their first part (eval.long_clips=reject leaves them out)")

@@ -10,7 +10,7 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
-from coat.config import SuiteRecipe
+from coat.config import SCORING_MODES, SuiteRecipe
 from coat.eval.metrics import TRANSCRIPTION
 from coat.eval.scoring import (
     metric_key,
@@ -21,12 +21,16 @@ from coat.eval.scoring import (
 
 
 def scored(path: Path, suite: str, recipe: SuiteRecipe) -> tuple[pd.DataFrame, str]:
-    """The file's examples scored by the recipe's rule, and the scoring mode they were produced in."""
+    """The file's examples scored by the recipe's rule, and the scoring mode the file says they were produced in
+    (its records' `scoring`, which `coat eval` writes; "generate", so plain metric names, when it says nothing).
+
+    Raises ValueError naming the file when its records declare different or unknown modes."""
     rows = read_predictions(path, suite)
-    choice = rows["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)
-    said = rows["response"].map(lambda r: isinstance(r, str))
-    scoring = "loglik" if choice.any() and not said[choice].any() else "generate"
-    return score_examples(rows, recipe.rule), scoring
+    declared = set(rows["scoring"].dropna()) if "scoring" in rows else set()
+    if len(declared) > 1 or not declared <= set(SCORING_MODES):
+        raise ValueError(f"{path}: its records declare the scoring modes {sorted(declared)}; one of "
+                         f"{', '.join(SCORING_MODES)} per file")
+    return score_examples(rows, recipe.rule), declared.pop() if declared else "generate"
 
 
 def json_metrics(examples: pd.DataFrame, table: pd.DataFrame, recipe: SuiteRecipe, scoring: str) -> dict:

@@ -44,7 +44,7 @@ SUBMISSION_KEYS = {"mmau": "model_output", "mmar": "answer_prediction"}
 SUITE_FAMILIES = {"mmau": "reasoning", "mmar": "reasoning", "meld": "emotion", "librispeech": TRANSCRIPTION,
                   "gtzan": "music"}
 RECORD_COLUMNS = ("id", "task", "answer", "choices", "output", "response", "prediction", "correct", "wer",
-                  "correct_circular", "circular_responses")
+                  "correct_circular", "circular_responses", "scoring", "out_of_budget")
 CIRCULAR = "circular_accuracy"  # right under every rotation of the choices (`coat.eval.runner.circular_rows`)
 # Per example: tokens generated and seconds in its batch (quality pass); where the latency pass measured it alone,
 # its time to first token and to the whole answer.
@@ -102,10 +102,12 @@ def score_examples(examples: pd.DataFrame, rule: str) -> pd.DataFrame:
     set by `rule`.
 
     Needs `id`, `task`, `answer`, `choices` and the text to score in `response`. A choice item whose
-    `response` is missing but whose `prediction` is set (log-likelihood scoring chose it) is right when the
-    prediction is the answer. Otherwise a choice item's prediction is, for `string_match`, the answer when
-    matched, else the response; for `choice` (and `wer`) the one choice the response names, or "". Items
-    without choices get the normalised transcript and are right on an exact match.
+    `response` is missing but whose `prediction` is set (a chosen choice) is scored as if it had said that
+    choice's text, as the benchmark's own script scores a submission of it (under MMAU's string match, a choice
+    holding the answer's words in another order is right), and that text becomes its `response`. A choice item's
+    prediction is, for `string_match`,
+    the answer when matched, else the response; for `choice` (and `wer`) the one choice the response names, or
+    "". Items without choices get the normalised transcript and are right on an exact match.
 
     Raises ValueError naming an unknown rule, missing columns, or the ids of rows without an answer (which
     `coat.data.manifest.validate_rows` quarantines).
@@ -123,10 +125,11 @@ def score_examples(examples: pd.DataFrame, rule: str) -> pd.DataFrame:
                          "(coat.data.manifest.validate_rows)")
     absent = pd.Series(None, index=examples.index, dtype=object)
     responses, chosen = examples.get("response", absent), examples.get("prediction", absent)
-    predictions, correct, wer = [], [], []
+    predictions, correct, wer, said = [], [], [], []
     for task, answer, choices, response, prediction in zip(
             examples["task"], examples["answer"], examples["choices"], responses, chosen, strict=True):
         choices, response = _choice_list(choices), _text(response)
+        said.append(response)
         if choices is None:
             hypothesis = normalise_transcript(response if response is not None else _text(prediction) or "")
             reference = normalise_transcript(answer)
@@ -136,16 +139,16 @@ def score_examples(examples: pd.DataFrame, rule: str) -> pd.DataFrame:
             wer.append(errors[0] / words[0] if words[0] else math.nan)
             continue
         wer.append(math.nan)
-        if response is None:
-            predictions.append(_text(prediction) or "")
-            correct.append(predictions[-1] == answer)
-        elif rule == "string_match":
+        if response is None:  # the choice log-likelihood scoring chose: scored as its text, as a submission is
+            response = said[-1] = _text(prediction) or ""
+        if rule == "string_match":
             correct.append(string_match(answer, response, choices))
             predictions.append(answer if correct[-1] else response)
         else:
             predictions.append(parse_answer(task, response, choices))
             correct.append(is_correct(task, predictions[-1], answer, choices))
     out = examples.copy()
+    out["response"] = pd.Series(said, index=examples.index, dtype=object)
     out["prediction"] = pd.Series(predictions, index=examples.index, dtype=object)
     out["correct"] = pd.Series(correct, index=examples.index, dtype=bool)
     out["wer"] = pd.Series(wer, index=examples.index, dtype=np.float64)
@@ -322,7 +325,9 @@ def write_predictions(examples: pd.DataFrame, suite: str, path: str | Path) -> P
     absent = pd.Series(None, index=examples.index, dtype=object)
     said = [_text(r) if _text(r) is not None else _text(p) or "" for r, p in
             zip(examples.get("response", absent), examples.get("prediction", absent), strict=True)]
-    records = [{**item, SUBMISSION_KEYS[suite]: text} for item, text in zip(examples["item"], said, strict=True)]
+    declared = examples.get("scoring", absent)  # how each answer was made, kept beside the official fields
+    records = [{**item, SUBMISSION_KEYS[suite]: text, **({"scoring": how} if isinstance(how, str) else {})}
+               for item, text, how in zip(examples["item"], said, declared, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         if path.suffix == ".jsonl":
@@ -367,6 +372,7 @@ def read_predictions(path: str | Path, suite: str) -> pd.DataFrame:
                                      f"with {key!r} added")
         rows, _ = question_rows(suite, [item for _, item in kept], path.parent)
         rows["response"] = pd.Series([_text(item[key]) or "" for _, item in kept], index=rows.index, dtype=object)
+        rows["scoring"] = pd.Series([item.get("scoring") for _, item in kept], index=rows.index, dtype=object)
         rows.attrs["skipped"] = len(records) - len(kept)
         return rows
     family = SUITE_FAMILIES.get(suite)

@@ -25,10 +25,22 @@ LETTER_ANSWER = (
 )
 
 
+def split_answer(text: str) -> tuple[str, str]:
+    """`text` cut at its last `Answer:` mark (any case): the reasoning before it and the answer after it; without a
+    mark, no reasoning and all of it as the answer. Every path that reads a chain-of-thought answer cuts here.
+    Raises nothing."""
+    marks = list(ANSWER_MARK.finditer(text))
+    return (text[:marks[-1].start()], text[marks[-1].end():]) if marks else ("", text)
+
+
 def final_answer(text: str) -> str:
     """The part of `text` after its last `Answer:` mark, or all of it when there is none. Raises nothing."""
-    marks = list(ANSWER_MARK.finditer(text))
-    return text[marks[-1].end():] if marks else text
+    return split_answer(text)[1]
+
+
+def has_answer_mark(text: str) -> bool:
+    """Whether `text` holds an `Answer:` mark (a chain of thought that reached its answer). Raises nothing."""
+    return ANSWER_MARK.search(text) is not None
 
 
 def normalise_text(text: str) -> str:

@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
-from coat.backbones import BACKBONES, backbone_source
+from coat.backbones import BACKBONES, backbone_source, check_audio_window
 from coat.config import CoATConfig, expert_settings, mixture_name, to_yaml
 from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import precompute
@@ -90,8 +90,10 @@ def crop_seconds(cfg: CoATConfig) -> float | None:
 
 def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
     """The manifest (a mixture's entries combined into it; coat-mini generated on first use when
-    `data.synth_size` > 0) and a store holding every configured expert's features. Raises FileNotFoundError
-    naming the manifest when it is missing."""
+    `data.synth_size` > 0) and a store holding every configured expert's features. Raises ConfigError when
+    data.max_seconds is longer than the backbone hears of a clip, FileNotFoundError naming the manifest when it is
+    missing."""
+    check_audio_window(cfg)
     manifest, store = Path(cfg.data.manifest).resolve(), Path(cfg.data.store).resolve()
     if cfg.data.mixture:
         combine(cfg.data.mixture, manifest)
@@ -260,7 +262,7 @@ def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> lis
     rows = read_manifest(manifest)
     return evaluate_systems(checkpoint, rows[rows["split"] == cfg.data.test_split], cfg.eval, cfg.eval.baselines,
                             device, suite="coat-mini", max_seconds=cfg.data.max_seconds,
-                            crop=cfg.data.long_clips == "crop", cot_tokens=cfg.eval.cot_tokens, progress=False)
+                            crop=cfg.data.long_clips == "crop", progress=False)
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:

@@ -133,8 +133,9 @@ def add_losses(sums: dict[str, float], out, n: int) -> None:
 def validation_losses(model, coat: CoATModel, val: Stream, cfg: CoATConfig, rank: int, world: int, device
                       ) -> dict[str, float]:
     """Mean losses over the same validation rows every time (at most `train.val_batches` batches per rank, the
-    same number on every rank), averaged over ranks. `val/ce` compares across trials whatever their loss
-    weights: it is what sweeps rank by.
+    same number on every rank; a subset fixed by `eval.seed` in which each task family and mixture entry keeps its
+    share), averaged over ranks. `val/ce` compares across trials whatever their loss weights: it is what sweeps
+    rank by.
 
     Forwards through `coat` itself unless FSDP holds its weights in shards (then every rank must run the same
     number of batches); DDP's wrapper would sync buffers on every call."""
@@ -143,8 +144,8 @@ def validation_losses(model, coat: CoATModel, val: Stream, cfg: CoATConfig, rank
     coat.eval()
     sums: dict[str, float] = {}
     count = 0
-    for batch in iter_training_batches(val.dataset(np.arange(per_rank * world)[rank::world]), coat,
-                                       cfg.train.batch_size):
+    for batch in iter_training_batches(val.dataset(val.stratified(per_rank * world, cfg.eval.seed)[rank::world]),
+                                       coat, cfg.train.batch_size):
         n = batch["input_ids"].shape[0]
         add_losses(sums, forward(batch), n)
         count += n

@@ -47,7 +47,7 @@ COAT = str(Path(sys.executable).parent / "coat")
 SETTINGS = [
     "experts.names=[mel]", "thinking.num_slots=4", "thinking.max_slots=8", "heads.dim=32", "train.num_workers=0",
     "train.batch_size=2", "train.warmup_steps=2", f"train.stages=[{{steps: {STEPS}}}]", "train.checkpoint_every=2",
-    "eval.max_examples=4", "eval.max_new_tokens=4", "eval.bootstrap=100", "eval.latency_examples=2",
+    "eval.max_examples=4", "eval.suites.coat-mini.max_new_tokens=4", "eval.bootstrap=100", "eval.latency_examples=2",
     "eval.latency_warmup=1", "tracking.retry_s=1",
 ]
 

@@ -77,7 +77,8 @@ def main() -> None:
         "data.synth_size=400", f"train.storage={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'mlruns.db'}",
         "experts.names=[prosody,mel]", "lora.modules_to_save=[lm_head]", "train.num_workers=0",
         "train.batch_size=8", f"train.stages=[{{steps: {args.steps}}}]", f"train.checkpoint_every={args.steps // 4}",
-        "train.warmup_steps=5", "eval.max_examples=60", "eval.max_new_tokens=8", "sweep.max_concurrent=2",
+        "train.warmup_steps=5", "eval.max_examples=60", "eval.suites.coat-mini.max_new_tokens=8",
+        "sweep.max_concurrent=2",
         f"sweep.grace_steps={args.steps // 4}",
     ]
     uri = f"sqlite:///{work / 'mlruns.db'}"
