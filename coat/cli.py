@@ -35,9 +35,10 @@ from rich.progress import track
 from rich.table import Table
 
 from coat.analysis.notebooks import NOTEBOOKS
-from coat.config import BASELINES, default_suites
+from coat.config import BASELINES, LOGLIK_RANKINGS, default_suites
 from coat.errors import UsageError, reported
 from coat.experts.roles import PAPER_ROLES, ROLE_DEFAULTS
+from coat.provenance import provenance
 
 SUITES = tuple(default_suites())
 LENS_TOP_K = 5  # tokens kept per slot and layer by `coat probe --logit-lens`
@@ -389,6 +390,9 @@ def eval_command(
     scoring: Annotated[str, typer.Option(
         "--scoring", help="generate: the suite's rule on generated text; loglik: the most likely choice.",
     )] = "generate",
+    loglik: Annotated[str | None, typer.Option(
+        "--loglik", help="loglik scoring ranks choices per_token (their mean token log-probability), by sum, or "
+                         "calibrated against silence (default: the checkpoint config's eval.loglik).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", min=1, help="Token budget (default: the suite's).")] = None,
     cot_tokens: Annotated[int | None, typer.Option(
@@ -415,6 +419,8 @@ def eval_command(
         raise typer.BadParameter(f"{bad[0]!r} is not one of {', '.join(BASELINES)}", param_hint="--baseline")
     if scoring not in ("generate", "loglik"):
         raise typer.BadParameter(f"{scoring!r} is not generate or loglik", param_hint="--scoring")
+    if loglik not in (None, *LOGLIK_RANKINGS):
+        raise typer.BadParameter(f"{loglik!r} is not one of {', '.join(LOGLIK_RANKINGS)}", param_hint="--loglik")
     if suite != "coat-mini" and data is None:
         raise typer.BadParameter(f"--suite {suite} needs --data: the local copy of the benchmark", param_hint="--data")
 
@@ -433,10 +439,11 @@ def eval_command(
     eval_cfg.max_examples, eval_cfg.seed, eval_cfg.scoring = max_examples, seed, scoring
     eval_cfg.circular = circular or eval_cfg.circular
     eval_cfg.cot_tokens = cot_tokens or eval_cfg.cot_tokens
+    eval_cfg.loglik = loglik or eval_cfg.loglik
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heard = {"max_seconds": cfg.data.max_seconds, "crop": cfg.data.long_clips == "crop"} if suite == "coat-mini" \
         else {}  # a benchmark is heard whole, up to the backbone's audio window
-    reports = systems.evaluate_systems(checkpoint, rows, eval_cfg, baselines, device, suite=suite,
+    reports = systems.evaluate_systems(checkpoint, [(None, suite, rows)], eval_cfg, baselines, device,
                                        max_new_tokens=max_new_tokens, **heard)
     print_reports(reports, title=f"{suite} {split}: {checkpoint}", console=console,
                   paired=systems.paired_with_coat(reports, eval_cfg.bootstrap, seed))
@@ -444,6 +451,16 @@ def eval_command(
         console.print("benchmark quirks handled: " + ", ".join(f"{k} {v}" for k, v in quirks.items() if v))
     for report, path in zip(reports, systems.write_all_predictions(reports, out, checkpoint, split), strict=True):
         console.print(f"{report.system} predictions: {path}")
+    made = path.with_name(f"{(out or path).stem}.provenance.json")
+    made.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, **provenance(),
+                                "systems": {r.system: r.setting for r in reports}}, indent=2, default=str))
+    console.print(f"how they were made: {made}\n{_provenance_line()}", soft_wrap=True)
+
+
+def _provenance_line() -> str:
+    made = provenance()
+    scorers = ", ".join(f"{name} {made[f'version.{name}']}" for name in ("jiwer", "whisper-normalizer", "scikit-learn"))
+    return f"scored by coat {made['code_sha256']} (git {made['git_commit'][:12]}, dirty {made['git_dirty']}); {scorers}"
 
 
 def _suite_recipes() -> str:
@@ -498,9 +515,10 @@ def score_command(
         out: dict = {"metrics": report.json_metrics(examples, table, recipe, scoring)}
         if paired is not None:
             out["paired"] = report.records(paired)
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(out | {"provenance": provenance()}, indent=2))
         return
     console.print(report.results(table, f"{suite}: {file} ({recipe.rule}, {scoring})"))
+    console.print(_provenance_line(), soft_wrap=True)
     if examples.attrs.get("skipped"):
         console.print(f"{examples.attrs['skipped']} items without a model output skipped, as the official "
                       "scorer skips them")

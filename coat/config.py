@@ -284,6 +284,11 @@ class TrainConfig:
     checkpoint_every: int = setting(50, "Optimizer steps between checkpoints; validation runs and metrics reach "
                                         "MLflow with each.", ge=1)
     val_batches: int = setting(4, "Validation batches per worker.", ge=1)
+    val_scores: bool = setting(False, "At every checkpoint also answer val_examples validation questions as the test "
+                                      "evaluation does (each source by its suite's recipe, eval.scoring) and report "
+                                      "val/<task>/<metric>: what a sweep may select on by quality.")
+    val_examples: int = setting(64, "Validation questions val_scores answers: a fixed subset, stratified by task "
+                                    "and mixture entry, drawn with eval.seed.", ge=1)
     keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
     max_failures: int = setting(0, "Worker-group restarts from the last checkpoint.", ge=0)
     seed: int = setting(0, "One training run: seeds the initialisation of every trained part (slots, heads, LoRA), "
@@ -298,6 +303,9 @@ class TrainConfig:
             raise invalid("train.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
             stage.check(f"train.stages.{i}", experts)
+        if self.val_scores and self.strategy == "fsdp":
+            raise invalid("train.val_scores", "answers the validation questions on rank 0 alone, which FSDP's shards "
+                                              "cannot do: use train.strategy=ddp, or rank by val/ce")
         if self.strategy == "fsdp" and len({tuple(sorted(s.train)) for s in self.stages}) > 1:
             raise invalid("train.stages", "under train.strategy=fsdp every stage must train the same groups: FSDP "
                                           "fixes the trainable parameters when it wraps the model; use ddp, or the "
@@ -306,6 +314,7 @@ class TrainConfig:
 
 SCORING_RULES = ("string_match", "choice", "wer")
 SCORING_MODES = ("generate", "loglik")
+LOGLIK_RANKINGS = ("per_token", "sum", "calibrated")
 SUITE_METRICS = ("accuracy", "weighted_f1")
 BASELINES = ("base", "cot")  # systems built from a checkpoint's backbone (coat/eval/runner.py)
 
@@ -346,8 +355,14 @@ class EvalConfig:
                                              "drawn with `seed`; null: every example.", ge=1)
     seed: int = setting(0, "Seed of the subsample and the bootstrap.")
     scoring: str = setting("generate", "generate: free text scored by each suite's rule; loglik: the choice the "
-                                       "model finds most likely (transcription is always generated).",
+                                       "model finds most likely (transcription is always generated), scored as its "
+                                       "text by the suite's rule, with the same model's accuracy on silence "
+                                       "reported as the scorer's empirical chance.",
                            choices=SCORING_MODES)
+    loglik: str = setting("per_token", "How loglik scoring ranks choices: per_token (the mean log-probability of the "
+                                       "choice's tokens, so length does not decide), sum (their total: shorter "
+                                       "choices win) or calibrated (per_token less the choice's per_token given "
+                                       "silence and a content-free question).", choices=LOGLIK_RANKINGS)
     latency_examples: int = setting(16, "Latency is measured apart from accuracy, on this many examples one at a "
                                         "time.", ge=0)
     latency_warmup: int = setting(2, "Calls before latency is measured.", ge=0)
@@ -400,9 +415,13 @@ class SweepConfig:
     seeds: list[int] = setting(help="Every point of a grid space trained once per seed (train.seed), so conclusions "
                                     "rest on several seeds.", factory=list)
 
-    def check(self) -> None:
+    def check(self, val_scores: bool) -> None:
+        """`val_scores`: train.val_scores, without which no val/<task>/<metric> is reported."""
         if len(set(self.seeds)) != len(self.seeds):
             raise invalid("sweep.seeds", f"{self.seeds} lists a seed twice")
+        if self.metric.count("/") >= 2 and self.metric.startswith("val/") and not val_scores:
+            raise invalid("sweep.metric", f"{self.metric!r} is a validation score, reported only with "
+                                          "train.val_scores=true: set it, or rank by val/ce")
         if self.metric.startswith("eval/"):
             raise invalid("sweep.metric", f"{self.metric!r} is scored on the test split, and selecting on it would "
                                           "report a test score chosen on the test data: rank by a validation metric "
@@ -542,7 +561,7 @@ def validate(cfg: CoATConfig) -> None:
     cfg.loss.check(cfg.experts.names)
     cfg.data.check()
     cfg.train.check(cfg.experts.names)
-    cfg.sweep.check()
+    cfg.sweep.check(cfg.train.val_scores)
     cfg.eval.check()
 
 

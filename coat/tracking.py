@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from mlflow.utils.validation import (
 
 from coat.config import CoATConfig, flatten
 from coat.errors import UserError
+from coat.provenance import provenance
 from coat.spool import PENDING, Spool, Unreachable
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 SQLITE_PREFIX = "sqlite:///"
 DASHBOARD = "http://127.0.0.1:5000"  # where `make dashboard` serves the embedded store
+STARTS_TAG, CHANGED_TAG = "coat.starts", "coat.provenance_changed"
 PREFILL_COST = "cost/prefill_positions"  # the thinking block's extra prefill positions: every run reports it
 
 
@@ -181,7 +182,7 @@ def start_run(
         "backbone": cfg.backbone.name,
         "experts": ",".join(cfg.experts.names),
         "thinking.num_slots": str(cfg.thinking.num_slots),
-        **code_provenance(),
+        **provenance(),
         **(tags or {}),
     }
     if parent_run_id is not None:
@@ -206,16 +207,32 @@ def _open_run(uri: str, record: dict) -> str:
     run_id = find_run(uri, experiment_id, record["run_name"]) if record["resume"] else None
     if run_id is None:
         run_id = client.create_run(experiment_id, run_name=record["display_name"]).info.run_id
-        logged: dict[str, str] = {}
+        logged, earlier = {}, {}
     else:
         client.update_run(run_id, status="RUNNING")
-        logged = client.get_run(run_id).data.params
+        run = client.get_run(run_id)
+        logged, earlier = run.data.params, run.data.tags
     params = [Param(key, value) for key, value in record["params"].items() if key not in logged]
-    run_tags = [RunTag(key, value) for key, value in (record["tags"] | {RUN_NAME_TAG: record["run_name"]}).items()]
+    run_tags = [RunTag(key, value) for key, value in (record["tags"] | {RUN_NAME_TAG: record["run_name"]}
+                                                      | _start_record(client, run_id, record, earlier)).items()]
     for i in range(0, max(len(params), len(run_tags)), MAX_PARAMS_TAGS_PER_BATCH):
         end = i + MAX_PARAMS_TAGS_PER_BATCH
         client.log_batch(run_id, params=params[i:end], tags=run_tags[i:end])
     return run_id
+
+
+def _start_record(client: MlflowClient, run_id: str, record: dict, earlier: dict[str, str]) -> dict[str, str]:
+    """Every start of a run keeps its own provenance: the artifact `provenance/start-<n>.json` holds the code and
+    package versions of start n, and the tags `coat.starts` (n) and `coat.provenance_changed` (the provenance keys
+    that differ from an earlier start) say whether the run's numbers came from more than one version of the code.
+    The provenance tags themselves name the latest start."""
+    start = int(earlier.get(STARTS_TAG, "0")) + 1
+    now = {key: value for key, value in record["tags"].items() if key in provenance()}
+    client.log_text(run_id, json.dumps({"start": start, "time_ms": int(time.time() * 1000), **now}, indent=2),
+                    f"provenance/start-{start}.json")
+    changed = {key for key, value in now.items() if earlier.get(key, value) != value}
+    changed |= set(filter(None, earlier.get(CHANGED_TAG, "").split(",")))
+    return {STARTS_TAG: str(start), **({CHANGED_TAG: ",".join(sorted(changed))} if changed else {})}
 
 
 _spools: dict[str, Spool] = {}  # run id -> its spool, for the runs this process writes to with one
@@ -342,41 +359,6 @@ def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
         max_results=1, order_by=["attributes.start_time DESC"],
     )
     return runs[0].info.run_id if runs else None
-
-
-PACKAGES = ("torch", "torchaudio", "transformers", "peft", "ray", "mlflow", "optuna", "numpy")
-
-
-@functools.cache
-def code_provenance() -> dict[str, str]:
-    """Tags that say which code made a run: the git commit of the checkout this package lives in and whether its
-    tracked files had changes (`unknown` outside a checkout), a hash of the package's own source files (which
-    identifies the code even when installed from a wheel), and the versions of the packages the numbers depend
-    on. Raises nothing."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    package = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for source in sorted(package.rglob("*.py")):
-        digest.update(str(source.relative_to(package)).encode() + source.read_bytes())
-    tags = {"git_commit": _git(package, "rev-parse", "HEAD"), "code_sha256": digest.hexdigest()[:16]}
-    status = _git(package, "status", "--porcelain", "--untracked-files=no")
-    tags["git_dirty"] = "unknown" if tags["git_commit"] == "unknown" else str(status not in ("", "unknown")).lower()
-    for name in PACKAGES:
-        try:
-            tags[f"version.{name}"] = version(name)
-        except PackageNotFoundError:
-            tags[f"version.{name}"] = "absent"
-    return tags
-
-
-def _git(where: Path, *args: str) -> str:
-    """`git args` run in `where`, stripped; "unknown" when git or the checkout is not there."""
-    try:
-        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if args[0] == "status" else out.stdout.strip() or "unknown"
 
 
 def dataset_fingerprint(manifest_path: str | Path) -> str:

@@ -30,9 +30,11 @@ from coat.eval.runner import (
     timed_generate,
     token_budget,
 )
-from coat.eval.scoring import normalise_transcript
+from coat.eval.scoring import normalise_transcript, string_match
+from coat.eval.systems import evaluate_systems, source_parts
 from coat.eval.tasks import final_answer, split_answer
 from coat.model import CoATModel
+from coat.provenance import provenance
 from tests.conftest import write_tone
 from tests.test_scoring import official_accuracy
 
@@ -100,25 +102,53 @@ def test_latency_is_measured_one_example_at_a_time_apart_from_quality(model, rep
     assert 0 < timing.ttft_s < timing.total_s                                            # per further token
 
 
-def test_loglik_scoring_ranks_the_choices_by_the_models_probability(model, manifest):
+def choice_logprobs(model, audio, prompt: str, choices: list[str]) -> list[tuple[float, int]]:
+    """Per choice: the summed log-probability of the choice and its end of turn, and their token count."""
+    out = []
+    for choice in choices:
+        batch = model.encode([audio], [prompt], [choice])
+        with torch.no_grad():
+            logits = model.lm(**model._model_inputs(batch)).logits[0, :-1]
+        labels = batch["labels"][0, 1:]
+        scored = labels != -100
+        out.append((-torch.nn.functional.cross_entropy(logits[scored], labels[scored], reduction="sum").item(),
+                    int(scored.sum())))
+    return out
+
+
+def test_loglik_scoring_ranks_the_choices_per_token_by_default_summed_or_calibrated(model, manifest):
     rows = read_manifest(manifest)
     rows = rows[rows["choices"].notna()].head(4)
     cfg = replace(model.cfg.eval, scoring="loglik", latency_examples=0)
-    out = evaluate(model, rows, cfg, progress=False)
-    assert (out.table["scoring"] == "loglik").all() and out.latency == {}
+    reports = {how: evaluate(model, rows, replace(cfg, loglik=how), progress=False)
+               for how in ("per_token", "sum", "calibrated")}
+    out = reports["per_token"]
+    assert (out.table["scoring"] == "loglik").all() and out.latency == {} and out.setting["loglik"] == "per_token"
     assert any(key.endswith("/loglik_accuracy") for key in out.metrics())
-    for (_, row), prediction in zip(rows.iterrows(), out.examples["prediction"], strict=True):
+    for i, (_, row) in enumerate(rows.iterrows()):
         audio = decode(row["audio_path"], 16000).numpy()
-        prompt = model_prompt(row["prompt"], row["choices"])
-        scores = []
-        for choice in row["choices"]:
-            batch = model.encode([audio], [prompt], [choice])
-            with torch.no_grad():
-                logits = model.lm(**model._model_inputs(batch)).logits[0, :-1]
-            labels = batch["labels"][0, 1:]
-            scores.append(-torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100],
-                                                             reduction="sum").item())
-        assert prediction == row["choices"][int(np.argmax(scores))]
+        heard = choice_logprobs(model, audio, model_prompt(row["prompt"], row["choices"]), row["choices"])
+        silent = choice_logprobs(model, np.zeros_like(audio), model_prompt("N/A", row["choices"]), row["choices"])
+        expected = {"sum": [total for total, _ in heard], "per_token": [total / n for total, n in heard],
+                    "calibrated": [a / n - b / m for (a, n), (b, m) in zip(heard, silent, strict=True)]}
+        for how, scores in expected.items():
+            assert reports[how].examples["response"].iloc[i] == row["choices"][int(np.argmax(scores))], how
+
+
+def test_loglik_scoring_reports_the_scorers_chance_on_silence(model, manifest):
+    rows = read_manifest(manifest)
+    rows = rows[rows["choices"].notna()].head(4)
+    out = evaluate(model, rows, replace(model.cfg.eval, scoring="loglik", latency_examples=0), progress=False)
+    table = out.table.set_index(["task", "metric"])
+    for (task, _), row in table.iterrows():
+        group = rows[rows["task"] == task]
+        right = []
+        for _, item in group.iterrows():
+            audio = np.zeros_like(decode(item["audio_path"], 16000).numpy())
+            heard = choice_logprobs(model, audio, model_prompt(item["prompt"], item["choices"]), item["choices"])
+            right.append(item["choices"][int(np.argmax([total / n for total, n in heard]))] == item["answer"])
+        assert row["chance_empirical"] == pytest.approx(np.mean(right)), task
+        assert out.metrics()[f"eval/{task}/chance_empirical"] == row["chance_empirical"]
 
 
 def test_circular_eval_asks_every_rotation_and_counts_an_item_only_when_every_rotation_is_right(model, manifest):
@@ -278,6 +308,32 @@ def test_coat_is_compared_with_both_baselines_on_the_same_examples(cli, checkpoi
     assert len(ids[0]) == 4 and ids[0] == ids[1] == ids[2]
     record = json.loads(out.read_text().splitlines()[0])
     assert {"id", "answer", "prediction", "correct", "output"} <= set(record)
+    made = json.loads((tmp_path / "preds.provenance.json").read_text())
+    assert made["code_sha256"] == provenance()["code_sha256"] and "version.jiwer" in made
+    assert set(made["systems"]) == {"coat", "base", "cot"} and made["systems"]["cot"]["max_new_tokens"] > 0
+    assert "scored by coat" in output
+
+
+def test_a_mixture_is_scored_source_by_source_and_pooled_only_where_the_metric_is_one_kind(checkpoint, manifest):
+    rows = read_manifest(manifest)
+    rows = rows.assign(mixture=["mini" if i % 2 else "bench" for i in range(len(rows))],
+                       source=[None if i % 2 else "mmau" for i in range(len(rows))])
+    parts = source_parts(rows, default_suites())
+    assert [(source, suite, len(part)) for source, suite, part in parts] == [("bench", "mmau", 6),
+                                                                             ("mini", "coat-mini", 6)]
+    cfg = replace(load_config().eval, latency_examples=0, bootstrap=50)
+    (report,) = evaluate_systems(checkpoint, parts, cfg, [], "cpu")
+    bench = report.examples[report.examples["source"] == "bench"]
+    choice = bench[bench["choices"].notna()]
+    assert list(choice["correct"]) == [string_match(a, r, c) for a, r, c in
+                                       zip(choice["answer"], choice["response"], choice["choices"], strict=True)]
+    metrics = report.metrics()
+    for source, part in report.examples.groupby("source"):
+        for task, group in part[part["task"] != "transcription"].groupby("task"):
+            assert metrics[f"eval/{source}/{task}/accuracy"] == pytest.approx(group["correct"].mean())
+    for task, group in report.examples[report.examples["task"] != "transcription"].groupby("task"):
+        assert metrics[f"eval/{task}/accuracy"] == pytest.approx(group["correct"].mean()), "pooled accuracy"
+    assert report.setting["suite"] == "bench:mmau+mini:coat-mini" and len(report.examples) == len(rows)
 
 
 def test_mmau_is_evaluated_whole_and_written_in_its_submission_format(cli, checkpoint, mmau, tmp_path):

@@ -57,6 +57,7 @@ from coat.eval.scoring import (
     write_predictions,
 )
 from coat.eval.tasks import is_correct, normalise_text, parse_answer
+from coat.provenance import provenance
 from tests.conftest import write_tone
 
 LETTERED = ["(A) Man", "(B) Woman", "(C) Child"]
@@ -321,6 +322,19 @@ def test_score_examples_takes_loglik_choices_as_they_are():
     assert scored.loc[2, "wer"] == 0.5
     no_response = score_examples(rows.drop(columns="response").head(2), "string_match")
     assert no_response["correct"].tolist() == [True, False]
+
+
+def test_weighted_f1_is_compared_with_its_own_chance():
+    answers = ["joy"] * 6 + ["anger"] * 3 + ["fear"]
+    examples = score_examples(_examples([(f"m{i}", "emotion", a, list(MELD_EMOTIONS), "joy")
+                                         for i, a in enumerate(answers)]), "choice")
+    table = results_table(examples, metrics=["accuracy", "weighted_f1"], breakdowns=[], scoring="generate",
+                          n=10).set_index("metric")
+    assert table.loc["accuracy", "chance"] == pytest.approx(1 / 7)
+    assert table.loc["weighted_f1", "chance"] == pytest.approx(0.6**2 + 0.3**2 + 0.1**2)
+    metrics = table_metrics(table.reset_index())
+    assert metrics["eval/emotion/chance"] == pytest.approx(1 / 7)
+    assert metrics["eval/emotion/weighted_f1_chance"] == pytest.approx(0.46)
 
 
 def test_a_chosen_choice_scores_as_the_official_script_scores_its_text(tmp_path):
@@ -773,11 +787,12 @@ def test_score_prints_the_suite_table(score, mmau_copy, tmp_path):
     path = write_predictions(_mmau_examples(mmau_copy), "mmau", tmp_path / "mmau.json")
     code, output, _ = score("--suite", "mmau", path, "--bootstrap", "50")
     assert code == 0, output
-    for text in ("reasoning/task.sound", "reasoning/difficulty.hard", "accuracy", "0.750", "95% CI", "chance"):
+    for text in ("reasoning/task.sound", "reasoning/difficulty.hard", "accuracy", "0.750", "95% CI", "chance",
+                 f"scored by coat {provenance()['code_sha256']}"):
         assert text in output
     code, _, stdout = score("--suite", "mmau", path, "--json", "--bootstrap", "50")
     metrics = json.loads(stdout)["metrics"]
-    assert code == 0 and list(json.loads(stdout)) == ["metrics"]
+    assert code == 0 and list(json.loads(stdout)) == ["metrics", "provenance"]
     assert metrics["accuracy"] == 0.75
     assert metrics["task.sound/accuracy"] == 1.0 and metrics["task.music/accuracy"] == 0.0
     assert metrics["difficulty.hard/accuracy"] == 1.0 and metrics["difficulty.medium/accuracy"] == 0.5
@@ -806,7 +821,9 @@ def test_score_json_for_wer_f1_and_mixed_suites(score, tmp_path):
     metrics = json.loads(score("--suite", "meld", path, "--json", "--bootstrap", "20")[2])["metrics"]
     assert set(metrics) == {"accuracy", "weighted_f1"} and metrics["accuracy"] == 0.5
     path = write_predictions(labels.assign(scoring="loglik"), "gtzan", tmp_path / "loglik.jsonl")
-    metrics = json.loads(score("--suite", "gtzan", path, "--json", "--bootstrap", "20")[2])["metrics"]
+    printed = json.loads(score("--suite", "gtzan", path, "--json", "--bootstrap", "20")[2])
+    assert printed["provenance"] == provenance(), "which code and scorer versions made the numbers"
+    metrics = printed["metrics"]
     assert metrics == {"loglik_accuracy": 0.5}, "named after log-likelihood scoring only when the file says so"
     mixed = write_predictions(labels.assign(scoring=["loglik", "generate"]), "gtzan", tmp_path / "mixed.jsonl")
     code, output, _ = score("--suite", "gtzan", mixed, "--json")

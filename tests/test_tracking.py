@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from coat import tracking
 from coat.config import flatten, from_yaml, load_config, to_yaml
+from coat.provenance import provenance
 from coat.spool import Spool
 from coat.tracking import TrackingUnavailableError
 from tests.conftest import free_port
@@ -60,8 +61,10 @@ def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
                           text=True).stdout.strip() or "unknown"
     assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} == {
         "backbone": "qwen2-audio", "experts": "pitch,mel", "thinking.num_slots": "4", "git_commit": head,
-        "coat.run_name": "k4", "dataset_fingerprint": fingerprint, **tracking.code_provenance(),
+        "coat.run_name": "k4", "dataset_fingerprint": fingerprint, **provenance(), "coat.starts": "1",
     }
+    assert {"version.jiwer", "version.whisper-normalizer", "version.scikit-learn", "version.statsmodels",
+            "version.opensmile", "version.torchcrepe"} <= set(run.data.tags), "scorers' and experts' versions too"
     assert run.info.run_name == "k4" and run.info.status == "RUNNING"
     assert MlflowClient(sqlite_uri).get_experiment(run.info.experiment_id).name == experiment
     # Artifacts sit beside the database, not in whatever the working directory was.
@@ -70,6 +73,21 @@ def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
 
     manifest.write_text('{"id": "b", "path": "b.wav"}\n')
     assert tracking.dataset_fingerprint(manifest) != fingerprint and len(fingerprint) == 16
+
+
+def test_a_resumed_run_keeps_the_provenance_of_every_start(sqlite_uri, experiment, tmp_path):
+    cfg = load_config(overrides=OVERRIDES)
+    run_id = tracking.start_run(sqlite_uri, experiment, "twice", cfg)
+    assert tracking.start_run(sqlite_uri, experiment, "twice", cfg, tags={"version.jiwer": "0.0-other"}) == run_id
+    client = MlflowClient(sqlite_uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags["coat.starts"] == "2" and tags["coat.provenance_changed"] == "version.jiwer"
+    starts = [json.loads(Path(client.download_artifacts(run_id, f"provenance/start-{n}.json", str(tmp_path)))
+                         .read_text()) for n in (1, 2)]
+    assert starts[0]["version.jiwer"] == provenance()["version.jiwer"] and starts[1]["version.jiwer"] == "0.0-other"
+    assert starts[0]["code_sha256"] == starts[1]["code_sha256"] == provenance()["code_sha256"]
+    tracking.start_run(sqlite_uri, experiment, "twice", cfg)
+    assert client.get_run(run_id).data.tags["coat.provenance_changed"] == "version.jiwer", "a change stays recorded"
 
 
 def test_metrics_round_trip_with_steps(sqlite_uri, experiment):

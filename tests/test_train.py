@@ -22,12 +22,13 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
-from coat.config import apply_overrides, from_yaml, load_config, to_yaml
+from coat.config import ConfigError, apply_overrides, from_yaml, load_config, to_yaml
 from coat.data.stream import iter_training_batches, shuffled_donors
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
+from coat.model.losses import distance
 from coat.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -38,7 +39,7 @@ from coat.train.checkpoint import (
     verify_checkpoint,
     whole_trained_parts,
 )
-from coat.train.launch import train, training_streams
+from coat.train.launch import target_statistics, train, training_streams
 from coat.train.loop import (
     clip_gradients,
     enter_stage,
@@ -237,6 +238,50 @@ def test_controls_train_the_same_slots_on_the_same_data_with_no_or_shuffled_supe
     assert first["none"]["train/ce"] == pytest.approx(expected["train/ce"], rel=1e-6), "same slots, data and order"
     assert first["shuffled"]["train/ce"] == pytest.approx(expected["train/ce"], rel=1e-6)
     assert first["shuffled"]["train/mel"] != pytest.approx(expected["train/mel"], rel=1e-3), "another clip's targets"
+
+
+def test_a_sweep_can_rank_by_validation_quality_never_by_test(uninterrupted):
+    cfg, _ = uninterrupted
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run = train(apply_overrides(cfg, ["train.stages=[{steps: 2}]", "train.checkpoint_every=1", "train.val_scores=true",
+                                      "train.val_examples=5", "train.run_name=val-scores"]), evaluate_after=False)
+    logged = mlflow.tracking.MlflowClient(uri).get_run(run.mlflow_run_id).data.metrics
+    scores = sorted(k for k in logged if k.startswith("val/") and k.count("/") == 2)
+    assert scores and all(k.endswith(("/accuracy", "/wer")) for k in scores) and not any(k.startswith("eval/")
+                                                                                       for k in logged)
+    assert [step for step, _ in tracking.metric_history(uri, run.mlflow_run_id, scores[0])] == [1, 2]
+    with pytest.raises(ConfigError, match="sweep.metric.*test split"):
+        apply_overrides(cfg, ["sweep.metric=eval/emotion/accuracy"])
+    with pytest.raises(ConfigError, match="sweep.metric.*train.val_scores=true"):
+        apply_overrides(cfg, ["sweep.metric=val/emotion/accuracy"])
+    assert apply_overrides(cfg, ["sweep.metric=val/emotion/accuracy", "train.val_scores=true"])
+
+
+def uninformed_mel_score(coat: CoATModel, stream) -> float:
+    """The mse of predicting 0 for every slot's mel target over the whole stream."""
+    targets = torch.cat([coat.slot_target("mel", batch, torch.device("cpu"))
+                         for batch in iter_training_batches(stream.dataset(), coat, 8)])
+    return distance("mse", torch.zeros_like(targets), targets).item()
+
+
+def test_an_uninformed_slot_prediction_scores_about_one_for_frame_level_experts(uninterrupted):
+    """Frames are standardised one by one, but a slot averages many: its target varies less, and predicting the
+    mean scored well under 1. Standardised again per slot (the training split's statistics at the run's K), an
+    uninformed prediction scores about 1 whatever K, as the loss weights assume (clip-level prosody is one vector a
+    clip, already standardised where the loss sees it)."""
+    cfg, _ = uninterrupted
+    for k in (1, 4):
+        run = apply_overrides(cfg, [f"thinking.num_slots={k}"])
+        train_stream = training_streams(run, Path(run.data.manifest), Path(run.data.store))["train"]
+        stats = target_statistics(run, train_stream)
+        assert stats["mel"]["slots"]["k"] == k and "slots" not in stats["prosody"]
+        coat = CoATModel(run)
+        before = uninformed_mel_score(coat, train_stream)
+        coat.standardise_slots(stats)
+        after = uninformed_mel_score(coat, train_stream)
+        assert after == pytest.approx(1, abs=0.02) and before < 0.8, (k, before, after)
+    with pytest.raises(ValueError, match="computed at K=4, the model has K=1"):
+        CoATModel(apply_overrides(cfg, ["thinking.num_slots=1"])).standardise_slots(stats)
 
 
 def killable(cfg, tmp_path: Path, faults: str) -> tuple[list[str], dict, str]:

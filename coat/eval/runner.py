@@ -16,11 +16,12 @@ Systems: `coat` (the trained model), `base` (the checkpoint's backbone, no think
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 COT_SUFFIX = " Think step by step about what you hear, then give the final answer after 'Answer:'."
 SYSTEMS = ("coat", "base", "cot")
 NO_QUESTION = "Which option fits the audio?"  # asked of a benchmark item published without a question
+CONTENT_FREE = "N/A"  # the question calibrated log-likelihood scoring asks of silence
 ROTATION = "@rotation"  # circular evaluation: `<id>@rotation<r>` asks row <id> with its choices rotated by r
 TRANSCRIPTION = "transcription"
 
@@ -61,6 +63,7 @@ class EvalReport:
     latency: dict[str, float]  # batch-size-1 measurement (see the module docstring); empty when not measured
     setting: dict[str, object]  # how the numbers were made: device, dtype, batch size, scoring, budget, subsample
     quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
+    source: str | None = None  # the mixture entry (or imported corpus) the rows came from; None: one source
 
     def metrics(self) -> dict[str, float]:
         """Flat names for MLflow: the table's (`eval/<task>/<metric>[_ci_low|_ci_high]`, `eval/<task>/n`,
@@ -142,17 +145,20 @@ def generated_lengths(ids: torch.Tensor, eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def response_logprobs(model: CoATModel, audio: list[np.ndarray], prompts: list[str], responses: list[str]
-                      ) -> torch.Tensor:
-    """log p(response + end of turn | audio, prompt) per row [B]: the model's probability of answering exactly
-    `response` and stopping there."""
+def response_logprobs(model: CoATModel, audio: list[np.ndarray], prompts: list[str], responses: list[str],
+                      scored: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(response + end of turn | audio, prompt) per row, summed over the last `scored[i]` tokens of row i's
+    response (default: all of them), and how many tokens that is: [B] sums, [B] counts."""
     batch = model.encode(audio, prompts, responses)
     labels = batch["labels"][:, 1:].to(model.slot_table.device)
     logits = model.lm(**model._model_inputs(batch), use_cache=False).logits[:, :-1]
     labelled = labels != -100
+    if scored is not None:
+        from_end = labelled.flip(1).cumsum(1).flip(1)  # 1 at a response's last token, 2 before it, ...
+        labelled &= from_end <= torch.tensor(scored, device=labels.device)[:, None]
     picked = torch.zeros_like(labels, dtype=torch.float32)
     picked[labelled] = torch.log_softmax(logits[labelled].float(), -1).gather(-1, labels[labelled, None])[:, 0]
-    return picked.sum(1).cpu()
+    return picked.sum(1).cpu(), labelled.sum(1).cpu()
 
 
 def _autocast(device: torch.device):
@@ -241,11 +247,18 @@ def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: st
         records, undecodable = answer_rows(model, asked, cfg, suffix, budget, max_seconds, crop,
                                            progress=f"evaluating {system}" if progress else None)
         latency, alone = measure_latency(model, chosen, cfg, suffix, budget, rate, max_seconds, crop)
+        silent = (answer_rows(model, chosen, cfg, suffix, budget, max_seconds, crop, silence=True)[0]
+                  if cfg.scoring == "loglik" else [])
     examples, table = score_answers(records, alone, recipe, cfg)
+    if silent and len(table):  # the scorer's own chance: the same model and scoring, given silence
+        _, heard_nothing = score_answers(silent, alone.iloc[:0], recipe, replace(cfg, circular=False))
+        table = table.merge(heard_nothing[["task", "metric", "value"]].rename(columns={"value": "chance_empirical"}),
+                            on=["task", "metric"], how="left")
     setting = {
         "suite": suite, "system": system, "scoring": cfg.scoring, "device": _device_name(device),
         "dtype": _dtype_name(model, device), "batch_size": cfg.batch_size, "max_new_tokens": budget,
         "examples": len(examples), "eligible": len(good), "circular": cfg.circular, "heard_s": max_seconds,
+        "loglik": cfg.loglik if cfg.scoring == "loglik" else None,
         "cut": clips_longer_than(chosen, max_seconds) if crop else 0,
         "subsample": f"{len(chosen)} of {len(good)}, stratified by {by}, seed {cfg.seed}"
         if len(chosen) < len(good) else "all",
@@ -277,8 +290,9 @@ def score_answers(records: list[dict], alone: pd.DataFrame, recipe: SuiteRecipe,
     examples = score_examples(examples.merge(alone, on="id", how="left"), recipe.rule).assign(scoring=cfg.scoring)
     if cfg.circular:
         examples = fold_rotations(examples)
-    return examples, results_table(examples, metrics=recipe.metrics, breakdowns=recipe.breakdowns,
-                                   scoring=cfg.scoring, n=cfg.bootstrap, seed=cfg.seed)
+    breakdowns = [b for b in recipe.breakdowns if f"group.{b}" in examples]  # manifests may not carry them
+    return examples, results_table(examples, metrics=recipe.metrics, breakdowns=breakdowns, scoring=cfg.scoring,
+                                   n=cfg.bootstrap, seed=cfg.seed)
 
 
 def circular_rows(rows: pd.DataFrame) -> pd.DataFrame:
@@ -321,10 +335,12 @@ def _evaluating(model: CoATModel) -> Iterator[None]:
 
 
 def answer_rows(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, suffix: str, budget: int,
-                max_seconds: float | None, crop: bool, progress: str | None = None) -> tuple[list[dict], pd.DataFrame]:
-    """Every row answered in batches of `cfg.batch_size` (`cfg.scoring`: generated, or the likeliest choice), the
-    prompt followed by `suffix`, with `budget` new tokens: one record per answered row, and the rows whose audio
-    did not decode (a quarantine table). `progress`: the description of a progress bar; None: no bar."""
+                max_seconds: float | None, crop: bool, progress: str | None = None, silence: bool = False
+                ) -> tuple[list[dict], pd.DataFrame]:
+    """Every row answered in batches of `cfg.batch_size` (`cfg.scoring`: generated, or the likeliest choice by
+    `cfg.loglik`), the prompt followed by `suffix`, with `budget` new tokens: one record per answered row, and the
+    rows whose audio did not decode (a quarantine table). `silence`: each clip replaced by as long a silence (what
+    the scorer makes of the question alone). `progress`: the description of a progress bar; None: no bar."""
     rate, eos = model.backbone.sample_rate, model.backbone.end_of_turn_id
     records, failed = [], []
     starts = range(0, len(rows), cfg.batch_size)
@@ -333,13 +349,14 @@ def answer_rows(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, suffix: s
         audio, kept, undecodable = _decode_rows(chunk, rate, max_seconds, crop)
         failed.append(undecodable)
         if kept:
-            records += _answer(model, chunk.loc[kept], audio, cfg.scoring, suffix, budget, eos)
+            audio = [np.zeros_like(a) for a in audio] if silence else audio
+            records += _answer(model, chunk.loc[kept], audio, cfg.scoring, cfg.loglik, suffix, budget, eos)
     undecodable = [q for q in failed if len(q)]
     return records, (pd.concat(undecodable, ignore_index=True) if undecodable
                      else pd.DataFrame(columns=["id", "path", "reason"]))
 
 
-def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scoring: str, suffix: str,
+def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scoring: str, how: str, suffix: str,
             budget: int, eos: int) -> list[dict]:
     """One record per row: the generated `output` (and its final-answer `response`), or with loglik scoring the
     `prediction` ranked among the row's choices after whatever reasoning was generated first."""
@@ -357,7 +374,8 @@ def _answer(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], scor
                for row, text in zip(ids.tolist(), outputs, strict=True)]
     else:
         batch_s = float("nan")
-    ranked = _rank_choices(model, chunk, audio, prompts, outputs if suffix else None) if scoring == "loglik" else {}
+    ranked = (_rank_choices(model, chunk, audio, prompts, outputs if suffix else None, how, suffix)
+              if scoring == "loglik" else {})
     records = []
     for i, (_, row) in enumerate(chunk.iterrows()):
         record = {"id": str(row["id"]), "task": row["task"], "answer": row["answer"],
@@ -379,22 +397,38 @@ def reasoning_before_answer(output: str) -> str:
 
 
 def _rank_choices(model: CoATModel, chunk: pd.DataFrame, audio: list[np.ndarray], prompts: list[str],
-                  reasoning: list[str] | None) -> dict[int, str]:
+                  reasoning: list[str] | None, how: str, suffix: str) -> dict[int, str]:
     """Per row with choices (by position in `chunk`), the choice the model finds most likely as its answer — after
-    its own `reasoning` and an `Answer:` mark when given. Every row's candidates are scored together, as many
-    sequences per forward pass as the chunk has rows."""
+    its own `reasoning` and an `Answer:` mark when given — by `how` (`eval.loglik`): `sum` of the choice's token
+    log-probabilities (its end of turn included), their `per_token` mean (so a longer choice is not penalised for
+    its length: "C#" against "C"), or `calibrated`, that mean less the same choice's mean given silence and a
+    content-free question (`CONTENT_FREE`: what the model would say of any audio). Every row's candidates are
+    scored together, as many sequences per forward pass as the chunk has rows."""
+    tokens = functools.cache(lambda text: len(model.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    end = model.backbone.spec.end_of_turn
     candidates = []
     for i, choices in enumerate(chunk["choices"]):
         if isinstance(choices, list) and choices:
             lead = f"{reasoning_before_answer(reasoning[i])} Answer: " if reasoning is not None else ""
-            candidates += [(i, choice, lead + choice) for choice in dict.fromkeys(choices)]
-    scores: list[float] = []
-    for start in range(0, len(candidates), len(chunk)):
-        part = candidates[start:start + len(chunk)]
-        scores += response_logprobs(model, [audio[i] for i, _, _ in part], [prompts[i] for i, _, _ in part],
-                                    [text for _, _, text in part]).tolist()
+            candidates += [(i, choice, lead + choice, tokens(lead + choice + end) - (tokens(lead) if lead else 0))
+                           for choice in dict.fromkeys(choices)]
+
+    def scores(heard: list[np.ndarray], asked: list[str]) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(candidates), len(chunk)):
+            part = candidates[start:start + len(chunk)]
+            total, count = response_logprobs(model, [heard[i] for i, *_ in part], [asked[i] for i, *_ in part],
+                                             [text for _, _, text, _ in part], [n for *_, n in part])
+            out += (total if how == "sum" else total / count).tolist()
+        return out
+
+    ranked = scores(audio, prompts)
+    if how == "calibrated":
+        silence = [np.zeros_like(a) for a in audio]
+        content_free = [model_prompt(CONTENT_FREE, c) + suffix for c in chunk["choices"]]
+        ranked = [a - b for a, b in zip(ranked, scores(silence, content_free), strict=True)]
     best: dict[int, tuple[float, str]] = {}
-    for (i, choice, _), score in zip(candidates, scores, strict=True):
+    for (i, choice, _, _), score in zip(candidates, ranked, strict=True):
         if i not in best or score > best[i][0]:
             best[i] = (score, choice)
     return {i: choice for i, (_, choice) in best.items()}
@@ -472,6 +506,8 @@ def print_reports(reports: list[EvalReport], title: str = "evaluation", console:
             row = t.loc[(task, metric)]
             cells.append(f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
             n, chance = str(int(row["n"])), "" if pd.isna(row["chance"]) else f"{row['chance']:.3f}"
+            if pd.notna(row.get("chance_empirical")):
+                chance += f" / {row['chance_empirical']:.3f} on silence"
         scoring = reports[0].setting["scoring"]
         table.add_row(task, metric if scoring == "generate" else f"{metric} ({scoring})", *cells, n, chance)
     budgets = [r.metrics().get("eval/out_of_budget") for r in reports]

@@ -44,7 +44,7 @@ SUBMISSION_KEYS = {"mmau": "model_output", "mmar": "answer_prediction"}
 SUITE_FAMILIES = {"mmau": "reasoning", "mmar": "reasoning", "meld": "emotion", "librispeech": TRANSCRIPTION,
                   "gtzan": "music"}
 RECORD_COLUMNS = ("id", "task", "answer", "choices", "output", "response", "prediction", "correct", "wer",
-                  "correct_circular", "circular_responses", "scoring", "out_of_budget")
+                  "correct_circular", "circular_responses", "scoring", "out_of_budget", "source")
 CIRCULAR = "circular_accuracy"  # right under every rotation of the choices (`coat.eval.runner.circular_rows`)
 # Per example: tokens generated and seconds in its batch (quality pass); where the latency pass measured it alone,
 # its time to first token and to the whole answer.
@@ -176,11 +176,20 @@ def _family_rows(name: str, family: str, group: pd.DataFrame, metrics: Sequence[
         else:  # the gold label where right, else what was said ("" for no answer): a label of its own
             said = np.where(group["correct"].astype(bool), group["answer"], _hypotheses(group["prediction"]))
             est = weighted_f1(list(group["answer"]), list(said), n=n, seed=seed)
-        rows.append((name, metric, *est[:3], est.n, chance, scoring))
+        rows.append((name, metric, *est[:3], est.n, stratified_f1(group["answer"]) if metric == "weighted_f1"
+                     else chance, scoring))
     if "correct_circular" in group:
         est = accuracy(group["correct_circular"].astype(bool), n=n, seed=seed)
         rows.append((name, CIRCULAR, *est[:3], est.n, chance, scoring))
     return rows
+
+
+def stratified_f1(gold: Sequence[str]) -> float:
+    """Weighted F1's chance: a guesser drawing labels at the gold shares p_c scores F1 p_c on class c, so
+    sum_c p_c^2 over the support-weighted classes (uniform accuracy is the wrong reference for it). Raises
+    nothing."""
+    shares = pd.Series(list(gold)).value_counts(normalize=True)
+    return float((shares**2).sum()) if len(shares) else math.nan
 
 
 def _metric_part(value: object) -> str:
@@ -194,7 +203,8 @@ def results_table(examples: pd.DataFrame, *, metrics: Sequence[str], breakdowns:
     One row per task family (WER for transcription, each of `metrics` otherwise), then one per family, field
     of `breakdowns` and value, read from the column `group.<field>` and named `<family>/<field>.<value>` with
     characters MLflow refuses in metric keys replaced by "_". Columns: `TABLE_COLUMNS`; `chance` as uniform
-    guessing scores; `scoring` ("generate" or "loglik") is in every row, so the mode stays with the number.
+    guessing scores accuracy, and as a guesser at the gold label shares scores weighted F1 (`stratified_f1`);
+    `scoring` ("generate" or "loglik") is in every row, so the mode stays with the number.
     Examples with `correct_circular` (a circular evaluation) add a `circular_accuracy` row to each choice row
     group.
 
@@ -227,15 +237,19 @@ def results_table(examples: pd.DataFrame, *, metrics: Sequence[str], breakdowns:
 
 def table_metrics(table: pd.DataFrame) -> dict[str, float]:
     """Flat MLflow names: `eval/<task>/<metric>` and its `_ci_low`/`_ci_high`, `eval/<task>/n` and
-    `eval/<task>/chance` (when defined); `<metric>` is `loglik_<metric>` for log-likelihood scoring. Raises
-    nothing for a table from `results_table`."""
+    `eval/<task>/chance` (when defined; `eval/<task>/<metric>_chance` for weighted F1, whose chance is its own) and
+    `eval/<task>/chance_empirical` (log-likelihood scoring: the model on silence); `<metric>` is `loglik_<metric>`
+    for log-likelihood scoring. Raises nothing for a table from `results_table`."""
     out: dict[str, float] = {}
     for row in table.to_dict(orient="records"):
         key = f"eval/{row['task']}/{metric_key(row['metric'], row.get('scoring', 'generate'))}"
         out |= {key: float(row["value"]), f"{key}_ci_low": float(row["ci_low"]),
                 f"{key}_ci_high": float(row["ci_high"]), f"eval/{row['task']}/n": float(row["n"])}
+        chance = f"{key}_chance" if row["metric"] == "weighted_f1" else f"eval/{row['task']}/chance"
         if pd.notna(row["chance"]):
-            out[f"eval/{row['task']}/chance"] = float(row["chance"])
+            out[chance] = float(row["chance"])
+        if pd.notna(row.get("chance_empirical", math.nan)):
+            out[f"{chance}_empirical"] = float(row["chance_empirical"])
     return out
 
 

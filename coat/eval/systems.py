@@ -3,6 +3,8 @@ its suite's format: what `coat eval` runs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,7 @@ from coat.config import CoATConfig, EvalConfig, from_yaml
 from coat.data.manifest import read_manifest
 from coat.eval.benchmarks import load_suite
 from coat.eval.runner import EvalReport, base_model, evaluate
-from coat.eval.scoring import paired_comparison, write_predictions
+from coat.eval.scoring import paired_comparison, results_table, write_predictions
 from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 
 
@@ -38,17 +40,61 @@ def suite_rows(checkpoint: Path, suite: str, data: Path | None, split: str
     return cfg, rows, quirks
 
 
-def evaluate_systems(checkpoint: Path, rows: pd.DataFrame, cfg: EvalConfig, baselines: list[str], device: str,
-                     **common) -> list[EvalReport]:
+def source_parts(rows: pd.DataFrame, suites: Iterable[str]) -> list[tuple[str | None, str, pd.DataFrame]]:
+    """A manifest split's rows by the evaluation suite that scores them: per mixture entry (column `mixture`) and the
+    suite its import names (column `source`: mmau, meld, ... where it is one of `suites`; coat-mini's recipe
+    otherwise), as (source, suite, rows). One part with source None when there is one of each. Raises nothing."""
+    suite = rows["source"].map(lambda s: s if s in suites else "coat-mini") if "source" in rows else "coat-mini"
+    keyed = rows.assign(_suite=suite, _entry=rows["mixture"] if "mixture" in rows else "")
+    groups = list(keyed.groupby(["_entry", "_suite"], sort=True))
+    if len(groups) == 1:
+        [((_, only), part)] = groups
+        return [(None, only, part.drop(columns=["_suite", "_entry"]))]
+    return [(entry if entry else only, only, part.drop(columns=["_suite", "_entry"]))
+            for (entry, only), part in groups]
+
+
+def evaluate_systems(checkpoint: Path, parts: list[tuple[str | None, str, pd.DataFrame]], cfg: EvalConfig,
+                     baselines: list[str], device: str, **common) -> list[EvalReport]:
     """The trained model first, then each of `baselines` (base, cot) built from the checkpoint's backbone, on the
-    same rows; `common` goes to every `evaluate` call. One model is held at a time."""
+    same rows: each part (`source_parts`) by its suite's recipe, the parts of a system then joined into one report
+    (`join_sources`). `common` goes to every `evaluate` call. One model is held at a time."""
+    def run(model, system: str) -> EvalReport:
+        return join_sources([replace(evaluate(model, rows, cfg, suite=suite, system=system, **common), source=source)
+                             for source, suite, rows in parts], cfg)
+
     model = CoATModel.load(checkpoint, device=device)
-    reports = [evaluate(model, rows, cfg, system="coat", **common)]
+    reports = [run(model, "coat")]
     del model
     if baselines:
         base = base_model(checkpoint, device)
-        reports += [evaluate(base, rows, cfg, system=system, **common) for system in baselines]
+        reports += [run(base, system) for system in baselines]
     return reports
+
+
+def join_sources(reports: list[EvalReport], cfg: EvalConfig) -> EvalReport:
+    """One system's reports on several sources as one: each source's rows of the table under `<source>/<task>`, each
+    scored by its own suite's recipe, and pooled rows per task family of the metrics of one kind every source has
+    (accuracy, or WER for transcription) over all sources' examples; the examples with their `source`, latency
+    averaged over the sources by examples measured. A single report (source None) is returned as it is."""
+    if len(reports) == 1 and reports[0].source is None:
+        return reports[0]
+    examples = pd.concat([r.examples.assign(source=r.source) for r in reports], ignore_index=True)
+    pooled = results_table(examples, metrics=["accuracy"], breakdowns=[], scoring=cfg.scoring, n=cfg.bootstrap,
+                           seed=cfg.seed)
+    table = pd.concat([pooled, *[r.table.assign(task=r.source + "/" + r.table["task"]) for r in reports]],
+                      ignore_index=True)
+    measured = [r for r in reports if r.latency]
+    weights = [r.latency["examples"] for r in measured]
+    latency = {key: sum(w * r.latency[key] for w, r in zip(weights, measured, strict=True)) / sum(weights)
+               for key in measured[0].latency} if measured else {}
+    first = reports[0]
+    setting = first.setting | {"suite": "+".join(f"{r.source}:{r.suite}" for r in reports),
+                               "examples": len(examples), "eligible": sum(r.setting["eligible"] for r in reports),
+                               "cut": sum(r.setting.get("cut", 0) for r in reports),
+                               "subsample": "; ".join(f"{r.source}: {r.setting['subsample']}" for r in reports)}
+    quarantine = pd.concat([r.quarantine for r in reports], ignore_index=True)
+    return EvalReport(first.system, setting["suite"], examples, table, latency, setting, quarantine)
 
 
 def paired_with_coat(reports: list[EvalReport], n: int, seed: int) -> pd.DataFrame | None:

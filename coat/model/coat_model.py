@@ -33,6 +33,7 @@ from coat.config import (
     from_yaml,
     to_yaml,
 )
+from coat.data.store import STD_FLOOR
 from coat.experts.base import ExpertSpec
 from coat.model.heads import make_head
 from coat.model.losses import distance, response_ce
@@ -139,6 +140,7 @@ class CoATModel(nn.Module):
             ).to(device)
         # What training may change, whatever a stage freezes: saved, loaded and optimised as one fixed set.
         self.trained_names = [name for name, p in self.named_parameters() if p.requires_grad]
+        self.slot_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # `standardise_slots`
 
     @property
     def slot_table(self) -> nn.Parameter:
@@ -206,16 +208,38 @@ class CoATModel(nn.Module):
             is_slot = self.backbone.thinking.is_slot(inputs["input_ids"])
             slot_states = hidden[is_slot].view(hidden.shape[0], k, hidden.shape[-1])
             for name, spec in self.experts.items():
-                if f"target.{name}" not in batch:
-                    raise KeyError(f"batch has no target for expert {name!r} (key 'target.{name}')")
-                lengths = batch.get(f"target_len.{name}")
-                target = slot_targets(spec, batch[f"target.{name}"].to(hidden.device), lengths, k,
-                                      batch.get("duration"))
+                target = self.slot_target(name, batch, hidden.device)
                 prediction = self.heads[name](slot_states.float())
                 kind = self.cfg.loss.distance.get(name, default_distance(spec))
                 losses[name] = distance(kind, prediction, target)
                 total = total + expert_scale * expert_weight(self.cfg, name, stage) * losses[name]
         return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)
+
+    def slot_target(self, name: str, batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Expert `name`'s target as its head predicts it (`slot_targets`), standardised per slot where
+        `standardise_slots` gave statistics. Raises KeyError naming a missing target."""
+        if f"target.{name}" not in batch:
+            raise KeyError(f"batch has no target for expert {name!r} (key 'target.{name}')")
+        target = slot_targets(self.experts[name], batch[f"target.{name}"].to(device), batch.get(f"target_len.{name}"),
+                              self.num_slots, batch.get("duration"))
+        if name not in self.slot_scales:
+            return target
+        mean, std = (t.to(device) for t in self.slot_scales[name])
+        return (target - mean) / std
+
+    def standardise_slots(self, target_stats: Mapping[str, Mapping | None]) -> None:
+        """Standardise frame-level continuous targets per slot with the training split's slot statistics (each
+        expert's `slots` entry of `target_stats`, computed at this model's K; see `targets.py`). Raises ValueError
+        when they were computed at another K."""
+        for name, stats in target_stats.items():
+            slots = (stats or {}).get("slots")
+            if slots is None or name not in self.experts:
+                continue
+            if slots["k"] != self.num_slots:
+                raise ValueError(f"slot statistics of {name!r} were computed at K={slots['k']}, the model has "
+                                 f"K={self.num_slots}")
+            std = torch.tensor(slots["std"], dtype=torch.float32).clamp_min(STD_FLOOR)
+            self.slot_scales[name] = (torch.tensor(slots["mean"], dtype=torch.float32), std)
 
     @torch.no_grad()
     def generate(

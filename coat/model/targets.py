@@ -7,8 +7,16 @@ at or past D). Slot i's target is the mean of its frames; a span that holds no f
 or a coarse expert) takes the frame nearest its centre. Every expert is thus aligned to the slots by time, not
 by its own frame count, whatever its rate. Clip-level experts have no time axis: the heads read their target
 from the mean over slots.
+
+Frames are standardised per frame, but a slot's mean over its frames varies less than a frame does (the more so
+the fewer the slots), so a continuous frame-level target is standardised again per slot with `slot_statistics` of
+the training split at the run's K: an uninformed prediction then scores about 1 at every K and for every expert,
+and loss weights compare frame-level with clip-level experts.
 """
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +68,20 @@ def slot_targets(spec: ExpertSpec, values: torch.Tensor, lengths: torch.Tensor |
     if values.dim() != 3 or lengths is None:
         raise ValueError(f"expert {spec.name!r} is frame-level: target must be [B, T, {spec.dim}] with lengths")
     return align_to_slots(values, lengths, k, spec.frame_rate, durations, spec.frame_offset)
+
+
+def slot_statistics(clips: Iterable[tuple[np.ndarray, float]], k: int, frame_rate: float, frame_offset: float = 0.0
+                    ) -> dict:
+    """Per-dim mean and std (population) of the K slot targets (`align_to_slots`) of `clips`: (frames [T, D],
+    standardised per frame; seconds the clip lasts), as `{"k", "mean", "std", "slots"}`. Raises ValueError for no
+    clip."""
+    total = total_sq = count = 0
+    for frames, seconds in clips:
+        pooled = align_to_slots(torch.from_numpy(np.asarray(frames, np.float64))[None], torch.tensor([len(frames)]),
+                                k, frame_rate, torch.tensor([seconds]), frame_offset)[0].numpy()
+        total, total_sq, count = total + pooled.sum(0), total_sq + (pooled * pooled).sum(0), count + len(pooled)
+    if not count:
+        raise ValueError("slot statistics need at least one clip")
+    mean = total / count
+    return {"k": k, "mean": mean.tolist(), "std": np.sqrt(np.maximum(total_sq / count - mean * mean, 0)).tolist(),
+            "slots": int(count)}

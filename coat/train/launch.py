@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import ray
 import ray.train
 import ray.tune
+import soundfile as sf
 from mlflow.exceptions import MlflowException
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -29,8 +32,10 @@ from coat.backbones import BACKBONES, backbone_source, check_audio_window
 from coat.config import CoATConfig, expert_settings, mixture_name, to_yaml
 from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import precompute
+from coat.data.store import read_located, standardise
 from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
+from coat.model.targets import slot_statistics
 from coat.ray_runtime import ensure_ray
 from coat.train import faults
 from coat.train.checkpoint import latest_checkpoint, load_training_state
@@ -137,6 +142,40 @@ def training_streams(cfg: CoATConfig, manifest: Path, store: Path) -> dict[str, 
             "val": Stream(val_items, sources, rate, crop, cfg.data.decode_tasks, val_left_out)}
 
 
+def target_statistics(cfg: CoATConfig, train: Stream) -> dict[str, dict | None]:
+    """Per expert, the statistics its targets are standardised with (the training split's, see
+    `FeatureStore.split_stats`), with `slots` (`coat.model.targets.slot_statistics`) for continuous frame-level
+    experts when K > 0: the training clips' targets pooled to the run's K slots, so that each slot's target is
+    standardised again where the loss sees it."""
+    stats = {name: source.stats for name, source in train.sources.items()}
+    if not cfg.thinking.supervised:
+        return stats
+    items = pd.DataFrame(train.items).drop_duplicates("clip_hash")
+    seconds = [min(sf.info(path).duration, train.crop_seconds or math.inf) for path in items["audio_path"]]
+    for name, source in train.sources.items():
+        spec = expert_spec(name, **expert_settings(cfg).get(name, {}))
+        if source.stats is None or spec.clip_level:
+            continue
+        located = items[["clip_hash", f"part.{name}", f"row.{name}"]].set_axis(["clip_hash", "part", "row"], axis=1)
+        frames = read_located(located)
+        clips = ((standardise(frames[h], source.stats), s) for h, s in zip(items["clip_hash"], seconds, strict=True))
+        stats[name] = dict(source.stats) | {"slots": slot_statistics(clips, cfg.thinking.num_slots, spec.frame_rate,
+                                                                     spec.frame_offset)}
+    return stats
+
+
+def validation_questions(cfg: CoATConfig, manifest: Path) -> list:
+    """The `train.val_examples` validation questions `train.val_scores` answers at every checkpoint, by source
+    (`source_parts`): a fixed subset drawn with `eval.seed`, each task family and mixture entry keeping its share."""
+    from coat.data.manifest import read_manifest, stratified_subsample
+    from coat.eval.systems import source_parts
+
+    rows = read_manifest(manifest)
+    rows = rows[rows["split"] == cfg.data.val_split].reset_index(drop=True)
+    by = [column for column in ("task", "mixture") if column in rows]
+    return source_parts(stratified_subsample(rows, cfg.train.val_examples, cfg.eval.seed, by), cfg.eval.suites)
+
+
 def data_provenance(streams: dict[str, Stream]) -> dict[str, str]:
     """Tags naming the exact data: per split a hash of its (id, clip hash) rows and their count, per expert its
     features' version and the id of the standardisation statistics."""
@@ -179,7 +218,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     manifest, store = prepare_data(cfg)
     ensure_ray()
     streams = training_streams(cfg, manifest, store)
-    target_stats = {n: source.stats for n, source in streams["train"].sources.items()}
+    target_stats = target_statistics(cfg, streams["train"])
 
     tags = {"dataset_fingerprint": tracking.dataset_fingerprint(manifest), "backbone.source": backbone_source(cfg),
             **data_provenance(streams)}
@@ -191,6 +230,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         "config": to_yaml(cfg),
         "experts": {n: asdict(expert_spec(n, **chosen)) for n, chosen in expert_settings(cfg).items()},
         "streams": streams,
+        "val_parts": validation_questions(cfg, manifest) if cfg.train.val_scores else None,
         "target_stats": target_stats,
         "launched_at": launched_at,
         "mlflow_uri": uri,
@@ -252,16 +292,17 @@ def _trainer(cfg: CoATConfig, loop_config: dict, storage: Path, name: str, repor
 
 def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> list:
     """The test-split evaluation of the trained model and of `eval.baselines` on the same examples, on the device
-    training used (`cuda` with `train.use_gpu`)."""
+    training used (`cuda` with `train.use_gpu`): each mixture entry (or imported corpus) by its own suite's recipe
+    (`source_parts`)."""
     import torch
 
     from coat.data.manifest import read_manifest
-    from coat.eval.systems import evaluate_systems
+    from coat.eval.systems import evaluate_systems, source_parts
 
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
     rows = read_manifest(manifest)
-    return evaluate_systems(checkpoint, rows[rows["split"] == cfg.data.test_split], cfg.eval, cfg.eval.baselines,
-                            device, suite="coat-mini", max_seconds=cfg.data.max_seconds,
+    parts = source_parts(rows[rows["split"] == cfg.data.test_split], cfg.eval.suites)
+    return evaluate_systems(checkpoint, parts, cfg.eval, cfg.eval.baselines, device, max_seconds=cfg.data.max_seconds,
                             crop=cfg.data.long_clips == "crop", progress=False)
 
 
@@ -288,6 +329,6 @@ def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: 
                                  step=cfg.train.total_steps)
             suffix = "" if report.system == "coat" else f".{report.system}"
             tracking.log_table(uri, run_id, report.table, f"eval/table{suffix}.json")
-            write_predictions(report.examples, report.suite, Path(folder) / f"predictions{suffix}.jsonl")
+            write_predictions(report.examples, "coat-mini", Path(folder) / f"predictions{suffix}.jsonl")
         tracking.log_artifacts(uri, run_id, folder, "eval")
     return reports[0].metrics()

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from coat import tracking
 from coat.config import CoATConfig, StageConfig, from_yaml
 from coat.data.stream import Stream, epoch_order, iter_training_batches, shuffled_donors
+from coat.eval.runner import evaluate
+from coat.eval.scoring import metric_key
+from coat.eval.systems import join_sources
 from coat.experts.base import ExpertSpec
 from coat.model import CoATModel
 from coat.train import faults
@@ -153,6 +156,18 @@ def validation_losses(model, coat: CoATModel, val: Stream, cfg: CoATConfig, rank
     return {f"val/{name}": value for name, value in all_ranks_mean(sums, count, device).items()}
 
 
+def validation_scores(coat: CoATModel, parts: list, cfg: CoATConfig) -> dict[str, float]:
+    """`val/<task>/<metric>`: the validation questions `parts` (`coat.eval.systems.source_parts`) answered and scored
+    as the test evaluation would score them, without intervals or latency; what a sweep may rank by quality. Rank 0
+    alone answers them: the other ranks wait at the report that follows."""
+    scoring = replace(cfg.eval, max_examples=None, latency_examples=0, circular=False, bootstrap=1)
+    report = join_sources([replace(evaluate(coat, rows, scoring, suite=suite, max_seconds=cfg.data.max_seconds,
+                                            crop=cfg.data.long_clips == "crop", progress=False), source=source)
+                           for source, suite, rows in parts], scoring)
+    return {f"val/{row.task}/{metric_key(row.metric, row.scoring)}": float(row.value)
+            for row in report.table.itertuples()}
+
+
 def accumulating(model, last: bool):
     """DDP and FSDP all-reduce gradients on every backward: all but a step's last micro-batch skip it."""
     return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -183,7 +198,8 @@ class Resumed:
 
 def run_loop(loop_config: dict, session: Session) -> None:
     """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `streams` (`Stream`s of the train
-    and val splits), `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
+    and val splits), `val_parts` (the validation questions `train.val_scores` answers, by source; None without),
+    `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
     (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking) / `mlflow_spool` (where
     the run's writes wait through an outage), `faults` and `fault_dir` (see `faults.py`).
 
@@ -198,6 +214,7 @@ def run_loop(loop_config: dict, session: Session) -> None:
     device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
     coat = CoATModel(cfg, {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}, device=device)
+    coat.standardise_slots(loop_config["target_stats"])
     coat.train()
     resumed = resume(session, coat, loop_config["target_stats"], tracking_run)
     model = enter_stage(session, coat, None, stage_at(cfg, min(resumed.position.step, cfg.train.total_steps - 1))[1],
@@ -267,6 +284,8 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                 last_step_end = now
                 if at.step % cfg.train.checkpoint_every == 0 or at.step in ends:
                     metrics |= validation_losses(model, coat, val, cfg, session.rank, world, device)  # the record too
+                    if cfg.train.val_scores and session.rank == 0:
+                        metrics |= validation_scores(coat, loop_config["val_parts"], cfg)
                     report = {"step": at.step, "epoch": at.epoch,
                               tracking.PREFILL_COST: cfg.thinking.prefill_positions, **metrics}
                     checkpoint_and_report(session, model, coat, optimizer, at, report, pending,
