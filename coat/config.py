@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from omegaconf import OmegaConf
@@ -291,6 +292,9 @@ class TrainConfig:
                                     "and mixture entry, drawn with eval.seed.", ge=1)
     keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
     max_failures: int = setting(0, "Worker-group restarts from the last checkpoint.", ge=0)
+    max_nonfinite_steps: int = setting(5, "A step whose loss or gradient is NaN or inf is skipped (no update); after "
+                                          "this many the run stops, naming the step, the non-finite terms and the "
+                                          "last checkpoint.", ge=0)
     seed: int = setting(0, "One training run: seeds the initialisation of every trained part (slots, heads, LoRA), "
                            "the data order and dropout; backbone.seed alone seeds the frozen base.")
 
@@ -393,6 +397,9 @@ class TrackingConfig:
     experiment: str = setting("coat", "MLflow experiment.")
     retry_s: float = setting(30.0, "While the tracking server is away, a run's writes wait on disk; this often it "
                                    "checks whether the server is back to send them.", gt=0)
+    spool_max_mb: float = setting(2048.0, "At most this many MB of a run's writes (checkpoints' artifacts included) "
+                                          "wait on disk for the tracking server; past it the run stops with an error "
+                                          "naming the spool, before the storage fills.", gt=0)
 
 
 @dataclass
@@ -598,6 +605,16 @@ def expert_settings(cfg: CoATConfig) -> dict[str, dict[str, Any]]:
                **({"checkpoint": b.resolved_checkpoint} if b.resolved_checkpoint else {})}
         out["audio-encoder"] = own | out["audio-encoder"]
     return out
+
+
+def redacted(cfg: CoATConfig) -> CoATConfig:
+    """`cfg` with the password of `tracking.uri` (`http://user:secret@host`) replaced by `***`: the config as it
+    may be logged, saved beside results or shown. Raises nothing."""
+    parts = urlsplit(cfg.tracking.uri or "")
+    if parts.password is None:
+        return cfg
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return replace(cfg, tracking=replace(cfg.tracking, uri=urlunsplit(parts._replace(netloc=netloc))))
 
 
 def to_yaml(cfg: CoATConfig) -> str:

@@ -41,10 +41,10 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from coat.config import CoATConfig, flatten
+from coat.config import CoATConfig, flatten, redacted
 from coat.errors import UserError
 from coat.provenance import provenance
-from coat.spool import PENDING, Spool, Unreachable
+from coat.spool import PENDING, Spool, Unreachable, opened_runs
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def start_run(
     resume: bool = True,
     display_name: str | None = None,
     spool: Path | None = None,
+    parent_spool: Path | None = None,
 ) -> str:
     """Create a run (or, with `resume`, reopen the live run tagged `coat.run_name=run_name`) and log the config.
 
@@ -173,7 +174,8 @@ def start_run(
     original values and only gains keys it lacks; over-long values are truncated to MLflow's limit.
     `display_name` is what the dashboard shows (default `run_name`, which stays the run's key in the
     `coat.run_name` tag). With a `spool` folder the run's writes outlive a server outage (see `spool.py`); opened
-    during one, the run gets a provisional id. Returns the run id. Raises ValueError for an empty run_name, one
+    during one, the run gets a provisional id. A parent opened during an outage is found through its own spool
+    (`parent_spool`) when it is replayed. Returns the run id. Raises ValueError for an empty run_name, one
     holding both quote characters (MLflow's search cannot match it), or a deleted experiment.
     """
     if not run_name or ("'" in run_name and '"' in run_name):
@@ -189,11 +191,12 @@ def start_run(
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     record = {"kind": "open", "experiment": experiment, "run_name": run_name,
               "display_name": display_name or run_name, "resume": resume,
-              "params": {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(cfg).items()},
+              **({"parent_spool": str(parent_spool)} if parent_spool is not None else {}),
+              "params": {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(redacted(cfg)).items()},
               "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in all_tags.items()}}
     if spool is None or urlparse(uri).scheme not in ("http", "https"):  # a local store has no outages to ride out
         return _open_run(uri, record)
-    run_spool = _spool(uri, spool, cfg.tracking.retry_s)
+    run_spool = _spool(uri, spool, cfg.tracking.retry_s, cfg.tracking.spool_max_mb)
     run_id = run_spool.write(record)
     _spools[run_id] = run_spool
     return run_id
@@ -239,17 +242,17 @@ _spools: dict[str, Spool] = {}  # run id -> its spool, for the runs this process
 
 
 @functools.cache
-def _spool(uri: str, folder: Path, retry_s: float) -> Spool:
+def _spool(uri: str, folder: Path, retry_s: float, max_mb: float = float("inf")) -> Spool:
     return Spool(Path(folder), functools.partial(_send, uri), functools.partial(_reachable, uri),
-                 f"MLflow tracking server at {uri}", retry_s)
+                 f"MLflow tracking server at {uri}", retry_s, max_mb * 2**20)
 
 
-def spool_writes(uri: str, run_id: str, folder: Path, retry_s: float) -> None:
-    """Let this process's writes to `run_id` wait in `folder` through an outage, checking every `retry_s` seconds
-    whether the server is back (the driver's `start_run` did this for its own process; Ray Train's controller and
-    workers write to the same run)."""
+def spool_writes(uri: str, run_id: str, folder: Path, retry_s: float, max_mb: float = float("inf")) -> None:
+    """Let this process's writes to `run_id` wait in `folder` through an outage (at most `max_mb` of them), checking
+    every `retry_s` seconds whether the server is back (the driver's `start_run` did this for its own process; Ray
+    Train's controller and workers write to the same run)."""
     if urlparse(uri).scheme in ("http", "https"):
-        _spools[run_id] = _spool(uri, Path(folder), retry_s)
+        _spools[run_id] = _spool(uri, Path(folder), retry_s, max_mb)
 
 
 def wait_until_reachable(uri: str, then: str, timeout_s: float = 3600.0) -> None:
@@ -304,7 +307,11 @@ def _send(uri: str, record: dict, ids: dict[str, str]) -> str | None:
     try:
         if record["kind"] == "open":
             parent = record["tags"].get(MLFLOW_PARENT_RUN_ID)
-            tags = record["tags"] | ({MLFLOW_PARENT_RUN_ID: ids.get(parent, parent)} if parent else {})
+            if parent and parent.startswith(PENDING):  # opened during an outage too: its own spool knows its id
+                parent = ids.get(parent) or opened_runs(Path(record.get("parent_spool", ""))).get(parent, parent)
+                if parent.startswith(PENDING):
+                    raise Unreachable(f"the parent run {parent} is not open on the server yet")
+            tags = record["tags"] | ({MLFLOW_PARENT_RUN_ID: parent} if parent else {})
             return _open_run(uri, {**record, "tags": tags})
         run_id = ids.get(record["run"], record["run"])
         if run_id.startswith(PENDING):

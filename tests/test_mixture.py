@@ -93,3 +93,37 @@ def test_validation_weighs_every_source_and_family_of_a_mixture():
     assert all(abs(got[key] - share) <= 1 for key, share in shares.items()), got
     assert list(chosen.index) == list(val.stratified(20, seed=0)) and list(chosen.index) == sorted(chosen.index)
     assert list(chosen.index) != list(val.stratified(20, seed=1))
+
+
+def combine_often(entries: list, out: str, times: int) -> None:
+    from coat.config import MixtureEntry
+
+    for _ in range(times):
+        combine([MixtureEntry(**entry) for entry in entries], out)
+
+
+def test_trials_combining_one_mixture_at_once_never_tear_it(tmp_path, coat_mini, second):
+    """Every trial of a sweep combines the mixture again: two at once, as two real processes, while a third reads."""
+    import multiprocessing
+
+    rows = [json.loads(line) for line in coat_mini.read_text().splitlines()]
+    large = tmp_path / "large" / "manifest.jsonl"  # long enough to write that two writes overlap
+    large.parent.mkdir()
+    large.write_text("".join(json.dumps(r | {"id": f"{r['id']}-{i}", "audio": str(coat_mini.parent / r["audio"])})
+                             + "\n" for i in range(100) for r in rows))
+    entries = [{"manifest": str(large), "name": "mini"}, {"manifest": str(second)}]
+    out = tmp_path / "mix" / "manifest.jsonl"
+    combine_often(entries, str(out), 1)
+    expected = out.read_bytes()
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=combine_often, args=(entries, str(out), 30)) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    reads = 0
+    while any(w.is_alive() for w in writers) or reads < 30:
+        assert out.read_bytes() == expected, "a reader saw a manifest two writers tore"
+        reads += 1
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    assert not list(out.parent.glob(".*.jsonl")), "no staging file left behind"

@@ -18,8 +18,16 @@ import torch
 
 from coat.config import load_config
 from coat.data.audio import decode
-from coat.data.precompute import manifest_clips, precompute
-from coat.data.store import STD_FLOOR, DamagedFeaturesError, FeatureStore, clip_hash, feature_rows, feature_version
+from coat.data.precompute import manifest_clips, non_finite, precompute
+from coat.data.store import (
+    STD_FLOOR,
+    DamagedFeaturesError,
+    FeatureStore,
+    NonFiniteFeaturesError,
+    clip_hash,
+    feature_rows,
+    feature_version,
+)
 from coat.data.stream import MissingFeaturesError, Stream, epoch_order, iter_training_batches, training_items
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
@@ -414,6 +422,24 @@ def test_damaged_parts_are_found_and_reading_their_clips_names_the_part_and_the_
         [truncated.name, flipped.name])
     assert set(store.ledger("e", "v1")) == {sound.name} and store.verify("e", "v1") == []
     assert store.missing("e", "v1", names) == {f"clip{i}" for i in range(6)}
+
+
+def test_features_holding_nan_never_reach_training_and_are_set_aside_for_recompute(tmp_path):
+    """A part a buggy expert wrote with NaN: the split's statistics refuse it naming the part and the fix, verify
+    reports it, and repair sets it aside so its clips are computed again (precompute quarantines such output)."""
+    store = FeatureStore(tmp_path)
+    good = np.ones((4, 2), np.float32)
+    sound = store.write("e", "v1", feature_rows(["a", "b"], [good, good * 2]))
+    poisoned = store.write("e", "v1", feature_rows(["c"], [np.array([[1.0, np.nan], [np.inf, 0.0]], np.float32)]))
+    assert store.split_stats("e", "v1", ["a", "b"])["frames"] == 8
+    with pytest.raises(NonFiniteFeaturesError, match=rf"{poisoned.name}.*--repair"):
+        store.split_stats("e", "v1", ["a", "c"])
+    (damage,) = store.verify("e", "v1")
+    assert damage.part == poisoned and damage.reason == "non_finite: 2 NaN/inf feature values"
+    store.set_aside("e", "v1", [damage])
+    assert store.missing("e", "v1", ["a", "b", "c"]) == {"c"} and set(store.ledger("e", "v1")) == {sound.name}
+    assert non_finite(np.array([[0.0, np.nan]]), "mel") == "non_finite_features: mel gave 1 NaN/inf values"
+    assert non_finite(good, "mel") is None
 
 
 def test_check_store_reports_damage_and_after_repair_precompute_recomputes_exactly_those_clips(

@@ -13,9 +13,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from coat import tracking
-from coat.config import flatten, from_yaml, load_config, to_yaml
+from coat.config import flatten, from_yaml, load_config, redacted, to_yaml
 from coat.provenance import provenance
-from coat.spool import Spool
+from coat.spool import Spool, SpoolFullError
 from coat.tracking import TrackingUnavailableError
 from tests.conftest import free_port
 
@@ -281,3 +281,74 @@ def test_spooled_writes_reach_the_server_once_however_often_they_are_replayed(se
     assert json.loads((folder / "run_ids.json").read_text()) == {"pending-1": runs[0].info.run_id}
     assert [a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id, "notes")] == ["notes/note.txt"]
     assert not list(folder.glob("*.jsonl")) and not list(folder.glob("files/*")), "sent records are cleared"
+
+
+def open_record(pending: str, name: str, **tags: str) -> dict:
+    return {"kind": "open", "pending": pending, "experiment": "coat", "run_name": name, "display_name": name,
+            "resume": True, "params": {}, "tags": tags}
+
+
+def test_a_spool_never_jams_on_a_refused_record_a_torn_line_a_lost_copy_or_clock_skew(server, tmp_path, caplog):
+    """A record the server refuses goes aside with its reason and the rest replay; a torn line is skipped, not the
+    end of the file; a worker's file that sorts before the driver's `open` (its clock ran behind) still waits for
+    the run to be opened; a copy a kill already cleaned up counts as sent."""
+    uri, _ = server
+    folder = tmp_path / "spool"
+    driver, worker = (Spool(folder, lambda record, ids: None, lambda: True, "test", retry_s=1) for _ in range(2))
+    worker.own = folder / "0-worker.jsonl"  # sorts first, as a file made on a host whose clock runs behind
+    driver.append(open_record("pending-1", "jams"))
+    worker.append({"kind": "log", "run": "pending-1", "metrics": [["loss", 2.0, 1000, 1]]})
+    with open(driver.own, "ab") as f:
+        f.write(b'{"kind": "log", "run": "pend\xff')  # cut short (and garbled) mid-append
+    driver.append({"kind": "log", "run": "pending-1", "metrics": [["loss", 1.5, 2000, 2]],
+                   "tags": {"k": "x" * 10}})
+    driver.append({"kind": "log", "run": "pending-1", "params": {}, "tags": {"bad key!": "v"}})  # refused: bad key
+    (tmp_path / "gone.txt").write_text("sent before a kill")
+    driver.append({"kind": "artifact", "run": "pending-1", "local": str(tmp_path / "gone.txt"), "path": "x"})
+    shutil.rmtree(next((folder / "files").iterdir()))  # the kill struck between sending it and unlinking the record
+    driver.append({"kind": "log", "run": "pending-1", "metrics": [["loss", 1.0, 3000, 3]]})
+    driver.append({"kind": "end", "run": "pending-1", "status": "FINISHED"})
+    (folder / "run_ids.json").write_bytes(b"\xff\xfe garbled")  # counts as empty: the open is found by name
+    assert tracking.replay_spool(uri, folder)
+    run = MlflowClient(uri).search_runs([tracking.get_or_create_experiment(uri, "coat")],
+                                        "tags.`coat.run_name` = 'jams'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["k"] == "x" * 10
+    assert [s for s, _ in tracking.metric_history(uri, run.info.run_id, "loss")] == [1, 2, 3]
+    (rejected,) = [json.loads(line) for line in (folder / "rejected" / "records.jsonl").read_text().splitlines()]
+    assert rejected["record"]["tags"] == {"bad key!": "v"} and "bad key!" in rejected["error"]
+    assert "refused a spooled write" in caplog.text and "rejected/records.jsonl" in caplog.text
+    assert not list(folder.glob("*.jsonl"))
+
+
+def test_a_child_opened_while_its_sweep_parent_was_pending_finds_it_through_the_parents_spool(server, tmp_path):
+    uri, _ = server
+    parent_folder, child_folder = tmp_path / "parent", tmp_path / "child"
+    parent = Spool(parent_folder, lambda record, ids: None, lambda: True, "test", retry_s=1)
+    parent.append(open_record("pending-parent", "sweep-p"))
+    child = Spool(child_folder, lambda record, ids: None, lambda: True, "test", retry_s=1)
+    child.append(open_record("pending-child", "trial-c", **{"mlflow.parentRunId": "pending-parent"})
+                 | {"parent_spool": str(parent_folder)})
+    assert not tracking.replay_spool(uri, child_folder), "waits while its parent is not open"
+    assert tracking.replay_spool(uri, parent_folder) and tracking.replay_spool(uri, child_folder)
+    parent_id = json.loads((parent_folder / "run_ids.json").read_text())["pending-parent"]
+    assert [r.data.tags["coat.run_name"] for r in tracking.child_runs(uri, parent_id)] == ["trial-c"]
+
+
+def test_a_spool_stops_the_run_before_the_storage_fills(tmp_path):
+    spool = Spool(tmp_path / "spool", lambda record, ids: None, lambda: True, "MLflow at x", retry_s=1,
+                  max_bytes=4096)
+    spool.append({"kind": "log", "run": "r", "metrics": [["loss", 1.0, 1, 1]]})
+    (tmp_path / "checkpoint.bin").write_bytes(bytes(8192))
+    with pytest.raises(SpoolFullError, match=r"MLflow at x is unreachable and 0 MB.*tracking.spool_max_mb=0.00390625"):
+        spool.append({"kind": "artifact", "run": "r", "local": str(tmp_path / "checkpoint.bin"), "path": None})
+    assert not (tmp_path / "spool" / "files").exists(), "nothing half-copied"
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_a_param_or_a_saved_config(sqlite_uri, experiment, tmp_path):
+    cfg = load_config(overrides=[*OVERRIDES, "tracking.uri=http://alice:s3cret@tracking.example:5000"])
+    run_id = tracking.start_run(sqlite_uri, experiment, "secret", cfg)
+    run = MlflowClient(sqlite_uri).get_run(run_id)
+    assert run.data.params["tracking.uri"] == "http://alice:***@tracking.example:5000"
+    assert not any("s3cret" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
+    assert "s3cret" not in to_yaml(redacted(cfg)) and cfg.tracking.uri.endswith("s3cret@tracking.example:5000")
+    assert redacted(load_config(overrides=OVERRIDES)) == load_config(overrides=OVERRIDES)

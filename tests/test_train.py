@@ -31,16 +31,21 @@ from coat.model.coat_model import WEIGHTS_FILE
 from coat.model.losses import distance
 from coat.train.checkpoint import (
     CheckpointError,
+    committed_checkpoints,
     latest_checkpoint,
     load_optimizer_shard,
     load_training_state,
+    log_committed_steps,
+    prune_checkpoints,
     save_checkpoint,
     save_optimizer_shard,
+    steps_handed_to_mlflow,
     verify_checkpoint,
     whole_trained_parts,
 )
 from coat.train.launch import target_statistics, train, training_streams
 from coat.train.loop import (
+    NonFiniteTrainingError,
     clip_gradients,
     enter_stage,
     expert_scale_at,
@@ -284,14 +289,53 @@ def test_an_uninformed_slot_prediction_scores_about_one_for_frame_level_experts(
         CoATModel(apply_overrides(cfg, ["thinking.num_slots=1"])).standardise_slots(stats)
 
 
+def test_a_diverging_run_skips_non_finite_steps_then_stops_and_never_writes_a_non_finite_checkpoint(uninterrupted):
+    cfg, _ = uninterrupted
+    diverging = apply_overrides(cfg, ["train.lr=1e30", "train.warmup_steps=0", "train.max_nonfinite_steps=2",
+                                      "train.stages=[{steps: 8}]", "train.checkpoint_every=1",
+                                      "train.run_name=diverging"])
+    with pytest.raises(NonFiniteTrainingError, match=r"training stopped at step \d+: .*not finite; 3 steps skipped"):
+        train(diverging, evaluate_after=False)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, "coat"), "diverging")
+    assert tracking.run_status(uri, run_id) == "FAILED"
+    written = sorted((Path(cfg.train.storage) / "diverging").glob("checkpoint_*"))
+    for checkpoint in written:
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / WEIGHTS_FILE).values()), checkpoint
+    skipped = [v for _, v in tracking.metric_history(uri, run_id, "train/skipped")]
+    assert skipped[0] == 0.0 and skipped.count(1.0) <= 2, "the skipped steps a checkpoint committed are logged"
+
+
+def test_a_restart_knows_which_steps_went_to_mlflow_even_when_the_server_cannot_say(tmp_path):
+    """Steps handed to MLflow (sent, or spooled through an outage) are recorded beside the run: a restart while the
+    server is away must not log the steps it redoes a second time."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run_id = tracking.start_run(uri, "coat", "marker", load_config())
+    log_committed_steps(uri, run_id, json.dumps([[3, 1000, {"train/loss": 1.0}], [4, 2000, {"train/loss": 0.9}]]),
+                        tmp_path)
+    assert steps_handed_to_mlflow(tmp_path) == 4 == tracking.last_logged_step(uri, run_id, "train/loss")
+    log_committed_steps(uri, run_id, json.dumps([[2, 500, {"train/loss": 1.1}]]), tmp_path)  # an older checkpoint
+    assert steps_handed_to_mlflow(tmp_path) == 4
+    (tmp_path / "logged_through").write_bytes(b"\xff")
+    assert steps_handed_to_mlflow(tmp_path) == 0 and steps_handed_to_mlflow(tmp_path / "absent") == 0
+
+
+def test_checkpoints_past_a_million_steps_keep_their_order(tmp_path):
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (tmp_path / f"checkpoint_{step:06d}").mkdir()
+    assert [p.name for p in committed_checkpoints(tmp_path)][-2:] == ["checkpoint_1000000", "checkpoint_1000001"]
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1000000", "checkpoint_1000001"]
+
+
 def killable(cfg, tmp_path: Path, faults: str) -> tuple[list[str], dict, str]:
-    """`coat train` of `cfg` in-process as run `killed`, with `COAT_FAULT=faults`: its command, environment and the
-    uri of its MLflow store."""
+    """`coat train` of `cfg` in-process as run `killed`, with `COAT_TEST_SIGKILL_AT=faults`: its command,
+    environment and the uri of its MLflow store."""
     killed = apply_overrides(cfg, ["train.num_workers=0", "train.run_name=killed", f"train.storage={tmp_path / 'runs'}",
                                    f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}"])
     (tmp_path / "killed.yaml").write_text(to_yaml(killed))
     command = [str(Path(sys.executable).parent / "coat"), "train", "--config", str(tmp_path / "killed.yaml")]
-    env = {**os.environ, "COAT_FAULT": faults, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "COAT_TEST_SIGKILL_AT": faults, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return command, env, tracking.resolve_uri(killed.tracking.uri)
 
 
@@ -375,7 +419,7 @@ def test_a_torn_newest_checkpoint_is_skipped_for_the_one_before(uninterrupted, t
 def test_ray_train_skips_a_torn_newest_checkpoint_for_the_one_before(tmp_path, coat_mini, monkeypatch):
     """Ray Train hands the restart its newest registered checkpoint; cut short on disk, the session finds the one
     before it in the run's storage and resumes from there."""
-    monkeypatch.setenv("COAT_FAULT", "step@5")
+    monkeypatch.setenv("COAT_TEST_SIGKILL_AT", "step@5")
     cfg = train_config(tmp_path, coat_mini, "train.num_workers=1", "train.run_name=torn", "train.stages=[{steps: 6}]")
     with pytest.raises(Exception, match="(?i)fail"):  # the worker is killed and no restart is allowed
         train(cfg, evaluate_after=False)
@@ -479,7 +523,7 @@ def test_two_ddp_workers_survive_a_kill_before_anything_is_committed(tmp_path, c
     """Rank 0 dies while writing the first checkpoint, so the restart redoes steps 1 and 2; metrics go to a real
     tracking server, from Ray Train's controller once each checkpoint is registered."""
     uri, _ = server
-    monkeypatch.setenv("COAT_FAULT", "checkpoint@2")
+    monkeypatch.setenv("COAT_TEST_SIGKILL_AT", "checkpoint@2")
     cfg = train_config(tmp_path, coat_mini, "train.num_workers=2", "train.max_failures=1", "train.run_name=ddp",
                        f"tracking.uri={uri}", "tracking.experiment=served",
                        "train.stages=[{steps: 2, ce_weight: 0.1}, {steps: 4, ce_weight: 1.0}]")
@@ -503,7 +547,7 @@ def test_ddp_losses_after_restarts_equal_an_uninterrupted_run(tmp_path, coat_min
     (tmp_path / "plain").mkdir()
     (tmp_path / "killed").mkdir()
     plain = train(train_config(tmp_path / "plain", coat_mini, *common, "train.run_name=plain"), evaluate_after=False)
-    monkeypatch.setenv("COAT_FAULT", "step@1,checkpoint@4,reported@10")
+    monkeypatch.setenv("COAT_TEST_SIGKILL_AT", "step@1,checkpoint@4,reported@10")
     cfg = train_config(tmp_path / "killed", coat_mini, *common, "train.run_name=killed")
     train(cfg, evaluate_after=False)
     assert len(list((tmp_path / "killed" / "runs" / "killed").glob(".fault-*"))) == 3

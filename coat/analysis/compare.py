@@ -323,7 +323,9 @@ def control_sentences(comparisons: pd.DataFrame, others: Sequence[str] = ()) -> 
         positions = ("none", "K=0") in found and verdict(found["none", "K=0"]) == "better"
         information = beats["none"] and (beats["shuffled"] or ("coat", "shuffled") not in found)
         if not gain:
-            why = "neither: CoAT does not beat K=0, so there is no gain to explain"
+            alone = [c for c in CONTROLS if (c, "K=0") in found and verdict(found[c, "K=0"]) == "better"]
+            why = "neither: CoAT does not beat K=0, so there is no gain to explain" + (
+                f" (though the {' and '.join(alone)} control{'s' if len(alone) > 1 else ''} beat K=0)" if alone else "")
         elif information and positions:
             why = "both: the pause positions alone beat K=0, and the experts' information adds to them"
         elif information:

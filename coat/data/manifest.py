@@ -62,11 +62,17 @@ def json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON Lines file.
 
     Raises:
-        ManifestError: naming the file and line of invalid JSON or of a line that is not an object.
+        ManifestError: naming the file and line of text that is not UTF-8, invalid JSON or a line that is not an
+            object.
     """
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1}): save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,9 +41,11 @@ def combine(entries: Sequence[MixtureEntry], out: str | Path) -> Path:
             raise ManifestError(f"data.mixture entry {name!r}: {err}") from None
         rows.append(manifest.assign(id=[f"{name}/{i}" for i in manifest["id"]], audio=manifest["audio_path"],
                                     mixture=name).drop(columns="audio_path"))
-    staging = write_table(pd.concat(rows, ignore_index=True), out.with_name(f".{out.stem}.tmp.jsonl"))
+    # Every trial of a sweep combines again, some at once: each stages under a name of its own and renames it
+    # whole into place, so no reader ever sees a file two writers tore; the same rows leave the file as it was.
+    staging = write_table(pd.concat(rows, ignore_index=True), out.with_name(f".{out.stem}.{uuid.uuid4().hex}.jsonl"))
     if out.is_file() and out.read_bytes() == staging.read_bytes():
-        staging.unlink()  # every trial of a sweep combines again: the same rows leave the file as it was
+        staging.unlink()
     else:
         os.replace(staging, out)
     return out

@@ -4,9 +4,10 @@ Per expert: hash the clips, verify the store's parts against their checksums and
 clips become missing), ask the store which (clip, version) pairs are missing, stream only those through
 an actor pool that loads the expert once per actor and decodes each clip at the expert's rate inside the
 batch function, and write every output batch as a part as it arrives. A run killed part-way keeps its
-finished parts; the next run computes the rest. Clips whose audio cannot be decoded go to the store's
-quarantine, never retried. With `crop_seconds`, experts hear each clip's first `crop_seconds` only, as the
-model does under `data.long_clips=crop`; those features are filed under a version of their own.
+finished parts; the next run computes the rest. Clips whose audio cannot be decoded, or whose features hold NaN
+or inf, go to the store's quarantine with the reason, never retried. With `crop_seconds`, experts hear each clip's
+first `crop_seconds` only, as the model does under `data.long_clips=crop`; those features are filed under a
+version of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -80,11 +82,21 @@ class ExpertActor:
                 good.append(h)
             except AudioError as err:
                 errors.append((h, err.reason))
-        features = self.expert(waves, sample_rate=rate)[0] if waves else []
-        table = feature_rows(good, [f.numpy() for f in features])
+        features = [f.numpy() for f in self.expert(waves, sample_rate=rate)[0]] if waves else []
+        for i in reversed(range(len(good))):  # NaN/inf would make the split's statistics, then training, NaN
+            if reason := non_finite(features[i], self.expert.name):
+                errors.append((good.pop(i), reason))
+                features.pop(i)
+        table = feature_rows(good, features)
         failed = feature_rows([h for h, _ in errors], [[0.0]] * len(errors))  # placeholders, never stored
         reasons = [None] * len(good) + [r for _, r in errors]
         return pa.concat_tables([table, failed]).append_column("error", pa.array(reasons, pa.string()))
+
+
+def non_finite(features: np.ndarray, expert: str) -> str | None:
+    """The quarantine reason of features holding NaN or inf (`non_finite_features: ...`), else None."""
+    bad = int((~np.isfinite(features)).sum())
+    return f"non_finite_features: {expert} gave {bad} NaN/inf values" if bad else None
 
 
 def hash_clips(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

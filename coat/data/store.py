@@ -68,6 +68,10 @@ DAMAGED_FOLDER = "damaged"
 STD_FLOOR = 1e-6  # a constant feature dim (silent mel bin) standardises to 0, not to inf
 
 
+class NonFiniteFeaturesError(UserError, ValueError):
+    """Stored features hold NaN or inf; the message names the part and the fix."""
+
+
 class DamagedFeaturesError(UserError):
     """Features asked for sit in a damaged part; the message names the part and the command that repairs it."""
 
@@ -227,14 +231,15 @@ class FeatureStore:
 
     def verify(self, name: str, version: str) -> list[Damage]:
         """Every part of this expert version that cannot be trusted: a recorded part that is gone, or whose size or
-        sha256 differs from its ledger entry, and an unrecorded part that does not read whole. Reads every part
-        once; the store is left as it is (see `set_aside`)."""
+        sha256 differs from its ledger entry, an unrecorded part that does not read whole, and a part holding NaN
+        or inf features. Reads every part; the store is left as it is (see `set_aside`)."""
         folder = self.folder(name, version)
         recorded = self.ledger(name, version)
         damage = [Damage(folder / part, reason, tuple(entry["clips"])) for part, entry in recorded.items()
-                  if (reason := _size_problem(folder / part, entry) or _checksum_problem(folder / part, entry))]
+                  if (reason := _size_problem(folder / part, entry) or _checksum_problem(folder / part, entry)
+                      or _value_problem(folder / part))]
         for part in self.parts(name, version):
-            if part.name not in recorded and (reason := _read_problem(part)):
+            if part.name not in recorded and (reason := _read_problem(part) or _value_problem(part)):
                 damage.append(Damage(part, reason, tuple(_stored_hashes(part) or ())))
         return damage
 
@@ -318,6 +323,7 @@ class FeatureStore:
         Raises:
             KeyError: the store lacks features of one of the clips (see `read`).
             DamagedFeaturesError: one of the clips sits in a damaged part.
+            NonFiniteFeaturesError: the clips' features hold NaN or inf (naming the part and the fix).
             ValueError: the clips' features disagree on `dim`, or `clip_hashes` is empty.
         """
         hashes = sorted(set(clip_hashes))
@@ -341,6 +347,11 @@ class FeatureStore:
             dim = dims.pop()
             x = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             x = x.reshape(-1, dim).astype(np.float64)
+            if not np.isfinite(x).all():
+                raise NonFiniteFeaturesError(
+                    f"feature store {self.root}: {name}/{version} part {part} holds NaN/inf features of the split's "
+                    f"clips, which would make the standardisation and then training NaN: set the part aside (coat "
+                    f"data check --store {self.root} --repair) and precompute again, which quarantines such clips")
             total, total_sq, count = total + x.sum(0), total_sq + (x * x).sum(0), count + len(x)
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
@@ -364,7 +375,8 @@ class FeatureStore:
 
     def quarantined(self) -> dict[str, str]:
         """clip_hash -> reason for every clip a precompute found undecodable."""
-        return {r["clip_hash"]: r["reason"] for r in read_json_lines(self.root / QUARANTINE_FILE)}
+        return {r["clip_hash"]: r["reason"] for r in read_json_lines(self.root / QUARANTINE_FILE)
+                if isinstance(r.get("clip_hash"), str) and isinstance(r.get("reason"), str)}
 
 
 def raise_if_damaged(located: pd.DataFrame) -> None:
@@ -395,13 +407,14 @@ def read_located(located: pd.DataFrame) -> dict[str, np.ndarray]:
 
 def read_json_lines(path: Path) -> Iterator[dict]:
     """The objects of a JSON Lines file written by `_append_json_lines`, in order. A line that does not parse (cut
-    short by a crash, or still being appended) is skipped: the records here can all be re-derived."""
+    short by a crash, still being appended, or garbled: not UTF-8, not JSON, not an object) is skipped: the records
+    here can all be re-derived."""
     if not path.is_file():
         return
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # not UTF-8, or not JSON
             continue
         if isinstance(record, dict):
             yield record
@@ -449,6 +462,14 @@ def _read_problem(part: Path) -> str | None:
     return None
 
 
+def _value_problem(part: Path) -> str | None:
+    """Why a part's features cannot be trained on (NaN or inf values, which a buggy expert may have written before
+    precompute refused them), else None."""
+    values = pq.read_table(part, columns=["values"]).column("values").combine_chunks().flatten()
+    bad = int((~np.isfinite(values.to_numpy(zero_copy_only=False))).sum())
+    return f"non_finite: {bad} NaN/inf feature values" if bad else None
+
+
 def _stored_hashes(part: Path) -> list[str] | None:
     """The clip_hash column of a part, None when it cannot be read."""
     try:
@@ -477,7 +498,7 @@ def _read_json(path: Path) -> dict | None:
     """A JSON object from `path`, None when it is absent or does not parse."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # ValueError: not UTF-8, or not JSON
         return None
     return data if isinstance(data, dict) else None
 

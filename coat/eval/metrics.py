@@ -93,8 +93,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], a_den: Sequence[flo
     """Interval and two-sided p-value of ratio(a) - ratio(b), where ratio(x) = sum(x) / sum(x_den) (the mean
     without a denominator), both taken over the same `n` resamples of the paired examples.
 
-    p is twice the smaller share of resampled differences on either side of 0 (at most 1): identical systems
-    give 1. Empty input gives (nan, nan, nan). Raises ValueError unless all given sequences are 1-D of one
+    p counts the resampled differences on either side of 0 (`_interval_and_p`): identical systems give 1. Empty
+    input gives (nan, nan, nan). Raises ValueError unless all given sequences are 1-D of one
     length, `n` >= 1 and 0 < `level` < 1."""
     arrays = [np.asarray(x, dtype=np.float64) for x in (a, b)]
     arrays += [np.ones_like(arrays[i]) if den is None else np.asarray(den, dtype=np.float64)
@@ -114,13 +114,18 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], a_den: Sequence[flo
         idx = rng.integers(0, size, size=(min(chunk, n - start), size))
         with np.errstate(invalid="ignore", divide="ignore"):
             diffs.append(a_num[idx].sum(1) / a_den_[idx].sum(1) - b_num[idx].sum(1) / b_den_[idx].sum(1))
-    diff = np.concatenate(diffs)
-    diff = diff[~np.isnan(diff)]
-    if not diff.size:
+    return _interval_and_p(np.concatenate(diffs), level)
+
+
+def _interval_and_p(stats: np.ndarray, level: float) -> tuple[float, float, float]:
+    """Percentile interval of the resampled statistics (NaN resamples dropped) and their two-sided p about 0,
+    2 (min(k<=0, k>=0) + 1) / (n + 1) at most 1: never 0 from a finite number of resamples."""
+    stats = stats[~np.isnan(stats)]
+    if not stats.size:
         return float("nan"), float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(diff, [tail, 100 - tail])
-    p = min(1.0, 2 * min(float(np.mean(diff <= 0)), float(np.mean(diff >= 0))))
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    p = min(1.0, 2 * (min(int((stats <= 0).sum()), int((stats >= 0).sum())) + 1) / (stats.size + 1))
     return float(low), float(high), p
 
 
@@ -169,8 +174,7 @@ def two_level_bootstrap(a: np.ndarray, b: np.ndarray, den: np.ndarray | None = N
     shared by every seed: an example is one unit however many seeds answered it, and a seed one training run (the
     pigeonhole bootstrap for crossed factors; it counts the seed-by-example noise twice, so it errs wide). The two
     draws come from separate streams, so seeds that repeat one result give exactly the one-seed interval, while
-    independent seeds narrow it. p = 2 (min(k<=0, k>=0) + 1) / (n + 1), at most 1: it is never 0 from a
-    finite number of resamples, and identical systems give 1.
+    independent seeds narrow it. p as in `paired_bootstrap`.
 
     Raises ValueError unless `a` and `b` are 2-D of one shape with `den` (default ones) one entry per example,
     `n` >= 1 and 0 < `level` < 1."""
@@ -196,14 +200,7 @@ def two_level_bootstrap(a: np.ndarray, b: np.ndarray, den: np.ndarray | None = N
         np.add.at(seed_share, (np.arange(m)[:, None], pick_seeds.integers(0, seeds, (m, seeds))), 1.0 / seeds)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats.append(((seed_share @ diff) * examples).sum(1) / (examples @ den))
-    stats = np.concatenate(stats)
-    stats = stats[~np.isnan(stats)]
-    if not stats.size:
-        return float("nan"), float("nan"), float("nan")
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    p = min(1.0, 2 * (min(int((stats <= 0).sum()), int((stats >= 0).sum())) + 1) / (stats.size + 1))
-    return float(low), float(high), p
+    return _interval_and_p(np.concatenate(stats), level)
 
 
 def sign_flip_p(differences: Sequence[float], *, n: int = 9999, seed: int = 0) -> float:

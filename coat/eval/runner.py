@@ -509,7 +509,8 @@ def print_reports(reports: list[EvalReport], title: str = "evaluation", console:
             if pd.notna(row.get("chance_empirical")):
                 chance += f" / {row['chance_empirical']:.3f} on silence"
         scoring = reports[0].setting["scoring"]
-        table.add_row(task, metric if scoring == "generate" else f"{metric} ({scoring})", *cells, n, chance)
+        table.add_row(task, metric if scoring == "generate" or metric == "wer" else f"{metric} ({scoring})", *cells,
+                      n, chance)
     budgets = [r.metrics().get("eval/out_of_budget") for r in reports]
     table.add_row("out of budget", "share", *["-" if b is None else f"{b:.3f}" for b in budgets], "", "")
     for label, key, fmt in (("new tokens", "new_tokens", "{:.1f}"), ("time to first token (s)", "ttft_s", "{:.4f}"),

@@ -31,6 +31,7 @@ from coat.config import (
     expert_settings,
     expert_weight,
     from_yaml,
+    redacted,
     to_yaml,
 )
 from coat.data.store import STD_FLOOR
@@ -267,7 +268,7 @@ class CoATModel(nn.Module):
         trained = self.trained_state() if trained is None else trained
         # Bytes written by Python's own I/O: a full disk is an OSError naming the file, not a serializer's error.
         (directory / WEIGHTS_FILE).write_bytes(safetensors_bytes({k: v.contiguous().cpu() for k, v in trained.items()}))
-        (directory / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        (directory / CONFIG_FILE).write_text(to_yaml(redacted(self.cfg)))
         meta = {"made_for": self._made_for(), "experts": {n: asdict(s) for n, s in self.experts.items()}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory

@@ -37,11 +37,13 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from coat import tracking
 from coat.errors import UserError
 from coat.model.coat_model import FSDP_UNIT
+from coat.spool import atomic_write
 from coat.train import faults
 
 STATE_FILE = "training_state.pt"
 STEPS_FILE = "steps.json"
 TARGET_STATS_FILE = "target_stats.json"
+LOGGED_FILE = "logged_through"  # in the run's folder: the last step whose metrics went to MLflow or its spool
 MANIFEST_FILE = "manifest.json"
 
 log = logging.getLogger(__name__)
@@ -147,18 +149,19 @@ def verify_checkpoint(directory: Path) -> str | None:
         return (f"no {MANIFEST_FILE}: its write did not finish, or coat wrote it before checkpoints carried "
                 "checksums")
     for manifest in sorted(directory.glob("manifest*.json")):
-        try:
-            files = json.loads(manifest.read_text())["files"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        try:  # garbled bytes, other JSON or entries of the wrong shape: the checkpoint cannot be trusted
+            files = {str(name): (int(entry["bytes"]), str(entry["sha256"]))
+                     for name, entry in json.loads(manifest.read_text(encoding="utf-8"))["files"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
             return f"{manifest.name} does not parse"
-        for name, expected in files.items():
+        for name, (size, sha256) in files.items():
             path = directory / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != expected["bytes"]:
-                return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} when written"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} when written"
             with open(path, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() != expected["sha256"]:
+                if hashlib.file_digest(f, "sha256").hexdigest() != sha256:
                     return f"{name} changed since it was written (sha256 differs)"
     return None
 
@@ -201,20 +204,44 @@ def safe_load(path: Path) -> dict:
                               f"refusing to load it ({str(err).splitlines()[0][:200]})") from None
 
 
-def log_committed_steps(uri: str, run_id: str, steps_json: str) -> None:
+def log_committed_steps(uri: str, run_id: str, steps_json: str, run_dir: Path) -> None:
     """Log the step metrics a committed checkpoint carries (the text of its `steps.json`), each with the time it
-    was taken: logging them again stores nothing new."""
-    for step, stamp, values in json.loads(steps_json):
+    was taken: logging them again stores nothing new. Then record in `run_dir` the last step handed to MLflow
+    (sent, or waiting in the spool to be sent), which a restart trusts when the server cannot say
+    (`steps_handed_to_mlflow`)."""
+    steps = json.loads(steps_json)
+    for step, stamp, values in steps:
         tracking.log_metrics(uri, run_id, values, step, stamp)
+    if steps and max(step for step, _, _ in steps) > steps_handed_to_mlflow(run_dir):
+        atomic_write(run_dir / LOGGED_FILE, str(max(step for step, _, _ in steps)))
+
+
+def steps_handed_to_mlflow(run_dir: Path) -> int:
+    """The last step of the run in `run_dir` whose metrics were handed to MLflow; 0 when none was (or the record
+    does not read)."""
+    try:
+        return int((run_dir / LOGGED_FILE).read_text(encoding="utf-8").strip())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def committed_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, oldest first: by step for `checkpoint_<step>` (as numbers, so step
+    1,000,000 follows 999,999), by name for Ray Train's time-stamped ones."""
+    def age(path: Path) -> tuple:
+        suffix = path.name.removeprefix("checkpoint_")
+        return (0, int(suffix), "") if suffix.isdigit() else (1, 0, path.name)
+
+    return sorted((p for p in root.glob("checkpoint_*") if p.is_dir()), key=age)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest committed checkpoint under `root` that verifies (in-process runs keep their own; Ray keeps the
     others), skipping torn ones with a warning. Raises CheckpointError as `first_sound`."""
-    return first_sound(sorted(p for p in root.glob("checkpoint_*") if p.is_dir())[::-1])
+    return first_sound(committed_checkpoints(root)[::-1])
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints. Called after a commit, so the one just written is among them."""
-    for old in sorted(root.glob("checkpoint_*"))[:-keep]:
+    for old in committed_checkpoints(root)[:-keep]:
         shutil.rmtree(old)

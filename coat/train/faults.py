@@ -1,9 +1,10 @@
-"""Deterministic fault injection, for the tests that kill training at its worst moments.
+"""Deterministic fault injection, for the tests that kill training at its worst moments (a name no one sets by
+mistake; a run with it set says so when it starts).
 
-`COAT_FAULT=<point>@<step>[,<point>@<step>...]`, read by `coat.train.launch.train`, makes rank 0 SIGKILL its own
-process when it reaches `point` at optimizer step `step`, once per run (a marker file in the run's storage
-remembers that it fired, so the restarted worker carries on). Points: `step` (the step's update applied, before
-any checkpoint covers it), `checkpoint` (mid-write: trained parts and step metrics written, training state
+`COAT_TEST_SIGKILL_AT=<point>@<step>[,<point>@<step>...]`, read by `coat.train.launch.train`, makes rank 0
+SIGKILL its own process when it reaches `point` at optimizer step `step`, once per run (a marker file in the run's
+storage remembers that it fired, so the restarted worker carries on). Points: `step` (the step's update applied,
+before any checkpoint covers it), `checkpoint` (mid-write: trained parts and step metrics written, training state
 not), `reported` (the checkpoint handed to Ray Train or committed in-process, its metrics maybe not yet logged).
 Unset, every call is a no-op.
 """
@@ -14,13 +15,13 @@ import os
 import signal
 from pathlib import Path
 
-ENV = "COAT_FAULT"
+ENV = "COAT_TEST_SIGKILL_AT"
 POINTS = ("step", "checkpoint", "reported")
 _armed: dict[tuple[str, int], Path] = {}
 
 
 def parse(spec: str | None) -> list[tuple[str, int]]:
-    """The (point, step) pairs of a `COAT_FAULT` value. Raises ValueError naming a malformed entry."""
+    """The (point, step) pairs of a `COAT_TEST_SIGKILL_AT` value. Raises ValueError naming a malformed entry."""
     faults = []
     for entry in spec.split(",") if spec else []:
         point, _, step = entry.strip().partition("@")

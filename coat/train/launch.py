@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
 from coat.backbones import BACKBONES, backbone_source, check_audio_window
-from coat.config import CoATConfig, expert_settings, mixture_name, to_yaml
+from coat.config import CoATConfig, expert_settings, mixture_name, redacted, to_yaml
 from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import precompute
 from coat.data.store import read_located, standardise
@@ -37,8 +37,9 @@ from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
 from coat.model.targets import slot_statistics
 from coat.ray_runtime import ensure_ray
+from coat.spool import atomic_write
 from coat.train import faults
-from coat.train.checkpoint import latest_checkpoint, load_training_state
+from coat.train.checkpoint import MANIFEST_FILE, latest_checkpoint, load_training_state
 from coat.train.loop import run_loop, train_loop_per_worker
 from coat.train.session import CommittedStepsLogger, InProcessSession
 
@@ -192,12 +193,14 @@ def data_provenance(streams: dict[str, Stream]) -> dict[str, str]:
 
 
 def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | None = None,
+          parent_spool: Path | None = None,
           report_to_tune: bool = False, display_name: str | None = None) -> TrainResult:
     """Train per `cfg` on Ray Train; evaluate the result on the test split; log everything to MLflow.
 
-    Inside a sweep trial: `parent_run_id` makes the MLflow run a child of the sweep's, `display_name` names it in
-    the dashboard by what the sweep varies, and `report_to_tune` forwards every checkpoint's metrics (validation
-    included) and the final evaluation to Tune.
+    Inside a sweep trial: `parent_run_id` makes the MLflow run a child of the sweep's (`parent_spool`: where the
+    sweep's writes wait through an outage, so a child opened while its parent is too finds it), `display_name`
+    names it in the dashboard by what the sweep varies, and `report_to_tune` forwards every checkpoint's metrics
+    (validation included) and the final evaluation to Tune.
     Raises TrackingUnavailableError before any compute when the tracking server is down.
     """
     launched_at = time.time()
@@ -214,7 +217,9 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
             ray.tune.report({**finished.metrics, **finished.eval_metrics})
         return finished
     fault_spec = os.environ.get(faults.ENV)
-    faults.parse(fault_spec)  # a malformed spec fails here, before any compute
+    if faults.parse(fault_spec):  # a malformed spec fails here, before any compute
+        log.warning("%s=%s is set: this run kills its own worker at those points (a test of recovery)", faults.ENV,
+                    fault_spec)
     manifest, store = prepare_data(cfg)
     ensure_ray()
     streams = training_streams(cfg, manifest, store)
@@ -222,9 +227,10 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
 
     tags = {"dataset_fingerprint": tracking.dataset_fingerprint(manifest), "backbone.source": backbone_source(cfg),
             **data_provenance(streams)}
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id, tags=tags,
+    run_id = tracking.start_run(uri, cfg.tracking.experiment, name, cfg, parent_run_id=parent_run_id,
+                                parent_spool=parent_spool, tags=tags,
                                 display_name=display_name, spool=spool)
-    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
+    tracking.log_text(uri, run_id, to_yaml(redacted(cfg)), "config.yaml")
     tracking.log_dict_artifact(uri, run_id, target_stats, "target_stats.json")
     loop_config = {
         "config": to_yaml(cfg),
@@ -237,7 +243,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         "mlflow_run_id": run_id,
         "mlflow_spool": spool,
         "faults": fault_spec,
-        "fault_dir": storage / name,
+        "run_dir": storage / name,
     }
     try:
         if cfg.train.num_workers == 0:
@@ -245,7 +251,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
             run_loop(loop_config, session)
             metrics, checkpoint = session.last
         else:
-            logger = CommittedStepsLogger(uri, run_id, spool, cfg.tracking.retry_s)
+            logger = CommittedStepsLogger(uri, run_id, spool, cfg.tracking.retry_s, cfg.tracking.spool_max_mb)
             result = _trainer(cfg, loop_config, storage, name, report_to_tune, logger).fit()
             metrics, checkpoint = result.metrics, result.checkpoint and Path(result.checkpoint.path)
     except Exception:
@@ -256,12 +262,18 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     metrics = dict(metrics or load_training_state(checkpoint)["metrics"])
     tracking.log_artifacts(uri, run_id, checkpoint, "trained_parts")
     trained_at = time.time()
-    tracking.log_metrics(uri, run_id, {tracking.PREFILL_COST: cfg.thinking.prefill_positions,
-                                       "time/train_s": trained_at - launched_at}, step=cfg.train.total_steps)
+    # Stamped with the last checkpoint's commit, so a start after a crash that logs them again stores nothing new;
+    # wall times differ from start to start, so they are logged by the first start that gets there only.
+    stamp = int((checkpoint / MANIFEST_FILE).stat().st_mtime * 1000)
+    tracking.log_metrics(uri, run_id, {tracking.PREFILL_COST: cfg.thinking.prefill_positions},
+                         step=cfg.train.total_steps, timestamp_ms=stamp)
+    once(storage / name, "time/train_s", lambda: tracking.log_metrics(
+        uri, run_id, {"time/train_s": trained_at - launched_at}, step=cfg.train.total_steps, timestamp_ms=stamp))
     eval_metrics = {}
     if evaluate_after:
-        eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, uri, run_id)
-        tracking.log_metrics(uri, run_id, {"time/eval_s": time.time() - trained_at}, step=cfg.train.total_steps)
+        eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, uri, run_id, stamp)
+        once(storage / name, "time/eval_s", lambda: tracking.log_metrics(
+            uri, run_id, {"time/eval_s": time.time() - trained_at}, step=cfg.train.total_steps, timestamp_ms=stamp))
         if report_to_tune:
             ray.tune.report({**metrics, **eval_metrics})
     tracking.end_run(uri, run_id)
@@ -269,6 +281,14 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         log.warning("MLflow at %s is still unreachable: this run's last writes wait in %s and reach it at the next "
                     "start of the run (the same command again)", uri, spool)
     return TrainResult(name, checkpoint, metrics, run_id, eval_metrics)
+
+
+def once(run_dir: Path, what: str, log) -> None:
+    """Call `log` unless an earlier start of the run in `run_dir` did (a marker file remembers)."""
+    marker = run_dir / f".logged-{what.replace('/', '-')}"
+    if not marker.exists():
+        log()
+        atomic_write(marker, "")
 
 
 def _trainer(cfg: CoATConfig, loop_config: dict, storage: Path, name: str, report_to_tune: bool,
@@ -306,10 +326,12 @@ def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> lis
                             crop=cfg.data.long_clips == "crop", progress=False)
 
 
-def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str) -> dict:
+def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: str, run_id: str, stamp: int
+                        ) -> dict:
     """Evaluate where training ran (a Ray task holding a GPU when training used GPUs), print the table, and log
-    metrics, the table, the per-example results and how they were made (device, dtype, batch sizes) to the run.
-    Baselines' metrics carry their system's name in front (`base/eval/...`). Returns the trained model's metrics."""
+    metrics (stamped `stamp` ms: the evaluation is deterministic, so logging it again stores nothing new), the
+    table, the per-example results and how they were made (device, dtype, batch sizes) to the run. Baselines'
+    metrics carry their system's name in front (`base/eval/...`). Returns the trained model's metrics."""
     from coat.eval.runner import print_reports
     from coat.eval.scoring import write_predictions
 
@@ -326,7 +348,7 @@ def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, uri: 
         for report in reports:
             prefix = "" if report.system == "coat" else f"{report.system}/"
             tracking.log_metrics(uri, run_id, {prefix + k: v for k, v in report.metrics().items()},
-                                 step=cfg.train.total_steps)
+                                 step=cfg.train.total_steps, timestamp_ms=stamp)
             suffix = "" if report.system == "coat" else f".{report.system}"
             tracking.log_table(uri, run_id, report.table, f"eval/table{suffix}.json")
             write_predictions(report.examples, "coat-mini", Path(folder) / f"predictions{suffix}.jsonl")

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,9 +40,24 @@ from coat.train.checkpoint import (
     log_committed_steps,
     save_checkpoint,
     save_optimizer_shard,
+    steps_handed_to_mlflow,
     whole_trained_parts,
 )
 from coat.train.session import RayTrainSession, Session
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training went NaN or inf and could not go on; the message names the steps, the terms and what to resume."""
+
+    def __init__(self, skipped: list[tuple[int, list[str]]], last_checkpoint: int | None):
+        step, terms = skipped[-1]
+        resume = (f"the last checkpoint is step {last_checkpoint}'s" if last_checkpoint
+                  else "no checkpoint was written before it")
+        super().__init__(
+            f"training stopped at step {step}: {', '.join(terms)} not finite; {len(skipped)} steps skipped "
+            f"(steps {', '.join(str(s) for s, _ in skipped[-5:])}), over train.max_nonfinite_steps; {resume}, and no "
+            "checkpoint with non-finite weights is ever written. Lower train.lr (or a stage's lr), or check the "
+            "expert features (coat data check --store STORE)")
 
 
 def stage_at(cfg: CoATConfig, step: int) -> tuple[int, StageConfig, int]:
@@ -201,22 +217,24 @@ def run_loop(loop_config: dict, session: Session) -> None:
     and val splits), `val_parts` (the validation questions `train.val_scores` answers, by source; None without),
     `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
     (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking) / `mlflow_spool` (where
-    the run's writes wait through an outage), `faults` and `fault_dir` (see `faults.py`).
+    the run's writes wait through an outage), `faults` (see `faults.py`) and `run_dir` (the run's folder in the storage:
+    fault markers, and `checkpoint.steps_handed_to_mlflow`).
 
     Raises ValueError when the checkpoint resumed from was trained on targets standardised otherwise (the
     training split changed)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a pipeline per epoch: its start-up notes are noise
     cfg = from_yaml(loop_config["config"])
-    faults.arm(loop_config.get("faults"), session.rank, loop_config["fault_dir"])
+    faults.arm(loop_config.get("faults"), session.rank, loop_config["run_dir"])
     tracking_run = _tracking_run(loop_config)
     if tracking_run:
-        tracking.spool_writes(*tracking_run, loop_config["mlflow_spool"], cfg.tracking.retry_s)
+        tracking.spool_writes(*tracking_run, loop_config["mlflow_spool"], cfg.tracking.retry_s,
+                              cfg.tracking.spool_max_mb)
     device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
     coat = CoATModel(cfg, {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}, device=device)
     coat.standardise_slots(loop_config["target_stats"])
     coat.train()
-    resumed = resume(session, coat, loop_config["target_stats"], tracking_run)
+    resumed = resume(session, coat, loop_config["target_stats"], tracking_run, loop_config["run_dir"])
     model = enter_stage(session, coat, None, stage_at(cfg, min(resumed.position.step, cfg.train.total_steps - 1))[1],
                         cfg.train.strategy)
     optimizer = make_optimizer(coat, cfg)
@@ -225,7 +243,8 @@ def run_loop(loop_config: dict, session: Session) -> None:
     train_to_the_end(session, model, coat, optimizer, cfg, loop_config, resumed, device)
 
 
-def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: tuple[str, str] | None) -> Resumed:
+def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: tuple[str, str] | None,
+           run_dir: Path) -> Resumed:
     """Load the checkpoint the session restores, if any, into `coat`: its trained parts, position and optimizer
     state (under FSDP each rank's own shard). Rank 0 logs the checkpoint's committed steps again (idempotent: they
     may not have reached MLflow) and learns which steps MLflow already holds, so that redone steps are not logged
@@ -243,8 +262,10 @@ def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: 
             state["optimizer"] = load_optimizer_shard(directory, session.rank)
         logged_through = 0
         if session.rank == 0 and tracking_run:
-            log_committed_steps(*tracking_run, (directory / STEPS_FILE).read_text())
-            logged_through = tracking.last_logged_step(*tracking_run, "train/loss")
+            log_committed_steps(*tracking_run, (directory / STEPS_FILE).read_text(), run_dir)
+            # What the server holds, or (when it cannot say) what went to it or to its spool before the restart.
+            logged_through = max(tracking.last_logged_step(*tracking_run, "train/loss"),
+                                 steps_handed_to_mlflow(run_dir))
     position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
     return Resumed(position, state["optimizer"], logged_through)
 
@@ -258,6 +279,8 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
     stage_index = stage_at(cfg, min(at.step, cfg.train.total_steps - 1))[0]
     batch_size, accum, world = cfg.train.batch_size, cfg.train.grad_accum, session.world
     pending: list[tuple[int, int, dict[str, float]]] = []  # rank 0's (step, ms, metrics) since the last checkpoint
+    skipped: list[tuple[int, list[str]]] = []  # steps (1-based) skipped for non-finite losses or gradients
+    last_checkpoint = at.step if at.step else None
     last_step_end = time.perf_counter()
     while at.step < cfg.train.total_steps:
         order = epoch_order(len(train), seed=cfg.train.seed, epoch=at.epoch, world=world, rank=session.rank,
@@ -274,6 +297,10 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                     stage_index, model = index, enter_stage(session, coat, model, stage, cfg.train.strategy)
                 torch.manual_seed(step_seed(cfg.train.seed, session.rank, at.step))
                 metrics = train_step(model, coat, batches, optimizer, cfg, at.step, device)
+                if nonfinite := metrics.pop("nonfinite", None):
+                    skipped.append((at.step + 1, nonfinite))
+                    if len(skipped) > cfg.train.max_nonfinite_steps:
+                        raise NonFiniteTrainingError(skipped, last_checkpoint)
                 at.step, at.batch_in_epoch = at.step + 1, at.batch_in_epoch + accum
                 faults.point("step", at.step)
                 now = time.perf_counter()
@@ -290,14 +317,16 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                               tracking.PREFILL_COST: cfg.thinking.prefill_positions, **metrics}
                     checkpoint_and_report(session, model, coat, optimizer, at, report, pending,
                                           loop_config["target_stats"])
-                    pending = []
+                    pending, last_checkpoint = [], at.step
                     last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         at.epoch, at.batch_in_epoch = at.epoch + 1, 0
 
 
 def train_step(model, coat: CoATModel, batches, optimizer, cfg: CoATConfig, step: int, device) -> dict[str, float]:
     """Optimizer step `step` (0-based) over `train.grad_accum` micro-batches, with the stage's weights and learning
-    rates; its losses averaged over every micro-batch and rank, the stage, learning rates and gradient norm."""
+    rates; its losses averaged over every micro-batch and rank, the stage, learning rates and gradient norm. A step
+    whose loss or gradient norm is not finite changes nothing (`train/skipped` 1, and `nonfinite` lists the terms
+    that were not, for `train_to_the_end` to count)."""
     index, stage, _ = stage_at(cfg, step)
     rates, scale = set_learning_rates(optimizer, cfg, step), expert_scale_at(cfg, step)
     accum = cfg.train.grad_accum
@@ -313,13 +342,19 @@ def train_step(model, coat: CoATModel, batches, optimizer, cfg: CoATConfig, step
         add_losses(sums, out, n)
         count += n
     trained = [p for p in coat.parameters() if p.requires_grad]
-    grad_norm = clip_gradients(model, trained, cfg.train.max_grad_norm)
-    optimizer.step()
+    grad_norm = clip_gradients(model, trained, cfg.train.max_grad_norm).item()
+    means = all_ranks_mean(sums, count, device)
+    # Losses are means over every rank and gradients are all-reduced, so every rank sees the same and decides alike.
+    nonfinite = [name for name, value in means.items() if not math.isfinite(value)]
+    nonfinite += [] if math.isfinite(grad_norm) else ["grad_norm"]
+    if not nonfinite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    metrics = {f"train/{name}": value for name, value in all_ranks_mean(sums, count, device).items()}
+    metrics = {f"train/{name}": value for name, value in means.items()}
     return metrics | {f"train/lr/{group}": lr for group, lr in rates.items()} | {
         "train/lr": max(rates.values()), "train/stage": index, "train/expert_scale": scale,
-        "train/grad_norm": grad_norm.item()}
+        "train/grad_norm": grad_norm, "train/skipped": float(bool(nonfinite))} | (
+        {"nonfinite": nonfinite} if nonfinite else {})
 
 
 def checkpoint_and_report(session: Session, model, coat: CoATModel, optimizer, position: Position, report: dict,
@@ -329,6 +364,8 @@ def checkpoint_and_report(session: Session, model, coat: CoATModel, optimizer, p
     sharded = isinstance(model, FullyShardedDataParallel)
     rank, step = session.rank, position.step
     trained = whole_trained_parts(model, coat)  # every rank, under FSDP
+    if broken := [name for name, value in trained.items() if not torch.isfinite(value).all()]:
+        raise NonFiniteTrainingError([(step, [f"parameter {name}" for name in broken[:3]])], None)
     if rank == 0 or sharded:
         with session.checkpoint_dir(step) as directory:
             if sharded:

@@ -74,15 +74,15 @@ class CommittedStepsLogger(ray.train.UserCallback):
     """Runs in Ray Train's controller: after a report, its checkpoint is registered (a restart resumes from it),
     so the step metrics it carries can go to MLflow without a restart ever logging those steps again."""
 
-    def __init__(self, uri: str, run_id: str, spool: Path, retry_s: float):
-        self.uri, self.run_id, self.spool, self.retry_s = uri, run_id, spool, retry_s
+    def __init__(self, uri: str, run_id: str, spool: Path, retry_s: float, max_mb: float):
+        self.uri, self.run_id, self.spool, self.retry_s, self.max_mb = uri, run_id, spool, retry_s, max_mb
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
         if checkpoint is None:
             return
-        tracking.spool_writes(self.uri, self.run_id, self.spool, self.retry_s)
+        tracking.spool_writes(self.uri, self.run_id, self.spool, self.retry_s, self.max_mb)
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STEPS_FILE}") as f:
-            log_committed_steps(self.uri, self.run_id, f.read().decode())
+            log_committed_steps(self.uri, self.run_id, f.read().decode(), self.spool.parent)
 
 
 class RayTrainSession:
@@ -174,7 +174,7 @@ class InProcessSession:
             shutil.rmtree(torn, ignore_errors=True)
             faults.point("reported", metrics["step"])
             if self.tracking is not None:
-                log_committed_steps(*self.tracking, (committed / STEPS_FILE).read_text())
+                log_committed_steps(*self.tracking, (committed / STEPS_FILE).read_text(), self.root)
             prune_checkpoints(self.root, self.keep)
             checkpoint = committed
         self.last = (metrics, checkpoint)

@@ -10,6 +10,7 @@ its checkpoint and logs into the same MLflow child run.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,7 @@ class SweepResult:
     link: str | None = None  # the sweep's runs in the dashboard
 
 
+TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # the trial id in Tune's folder name for it
 # Short names for what a sweep varies, for its children's names in the dashboard ("K=16 seed=0").
 LABELS = {"thinking.num_slots": "K", "thinking.targets": "targets", "train.seed": "seed", "experts.names": "experts",
           "backbone.name": "backbone", "loss.ce_weight": "ce"}
@@ -58,13 +60,15 @@ def trial_label(point: dict) -> str:
     return " ".join(f"{short(path)}={value(v)}" for path, v in point.items())
 
 
-def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str) -> None:
+def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str,
+              parent_spool: str) -> None:
     """One trial: the base config with the sampled point applied, trained and evaluated as a child run."""
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = apply_overrides(from_yaml(base_yaml), [
         *overrides(config["point"]), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
     ])
-    train(cfg, parent_run_id=parent_run_id, report_to_tune=True, display_name=trial_label(config["point"]))
+    train(cfg, parent_run_id=parent_run_id, parent_spool=Path(parent_spool), report_to_tune=True,
+          display_name=trial_label(config["point"]))
 
 
 def max_concurrent(cfg: CoATConfig) -> int:
@@ -112,7 +116,8 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
     tracking.log_dict_artifact(uri, parent, search, "search.json")
 
     trainable = ray.tune.with_resources(
-        partial(run_trial, base_yaml=to_yaml(base), sweep_name=name, parent_run_id=parent, storage=str(storage)),
+        partial(run_trial, base_yaml=to_yaml(base), sweep_name=name, parent_run_id=parent, storage=str(storage),
+                parent_spool=str(spool_folder(storage, f"sweep-{name}"))),
         {"CPU": trial_cpus(base)},
     )
     path = storage / name
@@ -124,6 +129,7 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
 
     tracking.wait_until_reachable(uri, f"the trials are done and kept in {path}: once it is back, run the same "
                                        "`coat sweep --resume` to log the sweep's summary")
+    tracking.flush(parent)  # the parent first: a child opened during the outage needs its parent's real id
     for result in grid:  # trials that ended while the server was away
         tracking.replay_spool(uri, spool_folder(storage / "trials", f"{name}-{_trial_id(result)}"))
     table = _results_table(grid, uri, base, name)
@@ -253,7 +259,12 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
 
 
 def _trial_id(result) -> str:
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+    """The trial's id: from its metrics, or for a trial that never reported from its folder's name, which Tune
+    makes `<trainable>_<trial id>_<index>_<config>`."""
+    if trial_id := (result.metrics or {}).get("trial_id"):
+        return trial_id
+    found = TRIAL_FOLDER.search(Path(result.path).name)
+    return found.group(1) if found else Path(result.path).name
 
 
 def _best(table: pd.DataFrame, cfg: CoATConfig) -> dict | None:

@@ -5,7 +5,7 @@
 
 Every run is a real `coat train` process (tiny qwen2-audio, coat-mini, in-process training, 8 steps with a
 checkpoint every 2) against a real MLflow store (a real `mlflow server` for the outages); kills are real SIGKILLs
-(`COAT_FAULT`), torn checkpoints and store parts are real files cut short or overwritten on disk.
+(`COAT_TEST_SIGKILL_AT`), torn checkpoints and store parts are real files cut short or overwritten on disk.
 
 Per fault: whether the run survived (ended normally, by itself or when started again, or for the store: the damage
 was found and repaired), the steps lost (trained, then thrown away and redone), the step metrics duplicated and
@@ -71,7 +71,7 @@ class Bench:
 
     def train(self, config: Path, fault: str = "", **popen) -> subprocess.Popen:
         log = open(self.work / f"{config.stem}.log", "a")  # noqa: SIM115 - the process writes it until it ends
-        env = {**self.env, "COAT_FAULT": fault}
+        env = {**self.env, "COAT_TEST_SIGKILL_AT": fault}
         return subprocess.Popen([COAT, "train", "--config", str(config)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, **popen)
 
