@@ -215,6 +215,9 @@ def data_import_command(
     rate: Annotated[int, typer.Option("--rate", min=1, help="Sample rate of extracted audio and checks (Hz).")
                     ] = 16000,
     max_seconds: Annotated[float, typer.Option("--max-seconds", min=0.0, help="Longest clip kept.")] = 30.0,
+    allow_outside_root: Annotated[bool, typer.Option(
+        "--allow-outside-root", help="Import rows whose audio lies outside the corpus folder (an absolute path or "
+                                     "a `..` in a table); by default they are quarantined as outside_root.")] = False,
     audio_col: Annotated[str | None, typer.Option(
         "--audio-col", help="table: audio path column (default: audio).")] = None,
     question_col: Annotated[str | None, typer.Option(
@@ -255,7 +258,7 @@ def data_import_command(
                                f"format, not {fmt!r}: drop them")
     summary = import_corpus(
         fmt, root, out, seed=seed, val_share=val_share, test_share=test_share, columns=columns, task=task,
-        prompt=prompt, sample_rate=rate, max_seconds=max_seconds,
+        prompt=prompt, sample_rate=rate, max_seconds=max_seconds, allow_outside_root=allow_outside_root,
         progress=lambda items, what: track(items, description=what, console=console, transient=True))
     _print_kept(console, f"{fmt}: rows kept per task and split", summary.rows)
     _print_reasons(console, summary.quarantine)
@@ -328,10 +331,10 @@ def experts_precompute_command(
     names = resolve_roles([n.strip() for n in experts.split(",") if n.strip()])
     if not names:
         raise typer.BadParameter("give at least one expert name", param_hint="--experts")
-    settings = {}
+    settings, longest = {}, None
     if config is not None:
         try:
-            settings, crop_of_run = settings_of_run(config, names)
+            settings, crop_of_run, longest = settings_of_run(config, names)
         except (ConfigError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err), param_hint="--config") from err
         crop_seconds = crop_of_run if crop_seconds is None else crop_seconds
@@ -342,7 +345,7 @@ def experts_precompute_command(
             raise typer.BadParameter(str(err), param_hint="--experts") from err
     try:
         summary = precompute(data, names, store, settings=settings, batch_size=batch_size, num_actors=actors,
-                             crop_seconds=crop_seconds)
+                             crop_seconds=crop_seconds, max_seconds=longest if crop_seconds is None else None)
     except ManifestError as err:
         raise _fail(console, err) from err
     columns = ["expert", "version", "clips", "computed", "present", "undecodable", "damaged", "seconds"]

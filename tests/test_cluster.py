@@ -21,6 +21,8 @@ from ray.autoscaler._private.command_runner import _with_interactive
 from ray.autoscaler._private.util import prepare_config, validate_config, with_head_node_ip
 from ray.runtime_env import RuntimeEnv
 
+from coat import tracking
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 LAUNCHER_CONFIGS = ["gpu.yaml", "local.yaml"]
@@ -143,6 +145,85 @@ def test_setup_commands_give_every_process_the_environment(name, tmp_path):
     assert node_env(head)["MLFLOW_TRACKING_URI"] == f"http://{head_ip}:5000"
 
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+AUTH_EXPORT = re.compile(r"'(export (?:RAY_AUTH_\w+|MLFLOW_TRACKING_(?:USERNAME|PASSWORD))=[^']*)'")
+
+
+def secrets_command(config: dict) -> str:
+    (cmd,) = [c for c in config["setup_commands"] if "/secrets" in c and "> ~/coat.env" not in c]
+    return cmd
+
+
+def flag(cmd: str, name: str) -> str | None:
+    """The value of `--name=value` or `--name value` in a shell command line."""
+    tokens = shlex.split(cmd.replace(";", " "))
+    for i, token in enumerate(tokens):
+        if token == name and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith(name + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_no_launcher_config_opens_a_service_without_auth(name, tmp_path):
+    """Anyone who reaches Ray's GCS or dashboard (its Jobs API) runs code on the cluster, and anyone who reaches the
+    MLflow server reads and rewrites every run: every node runs Ray with token auth, the dashboard listens on loopback,
+    and an MLflow server that listens beyond loopback runs the basic-auth app with the password every node holds."""
+    config = load(name)
+    (env_cmd,) = [cmd for cmd in config["setup_commands"] if "> ~/coat.env" in cmd]
+    (tmp_path / ".bashrc").write_text("")
+    run_like_ray(env_cmd, tmp_path, head_ip="10.1.2.3")
+    env = node_env(tmp_path)
+    assert env.get("RAY_AUTH_MODE") == "token", f"{name}: Ray's GCS and dashboard accept anyone"
+    assert env.get("RAY_AUTH_TOKEN_PATH") == "/mnt/shared/coat/secrets/ray-token"
+    assert env.get("MLFLOW_TRACKING_USERNAME") == "coat" and "MLFLOW_TRACKING_PASSWORD" in env
+    (head,) = [cmd for cmd in config["head_start_ray_commands"] if "ray start --head" in cmd]
+    assert flag(head, "--dashboard-host") in LOOPBACK, f"{name}: the dashboard listens beyond loopback"
+    server = mlflow_server_command(name)
+    if flag(server, "--host") not in LOOPBACK:
+        assert flag(server, "--app-name") == "basic-auth", f"{name}: MLflow listens beyond loopback without auth"
+        assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in server
+
+
+def test_rayjob_opens_its_dashboard_only_with_token_auth():
+    """KubeRay's job submitter reaches the dashboard through the head's Service, so it listens beyond loopback:
+    then Ray's token auth must be on (KubeRay's authOptions, or RAY_AUTH_MODE=token in every container)."""
+    spec = load("rayjob.yaml")["spec"]["rayClusterSpec"]
+    if spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "127.0.0.1") in LOOPBACK:
+        return
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    in_every_container = all({"name": "RAY_AUTH_MODE", "value": "token"} in c.get("env", [])
+                             for pod in pods for c in pod["template"]["spec"]["containers"])
+    assert spec.get("authOptions", {}).get("mode") == "token" or in_every_container
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_secrets_are_made_once_for_the_owner_only(name, tmp_path):
+    """The secrets command, run as Ray runs it on two nodes that share storage, makes each secret once (a rerun or
+    a second node keeps it), readable by the SSH user alone; the environment file hands the password to MLflow."""
+    shared = tmp_path / "shared"
+    homes = [tmp_path / "head", tmp_path / "worker"]
+    for home in homes:
+        home.mkdir()
+        (home / ".bashrc").write_text(f"export COAT_STORAGE={shared}\n")
+    config = load(name)
+    run_like_ray(secrets_command(config), homes[0])
+    made = {p.name: p.read_text() for p in (shared / "secrets").iterdir()}
+    run_like_ray(secrets_command(config), homes[0])
+    run_like_ray(secrets_command(config), homes[1], head_ip="10.1.2.3")
+    assert {p.name: p.read_text() for p in (shared / "secrets").iterdir()} == made
+    assert set(made) == {"ray-token", "mlflow-password", "mlflow-flask-key"} and len(set(made.values())) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{64}", value) for value in made.values()), made
+    assert (shared / "secrets").stat().st_mode & 0o777 == 0o700
+    assert {(shared / "secrets" / n).stat().st_mode & 0o777 for n in made} == {0o600}
+    (env_cmd,) = [cmd for cmd in config["setup_commands"] if "> ~/coat.env" in cmd]
+    run_like_ray(env_cmd.replace("/mnt/shared/coat", str(shared)), homes[1], head_ip="10.1.2.3")
+    env = node_env(homes[1])
+    assert env["MLFLOW_TRACKING_PASSWORD"] == made["mlflow-password"]
+    assert Path(env["RAY_AUTH_TOKEN_PATH"]).read_text() == made["ray-token"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -162,15 +243,20 @@ def test_launcher_configs_share_the_mlflow_server_command():
 
 
 @pytest.mark.slow
-def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path):
+def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path, monkeypatch):
     """Runs the head's MLflow start command as Ray would (on a free port instead of the URI's 5000): it must return at
-    once (an SSH session that waits on the server would hang `ray up`), serve runs whose store and artifacts land
-    under $COAT_STORAGE, and not start a second server when `ray up` reruns it. ~15 s: the server's start-up."""
+    once (an SSH session that waits on the server would hang `ray up`), refuse a client without the password the
+    secrets command made, serve runs whose store and artifacts land under $COAT_STORAGE, and not start a second
+    server when `ray up` reruns it. ~15 s: the server's start-up."""
     port = free_port()
     cmd = mlflow_server_command("gpu.yaml").replace("5000", str(port))
     shared = tmp_path / "shared"
     venv_bin = Path(sys.executable).parent
-    (tmp_path / ".bashrc").write_text(f"export COAT_STORAGE={shared}\nexport PATH={venv_bin}:$PATH\n")
+    exports = AUTH_EXPORT.findall(next(c for c in load("gpu.yaml")["setup_commands"] if "> ~/coat.env" in c))
+    (tmp_path / ".bashrc").write_text("\n".join([f"export COAT_STORAGE={shared}", f"export PATH={venv_bin}:$PATH",
+                                                  *exports, ""]))
+    run_like_ray(secrets_command(load("gpu.yaml")), tmp_path)
+    password = (shared / "secrets" / "mlflow-password").read_text()
 
     def servers() -> list[psutil.Process]:
         return [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
@@ -182,13 +268,18 @@ def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path):
             if subprocess.run(["curl", "-sf", f"{uri}/health"], capture_output=True).returncode == 0:
                 break
             time.sleep(0.25)
+        with pytest.raises(tracking.TrackingUnavailableError, match="HTTP 401"):
+            tracking.check_reachable(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "coat")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        tracking.check_reachable(uri)
         client = mlflow.MlflowClient(tracking_uri=uri)
         run_id = client.create_run(client.create_experiment("cluster-test")).info.run_id
         client.log_metric(run_id, "loss", 0.5)
         (tmp_path / "table.txt").write_text("k,loss\n4,0.5\n")
         client.log_artifact(run_id, str(tmp_path / "table.txt"))
         assert client.get_run(run_id).data.metrics == {"loss": 0.5}
-        assert (shared / "mlflow/mlruns.db").is_file()
+        assert (shared / "mlflow/mlruns.db").is_file() and (shared / "mlflow/basic_auth.db").is_file()
         assert [p.name for p in (shared / "mlflow/artifacts").rglob("table.txt")] == ["table.txt"]
         running = {p.pid for p in servers()}
         run_like_ray(cmd, tmp_path)
@@ -244,7 +335,7 @@ def test_rayjob_cluster_spec():
         assert pod["containers"]
         for container in pod["containers"]:
             assert container["image"]
-            env = {e["name"]: e["value"] for e in container["env"]}
+            env = {e["name"]: e.get("value") for e in container["env"]}
             assert set(ENV_VARS) <= env.keys() and env["HF_HUB_OFFLINE"] == "1"
             assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
             resources = container["resources"]

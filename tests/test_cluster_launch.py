@@ -3,7 +3,8 @@ experiment script, its sweep's runs on the cluster's MLflow server, `ray down`.
 
 The test overlays only what cannot run here: the machines (127.0.0.1, no workers), the SSH login (a key made for
 the test, an sshd of its own), and the setup commands that would download uv and install the project (replaced by
-one that writes the same environment file, pointing at this venv). The file mounts, the head's start commands
+one that writes the same environment file, pointing at this venv, and the file's own command that makes the
+secrets). The file mounts, the head's start commands
 (Ray, the MLflow server) and the script's way of finding its configs are the file's own. Runs in the slow tier
 (`make test-slow` installs openssh-server and rsync, and runs it alone: the file's `ray stop` stops every Ray on
 this machine); minutes.
@@ -12,6 +13,7 @@ this machine); minutes.
 import getpass
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -25,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.test_cluster import AUTH_EXPORT, secrets_command
 
 ROOT = Path(__file__).parents[1]
 SSHD = Path("/usr/sbin/sshd")
@@ -93,10 +96,12 @@ def overlay(tmp_path: Path, key: Path, ray_port: int) -> Path:
                              for target, source in config["file_mounts"].items()}
     exports = {"COAT_STORAGE": shared, "COAT_PROJECT": project, "HF_HUB_OFFLINE": "1",
                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{MLFLOW_PORT}", "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
+    (env_command,) = [cmd for cmd in config["setup_commands"] if "> ~/coat.env" in cmd]
     lines = [f"export {k}={v}" for k, v in exports.items()] + [f". {Path(sys.executable).parent / 'activate'}"]
+    lines += AUTH_EXPORT.findall(env_command)  # the file's own: Ray's token and the MLflow login
     config["setup_commands"] = [
-        f"printf '%s\\n' {' '.join(repr(line) for line in lines)} > {env} && "
-        f"(grep -qxF '. {env}' ~/.bashrc || echo '. {env}' >> ~/.bashrc)"]
+        f"printf '%s\\n' {' '.join(shlex.quote(line) for line in lines)} > {env} && "
+        f"(grep -qxF '. {env}' ~/.bashrc || echo '. {env}' >> ~/.bashrc)", secrets_command(config)]
     config["head_start_ray_commands"] = [c.replace("--port=6379", f"--port={ray_port}")
                                          for c in config["head_start_ray_commands"]]
     path = tmp_path / "cluster.yaml"
@@ -112,7 +117,7 @@ def ray(*args: str, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(1500)  # above the sum of the commands' own limits (1440 s)
-def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home_restored):
+def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home_restored, monkeypatch):
     cluster = overlay(tmp_path, sshd, free_port())
     cpu_tiny = ["backbone.size=tiny", "backbone.checkpoint=null", "backbone.dtype=float32", "train.use_gpu=false",
                 "train.num_workers=0", "train.cpus_per_worker=0.5", "experts.names=[mel]", "experts.settings={}",
@@ -131,6 +136,8 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
         submitted = ray("submit", str(cluster), "experiments/ablate_thinking_len.py", "--", "--smoke", "--",
                         *cpu_tiny, timeout=720)
         assert "executed notebook:" in submitted.stdout, submitted.stdout[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "coat")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", (tmp_path / "shared/secrets/mlflow-password").read_text())
         client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{MLFLOW_PORT}")
         [experiment] = [e for e in client.search_experiments() if e.name == "coat"]
         runs = client.search_runs([experiment.experiment_id])

@@ -55,6 +55,12 @@ def test_bad_config_names_the_field(overrides, field):
         load_config(overrides=overrides)
 
 
+def test_a_retired_field_says_what_replaced_it():
+    """One token budget for every suite cut long LibriSpeech transcripts short: a suite's budget is its own."""
+    with pytest.raises(ConfigError, match=r"'eval.max_new_tokens'.*eval.suites.<suite>.max_new_tokens"):
+        load_config(overrides=["eval.max_new_tokens=64"])
+
+
 def test_yaml_file_and_overrides(tmp_path, monkeypatch):
     path = tmp_path / "run.yaml"
     path.write_text("thinking:\n  num_slots: 8\nloss:\n  weights:\n    pitch: 0.5\n")

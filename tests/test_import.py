@@ -387,3 +387,58 @@ def test_table_errors_name_the_file_and_column(table, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and "qa.csv: no column --answer-col 'answer'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# --- audio from elsewhere ----------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)  # before the fix a FIFO hung the decode and /dev/zero never ended: this fails, not hangs
+def test_a_table_keeps_to_its_corpus_folder_and_refuses_what_is_not_a_file(tmp_path):
+    """A table's audio column is its author's: an absolute path or a `..` out of the corpus folder is quarantined
+    before anything is opened (unless --allow-outside-root), and a FIFO, a device or a folder is refused unread."""
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    _clip(corpus / "in.wav")
+    _clip(elsewhere / "out.wav", freq=600)
+    os.mkfifo(corpus / "pipe.wav")
+    (corpus / "folder.wav").mkdir()
+    audio = {"in": "in.wav", "dotdot": "../elsewhere/out.wav", "absolute": str(elsewhere / "out.wav"),
+             "pipe": "pipe.wav", "zero": "/dev/zero", "folder": "folder.wav"}
+    pd.DataFrame({"id": list(audio), "audio": list(audio.values()), "answer": "yes", "question": "Is it?",
+                  "split": "train"}).to_csv(corpus / "items.csv", index=False)
+    cols = TableColumns(split="split", id="id")
+    summary = import_corpus("table", corpus / "items.csv", tmp_path / "out", columns=cols, task="understanding")
+    assert _reasons(summary) == {"dotdot": "outside_root", "absolute": "outside_root", "zero": "outside_root",
+                                 "pipe": "not_a_file", "folder": "not_a_file"}
+    assert summary.rows["id"].tolist() == ["in"]
+    why = dict(zip(summary.quarantine["id"], summary.quarantine["reason"], strict=True))
+    assert str(corpus) in why["dotdot"] and "--allow-outside-root" in why["dotdot"]
+    assert why["pipe"] == "not_a_file: a FIFO, not a file"
+
+    trusted = import_corpus("table", corpus / "items.csv", tmp_path / "out2", columns=cols, task="understanding",
+                            allow_outside_root=True)
+    assert _reasons(trusted) == {"pipe": "not_a_file", "folder": "not_a_file", "zero": "not_a_file"}
+    assert sorted(trusted.rows["id"]) == ["absolute", "dotdot", "in"]
+
+    runner = CliRunner()
+    args = ["data", "import", "table", str(corpus / "items.csv"), "--out", str(tmp_path / "out3"), "--task",
+            "understanding", "--split-col", "split", "--id-col", "id"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert [r["id"] for r in map(json.loads, (tmp_path / "out3" / "manifest.jsonl").read_text().splitlines())] == ["in"]
+    assert runner.invoke(app, [*args[:5], str(tmp_path / "out4"), *args[6:], "--allow-outside-root"]).exit_code == 0
+    assert len((tmp_path / "out4" / "manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_video_decoding_stops_at_the_longest_clip_kept(tmp_path):
+    """A video's audio is decoded only up to --max-seconds: a longer one is quarantined as too_long without its
+    whole track in memory, and one within the cap is extracted whole."""
+    from coat.data.importers import NoAudio, extract_audio
+
+    video = _mp4(tmp_path / "long.mp4", seconds=3.0)
+    with pytest.raises(NoAudio, match="longer than 1s") as refused:
+        extract_audio(video, tmp_path / "cut.wav", max_seconds=1.0)
+    assert refused.value.code == "too_long" and not (tmp_path / "cut.wav").exists()
+    extract_audio(video, tmp_path / "whole.wav", max_seconds=5.0)
+    assert sf.info(tmp_path / "whole.wav").duration == pytest.approx(3.0, abs=0.05)
+    os.mkfifo(tmp_path / "pipe.mp4")
+    with pytest.raises(NoAudio, match="FIFO") as refused:
+        extract_audio(tmp_path / "pipe.mp4", tmp_path / "pipe.wav")
+    assert refused.value.code == "not_a_file"

@@ -284,6 +284,47 @@ def test_collated_stream_batch_gives_finite_losses_for_each_expert(first_run, ma
     assert all(torch.isfinite(v) for v in out.losses.values()) and torch.isfinite(out.loss)
 
 
+@pytest.mark.timeout(120)  # before the fix hashing a FIFO waited for a writer and /dev/zero never ended
+def test_a_fifo_a_device_or_a_folder_in_a_manifest_is_quarantined_unread(manifest, tmp_path):
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()[:2]]
+    os.mkfifo(tmp_path / "pipe.wav")
+    (tmp_path / "folder.wav").mkdir()
+    odd = {"pipe": str(tmp_path / "pipe.wav"), "zero": "/dev/zero", "folder": str(tmp_path / "folder.wav")}
+    rows += [{**rows[0], "id": name, "audio": path} for name, path in odd.items()]
+    for row in rows[:2]:
+        row["audio"] = str(manifest.parent / row["audio"])
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good, quarantine = manifest_clips(path)
+    assert len(good) == 2
+    reasons = dict(zip(quarantine["id"], quarantine["reason"], strict=True))
+    assert reasons == {"pipe": f"not_a_file: {odd['pipe']} is a FIFO, not a file",
+                       "zero": "not_a_file: /dev/zero is a device or socket, not a file",
+                       "folder": f"not_a_file: {odd['folder']} is a folder, not a file"}
+
+
+def test_a_run_that_leaves_long_clips_out_decodes_none_of_them(ray_address, manifest, tmp_path):
+    """Under data.long_clips=reject a clip over data.max_seconds is never trained on: precompute reads only its
+    header and reports it, without a mark in the store, whose features another run with a longer cap computes."""
+    store_dir = tmp_path / "store"
+    good, _ = manifest_clips(manifest)
+    good = good[good["id"] != "broken-audio"]
+    seconds = {h: decode(p, 16000).numel() / 16000 for h, p in zip(good["clip_hash"], good["audio_path"],
+                                                                    strict=True)}
+    cap = float(np.median(list(seconds.values())))
+    long_clips = {h for h, s in seconds.items() if s > cap}
+    assert 0 < len(long_clips) < len(seconds)
+    summary = precompute(manifest, ["mel"], store_dir, batch_size=4, max_seconds=cap, progress=False)
+    (run,) = summary.experts
+    store = FeatureStore(store_dir)
+    assert set(store.index("mel", run.version)["clip_hash"]) == set(seconds) - long_clips
+    too_long = summary.quarantine[summary.quarantine["reason"].str.startswith("too_long")]
+    assert set(good.set_index("id").loc[too_long["id"], "clip_hash"]) == long_clips
+    assert long_clips.isdisjoint(store.quarantined())
+    (again,) = precompute(manifest, ["mel"], store_dir, batch_size=4, progress=False).experts
+    assert again.computed == len(long_clips) and set(store.index("mel", run.version)["clip_hash"]) == set(seconds)
+
+
 def test_precompute_takes_a_runs_expert_settings(ray_address, manifest, tmp_path):
     from typer.testing import CliRunner
 
@@ -422,6 +463,28 @@ def test_damaged_parts_are_found_and_reading_their_clips_names_the_part_and_the_
         [truncated.name, flipped.name])
     assert set(store.ledger("e", "v1")) == {sound.name} and store.verify("e", "v1") == []
     assert store.missing("e", "v1", names) == {f"clip{i}" for i in range(6)}
+
+
+def test_a_training_start_checks_sizes_and_leaves_hashes_to_a_deep_verify(tmp_path, monkeypatch):
+    """A start stats the recorded parts (a cut-short part is found), reads only what a killed writer left
+    unrecorded, and hashes nothing: a part changed in place passes it, and fails its first read and a deep verify."""
+    store = FeatureStore(tmp_path)
+    rng = np.random.default_rng(1)
+    values = {f"clip{i}": rng.standard_normal((50, 8)).astype(np.float32) for i in range(6)}
+    names = list(values)
+    truncated, flipped, _ = (store.write("e", "v1", feature_rows(names[i:i + 2], [values[h] for h in names[i:i + 2]]))
+                             for i in range(0, 6, 2))
+    _truncate(truncated)
+    _flip_bytes(flipped)
+    unrecorded = store.folder("e", "v1") / "part-left-by-a-killed-writer.parquet"
+    unrecorded.write_bytes(b"half a part")
+    hashed = []
+    monkeypatch.setattr("coat.data.store._checksum_problem", lambda part, entry: hashed.append(part))
+    assert {d.part for d in store.verify("e", "v1", hashes=False)} == {truncated, unrecorded} and not hashed
+    monkeypatch.undo()
+    assert {d.part for d in store.verify("e", "v1")} == {truncated, flipped, unrecorded}
+    with pytest.raises(DamagedFeaturesError, match=flipped.name):
+        store.read("e", "v1", ["clip2"])
 
 
 def test_features_holding_nan_never_reach_training_and_are_set_aside_for_recompute(tmp_path):

@@ -7,10 +7,12 @@ set the row aside and go on with the rest.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,14 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from coat.data.manifest import quarantine_records, read_manifest, validate_rows, write_table
+from coat.data.manifest import (
+    NotRegularFileError,
+    open_regular,
+    quarantine_records,
+    read_manifest,
+    validate_rows,
+    write_table,
+)
 
 SILENCE_PEAK = 1e-4
 
@@ -56,21 +65,13 @@ def load(path: str | Path, max_seconds: float | None = None, crop: bool = False)
     `int(max_seconds * rate)` samples are read.
 
     Raises:
-        AudioError: naming the file, with code `missing_file`, `empty_file` (0 bytes or 0 frames),
-            `undecodable` (not a format libsndfile reads), `truncated` (the header promises more than the
-            file holds), `too_long` (over `max_seconds`), `non_finite` (NaN/inf samples) or `silent` (peak
-            below `SILENCE_PEAK`).
+        AudioError: naming the file, with code `missing_file`, `not_a_file` (a FIFO, device or folder),
+            `empty_file` (0 bytes or 0 frames), `undecodable` (not a format libsndfile reads), `truncated` (the
+            header promises more than the file holds), `too_long` (over `max_seconds`), `non_finite` (NaN/inf
+            samples) or `silent` (peak below `SILENCE_PEAK`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError("missing_file", "", path)
-    if path.stat().st_size == 0:
-        raise AudioError("empty_file", "0 bytes", path)
-    try:
-        f = sf.SoundFile(path)
-    except (RuntimeError, TypeError, ValueError) as e:  # LibsndfileError is a RuntimeError
-        raise AudioError("undecodable", str(e).replace(f"'{path}'", "file"), path) from e
-    with f:
+    with _open_audio(path) as raw, _sound_file(raw, path) as f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         short = _shortfall(f.extra_info)
         if short:
@@ -97,6 +98,39 @@ def load(path: str | Path, max_seconds: float | None = None, crop: bool = False)
     if peak < SILENCE_PEAK:
         raise AudioError("silent", f"peak {peak:.2g} < {SILENCE_PEAK:g}", path)
     return torch.from_numpy(mono), rate, channels
+
+
+def _open_audio(path: Path) -> BinaryIO:
+    try:
+        raw = open_regular(path)
+    except FileNotFoundError:
+        raise AudioError("missing_file", "", path) from None
+    except NotRegularFileError as e:
+        raise AudioError("not_a_file", str(e).removeprefix(f"{path} is "), path) from None
+    except OSError as e:
+        raise AudioError("missing_file", e.strerror or "", path) from None
+    if os.fstat(raw.fileno()).st_size == 0:
+        raw.close()
+        raise AudioError("empty_file", "0 bytes", path)
+    return raw
+
+
+def _sound_file(raw: BinaryIO, path: Path) -> sf.SoundFile:
+    try:
+        return sf.SoundFile(raw)
+    except (RuntimeError, TypeError, ValueError) as e:  # LibsndfileError is a RuntimeError
+        raw.close()
+        raise AudioError("undecodable", str(e).replace(f"{raw!r}", "file"), path) from e
+
+
+def header_seconds(path: str | Path) -> float:
+    """The clip's length from its header, without reading its samples; NaN when the file cannot be opened (it
+    then fails, with its reason, where it is decoded)."""
+    try:
+        with _open_audio(Path(path)) as raw, _sound_file(raw, Path(path)) as f:
+            return f.frames / f.samplerate
+    except AudioError:
+        return float("nan")
 
 
 def crop_length(seconds: float, rate: int) -> int:

@@ -30,6 +30,7 @@ of groups (speakers, clips), not of rows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -43,7 +44,10 @@ import soundfile as sf
 from coat.data.manifest import (
     SUFFIXES,
     TASKS,
+    NotRegularFileError,
     json_lines,
+    open_regular,
+    outside_root,
     quarantine_records,
     seeded_split,
     validate_rows,
@@ -115,29 +119,42 @@ def split_counts(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 class NoAudio(Exception):
-    """A video whose audio track is absent or cannot be decoded; the message is the quarantine detail."""
+    """A video whose audio cannot be used; `code` is the quarantine code, the message its detail."""
+
+    def __init__(self, detail: str, code: str = "bad_audio"):
+        super().__init__(detail)
+        self.code = code
 
 
-def extract_audio(video: str | Path, wav: str | Path, rate: int = 16000) -> None:
+def extract_audio(video: str | Path, wav: str | Path, rate: int = 16000, max_seconds: float | None = None) -> None:
     """Write the first audio track of `video` to `wav` as mono PCM16 at `rate` (MELD ships utterances as .mp4).
 
-    Written to a temporary name and renamed, so an interrupted import never leaves a half file that a rerun
-    would take for done.
+    Decoding stops as soon as the track runs past `max_seconds`, so a long or endless file costs no more memory
+    than the longest clip kept. Written to a temporary name and renamed, so an interrupted import never leaves a
+    half file that a rerun would take for done.
 
     Raises:
-        NoAudio: with the quarantine detail, for a video without an audio track or one that fails to decode.
+        NoAudio: with the quarantine detail, for a video without an audio track, one that fails to decode
+            (`bad_audio`) or one longer than `max_seconds` (`too_long`).
     """
     import av  # only MELD videos need FFmpeg
 
+    limit = float("inf") if max_seconds is None else int(max_seconds * rate)
     chunks: list[np.ndarray] = []
     try:
-        with av.open(str(video)) as container:
+        with open_regular(video) as raw, av.open(raw) as container:
             if not container.streams.audio:
                 raise NoAudio("no audio track")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-            for frame in container.decode(container.streams.audio[0]):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+            decoded = 0
+            for frame in itertools.chain(container.decode(container.streams.audio[0]), [None]):  # None: flush
+                out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                chunks += out
+                decoded += sum(map(len, out))
+                if decoded > limit:
+                    raise NoAudio(f"longer than {max_seconds:g}s (decoding stopped there)", "too_long")
+    except NotRegularFileError as e:
+        raise NoAudio(str(e), "not_a_file") from e
     except (av.FFmpegError, OSError, ValueError) as e:
         raise NoAudio(f"cannot decode the audio track ({type(e).__name__}: {e})") from e
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
@@ -217,10 +234,10 @@ def _meld(root: Path) -> pd.DataFrame:
     return rows
 
 
-def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, progress: Callable | None
+def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, max_seconds: float | None, progress: Callable | None
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Extract the audio of rows that point at a video to `out/<audio>`; those that fail go to the quarantine
-    as `bad_audio`. Only rows that passed `validate_rows` get here, so no time goes on rows set aside anyway."""
+    with their reason. Only rows that passed `validate_rows` get here, so no time goes on rows set aside anyway."""
     rows = rows.copy()
     todo = rows.index[rows["video"].notna()] if "video" in rows else rows.index[:0]
     failed: dict[int, str] = {}
@@ -228,10 +245,10 @@ def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, progress: Callable
         video, wav = Path(rows.at[i, "video"]), out / rows.at[i, "audio"]
         try:
             if not (wav.is_file() and wav.stat().st_mtime >= video.stat().st_mtime):  # else: an earlier run's
-                extract_audio(video, wav, rate)
+                extract_audio(video, wav, rate, max_seconds)
             rows.at[i, "audio_path"] = str(wav)
         except NoAudio as e:
-            failed[i] = f"bad_audio: {e}"
+            failed[i] = f"{e.code}: {e}"
     quarantine = quarantine_records(rows.loc[list(failed)], list(failed.values()))
     return rows.drop(index=list(failed)).reset_index(drop=True), quarantine
 
@@ -318,11 +335,15 @@ def _choices(value: object) -> object:
 def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0, val_share: float = 0.1,
                   test_share: float = 0.1, columns: TableColumns | None = None, task: str | None = None,
                   prompt: str | None = None, sample_rate: int = 16000, max_seconds: float | None = 30.0,
-                  progress: Callable[[Iterable, str], Iterable] | None = None) -> ImportSummary:
+                  allow_outside_root: bool = False, progress: Callable[[Iterable, str], Iterable] | None = None
+                  ) -> ImportSummary:
     """Read the corpus at `root` in the published layout of `fmt` and write `out/manifest.jsonl` (rows fit to
     use) and `out/quarantine.jsonl` (the rest, with reasons). Splits as the module docstring says; `columns`,
     `task` and `prompt` are for `fmt="table"` only. `progress(iterable, description)` may wrap the slow loops
-    (video extraction, decoding). The manifest is written last and atomically.
+    (video extraction, decoding). Rows whose audio lies outside the corpus (the folder of `root`, or of the
+    table file: an absolute path or a `..` in a table points wherever its author chose) are quarantined as
+    `outside_root` before any file is opened, unless `allow_outside_root`. The manifest is written last and
+    atomically.
 
     Raises:
         ImportUsageError: unknown format, table options with another format, shares outside [0, 1).
@@ -353,7 +374,15 @@ def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0,
     rows = rows.drop(columns=[c for c in ("item",) if c in rows]).assign(source=fmt)
 
     good, bad_rows = validate_rows(rows)
-    good, bad_videos = _extract_videos(good, out, sample_rate, progress)
+    if not allow_outside_root:
+        corpus = root if root.is_dir() else root.parent
+        outside = outside_root(good["audio_path"], corpus) | outside_root(
+            good["video"] if "video" in good else [None] * len(good), corpus)
+        bad_rows = pd.concat([bad_rows, quarantine_records(good[outside], [
+            f"outside_root: not under the corpus folder {corpus} (--allow-outside-root imports it)"] * outside.sum())],
+            ignore_index=True)
+        good = good[~outside].reset_index(drop=True)
+    good, bad_videos = _extract_videos(good, out, sample_rate, max_seconds, progress)
     good, bad_audio, _ = check_audio_rows(
         good, sample_rate, max_seconds, progress=(lambda paths: progress(paths, "decoding")) if progress else None)
     good = good.drop(columns=[c for c in ("video",) if c in good])

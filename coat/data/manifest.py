@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -56,6 +58,39 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     df["audio_path"] = pd.Series([os.path.normpath(root / a) if isinstance(a, str) and a.strip() else None
                                   for a in df["audio"]], index=df.index, dtype=object)
     return df
+
+
+class NotRegularFileError(OSError):
+    """A path that names a FIFO, a device, a socket or a folder where a file was expected."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open `path` for reading, if it is a regular file (or a link to one).
+
+    A manifest is data from elsewhere: a FIFO or a device such as /dev/zero in it would hang a read or never end
+    one, so they are refused before anything is read (O_NONBLOCK keeps the open of a FIFO from waiting for a
+    writer; it changes nothing for a regular file).
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        NotRegularFileError: a FIFO, device, socket or folder.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+        raise NotRegularFileError(f"{path} is a {kind}, not a file")
+    return os.fdopen(fd, "rb")
+
+
+def outside_root(paths: Sequence[str | None], root: str | Path) -> np.ndarray:
+    """Which of `paths` (absolute, normalised, as `read_manifest` gives them) lie outside the folder `root`: an
+    absolute path or a `..` in a corpus's table points wherever its author chose. Lexical, so a corpus that links
+    to audio on another disk stays inside; a missing path is not outside (it fails as missing)."""
+    top = os.path.normpath(Path(root).absolute())
+    return np.array([isinstance(p, str) and os.path.commonpath([top, os.path.normpath(p)]) != top for p in paths],
+                    dtype=bool)
 
 
 def json_lines(path: Path) -> list[tuple[int, dict]]:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from coat.data.manifest import quarantine_records, read_manifest, validate_rows
+from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
 from coat.ray_runtime import ensure_ray
 
@@ -101,13 +101,15 @@ def non_finite(features: np.ndarray, expert: str) -> str | None:
 
 def hash_clips(good: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Add `clip_hash` to manifest rows (one read per distinct file); rows whose file cannot be read go to a
-    quarantine table (`missing_file` / `unreadable`)."""
+    quarantine table (`missing_file` / `not_a_file` / `unreadable`)."""
     hashes, reasons = {}, {}
     for path in dict.fromkeys(good["audio_path"]):
         try:
             hashes[path] = clip_hash(path)
         except FileNotFoundError:
             reasons[path] = "missing_file"
+        except NotRegularFileError as err:
+            reasons[path] = f"not_a_file: {err}"
         except OSError as err:
             reasons[path] = f"unreadable: {err.strerror}"
     bad = good["audio_path"].isin(reasons)
@@ -134,21 +136,25 @@ def manifest_clips(manifest: str | Path, split: str | None = None) -> tuple[pd.D
 def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Path, *,
                settings: Mapping[str, Mapping[str, object]] | None = None, num_cpus_per_actor: float = 0.5,
                batch_size: int = 8, num_actors: int | None = None, crop_seconds: float | None = None,
-               progress: bool = True) -> PrecomputeSummary:
+               max_seconds: float | None = None, verify_hashes: bool = True, progress: bool = True
+               ) -> PrecomputeSummary:
     """Compute and store each expert's features for every good clip of `manifest` the store lacks.
 
     `settings` maps an expert name to its settings (`build_expert(name, **settings)`); they set its version.
     Actors: `num_actors` (default: one per GPU, or 1 on CPU), each `num_cpus_per_actor` CPUs and one GPU when
     the cluster has GPUs. Ray starts (or attaches to RAY_ADDRESS) only when something is missing. With
     `crop_seconds`, experts run on each clip's first `crop_seconds` and the features are filed under
-    `feature_version(version, crop_seconds)` (the versions the summary reports). Before computing, each expert
-    version's parts are verified against the checksums recorded at commit (one read of its features, less than
-    an epoch of training reads) and damaged parts are set aside, so their clips are computed again.
+    `feature_version(version, crop_seconds)` (the versions the summary reports). With `max_seconds` (a run that
+    leaves longer clips out, data.long_clips=reject), clips whose header says they are longer are not decoded
+    and go to the summary's quarantine as `too_long`, not to the store's (another run may keep them). Before
+    computing, each expert version's parts are verified against the checksums recorded at commit (one read of
+    its features, less than an epoch of training reads; without `verify_hashes`, against their sizes only) and
+    damaged parts are set aside, so their clips are computed again.
 
     Raises:
         ManifestError: the manifest cannot be read.
         UnknownExpertError, ValueError: an expert name or its settings are invalid (before any compute).
-        ValueError: `experts` is empty, `batch_size` < 1 or `crop_seconds` <= 0.
+        ValueError: `experts` is empty, `batch_size` < 1, or `crop_seconds` or `max_seconds` <= 0.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -158,11 +164,20 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
         raise ValueError("precompute: give at least one expert")
     if batch_size < 1:
         raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
-    if crop_seconds is not None and crop_seconds <= 0:
-        raise ValueError(f"precompute: crop_seconds must be positive, got {crop_seconds}")
+    for name, value in (("crop_seconds", crop_seconds), ("max_seconds", max_seconds)):
+        if value is not None and value <= 0:
+            raise ValueError(f"precompute: {name} must be positive, got {value}")
     settings = settings or {}
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     good, quarantine = manifest_clips(manifest)
+    if max_seconds is not None:
+        from coat.data.audio import header_seconds
+
+        seconds = good["audio_path"].map(header_seconds)
+        too_long = (seconds > max_seconds).to_numpy()
+        quarantine = pd.concat([quarantine, quarantine_records(good[too_long], [
+            f"too_long: {s:.1f}s > {max_seconds:.1f}s" for s in seconds[too_long]])], ignore_index=True)
+        good = good[~too_long]
     clips = good.drop_duplicates("clip_hash")
     store = FeatureStore(store_dir)
 
@@ -171,7 +186,7 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     with Progress(*columns, disable=not progress, transient=True) as bar:
         for name, built in versions.items():
             start, version = time.perf_counter(), feature_version(built, crop_seconds)
-            damaged = set_aside_damage(store, name, version) & set(clips["clip_hash"])
+            damaged = set_aside_damage(store, name, version, verify_hashes) & set(clips["clip_hash"])
             failed_before = clips["clip_hash"].isin(store.quarantined())
             todo = clips[~failed_before]
             todo = todo[todo["clip_hash"].isin(store.missing(name, version, todo["clip_hash"]))]
@@ -193,10 +208,12 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     return PrecomputeSummary(runs, quarantine)
 
 
-def settings_of_run(config: str | Path, experts: Sequence[str]) -> tuple[dict[str, dict], float | None]:
+def settings_of_run(config: str | Path, experts: Sequence[str]
+                    ) -> tuple[dict[str, dict], float | None, float | None]:
     """The settings the run that `config` describes gives `experts` (experts.settings; its backbone for
-    audio-encoder) and the crop its training applies (data.max_seconds under data.long_clips=crop): what the store
-    must hold for that run to find its features.
+    audio-encoder), the crop its training applies (data.max_seconds under data.long_clips=crop) and the length
+    above which it leaves clips out (data.max_seconds under data.long_clips=reject): what the store must hold for
+    that run to find its features, and no more.
 
     Raises:
         ConfigError, FileNotFoundError: the config cannot be used.
@@ -204,12 +221,15 @@ def settings_of_run(config: str | Path, experts: Sequence[str]) -> tuple[dict[st
     from coat.config import apply_overrides, expert_settings, load_config
 
     run = apply_overrides(load_config(config), [f"experts.names=[{','.join(experts)}]"])
-    return expert_settings(run), run.data.max_seconds if run.data.long_clips == "crop" else None
+    cap = run.data.max_seconds
+    return (expert_settings(run), cap if run.data.long_clips == "crop" else None,
+            cap if run.data.long_clips == "reject" else None)
 
 
-def set_aside_damage(store: FeatureStore, name: str, version: str) -> set[str]:
-    """Verify one expert version's parts and set the damaged ones aside; returns the clip hashes they held."""
-    damage = store.verify(name, version)
+def set_aside_damage(store: FeatureStore, name: str, version: str, hashes: bool = True) -> set[str]:
+    """Verify one expert version's parts (`FeatureStore.verify`) and set the damaged ones aside; returns the clip
+    hashes they held."""
+    damage = store.verify(name, version, hashes)
     store.set_aside(name, version, damage)
     return {clip for d in damage for clip in d.clips}
 

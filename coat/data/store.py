@@ -24,9 +24,10 @@ harmless: a clip stored twice keeps one sound copy in the index) cannot corrupt 
 - `index` (every training start) compares each part's size with the ledger's: a stat per part, no reads. The
   index keeps a damaged part's clips, marked, so reading them raises `DamagedFeaturesError` naming the part and
   the fix, rather than training on fewer clips.
-- `verify` (`coat data check --store`, and every precompute before it computes) re-hashes every part: one read
-  of the features, less than a training epoch reads. Reading a part also checks the Parquet page checksums
-  written with it, so bytes that change after the last verify fail the read, never pass as features.
+- `verify` re-hashes every part (`coat data check --store`, `coat experts precompute`): one read of the features,
+  less than a training epoch reads. The precompute of a training start verifies sizes only (and reads the parts a
+  killed writer left unrecorded), so a large store costs a start no read. Reading a part checks the Parquet
+  page checksums written with it, so bytes that change in place fail the read, never pass as features.
 
 Repair: `set_aside` moves damaged parts into `damaged/` and drops their ledger lines, so their clips are missing,
 and the next precompute recomputes exactly those. Parts the ledger does not list (written before it existed, or
@@ -55,6 +56,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from coat.data.manifest import open_regular
 from coat.errors import UserError
 
 SCHEMA = pa.schema([("clip_hash", pa.string()), ("frames", pa.int32()), ("dim", pa.int32()),
@@ -137,8 +139,9 @@ def clip_hash(path: str | Path) -> str:
 
     Raises:
         FileNotFoundError: `path` does not exist.
+        NotRegularFileError: `path` is a FIFO, device or folder (read, it would hang or never end).
     """
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
@@ -229,15 +232,17 @@ class FeatureStore:
         """The hashes among `clip_hashes` with no sound features for this expert version."""
         return set(clip_hashes) - self.present(name, version)
 
-    def verify(self, name: str, version: str) -> list[Damage]:
-        """Every part of this expert version that cannot be trusted: a recorded part that is gone, or whose size or
-        sha256 differs from its ledger entry, an unrecorded part that does not read whole, and a part holding NaN
-        or inf features. Reads every part; the store is left as it is (see `set_aside`)."""
+    def verify(self, name: str, version: str, hashes: bool = True) -> list[Damage]:
+        """Every part of this expert version that cannot be trusted: a recorded part that is gone, or whose size
+        (or, with `hashes`, sha256 or values: NaN or inf) differs from what was committed, and an unrecorded part
+        (what a writer killed between the rename and the ledger line leaves) that does not read whole. With
+        `hashes` it reads every part; without, it stats the recorded ones and reads only the unrecorded (a read
+        still checks the page checksums). The store is left as it is (see `set_aside`)."""
         folder = self.folder(name, version)
         recorded = self.ledger(name, version)
         damage = [Damage(folder / part, reason, tuple(entry["clips"])) for part, entry in recorded.items()
-                  if (reason := _size_problem(folder / part, entry) or _checksum_problem(folder / part, entry)
-                      or _value_problem(folder / part))]
+                  if (reason := _size_problem(folder / part, entry) or (hashes and (
+                      _checksum_problem(folder / part, entry) or _value_problem(folder / part))))]
         for part in self.parts(name, version):
             if part.name not in recorded and (reason := _read_problem(part) or _value_problem(part)):
                 damage.append(Damage(part, reason, tuple(_stored_hashes(part) or ())))

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import soundfile as sf
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from coat.data.audio import decode
+from coat.data.audio import decode, header_seconds
 from coat.data.manifest import model_prompt, quarantine_records, stratified_subsample
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
@@ -161,7 +160,7 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
     left_out = [quarantine, quarantine_records(rows[bad], list(rows.loc[bad, "clip_hash"].map(undecodable)))]
     rows = rows[~bad]
     if long_clips == "reject" and max_seconds is not None and len(rows):
-        seconds = rows["audio_path"].map(lambda p: sf.info(p).duration)
+        seconds = rows["audio_path"].map(header_seconds)
         too_long = seconds > max_seconds
         left_out.append(quarantine_records(rows[too_long], [f"too_long: {s:.1f}s > {max_seconds:.1f}s"
                                                             for s in seconds[too_long]]))
@@ -218,7 +217,7 @@ def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource
     clips = batch.get("targets_clip", batch["clip_hash"])
     if "targets_audio_path" in batch:
         longest = crop_seconds or math.inf
-        out["targets_seconds"] = [min(sf.info(p).duration, longest) for p in batch["targets_audio_path"]]
+        out["targets_seconds"] = [min(header_seconds(p), longest) for p in batch["targets_audio_path"]]
     for name, src in sources.items():
         where = pd.DataFrame({"clip_hash": clips, "part": batch[f"part.{name}"],
                               "row": batch[f"row.{name}"]}).drop_duplicates("clip_hash")

@@ -114,7 +114,8 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
         synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed, test_share=cfg.data.synth_test_share)
     if cfg.experts.names:
         precompute(manifest, list(cfg.experts.names), store, settings=expert_settings(cfg),
-                   crop_seconds=crop_seconds(cfg))
+                   crop_seconds=crop_seconds(cfg), verify_hashes=False,
+                   max_seconds=cfg.data.max_seconds if cfg.data.long_clips == "reject" else None)
     return manifest, store
 
 

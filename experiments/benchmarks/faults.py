@@ -175,9 +175,10 @@ def opened(uri: str, name: str) -> bool:
     return False
 
 
-def outage(bench: Bench, name: str, back_mid_run: bool) -> dict:
+def outage(bench: Bench, name: str, back_mid_run: bool, damage: Callable[[Path], None] | None = None) -> dict:
     """The server killed once the run is open; back half-way through training (the process held while it
-    restarts), or only after the run has ended, when the same command is started again."""
+    restarts), or only after the run has ended, when the same command is started again (the spool `damage`d
+    before that)."""
     root, port = bench.work / name, free_port()
     root.mkdir()
     stack = contextlib.ExitStack()
@@ -200,6 +201,8 @@ def outage(bench: Bench, name: str, back_mid_run: bool) -> dict:
             status, counts = logged(uri, name)
     else:
         codes.append(process.wait(timeout=900))
+        if damage is not None:
+            damage(bench.storage(name) / "mlflow-spool")
         started = time.perf_counter()
         with mlflow_server(root, port):
             harness += time.perf_counter() - started
@@ -208,6 +211,51 @@ def outage(bench: Bench, name: str, back_mid_run: bool) -> dict:
     waiting = list((bench.storage(name) / "mlflow-spool").glob("*.jsonl"))
     return {"survived": set(codes) == {0} and status == "FINISHED" and not waiting, "steps_lost": 0,
             "exit_codes": codes, "harness_s": harness, **counts}
+
+
+def tear_last_line(spool: Path) -> None:
+    """Cut the spool's last line in half, as a kill mid-append leaves it; the next start appends after it."""
+    newest = max(spool.glob("*.jsonl"), key=lambda f: f.stat().st_size)
+    lines = newest.read_bytes().splitlines(keepends=True)
+    newest.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+
+
+def diverging(bench: Bench, name: str) -> dict:
+    """A learning rate that sends the weights to inf: the run must skip the non-finite steps, stop after
+    train.max_nonfinite_steps of them with an error naming the step, and leave no non-finite checkpoint."""
+    from safetensors.torch import load_file
+
+    uri = sqlite(bench.work, name)
+    config = bench.config(name, uri, "train.lr=1e30", "train.warmup_steps=0", "train.max_nonfinite_steps=2")
+    code = bench.run(config)
+    log = (bench.work / f"{name}.log").read_text()
+    finite = all(bool(t.isfinite().all()) for checkpoint in bench.storage(name).glob("checkpoint_*")
+                 for t in load_file(checkpoint / "coat.safetensors").values())
+    status, counts = logged(uri, name)
+    stopped = code == 1 and "training stopped at step" in log and status == "FAILED"
+    return {"survived": stopped and finite, "steps_lost": 0, "exit_codes": [code], **counts,
+            "note": "stops by design: survived = stopped with its error, every checkpoint finite; the steps it "
+                    "never trained count as missing"}
+
+
+def not_a_file(bench: Bench, name: str) -> dict:
+    """A manifest whose rows name a FIFO, /dev/zero and a folder as audio (a manifest from elsewhere): each is
+    quarantined unread and the run trains on the rest to the end."""
+    rows = bench.manifest.read_text().splitlines()
+    folder = bench.work / name
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.wav")
+    (folder / "folder.wav").mkdir()
+    first = json.loads(rows[0])
+    odd = [{**first, "id": f"odd-{i}", "audio": str(path)}
+           for i, path in enumerate([folder / "pipe.wav", "/dev/zero", folder / "folder.wav"])]
+    kept = [{**row, "audio": str(bench.manifest.parent / row["audio"])} for row in map(json.loads, rows)]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in [*kept, *odd]))
+    uri = sqlite(bench.work, name)
+    code = bench.run(bench.config(name, uri, f"data.manifest={manifest}"))
+    status, counts = logged(uri, name)
+    return {"survived": code == 0 and status == "FINISHED", "steps_lost": 0, "exit_codes": [code], **counts}
 
 
 def damaged_part(bench: Bench, name: str) -> dict:
@@ -263,6 +311,9 @@ FAULTS: dict[str, Callable[[Bench, str], dict]] = {
     "newest checkpoint overwritten": lambda bench, name: killed(bench, name, "step@7", 7, flip_bytes),
     "tracking server away mid-run": lambda bench, name: outage(bench, name, back_mid_run=True),
     "tracking server away past the end": lambda bench, name: outage(bench, name, back_mid_run=False),
+    "spool's last line torn, then appended to": lambda bench, name: outage(bench, name, False, tear_last_line),
+    "learning rate that diverges": diverging,
+    "a FIFO, /dev/zero and a folder as audio": not_a_file,
     "feature store part cut short": damaged_part,
     "two precomputes into one store at once": concurrent_precompute,
 }
