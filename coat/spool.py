@@ -13,28 +13,36 @@ outage gets a provisional id (`pending-…`); the replay opens it and records it
 every process of the run looks it up.
 
 Each process appends to a file of its own; appends and replays hold the folder's lock (`fcntl.flock`), so two
-processes never replay the same record at once.
+processes never replay the same record at once. A replay runs in a background thread of the process that writes,
+in batches: consecutive metric records of a run go as one request, and the lock is let go between batches, so
+training that goes on writing while a long outage is replayed waits for one batch at most. How far a replay got
+is kept in the folder (`sent`, the sequence number of the last record delivered), so one cut short by a kill
+goes on from there; whatever it sent after that is sent again, which stores nothing new.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from coat.errors import UserError
+from coat.locks import locked
 
 WARN_EVERY_S = 60.0
 PENDING = "pending-"
 IDS_FILE = "run_ids.json"
 SEQ_FILE = "sequence"  # the number of the last record appended, by any process
+SENT_FILE = "sent"  # the number of the last record a replay delivered (or set aside as rejected)
+BATCH_S = 0.25  # a replay lets the lock go after this long (and at least one request), so writers wait little
+BATCH_METRICS = 500  # metrics merged into one request (MLflow's log_batch takes 1000)
 REJECTED = "rejected/records.jsonl"  # records the server refused, with why
 
 log = logging.getLogger(__name__)
@@ -62,29 +70,28 @@ class Spool:
         self.folder, self.send, self.reachable, self.where = Path(folder), send, reachable, where
         self.retry_s, self.max_bytes = retry_s, max_bytes
         self.own = self.folder / f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-        self.next_try = 0.0
         self.warned_at = -WARN_EVERY_S
         self.rejected = 0
+        self.replayer: threading.Thread | None = None
+        self.replayer_guard = threading.Lock()
 
     def waiting(self) -> bool:
         """Whether records wait to be replayed (in any process's file)."""
         return any(self.folder.glob("*.jsonl"))
 
     def write(self, record: dict) -> str | None:
-        """Deliver `record` now, or spool it while the server is down or earlier records wait. Returns what `send`
-        returns; for an `open` record that had to wait, a provisional id."""
-        if self.waiting() and time.monotonic() >= self.next_try:
-            self.replay()
-        cause = None
+        """Deliver `record` now, or spool it while the server is down or earlier records wait (a replay in the
+        background sends them). Returns what `send` returns; for an `open` record that had to wait, a provisional
+        id."""
         if not self.waiting():
             try:
                 return self.send(record, self.ids())
             except Unreachable as err:
-                cause = err
+                self.warn(err)
         if record["kind"] == "open":
             record = {**record, "pending": f"{PENDING}{uuid.uuid4().hex}"}
         self.append(record)
-        self.warn(cause)
+        self.replay_in_background()
         return record.get("pending")
 
     def append(self, record: dict) -> None:
@@ -104,7 +111,7 @@ class Spool:
             record = {**record, "local": str(copy)}
         with self.locked():
             counter = self.folder / SEQ_FILE
-            seq = _number(counter) + 1
+            seq = max(_number(counter), _number(self.folder / SENT_FILE)) + 1  # never at or below what was sent
             atomic_write(counter, str(seq))
             with open(self.own, "ab") as f:
                 if f.tell() and _torn(self.own):  # a write cut short: end its line, or this record would join it
@@ -114,45 +121,97 @@ class Spool:
                 os.fsync(f.fileno())
             sync_folder(self.folder)
 
+    def replay_in_background(self) -> None:
+        """Start this process's replayer unless it runs: a daemon thread that replays every `retry_s` seconds
+        until nothing waits, so the writer goes on meanwhile."""
+        with self.replayer_guard:
+            if self.replayer is None:
+                self.replayer = threading.Thread(target=self._replay_until_empty, daemon=True,
+                                                 name=f"coat-spool-{self.folder.name}")
+                self.replayer.start()
+
+    def _replay_until_empty(self) -> None:
+        while True:
+            if self.replay():
+                with self.replayer_guard:  # under the guard: a record appended now starts a new replayer
+                    if not self.waiting():
+                        self.replayer = None
+                        return
+            else:
+                time.sleep(max(self.retry_s, 0.1))
+
     def replay(self) -> bool:
-        """Send every waiting record, in the order they were appended across processes, if the server answers.
-        A record the server rejects (its run deleted, a value it refuses) goes to the `rejected/` file with the
-        reason, said once, and the rest go on. Returns whether none is left."""
-        self.next_try = time.monotonic() + self.retry_s
+        """Send every waiting record, in the order they were appended across processes, if the server answers, a
+        batch per hold of the lock. A record the server rejects (its run deleted, a value it refuses) goes to the
+        `rejected/` file with the reason, said once, and the rest go on. Returns whether none is left."""
         if not self.reachable():
+            self.warn(None)
             return False
         sent = 0
         try:
-            with self.locked():
-                ids, files = self.ids(), sorted(self.folder.glob("*.jsonl"))
-                waiting = [(record.get("seq", float("inf")), i, record)
-                           for i, path in enumerate(files) for record in records(path)]
-                for _, _, record in sorted(waiting, key=lambda item: item[:2]):
-                    if "local" in record:
-                        record = {**record, "local": str(self.folder / record["local"])}
-                        if not Path(record["local"]).exists():  # sent, then a kill cut the clean-up short
-                            continue
-                    try:
-                        result = self.send(record, ids)
-                    except Unreachable:
-                        raise
-                    except Exception as err:  # rejected: kept aside, never in the way of the others
-                        self.reject(record, err)
-                        continue
-                    if record["kind"] == "open":
-                        ids[record["pending"]] = result
-                        atomic_write(self.folder / IDS_FILE, json.dumps(ids))
-                    sent += 1
-                for path in files:  # the records first: a kill before the copies go leaves only garbage
-                    path.unlink()
-                sync_folder(self.folder)
-                shutil.rmtree(self.folder / "files", ignore_errors=True)
+            while True:
+                with self.locked():
+                    delivered = self._replay_batch()
+                if delivered is None:
+                    break
+                sent += delivered
         except Unreachable as err:
             self.warn(err)
             return False
         if sent:
             log.warning("%s is back: replayed %d spooled writes from %s", self.where, sent, self.folder)
         return True
+
+    def _replay_batch(self) -> int | None:
+        """Under the lock: deliver the next records for `BATCH_S` seconds and move `sent` past them;
+        returns how many records went, or None when none was left (the folder is then cleared)."""
+        through = _number(self.folder / SENT_FILE, absent=-1)
+        files = sorted(self.folder.glob("*.jsonl"))
+        every = [r for path in files for r in records(path)]
+        waiting = sorted((r for r in every if r.get("seq", 0) > through), key=lambda r: r.get("seq", 0))
+        if not waiting:  # cleared in an order that a kill at any point leaves consistent, `sent` last
+            for record in every:  # their own copies only: another process may be copying a new one in
+                if "local" in record:
+                    shutil.rmtree((self.folder / record["local"]).parent, ignore_errors=True)
+            for path in files:
+                path.unlink()
+            sync_folder(self.folder)
+            (self.folder / SENT_FILE).unlink(missing_ok=True)
+            return None
+        ids, count, started = self.ids(), 0, time.monotonic()
+        try:
+            for group in merged(waiting):
+                self._deliver(group, ids)
+                through, count = group[-1].get("seq", 0), count + len(group)
+                if time.monotonic() - started > BATCH_S:
+                    break
+        finally:
+            if count:
+                atomic_write(self.folder / SENT_FILE, str(through))
+        return count
+
+    def _deliver(self, group: list[dict], ids: dict[str, str]) -> None:
+        """Send records as one request; when the server refuses the merged request, each on its own, so that only
+        the record it refuses is set aside. Raises `Unreachable`."""
+        record = group[0] if len(group) == 1 else merge(group)
+        if "local" in record:
+            record = {**record, "local": str(self.folder / record["local"])}
+            if not Path(record["local"]).exists():  # sent, then a kill cut the clean-up short
+                return
+        try:
+            result = self.send(record, ids)
+        except Unreachable:
+            raise
+        except Exception as err:  # rejected: kept aside, never in the way of the others
+            if len(group) == 1:
+                self.reject(record, err)
+            else:
+                for one in group:
+                    self._deliver([one], ids)
+            return
+        if record["kind"] == "open":
+            ids[record["pending"]] = result
+            atomic_write(self.folder / IDS_FILE, json.dumps(ids))
 
     def reject(self, record: dict, err: Exception) -> None:
         """Keep a record the server refused in `rejected/records.jsonl`, with why; say so once per process."""
@@ -177,25 +236,40 @@ class Spool:
         if now - self.warned_at < WARN_EVERY_S:
             return
         self.warned_at = now
-        count = 0
+        through, count = _number(self.folder / SENT_FILE, absent=-1), 0
         for path in self.folder.glob("*.jsonl"):  # outside the lock: a replay may take a file away meanwhile
             try:
-                count += len(records(path))
+                count += sum(r.get("seq", 0) > through for r in records(path))
             except FileNotFoundError:
                 continue
         cause = f" ({str(err)[:200]})" if err is not None else ""
         log.warning("%s is unreachable%s: %d writes wait in %s and are replayed when it is back, or at the next "
                     "start of this run", self.where, cause, count, self.folder)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return locked(self.folder / ".lock")
+
+
+def merged(waiting: list[dict]) -> list[list[dict]]:
+    """`waiting` in order, as groups that go as one request each: consecutive metric-and-tag records of one run
+    (up to `BATCH_METRICS` metrics), every other record alone."""
+    groups: list[list[dict]] = []
+    for record in waiting:
+        last = groups[-1] if groups else None
+        if (last is not None and record["kind"] == "log" and last[0]["kind"] == "log"
+                and record.get("run") == last[0].get("run")
+                and sum(len(r.get("metrics", [])) for r in last) + len(record.get("metrics", [])) <= BATCH_METRICS):
+            last.append(record)
+        else:
+            groups.append([record])
+    return groups
+
+
+def merge(group: list[dict]) -> dict:
+    """One `log` record holding the metrics and tags of `group` (a later tag value wins, as it would have)."""
+    return {"kind": "log", "run": group[0]["run"], "metrics": [m for r in group for m in r.get("metrics", [])],
+            "tags": {k: v for r in group for k, v in r.get("tags", {}).items()}}
 
 
 def opened_runs(folder: Path) -> dict[str, str]:
@@ -250,12 +324,12 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _number(path: Path) -> int:
-    """The integer a counter file holds; 0 when it is absent or garbled."""
+def _number(path: Path, absent: int = 0) -> int:
+    """The integer a counter file holds; `absent` when it is absent or garbled."""
     try:
         return int(path.read_text(encoding="utf-8").strip())
     except (FileNotFoundError, ValueError):
-        return 0
+        return absent
 
 
 def _torn(path: Path) -> bool:

@@ -3,7 +3,9 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -280,7 +282,23 @@ def test_spooled_writes_reach_the_server_once_however_often_they_are_replayed(se
     assert tracking.metric_history(uri, runs[0].info.run_id, "loss") == [(1, 2.0), (2, 1.0)]
     assert json.loads((folder / "run_ids.json").read_text()) == {"pending-1": runs[0].info.run_id}
     assert [a.path for a in MlflowClient(uri).list_artifacts(runs[0].info.run_id, "notes")] == ["notes/note.txt"]
-    assert not list(folder.glob("*.jsonl")) and not list(folder.glob("files/*")), "sent records are cleared"
+    assert not list(folder.glob("*.jsonl")) and not list(folder.glob("files/*/*")), "sent records are cleared"
+
+
+def test_clearing_a_replayed_spool_leaves_the_copy_another_process_is_making(server, tmp_path):
+    """An append copies its artifact in before it takes the lock: the replay that clears the folder meanwhile must
+    take only the copies of the records it sent."""
+    uri, _ = server
+    folder = tmp_path / "spool"
+    spool = Spool(folder, lambda record, ids: None, lambda: True, "test", retry_s=1)
+    spool.append(open_record("pending-1", "copies"))
+    (tmp_path / "sent.txt").write_text("sent")
+    spool.append({"kind": "artifact", "run": "pending-1", "local": str(tmp_path / "sent.txt"), "path": "x"})
+    in_flight = folder / "files" / "in-flight" / "checkpoint.bin"
+    in_flight.parent.mkdir()
+    in_flight.write_bytes(b"being appended")
+    assert tracking.replay_spool(uri, folder)
+    assert [p.relative_to(folder) for p in folder.glob("files/*/*")] == [in_flight.relative_to(folder)]
 
 
 def open_record(pending: str, name: str, **tags: str) -> dict:
@@ -352,3 +370,82 @@ def test_a_password_in_the_tracking_uri_never_reaches_a_param_or_a_saved_config(
     assert not any("s3cret" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])
     assert "s3cret" not in to_yaml(redacted(cfg)) and cfg.tracking.uri.endswith("s3cret@tracking.example:5000")
     assert redacted(load_config(overrides=OVERRIDES)) == load_config(overrides=OVERRIDES)
+
+
+# A replay killed at each of its steps (ALICE-style crash points), then run again by a fresh process: the server
+# must hold every write exactly once and the spool must end empty. "before"/"after" say whether the kill strikes
+# before or after the call it names; the number is which such call.
+CRASH_POINTS = [("after", "send", 1), ("after", "send", 6), ("after", "ids", 1), ("after", "sent", 1),
+                ("before", "unlink-records", 1), ("after", "unlink-records", 1), ("before", "rmtree-copies", 1),
+                ("before", "unlink-sent", 1)]
+
+KILLED_REPLAY = """
+import os, shutil, signal, sys
+from pathlib import Path
+import coat.spool, coat.tracking
+when, name, nth = sys.argv[3], sys.argv[4], int(sys.argv[5])
+calls = {}
+
+def strike(point, call):
+    def wrapped(*args, **kwargs):
+        hit = point(*args) and calls.setdefault(name, [0]) and calls[name].__setitem__(0, calls[name][0] + 1) is None \\
+            and calls[name][0] == nth
+        if hit and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = call(*args, **kwargs)
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapped
+
+named = lambda suffix: lambda path, *_: str(path).endswith(suffix)
+if name == "send":
+    coat.tracking._send = strike(lambda *_: True, coat.tracking._send)
+elif name in ("ids", "sent"):
+    coat.spool.atomic_write = strike(named(coat.spool.IDS_FILE if name == "ids" else coat.spool.SENT_FILE),
+                                     coat.spool.atomic_write)
+elif name == "rmtree-copies":
+    shutil.rmtree = strike(lambda path, *_: "/files/" in str(path), shutil.rmtree)
+else:
+    Path.unlink = strike(named(".jsonl" if name == "unlink-records" else "/" + coat.spool.SENT_FILE), Path.unlink)
+coat.tracking.replay_spool(sys.argv[1], Path(sys.argv[2]))
+sys.exit(3)  # the kill never struck
+"""
+
+
+def outage_spool(folder: Path, name: str, scratch: Path) -> None:
+    """What two processes of one run (a driver and a worker) leave in the spool through an outage: the run opened,
+    step metrics, checkpoint artifacts between them, a tag changed twice and the run's end; more requests than a
+    replay sends per batch."""
+    driver, worker = (Spool(folder, lambda record, ids: None, lambda: True, "test", retry_s=1) for _ in range(2))
+    driver.append(open_record("pending-1", name))
+    for step in range(1, 7):
+        (worker if step % 2 else driver).append(
+            {"kind": "log", "run": "pending-1", "metrics": [["loss", 1.0 / step, 1000 * step, step]],
+             "tags": {"stage": str(step)}})
+        (scratch / f"checkpoint-{step}.bin").write_bytes(bytes([step]) * 100)
+        driver.append({"kind": "artifact", "run": "pending-1", "local": str(scratch / f"checkpoint-{step}.bin"),
+                       "path": "checkpoints"})
+    driver.append({"kind": "end", "run": "pending-1", "status": "FINISHED"})
+
+
+@pytest.mark.faults  # eight processes killed mid-replay: ~40 s on 2 cores
+@pytest.mark.parametrize(("when", "call", "nth"), CRASH_POINTS, ids=[f"{w}-{c}-{n}" for w, c, n in CRASH_POINTS])
+def test_a_replay_killed_at_any_step_is_finished_by_the_next_with_every_write_once(server, tmp_path, when, call,
+                                                                                  nth):
+    uri, _ = server
+    folder, name = tmp_path / "spool", f"crash-{when}-{call}-{nth}"
+    outage_spool(folder, name, tmp_path)
+    assert len(list(folder.glob("*.jsonl"))) == 2
+    killed = subprocess.run([sys.executable, "-c", KILLED_REPLAY, uri, str(folder), when, call, str(nth)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert tracking.replay_spool(uri, folder)
+    (run,) = MlflowClient(uri).search_runs([tracking.get_or_create_experiment(uri, "coat")],
+                                           f"tags.`coat.run_name` = '{name}'")
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "6"
+    assert tracking.metric_history(uri, run.info.run_id, "loss") == [(s, 1.0 / s) for s in range(1, 7)]
+    stored = [a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "checkpoints")]
+    assert stored == [f"checkpoints/checkpoint-{s}.bin" for s in range(1, 7)]
+    assert json.loads((folder / "run_ids.json").read_text()) == {"pending-1": run.info.run_id}
+    assert not list(folder.glob("*.jsonl")) and not list(folder.glob("files/**/*.bin")), "the spool ends empty"

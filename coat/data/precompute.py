@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
+from coat.locks import check_locking
 from coat.ray_runtime import ensure_ray
 
 
@@ -169,6 +170,7 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
             raise ValueError(f"precompute: {name} must be positive, got {value}")
     settings = settings or {}
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
+    check_locking(Path(store_dir))  # precomputes of several hosts commit into one store
     good, quarantine = manifest_clips(manifest)
     if max_seconds is not None:
         from coat.data.audio import header_seconds

@@ -41,13 +41,11 @@ other split (or another corpus) never changes the targets a run trained on.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +56,7 @@ import pyarrow.parquet as pq
 
 from coat.data.manifest import open_regular
 from coat.errors import UserError
+from coat.locks import locked
 
 SCHEMA = pa.schema([("clip_hash", pa.string()), ("frames", pa.int32()), ("dim", pa.int32()),
                     ("values", pa.list_(pa.float32()))])
@@ -255,7 +254,7 @@ class FeatureStore:
         folder, names = self.folder(name, version), {d.part.name for d in damage}
         if not names:
             return
-        with _locked(folder / LEDGER_LOCK):
+        with locked(folder / LEDGER_LOCK):
             for part_name in names:
                 if (folder / part_name).exists():
                     (folder / DAMAGED_FOLDER).mkdir(exist_ok=True)
@@ -286,7 +285,7 @@ class FeatureStore:
         _write_durably(tmp, data)
         entry = {"part": part.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                  "rows": rows.num_rows, "clips": rows.column("clip_hash").to_pylist()}
-        with _locked(folder / LEDGER_LOCK):
+        with locked(folder / LEDGER_LOCK):
             os.replace(tmp, part)
             _append_json_lines(folder / LEDGER_FILE, [entry])
         return part
@@ -375,7 +374,7 @@ class FeatureStore:
         records = [{k: r[k] for k in keys} for r in records]
         if records:
             self.root.mkdir(parents=True, exist_ok=True)
-            with _locked(self.root / QUARANTINE_LOCK):
+            with locked(self.root / QUARANTINE_LOCK):
                 _append_json_lines(self.root / QUARANTINE_FILE, records)
 
     def quarantined(self) -> dict[str, str]:
@@ -529,18 +528,6 @@ def _append_json_lines(path: Path, records: Iterable[Mapping]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_file` (created if absent): one committer at a time per folder, across
-    processes and hosts whose file system honours flock (local disks, NFSv4)."""
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def feature_version(version: str, crop_seconds: float | None) -> str:

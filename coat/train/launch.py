@@ -35,6 +35,7 @@ from coat.data.precompute import precompute
 from coat.data.store import read_located, standardise
 from coat.data.stream import Stream, training_items
 from coat.experts.registry import expert_spec
+from coat.locks import check_locking
 from coat.model.targets import slot_statistics
 from coat.ray_runtime import ensure_ray
 from coat.spool import atomic_write
@@ -210,6 +211,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         tracking.check_reachable(uri)
     name = run_name(cfg)
     storage = Path(cfg.train.storage).resolve()
+    check_locking(storage)  # checkpoints and the spool are shared by every worker and every start of the run
     spool = spool_folder(storage, name)
     tracking.replay_spool(uri, spool)  # what an earlier start of this run could not send
     finished = finished_run(cfg, uri, name, storage)
