@@ -9,7 +9,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,cluster]'
 	rm -f .venv/.installed-* && touch $@
 
 # The main job on the embedded default: the thinking-length ablation (local Ray, tiny qwen2-audio, coat-mini,
@@ -36,7 +36,7 @@ test-faults: setup
 # The dashboard read in headless Chromium: Debian's chromium (Playwright drives it; no browser download).
 test-browser: setup
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
-	$(PY) -m pip install -q -e '.[dev,browser]'
+	$(PY) -m pip install -q -e '.[dev,cluster,browser]'
 	$(PY) -m pytest -q -m browser
 
 bench: setup

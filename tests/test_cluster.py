@@ -2,6 +2,7 @@
 environment their setup commands leave on a node (run through Ray's own command wrapping in a scratch home), the
 KubeRay RayJob's shape, and that every path they name exists in the repository. No network, no cloud credentials."""
 
+import configparser
 import re
 import shlex
 import socket
@@ -102,10 +103,11 @@ def test_file_mounts_carry_what_the_install_needs(name):
     installs = [cmd for cmd in all_commands(config) if "pip install" in cmd and " -e " in cmd]
     assert len(installs) == 1, installs
     tokens = shlex.split(installs[0])
-    target = tokens[tokens.index("-e") + 1]
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["name"] == "coat"
-    for needed in ["pyproject.toml", project["readme"], "coat", "experiments"]:
+    target, _, extras = tokens[tokens.index("-e") + 1].replace("$HOME", "~").partition("[")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "coat"
+    assert set(extras.rstrip("]").split(",")) - {""} <= set(project["project"]["optional-dependencies"])
+    for needed in ["pyproject.toml", project["project"]["readme"], "coat", "experiments", SUPERVISOR_CONF]:
         assert mounts.get(f"{target}/{needed}") == needed, f"{name}: {target}/{needed} is not mounted from {needed}"
 
 
@@ -180,10 +182,11 @@ def test_no_launcher_config_opens_a_service_without_auth(name, tmp_path):
     assert env.get("MLFLOW_TRACKING_USERNAME") == "coat" and "MLFLOW_TRACKING_PASSWORD" in env
     (head,) = [cmd for cmd in config["head_start_ray_commands"] if "ray start --head" in cmd]
     assert flag(head, "--dashboard-host") in LOOPBACK, f"{name}: the dashboard listens beyond loopback"
-    server = mlflow_server_command(name)
+    assert SUPERVISOR_CONF in mlflow_start_command(name), f"{name}: the MLflow server runs from elsewhere"
+    server, environment = mlflow_program()
     if flag(server, "--host") not in LOOPBACK:
         assert flag(server, "--app-name") == "basic-auth", f"{name}: MLflow listens beyond loopback without auth"
-        assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in server
+        assert 'MLFLOW_AUTH_ADMIN_PASSWORD="%(ENV_MLFLOW_TRACKING_PASSWORD)s"' in environment
 
 
 def test_rayjob_opens_its_dashboard_only_with_token_auth():
@@ -230,44 +233,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def mlflow_server_command(name: str) -> str:
-    (cmd,) = [c for c in load(name)["head_start_ray_commands"] if "mlflow server" in c]
+SUPERVISOR_CONF = "cluster/mlflow-supervisord.conf"
+
+
+def mlflow_start_command(name: str) -> str:
+    (cmd,) = [c for c in load(name)["head_start_ray_commands"] if "supervisord" in c]
     return cmd
 
 
+def mlflow_program() -> tuple[str, str]:
+    """The MLflow server's command line and environment, as supervisord runs them."""
+    parser = configparser.RawConfigParser()
+    parser.read(ROOT / SUPERVISOR_CONF)
+    return parser["program:mlflow"]["command"], parser["program:mlflow"]["environment"]
+
+
 def test_launcher_configs_share_the_mlflow_server_command():
-    """The slow test below runs gpu.yaml's command; local.yaml's must be the same, on the port the URI names."""
-    cmd = mlflow_server_command("gpu.yaml")
-    assert mlflow_server_command("local.yaml") == cmd
-    assert cmd.count(":5000") == 1 and cmd.count("--port 5000") == 1
+    """The faults test below runs gpu.yaml's command; local.yaml's must be the same, on the port the URI names."""
+    cmd = mlflow_start_command("gpu.yaml")
+    assert mlflow_start_command("local.yaml") == cmd
+    assert cmd.count("COAT_MLFLOW_PORT=5000") == 1 and "--port %(ENV_COAT_MLFLOW_PORT)s" in mlflow_program()[0]
+    assert "nohup" not in cmd, "a server that dies stays dead: run it under the supervisor"
 
 
-@pytest.mark.slow
-def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path, monkeypatch):
+@pytest.mark.faults  # one MLflow server started by supervisord, killed and started again: ~1 min on 2 cores
+def test_head_runs_one_mlflow_server_under_a_supervisor_that_restarts_it(tmp_path, monkeypatch):
     """Runs the head's MLflow start command as Ray would (on a free port instead of the URI's 5000): it must return at
     once (an SSH session that waits on the server would hang `ray up`), refuse a client without the password the
-    secrets command made, serve runs whose store and artifacts land under $COAT_STORAGE, and not start a second
-    server when `ray up` reruns it. ~15 s: the server's start-up."""
+    secrets command made, serve runs whose store and artifacts land under $COAT_STORAGE, not start a second
+    server when `ray up` reruns it, and, when the server is killed (as the OOM killer would), serve again with the
+    run and its metrics intact."""
     port = free_port()
-    cmd = mlflow_server_command("gpu.yaml").replace("5000", str(port))
+    cmd = mlflow_start_command("gpu.yaml").replace("5000", str(port))
     shared = tmp_path / "shared"
     venv_bin = Path(sys.executable).parent
     exports = AUTH_EXPORT.findall(next(c for c in load("gpu.yaml")["setup_commands"] if "> ~/coat.env" in c))
-    (tmp_path / ".bashrc").write_text("\n".join([f"export COAT_STORAGE={shared}", f"export PATH={venv_bin}:$PATH",
-                                                  *exports, ""]))
+    (tmp_path / ".bashrc").write_text("\n".join([f"export COAT_STORAGE={shared}", f"export COAT_PROJECT={ROOT}",
+                                                  f"export PATH={venv_bin}:$PATH", *exports, ""]))
     run_like_ray(secrets_command(load("gpu.yaml")), tmp_path)
     password = (shared / "secrets" / "mlflow-password").read_text()
+    supervisorctl = f"supervisorctl -c {ROOT / SUPERVISOR_CONF}"
+    uri = f"http://127.0.0.1:{port}"
 
-    def servers() -> list[psutil.Process]:
-        return [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
+    def supervised() -> int:
+        """The pid of the server process supervisord runs (0: none running)."""
+        return int(run_like_ray(f"{supervisorctl} pid mlflow", tmp_path).strip() or 0)
 
     try:
         run_like_ray(cmd, tmp_path)
-        uri = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            if subprocess.run(["curl", "-sf", f"{uri}/health"], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.25)
+        wait_until_healthy(uri)
         with pytest.raises(tracking.TrackingUnavailableError, match="HTTP 401"):
             tracking.check_reachable(uri)
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "coat")
@@ -275,19 +289,34 @@ def test_head_starts_one_mlflow_server_on_shared_storage(tmp_path, monkeypatch):
         tracking.check_reachable(uri)
         client = mlflow.MlflowClient(tracking_uri=uri)
         run_id = client.create_run(client.create_experiment("cluster-test")).info.run_id
-        client.log_metric(run_id, "loss", 0.5)
+        client.log_metric(run_id, "loss", 0.5, step=1)
         (tmp_path / "table.txt").write_text("k,loss\n4,0.5\n")
         client.log_artifact(run_id, str(tmp_path / "table.txt"))
-        assert client.get_run(run_id).data.metrics == {"loss": 0.5}
         assert (shared / "mlflow/mlruns.db").is_file() and (shared / "mlflow/basic_auth.db").is_file()
         assert [p.name for p in (shared / "mlflow/artifacts").rglob("table.txt")] == ["table.txt"]
-        running = {p.pid for p in servers()}
+        first = supervised()
         run_like_ray(cmd, tmp_path)
-        assert {p.pid for p in servers()} == running
+        assert supervised() == first, "a second `ray up` started a second server"
+        for web_server in psutil.Process(first).children(recursive=True):  # what the OOM killer would pick
+            web_server.kill()
+        wait_until_healthy(uri, lambda: supervised() not in (0, first))
+        client.log_metric(run_id, "loss", 0.25, step=2)
+        assert tracking.metric_history(uri, run_id, "loss") == [(1, 0.5), (2, 0.25)]
     finally:
-        for proc in servers():
-            proc.terminate()
-        psutil.wait_procs(servers(), timeout=10)
+        subprocess.run(f"HOME={tmp_path} {venv_bin}/{supervisorctl} shutdown", shell=True, capture_output=True)
+        leftover = [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
+        for proc in leftover:
+            proc.kill()
+
+
+def wait_until_healthy(uri: str, restarted=lambda: True, timeout_s: float = 180) -> None:
+    """Until the server at `uri` answers /health (and `restarted()` holds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if subprocess.run(["curl", "-sf", f"{uri}/health"], capture_output=True).returncode == 0 and restarted():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{uri} did not answer /health in {timeout_s:.0f} s")
 
 
 NAMED_SCRIPTS = sorted({path for f in sorted(CLUSTER.iterdir()) for path in SCRIPT_PATH.findall(f.read_text())})

@@ -150,6 +150,9 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "down", "-y", str(cluster)], cwd=ROOT,
                        capture_output=True, timeout=180)
+        subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",  # the head's MLflow supervisor
+                        str(tmp_path / "project" / "cluster" / "mlflow-supervisord.conf"), "shutdown"],
+                       capture_output=True, timeout=60)
         servers = [p for p in psutil.process_iter(["cmdline"])
                    if "mlflow" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])]
         for proc in servers:  # `ray down` stops Ray, not the head's MLflow server (on a cloud the node goes)

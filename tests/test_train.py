@@ -4,6 +4,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -691,3 +692,85 @@ def test_fsdp_checkpoints_hold_the_whole_trained_parts_and_optimizer_state(clips
         assert saved.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(saved[name], value, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")
+
+
+def test_a_run_left_with_one_torn_checkpoint_is_refused_with_advice_that_works(tmp_path, coat_mini):
+    """`train.keep_checkpoints=1`: the only checkpoint, damaged on disk after its commit, cannot be resumed from.
+    The run is refused, not started again from step 0, and the message's fix (another `train.run_name`) trains
+    afresh into a new MLflow run while the old one keeps the steps it logged."""
+    cfg = train_config(tmp_path, coat_mini, "train.num_workers=0", "train.run_name=only", "train.keep_checkpoints=1",
+                       "train.stages=[{steps: 4}]")
+    first = train(cfg, evaluate_after=False)
+    runs = tmp_path / "runs" / "only"
+    assert [p.name for p in committed_checkpoints(runs)] == ["checkpoint_000004"], "one kept"
+    cut_short(runs / "checkpoint_000004")
+    refused = r"no checkpoint of this run can be resumed from: .*checkpoint_000004 \(coat.safetensors has .*"
+    with pytest.raises(CheckpointError, match=refused + "another train.run_name.*new MLflow run") as err:
+        train(cfg, evaluate_after=False)
+    assert "move them aside" not in str(err.value)
+    again = train(apply_overrides(cfg, ["train.run_name=only-again"]), evaluate_after=False)
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    assert again.metrics["step"] == 4 and again.mlflow_run_id != first.mlflow_run_id
+    assert steps_logged(uri, again.mlflow_run_id) == steps_logged(uri, first.mlflow_run_id) == [1, 2, 3, 4]
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, kib: int):
+    """A real tmpfs of `kib` KiB on `folder`, so that a storage fills up for real (ENOSPC). Skips the test where
+    this process may not mount one (not root, or no CAP_SYS_ADMIN in a container)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up: {mounted.stderr.strip()} (needs root or CAP_SYS_ADMIN)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def resize_tmpfs(folder: Path, kib: int) -> None:
+    """Grow the tmpfs on `folder` to `kib` KiB, keeping what it holds: the storage freed up."""
+    subprocess.run(["mount", "-o", f"remount,size={kib}k", str(folder)], check=True, capture_output=True)
+
+
+def stored_kib(checkpoint: Path) -> int:
+    """What `checkpoint` takes on a tmpfs, which holds each file in whole 4 KiB pages."""
+    return sum(-(-path.stat().st_size // 4096) * 4 for path in checkpoint.rglob("*") if path.is_file())
+
+
+@pytest.mark.faults  # an in-process reference and two Ray Train fits: a minute and a half on 2 cores
+def test_ray_train_upload_to_a_full_storage_fails_naming_it_and_resumes_from_the_checkpoint_before(tmp_path,
+                                                                                                  coat_mini):
+    """The storage holds one checkpoint and a half (`train.keep_checkpoints=1`), so Ray Train's copy of the second
+    into it runs out of space half-way: the run fails with coat's error naming the run's storage folder and the fix,
+    not the worker's staging folder; the torn copy is gone and the first checkpoint, the only one, is intact. With
+    space freed, the same command resumes from it to an uninterrupted run's losses; that last checkpoint, damaged
+    later, is refused with the advice that holds under Ray Train."""
+    common = ["train.stages=[{steps: 6}]"]
+    (tmp_path / "plain").mkdir()
+    plain = train(train_config(tmp_path / "plain", coat_mini, *common, "train.num_workers=0", "train.run_name=plain"),
+                  evaluate_after=False)
+    size = stored_kib(plain.checkpoint)
+    storage = tmp_path / "storage"
+    cfg = train_config(tmp_path, coat_mini, *common, "train.num_workers=1", "train.run_name=full",
+                       "train.keep_checkpoints=1", f"train.storage={storage}")
+    runs = storage / "full"
+    with tmpfs(storage, size + size // 2):
+        full = f"could not write checkpoint {re.escape(str(runs))}/checkpoint_[^ ]*: No space left on device; free "
+        with pytest.raises(CheckpointError, match=full + "space there or point train.storage") as err:
+            train(cfg, evaluate_after=False)
+        assert isinstance(err.value.__cause__, ray.train.WorkerGroupError), "raised by the worker, said by coat"
+        (only,) = committed_checkpoints(runs)
+        assert verify_checkpoint(only) is None and load_training_state(only)["step"] == 2
+        uri = tracking.resolve_uri(cfg.tracking.uri)
+        run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, "coat"), "full")
+        assert steps_logged(uri, run_id) == [1, 2], "the steps of the committed checkpoint only"
+        resize_tmpfs(storage, 4 * size)
+        result = train(cfg, evaluate_after=False)
+        assert result.metrics["step"] == 6 and len(committed_checkpoints(runs)) == 1
+        assert_resumed_like(uri, "full", tracking.resolve_uri(train_config(tmp_path / "plain", coat_mini).tracking.uri),
+                            plain.mlflow_run_id, 6)
+        cut_short(result.checkpoint)
+        with pytest.raises(CheckpointError, match="another train.run_name.*new MLflow run"):
+            train(cfg, evaluate_after=False)

@@ -114,7 +114,7 @@ def writing(directory: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        reason = err.strerror or str(err)
+        reason = os.strerror(err.errno) if err.errno else err.strerror or str(err)  # pyarrow's strerror is verbose
         raise CheckpointError(f"could not write checkpoint {directory}: {reason}; free space there or point "
                               "train.storage at a writable place (the previous checkpoint is intact)") from err
 
@@ -170,7 +170,9 @@ def first_sound(candidates: Iterable[Path]) -> Path | None:
     """The first of `candidates` (newest first) that verifies, saying which it skipped and why.
 
     Raises CheckpointError when there are candidates and none verifies: starting such a run again from step 0
-    would redo, and log again, steps it already trained."""
+    would redo, and log again, steps it already trained. Its fix holds in-process and under Ray Train alike:
+    checkpoints moved aside stay listed in Ray's run snapshot in the storage, and the MLflow run, found by the run's
+    name, would take those steps a second time."""
     skipped = []
     for directory in candidates:
         reason = verify_checkpoint(directory)
@@ -180,8 +182,9 @@ def first_sound(candidates: Iterable[Path]) -> Path | None:
             return directory
         skipped.append(f"{directory} ({reason})")
     if skipped:
-        raise CheckpointError(f"no checkpoint of this run can be resumed from: {'; '.join(skipped)}; move them "
-                              "aside to start the run again, or choose another train.run_name")
+        raise CheckpointError(f"no checkpoint of this run can be resumed from: {'; '.join(skipped)}; to train it "
+                              "again from step 0, start it under another train.run_name, which opens a new MLflow "
+                              "run (this one keeps the steps it logged)")
     return None
 
 

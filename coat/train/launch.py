@@ -34,6 +34,7 @@ from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import precompute
 from coat.data.store import read_located, standardise
 from coat.data.stream import Stream, training_items
+from coat.errors import UserError
 from coat.experts.registry import expert_spec
 from coat.locks import check_locking
 from coat.model.targets import slot_statistics
@@ -257,6 +258,12 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
             logger = CommittedStepsLogger(uri, run_id, spool, cfg.tracking.retry_s, cfg.tracking.spool_max_mb)
             result = _trainer(cfg, loop_config, storage, name, report_to_tune, logger).fit()
             metrics, checkpoint = result.metrics, result.checkpoint and Path(result.checkpoint.path)
+    except ray.train.WorkerGroupError as err:
+        tracking.end_run(uri, run_id, "FAILED")
+        explained = next((e for e in err.worker_failures.values() if isinstance(e, UserError)), None)
+        if explained is None:
+            raise
+        raise explained from err  # a worker's own error (a full storage, a diverging run) says it in one line
     except Exception:
         tracking.end_run(uri, run_id, "FAILED")
         raise

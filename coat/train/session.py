@@ -5,7 +5,9 @@ worker those come from `ray.train`, and a checkpoint's step metrics reach MLflow
 once it has registered the checkpoint (`CommittedStepsLogger`). In-process (short trials on one machine, Tune
 trials without workers, benchmarks) the session keeps its own checkpoints, committed by an atomic rename, since
 Ray Train's API is not available inside a Tune function. Either way a restart resumes from the newest checkpoint
-that verifies against its manifest, skipping torn ones with a warning (see `checkpoint.py`).
+that verifies against its manifest, skipping torn ones with a warning (see `checkpoint.py`), and a storage that is
+full or cannot be written fails the run with `CheckpointError` naming the folder in the storage, the previous
+checkpoint left as the one to resume from.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from coat import tracking
 from coat.train import faults
 from coat.train.checkpoint import (
     STEPS_FILE,
+    CheckpointError,
     first_sound,
     latest_checkpoint,
     log_committed_steps,
@@ -112,11 +115,37 @@ class RayTrainSession:
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="coat-checkpoint-") as directory:  # Ray copies it on report
+        """A folder in the worker's temporary space, which `report` copies into the run's storage."""
+        with tempfile.TemporaryDirectory(prefix="coat-checkpoint-") as directory:
             yield Path(directory)
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+        """Hand `checkpoint` to Ray Train, which copies it into the run's storage (`upload`) and registers it, then
+        wait for the registration: Ray's controller records a checkpoint in the run's snapshot, in the storage, only
+        once the worker has moved on, and the next checkpoint's copy filling the storage meanwhile would fail that
+        write and with it the run, leaving no registered checkpoint to resume from."""
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
+                         checkpoint_upload_fn=upload)
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray Train's own copy of `checkpoint` into the run's storage as `name`, a copy that fails (a full or unwritable
+    storage) raised as `writing` raises it, naming the folder in the storage rather than the worker's staging one,
+    and its torn copy removed. Ray registers a checkpoint only once its copy returns, so the previous one stays the
+    run's latest and is not pruned, even with `train.keep_checkpoints=1`."""
+    storage = ray.train.get_context().get_storage()
+    destination = storage.build_checkpoint_path_from_name(name)
+    try:
+        with writing(Path(destination)):
+            return storage.persist_current_checkpoint(checkpoint, name)
+    except CheckpointError:
+        with contextlib.suppress(OSError):
+            storage.storage_filesystem.delete_dir(destination)
+        raise
 
 
 def older(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
