@@ -304,6 +304,79 @@ def concurrent_precompute(bench: Bench, name: str) -> dict:
             "harness_s": time.perf_counter() - start - alone - together}
 
 
+KILLED_REPLAY = """
+import os, signal, sys
+from pathlib import Path
+import coat.tracking
+send, sent = coat.tracking._send, []
+def killing(*args):
+    result = send(*args)
+    sent.append(1)
+    if len(sent) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+coat.tracking._send = killing
+coat.tracking.replay_spool(sys.argv[1], Path(sys.argv[2]))
+"""
+
+
+def replay_killed(bench: Bench, name: str) -> dict:
+    """The server away past the run's end; when it is back, the replay of the run's spool is SIGKILLed after its
+    second request (a node going down mid-replay); the same command then started again finishes it."""
+    root, port = bench.work / name, free_port()
+    root.mkdir()
+    started = time.perf_counter()
+    with mlflow_server(root, port) as uri:
+        harness = time.perf_counter() - started
+        config = bench.config(name, uri)
+        process = bench.train(config)
+        wait_for(lambda: opened(uri, name), "the run to open")
+    codes = [process.wait(timeout=900)]
+    started = time.perf_counter()
+    with mlflow_server(root, port):
+        harness += time.perf_counter() - started
+        spool = bench.storage(name) / "mlflow-spool"
+        killed_replay = subprocess.run([sys.executable, "-c", KILLED_REPLAY, uri, str(spool)], env=bench.env,
+                                       capture_output=True, timeout=300)
+        codes += [killed_replay.returncode, bench.run(config)]
+        status, counts = logged(uri, name)
+    waiting = list(spool.glob("*.jsonl"))
+    return {"survived": codes == [0, -signal.SIGKILL, 0] and status == "FINISHED" and not waiting, "steps_lost": 0,
+            "exit_codes": codes, "harness_s": harness, **counts}
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, kib: int) -> Iterator[None]:
+    """A real tmpfs of `kib` KiB on `folder` (root only), unmounted on leaving."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], check=True,
+                   capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def storage_full(bench: Bench, name: str) -> dict:
+    """The run's storage (a real tmpfs) holds one checkpoint and a half: the second checkpoint's write fails with
+    an error naming the folder and the run stops; with space freed, the same command resumes from the first."""
+    if os.geteuid() != 0:
+        return {"survived": "skipped (mounting a tmpfs needs root)", "steps_lost": 0, "duplicated": 0, "missing": 0}
+    undisturbed = latest_checkpoint(bench.storage("undisturbed"))
+    kib = sum(-(-f.stat().st_size // 4096) * 4 for f in undisturbed.rglob("*") if f.is_file())
+    storage, uri = bench.work / f"{name}-storage", sqlite(bench.work, name)
+    config = bench.config(name, uri, f"train.storage={storage}")
+    with tmpfs(storage, kib + kib // 2):
+        codes = [bench.run(config)]
+        said = f"could not write checkpoint {storage / name}" in (bench.work / f"{name}.log").read_text()
+        lost = 4 - resumes_from(storage / name)
+        subprocess.run(["mount", "-o", f"remount,size={8 * kib}k", str(storage)], check=True)
+        codes.append(bench.run(config))
+    status, counts = logged(uri, name)
+    return {"survived": codes[0] != 0 and said and codes[1] == 0 and status == "FINISHED", "steps_lost": lost,
+            "exit_codes": codes, **counts}
+
+
 FAULTS: dict[str, Callable[[Bench, str], dict]] = {
     "killed mid-checkpoint": lambda bench, name: killed(bench, name, "checkpoint@6", 6),
     "killed after a commit, before logging": lambda bench, name: killed(bench, name, "reported@6", 6),
@@ -316,6 +389,8 @@ FAULTS: dict[str, Callable[[Bench, str], dict]] = {
     "a FIFO, /dev/zero and a folder as audio": not_a_file,
     "feature store part cut short": damaged_part,
     "two precomputes into one store at once": concurrent_precompute,
+    "a spool's replay killed half-way": replay_killed,
+    "storage full at a checkpoint": storage_full,
 }
 
 
@@ -345,7 +420,8 @@ def main() -> None:
     for column in ("fault", "survived", "steps lost", "metrics duplicated", "missing", "wall-time cost"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["fault"], "yes" if row["survived"] else "NO", str(row["steps_lost"]),
+        survived = {True: "yes", False: "NO"}.get(row["survived"], row["survived"])
+        table.add_row(row["fault"], survived, str(row["steps_lost"]),
                       str(row["duplicated"]), str(row["missing"]),
                       f"{row['cost_s']:+.1f} s ({row['cost_s'] / row['baseline_s']:+.0%})")
     Console(width=150).print(table)

@@ -1,0 +1,199 @@
+"""The scenarios of tests/test_multinode.py, each run in a process of its own (a `Cluster` needs a Ray of its own,
+and the pytest session already holds one): a Ray test cluster on this machine, a head and two worker nodes (every
+raylet on 127.0.0.1's host), runs coat's own training or sweep on it and removes a worker node mid-run.
+
+    python tests/multinode_cluster.py train|sweep SCENARIO.json OUT.json
+
+SCENARIO.json holds `overrides` (the config, as dotted overrides) and, for a sweep, `space` (a space file). What
+happened to the cluster (which nodes held the work, which one went, what replaced it) and what the runs returned
+go to OUT.json, rewritten at every entry, so that a scenario that hangs still says how far it got (and
+`kill -USR1` prints where each thread waits).
+
+Placement is forced by logical CPUs alone, with no config field of its own: a worker node offers 2 CPUs and the
+head 1, so a Train worker or a trial asking for `ONE_PER_WORKER_NODE` fits only on a worker node, one per node,
+with half a CPU left beside it for its decode tasks. Run it with RAY_TMPDIR set to a folder of its own: the cluster
+records its address there, where no other process's `ray.init()` finds it and joins it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+import ray._private.state
+from mlflow.exceptions import MlflowException
+from ray.cluster_utils import Cluster
+
+from coat import tracking
+from coat.config import load_config
+from coat.train.launch import train
+from coat.tune.sweep import run_sweep
+
+HEAD_CPUS, NODE_CPUS = 1, 2
+ONE_PER_WORKER_NODE = "train.cpus_per_worker=1.5"  # > HEAD_CPUS and > NODE_CPUS / 2
+NODE_MEMORY = 200 * 1024 * 1024  # object store per node: coat-mini's batches are small
+TRAIN_WORKER, TRIAL = "RayTrainWorker", "ImplicitFunc"  # the actor classes of a Train worker and of a Tune trial
+
+
+def start_cluster() -> tuple[Cluster, list]:
+    """A head (the driver, Train's controller and Tune's loop run there) and two worker nodes; Ray attached."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as `coat.ray_runtime`: Ray 2.60 turns token auth on
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS,
+                                                            "object_store_memory": NODE_MEMORY})
+    nodes = [add_worker_node(cluster) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    return cluster, nodes
+
+
+def add_worker_node(cluster: Cluster):
+    return cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=NODE_MEMORY)
+
+
+def actor_nodes(class_name: str) -> list[str]:
+    """The node of every live actor of `class_name`, one entry per actor."""
+    alive = ray._private.state.actors(actor_state_name="ALIVE").values()
+    return [a["Address"]["NodeID"] for a in alive if a["ActorClassName"] == class_name]
+
+
+def pending_placement_group() -> bool:
+    """Whether a placement group waits for resources the cluster lacks (Train's next worker group)."""
+    return any(pg["state"] == "PENDING" for pg in ray.util.placement_group_table().values())
+
+
+def wait_for(condition, what: str, ended: threading.Event, timeout_s: float = 300.0):
+    """`condition()` once true; raises TimeoutError past `timeout_s`, or as soon as the run has `ended` without it."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if ended.is_set() or time.monotonic() > deadline:
+            raise TimeoutError(f"{'the run ended' if ended.is_set() else f'waited {timeout_s:.0f} s'} before {what}")
+        time.sleep(0.2)
+    return value
+
+
+def remove_busy_node(cluster: Cluster, nodes: list, class_name: str, out: dict) -> None:
+    """Remove the first worker node that holds an actor of `class_name`, noting where those actors were."""
+    hosts = actor_nodes(class_name)
+    out["hosts_before"] = hosts
+    victim = next(node for node in nodes if node.node_id in hosts)
+    cluster.remove_node(victim)  # every process of that node: its raylet, object store and workers
+    out["removed"] = victim.node_id
+
+
+def committed_steps(uri: str, run_name: str) -> list[int]:
+    """The steps of run `run_name` whose checkpoint Ray Train has registered: their metrics reached MLflow; none
+    while the store is busy with the run's own writes (SQLite locks it): asked again."""
+    try:
+        run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, "coat"), run_name)
+        return [step for step, _ in tracking.metric_history(uri, run_id, "train/loss")] if run_id else []
+    except MlflowException:
+        return []
+
+
+def beside(work, watch, *args) -> None:
+    """`work()` in a thread while this, the main thread, runs `watch(*args, ended)`: Ray adds a node from the main
+    thread only (it installs signal handlers). Raises what either raised."""
+    failed: list[BaseException] = []
+    ended = threading.Event()
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as err:
+            failed.append(err)
+        finally:
+            ended.set()
+
+    worker = threading.Thread(target=guarded, daemon=True)  # a watch that fails leaves no run holding the exit
+    worker.start()
+    watch(*args, ended)
+    worker.join()
+    if failed:
+        raise failed[0]
+
+
+def lose_a_training_node(cluster: Cluster, nodes: list, uri: str, out: dict, ended: threading.Event) -> None:
+    """Once run `lost` has committed a checkpoint, remove a node holding one of its two workers; once Train asks
+    for a worker group the nodes left cannot hold, add a replacement, and note where the new group runs."""
+    wait_for(lambda: committed_steps(uri, "lost"), "a committed checkpoint", ended)
+    remove_busy_node(cluster, nodes, TRAIN_WORKER, out)
+    wait_for(pending_placement_group, "Train asked for a new worker group", ended)
+    out["waited_for_replacement"] = True
+    out["replacement"] = add_worker_node(cluster).node_id
+    out["hosts_after"] = wait_for(lambda: len(hosts := actor_nodes(TRAIN_WORKER)) == 2 and hosts,
+                                  "the new worker group", ended)
+
+
+def train_scenario(scenario: dict, out: dict) -> Cluster:
+    """Run `plain` uninterrupted, then the same config as run `lost`, which loses a node after its first
+    checkpoint: both on the same cluster, so that nothing but the loss tells them apart."""
+    cluster, nodes = start_cluster()
+    plain = train(load_config(overrides=[*scenario["overrides"], "train.run_name=plain"]), evaluate_after=False)
+    out["plain"] = plain.mlflow_run_id
+    cfg = load_config(overrides=[*scenario["overrides"], "train.run_name=lost"])
+
+    def lost() -> None:
+        result = train(cfg, evaluate_after=False)
+        out.update({"lost": result.mlflow_run_id, "step": result.metrics["step"]})
+
+    beside(lost, lose_a_training_node, cluster, nodes, tracking.resolve_uri(cfg.tracking.uri), out)
+    return cluster
+
+
+def lose_a_trial_node(cluster: Cluster, nodes: list, trials: Path, out: dict, ended: threading.Event) -> None:
+    """Once both trials, one per worker node, have committed a checkpoint, remove the node of one of them."""
+    wait_for(lambda: len({p.parent for p in trials.glob("*/checkpoint_*")}) == 2 and len(actor_nodes(TRIAL)) == 2,
+             "both trials committed a checkpoint", ended)
+    remove_busy_node(cluster, nodes, TRIAL, out)
+
+
+def sweep_scenario(scenario: dict, out: dict) -> Cluster:
+    """The sweep of `space` over `overrides`; its trials' runs live under `train.storage`/sweeps/trials."""
+    cluster, nodes = start_cluster()
+    storage = Path(load_config(overrides=scenario["overrides"]).train.storage)
+
+    def sweep() -> None:
+        result = run_sweep(None, scenario["space"], scenario["overrides"])
+        out.update({"parent": result.parent_run_id, "statuses": list(result.table["status"]),
+                    "steps": [int(s) for s in result.table["steps"]]})
+
+    beside(sweep, lose_a_trial_node, cluster, nodes, storage / "sweeps" / "trials", out)
+    return cluster
+
+
+class Record(dict):
+    """What happened, written to `path` at every entry."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.lock = path, threading.Lock()  # the run's thread and the watching one both write
+
+    def __setitem__(self, key, value) -> None:
+        with self.lock:
+            super().__setitem__(key, value)
+            self.path.write_text(json.dumps(self))
+
+    def update(self, other: dict) -> None:
+        for key, value in other.items():
+            self[key] = value
+
+
+def main(kind: str, scenario_file: str, out_file: str) -> None:
+    faulthandler.register(signal.SIGUSR1)
+    scenario = json.loads(Path(scenario_file).read_text())
+    cluster = {"train": train_scenario, "sweep": sweep_scenario}[kind](scenario, Record(Path(out_file)))
+    # The driver first, then every node: left to the exit hooks (each node registers its own, a replacement after
+    # `ray.init`'s), the process ended with status 1 after a run that had succeeded.
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
