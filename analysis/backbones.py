@@ -42,8 +42,8 @@ uri = tracking.resolve_uri(tracking_uri)
 out = outputs(out_dir)
 found = (runs.find_sweep(uri, experiment, sweep, varying=(BACKBONE,), grid=True)
          or runs.find_sweep(uri, experiment, grid=True, metric_prefix="base/")
-         or runs.find_sweep(uri, experiment, grid=True))
-assert found is not None, f"no sweep in experiment {experiment!r} at {uri}"
+         or runs.required_sweep(uri, experiment, None, (), "experiments/compare_backbones.py makes one",
+                                    grid=True))
 parent, trials = found
 done = compare.with_targets(trials[trials["status"] == "FINISHED"])
 done = done[done[compare.TARGETS] == "experts"]  # the controls (thinking_length reads them) are not systems

@@ -39,8 +39,8 @@ from coat.analysis.notebooks import outputs
 EXPERTS = "experts.names"
 uri = tracking.resolve_uri(tracking_uri)
 out = outputs(out_dir)
-found = runs.find_sweep(uri, experiment, sweep, varying=(EXPERTS,), grid=True)
-assert found is not None, f"no sweep in experiment {experiment!r} at {uri} varies {EXPERTS}"
+found = runs.required_sweep(uri, experiment, sweep, (EXPERTS,), "experiments/ablate_expert_sets.py makes one",
+                            grid=True)
 parent, trials = found
 trials = trials.assign(**{EXPERTS: trials[EXPERTS].map(lambda names: "+".join(names))})
 full = max(trials[EXPERTS].unique(), key=lambda s: len(s.split("+")))

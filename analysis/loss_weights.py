@@ -37,8 +37,7 @@ from coat.analysis.notebooks import outputs
 
 uri = tracking.resolve_uri(tracking_uri)
 out = outputs(out_dir)
-found = runs.find_sweep(uri, experiment, sweep, varying=("loss.",))
-assert found is not None, f"no sweep in experiment {experiment!r} at {uri} varies a loss weight (loss.*)"
+found = runs.required_sweep(uri, experiment, sweep, ("loss.",), "experiments/ablate_loss_weights.py makes one")
 parent, trials = found
 metric, mode = parent["sweep.metric"], parent["sweep.mode"]
 done = trials[trials["status"] == "FINISHED"]

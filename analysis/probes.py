@@ -46,12 +46,13 @@ from coat.analysis.probes import held_out_comparison
 K = "thinking.num_slots"
 uri = tracking.resolve_uri(tracking_uri)
 out = outputs(out_dir)
-found = runs.find_sweep(uri, experiment, sweep, varying=(K,), metric_prefix="probe/")
-assert found is not None, (f"no sweep in experiment {experiment!r} at {uri} varies {K} and holds probe results: "
-                           "run `coat probe --mlflow-run RUN` on its runs")
+found = runs.required_sweep(uri, experiment, sweep, (K,), "`coat probe --mlflow-run RUN` on its runs adds them "
+                            "(experiments/ablate_thinking_len.py makes the sweep)", metric_prefix="probe/")
 parent, trials = found
 probed = trials[trials.filter(like="probe/").notna().any(axis=1)]
-assert len(probed), f"no run of sweep {parent['name']} holds probe results: run `coat probe --mlflow-run RUN`"
+if not len(probed):
+    raise runs.NothingToAnalyse(f"no run of sweep {parent['name']} holds probe results: `coat probe --mlflow-run RUN` "
+                                "adds them")
 others = [f for f in runs.varied(trials) if f != K]
 results = []
 for _, run in probed.iterrows():

@@ -44,8 +44,8 @@ from coat.analysis.notebooks import outputs
 K, TARGETS = compare.K, compare.TARGETS
 uri = tracking.resolve_uri(tracking_uri)
 out = outputs(out_dir)
-found = runs.find_sweep(uri, experiment, sweep, varying=(K,), grid=True)
-assert found is not None, f"no sweep in experiment {experiment!r} at {uri} varies {K}"
+found = runs.required_sweep(uri, experiment, sweep, (K,), "experiments/ablate_thinking_len.py makes one",
+                            grid=True)
 parent, trials = found
 trials = compare.with_targets(trials)
 coat_runs = trials[trials[TARGETS] == "experts"]  # K = 0 among them: at K = 0 the targets mean nothing

@@ -665,7 +665,8 @@ def analyze_command(
     (PNG) and tables (CSV, Parquet) land in `<out>/<notebook>/` and on the parent run of the sweep it analysed,
     whose description gains its conclusions, so the dashboard shows them. Prints each notebook's conclusions.
 
-    Exits 1 when a notebook fails (the others still run), 2 on a bad option."""
+    A notebook with nothing to analyse (no sweep of its kind, no probe results) is skipped with one line saying
+    what would produce its inputs. Exits 1 when a notebook fails (the others still run), 2 on a bad option."""
     from coat import tracking
     from coat.analysis.notebooks import analyze, notebook_folder
 
@@ -684,6 +685,9 @@ def analyze_command(
         executed = out / name / f"{name}.ipynb"
         if "error" in summary:
             console.print(f"[red]{name} failed:[/] {summary['error']} (see {executed})")
+            continue
+        if "skipped" in summary:
+            console.print(f"{name}: skipped, {summary['skipped']}", markup=False, highlight=False)
             continue
         console.print(f"[bold]{name}[/]: {executed}; figures: "
                       + ", ".join(str(out / name / f) for f in summary["figures"]))
@@ -715,7 +719,8 @@ def preflight_command(
     overrides: Overrides = None,
     config: ConfigFile = None,
     space: Annotated[Path | None, typer.Option(
-        "--space", exists=True, dir_okay=False, help="A sweep's search space: check every backbone it names.")] = None,
+        "--space", exists=True, dir_okay=False,
+        help="A sweep's search space: check every backbone it names, and time every K it names.")] = None,
     random_weights: Annotated[bool, typer.Option(
         "--random-weights", help="Real-size backbones get random weights instead of their checkpoints.")] = False,
     wait_s: Annotated[float, typer.Option(
@@ -725,14 +730,19 @@ def preflight_command(
     """Check that a run will work here before it starts: Ray resources, the worker group (CUDA, bf16, an
     all-reduce), backbone weights, data and expert features, MLflow, then real training steps, a checkpoint round
     trip and a generated answer per backbone, with step time, memory, tokens/s and the thinking block's prefill
-    overhead. Exits 1 naming each failure and its fix."""
+    overhead, and on GPUs the peak memory and the largest batch that fits the card. The step times (at every K
+    the space names) are stored under train.storage ($COAT_STORAGE on a cluster), where an experiment script's
+    --dry-run finds them to bill its sweep. Exits 1 naming each failure and its fix."""
     from coat.config import load_config
-    from coat.preflight import print_report, run_preflight
+    from coat.preflight import print_report, run_preflight, space_slots, store_measurements
     from coat.tune.space import load_space
 
     cfg = load_config(config, overrides or [])
-    backbones = load_space(space, config, overrides or []).backbones() if space is not None else None
-    report = run_preflight(cfg, backbones=backbones, random_weights=random_weights, wait_s=wait_s)
+    searched = load_space(space, config, overrides or []) if space is not None else None
+    report = run_preflight(cfg, backbones=searched.backbones() if searched else None,
+                           slots=space_slots(searched) if searched else None, random_weights=random_weights,
+                           wait_s=wait_s)
+    store_measurements(cfg, report)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -10,8 +10,12 @@ Each check answers one question and, when the answer is no, says what to change.
   configured expert's features for the training and validation splits;
 - `mlflow`: the tracking store answers and takes a run (a throwaway one, deleted after);
 - `model[<backbone>]`: the backbone at its configured size runs real training steps, saves a checkpoint and loads
-  it back, and generates an answer, on the device training will use. It reports step time, peak GPU memory,
-  tokens/s and the thinking block's prefill overhead (K as configured against K = 0).
+  it back, and generates an answer, on the device training will use. It reports step time (at every K a space
+  names, too), peak GPU memory and the largest batch that fits the card, tokens/s and the thinking block's
+  prefill overhead (K as configured against K = 0).
+
+The step times are stored (`coat.tune.cost.store_path`) where an experiment script's `--dry-run` finds them to
+bill a sweep before it runs.
 
 Inputs of the model check are synthetic ids (`coat.model.synthetic`): random real-size weights come without a
 tokenizer, and the data check already covers the real rows.
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import socket
 import statistics
 import tempfile
 import time
@@ -36,6 +42,9 @@ from coat.config import CoATConfig, expert_settings
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 48, 16
 SAMPLED_CLIPS = 16  # per split, decoded by the data check
+# Share of the card the largest batch leaves free: the caching allocator reserves more than it hands out
+# (fragmentation), the CUDA context and NCCL's buffers are not in max_memory_allocated, and real rows vary.
+HEADROOM = 0.10
 
 
 @dataclass
@@ -50,6 +59,7 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     measurements: list[dict] = field(default_factory=list)  # one per backbone whose model check ran
+    stored: str | None = None  # where the step times went (`store_measurements`)
 
     @property
     def failures(self) -> list[Check]:
@@ -57,14 +67,15 @@ class Report:
 
     def to_json(self) -> dict:
         return {"ok": not self.failures, "checks": [asdict(c) for c in self.checks],
-                "measurements": self.measurements}
+                "measurements": self.measurements, "stored": self.stored}
 
 
-def run_preflight(cfg: CoATConfig, *, backbones: list[str] | None = None, random_weights: bool = False,
-                  wait_s: float = 0.0) -> Report:
+def run_preflight(cfg: CoATConfig, *, backbones: list[str] | None = None, slots: list[int] | None = None,
+                  random_weights: bool = False, wait_s: float = 0.0) -> Report:
     """Every check, for `cfg` and each of `backbones` (default: the configured one). A check whose premise
-    failed is skipped, and says which. `random_weights`: real-size backbones get random weights instead of
-    their checkpoints. `wait_s`: how long the resource check waits for an autoscaler to add nodes."""
+    failed is skipped, and says which. `slots`: the values of K whose step time is measured too (a sweep's).
+    `random_weights`: real-size backbones get random weights instead of their checkpoints. `wait_s`: how long the
+    resource check waits for an autoscaler to add nodes."""
     report = Report()
     add = report.checks.append
     add(check_ray(cfg, wait_s))
@@ -83,7 +94,7 @@ def run_preflight(cfg: CoATConfig, *, backbones: list[str] | None = None, random
             add(Check(f"model[{name}]", "skip", "no weights to build it from (see weights)"))
             continue
         try:
-            measured = measure_on_training_device(config)
+            measured = measure_on_training_device(config, slots or [])
         except Exception as err:  # noqa: BLE001 - whatever breaks the step is the answer
             add(Check(f"model[{name}]", "fail", f"{type(err).__name__}: {err}",
                       "fix what the error names, then run preflight again (`coat --debug preflight ...` for the "
@@ -295,25 +306,27 @@ def check_tracking(cfg: CoATConfig) -> Check:
     return Check("mlflow", "ok", f"{uri}: experiment {cfg.tracking.experiment!r} takes runs")
 
 
-def measure_on_training_device(cfg: CoATConfig) -> dict:
+def measure_on_training_device(cfg: CoATConfig, slots: list[int]) -> dict:
     """`measure_model` on a GPU in a Ray task when training uses GPUs (the driver may have none), else here."""
     if not cfg.train.use_gpu:
-        return measure_model(cfg, "cpu")
+        return measure_model(cfg, "cpu", slots=slots)
     import ray
 
-    return ray.get(ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(measure_model).remote(cfg, "cuda"))
+    return ray.get(ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(measure_model).remote(
+        cfg, "cuda", slots=slots))
 
 
-def measure_model(cfg: CoATConfig, device: str, repeats: int = 3) -> dict:
+def measure_model(cfg: CoATConfig, device: str, repeats: int = 3, slots: list[int] = ()) -> dict:
     """Build the model as training does, take `repeats` training steps of `train.batch_size` clips of
-    `data.max_seconds`, save a checkpoint and load it back, generate, and time prefills with and without the
+    `data.max_seconds` at the configured K and at each other K of `slots`, measure a step's peak GPU memory at two
+    batch sizes (on CUDA), save a checkpoint and load it back, generate, and time prefills with and without the
     thinking block. Raises whatever building or stepping raises; RuntimeError when the checkpoint does not load
     back the trained parts it saved."""
     from coat.experts.registry import expert_spec
     from coat.model import CoATModel
     from coat.model.synthetic import prompt_inputs, synthetic_batch
     from coat.train.checkpoint import load_training_state, save_checkpoint
-    from coat.train.loop import make_optimizer, train_step
+    from coat.train.loop import make_optimizer
 
     cuda = device == "cuda"
     if cuda:
@@ -328,13 +341,13 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3) -> dict:
     k = cfg.thinking.num_slots
     batch = synthetic_batch(coat, cfg.train.batch_size, cfg.data.max_seconds, PROMPT_TOKENS, k, RESPONSE_TOKENS,
                             device)
-    step_s = []
-    for _ in range(repeats):  # the first step pays for allocation and kernel selection: the median skips it
-        sync()
-        start = time.perf_counter()
-        metrics = train_step(coat, coat, itertools.repeat(batch), optimizer, cfg, cfg.train.total_steps - 1, device)
-        sync()
-        step_s.append(time.perf_counter() - start)
+    step_s, metrics = _step_seconds(coat, batch, optimizer, cfg, device, sync, repeats)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    step_times = [{"num_slots": k, "step_s": step_s, "tokens_per_example": batch["input_ids"].shape[1]}]
+    for other in sorted(set(slots) - {k}):
+        step_times.append(_step_time_at(coat, other, optimizer, cfg, device, sync, repeats))
+    step_times.sort(key=lambda t: t["num_slots"])
+    memory = _memory_fit(coat, optimizer, cfg, device) if cuda else None
     with tempfile.TemporaryDirectory(prefix="coat-preflight-") as folder:
         saved = {n: v.detach().cpu().clone() for n, v in coat.trained_state().items()}
         save_checkpoint(Path(folder), coat, coat.trained_state(), optimizer.state_dict(), repeats, 0, 0, metrics,
@@ -354,24 +367,138 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3) -> dict:
     with torch.no_grad(), autocast:
         answer = coat.lm.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     prefill_s = {}
-    for slots in (k, 0):
-        coat.cfg.thinking.num_slots = slots
-        inputs = prompt_inputs(coat, synthetic_batch(coat, 1, cfg.data.max_seconds, PROMPT_TOKENS, slots,
+    for block in (k, 0):
+        coat.cfg.thinking.num_slots = block
+        inputs = prompt_inputs(coat, synthetic_batch(coat, 1, cfg.data.max_seconds, PROMPT_TOKENS, block,
                                                      RESPONSE_TOKENS, device), RESPONSE_TOKENS)
-        prefill_s[slots] = _median_seconds(lambda inputs=inputs: coat.lm(**inputs, use_cache=True), sync, autocast)
+        prefill_s[block] = _median_seconds(lambda inputs=inputs: coat.lm(**inputs, use_cache=True), sync, autocast)
     coat.cfg.thinking.num_slots = k
-    tokens = batch["input_ids"].numel()
     return {
         "backbone": cfg.backbone.name, "size": cfg.backbone.size, "device": device, "dtype": cfg.backbone.dtype,
-        "batch_size": cfg.train.batch_size, "clip_s": cfg.data.max_seconds, "num_slots": k,
-        "step_s": statistics.median(step_s[1:] or step_s), "tokens_per_s": tokens / statistics.median(step_s[1:]
-                                                                                                     or step_s),
-        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None, "host": socket.gethostname(),
+        "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum, "clip_s": cfg.data.max_seconds,
+        "num_slots": k, "step_s": step_s, "tokens_per_s": batch["input_ids"].numel() * cfg.train.grad_accum / step_s,
+        "step_times": step_times, "peak_gpu_gb": peak_gb, "memory": memory,
         "train_loss": metrics["train/loss"], "checkpoint_round_trip": True,
         "generated_tokens": int(answer.shape[1] - prompt["input_ids"].shape[1]),
         "prefill_s": prefill_s[k], "prefill_s_k0": prefill_s[0], "prefill_ratio": prefill_s[k] / prefill_s[0],
         "trained_params": coat.parameter_counts()["total"],
     }
+
+
+def _step_seconds(coat, batch: dict, optimizer, cfg: CoATConfig, device: str, sync, repeats: int
+                  ) -> tuple[float, dict]:
+    """The median time of `repeats` training steps on `batch` after the first, which pays for allocation and
+    kernel selection; and the last step's metrics."""
+    from coat.train.loop import train_step
+
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        metrics = train_step(coat, coat, itertools.repeat(batch), optimizer, cfg, cfg.train.total_steps - 1, device)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] or times), metrics
+
+
+def _step_time_at(coat, k: int, optimizer, cfg: CoATConfig, device: str, sync, repeats: int) -> dict:
+    """The step time of the same model with K = `k` (a sweep's other K): the block is positions in the prompt,
+    so the model need not be built again."""
+    from coat.model.synthetic import synthetic_batch
+
+    configured, coat.cfg.thinking.num_slots = coat.cfg.thinking.num_slots, k
+    try:
+        batch = synthetic_batch(coat, cfg.train.batch_size, cfg.data.max_seconds, PROMPT_TOKENS, k, RESPONSE_TOKENS,
+                                device)
+        seconds, _ = _step_seconds(coat, batch, optimizer, cfg, device, sync, repeats)
+    except Exception as err:
+        raise RuntimeError(f"at thinking.num_slots={k}: {type(err).__name__}: {err}") from err
+    finally:
+        coat.cfg.thinking.num_slots = configured
+    return {"num_slots": k, "step_s": seconds, "tokens_per_example": batch["input_ids"].shape[1]}
+
+
+def memory_batches(batch_size: int) -> tuple[int, int]:
+    """The two batch sizes whose peak memory is measured: half the configured one and itself (both known to fit
+    when the configured one does), or 1 and 2 when it is 1."""
+    return (batch_size // 2, batch_size) if batch_size >= 2 else (1, 2)
+
+
+def _memory_fit(coat, optimizer, cfg: CoATConfig, device: str) -> dict:
+    """Peak memory of one training step at each of `memory_batches`, fitted by `largest_batch` to the card."""
+    one_micro = copy.deepcopy(cfg)  # accumulation frees each micro-batch's activations: one shows the peak
+    one_micro.train.grad_accum = 1
+    peaks = [(b, _peak_gb(coat, optimizer, one_micro, b, device)) for b in memory_batches(cfg.train.batch_size)]
+    return largest_batch(peaks, torch.cuda.get_device_properties(device).total_memory / 1e9)
+
+
+def _peak_gb(coat, optimizer, cfg: CoATConfig, batch_size: int, device: str) -> float | None:
+    """The peak memory allocated (GB) during one training step of `batch_size` clips; None when the step runs out
+    of memory. The weights, optimizer state and gradients held between steps are in it."""
+    from coat.model.synthetic import synthetic_batch
+    from coat.train.loop import train_step
+
+    batch = synthetic_batch(coat, batch_size, cfg.data.max_seconds, PROMPT_TOKENS, cfg.thinking.num_slots,
+                            RESPONSE_TOKENS, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        train_step(coat, coat, itertools.repeat(batch), optimizer, cfg, cfg.train.total_steps - 1, device)
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def largest_batch(peaks: list[tuple[int, float | None]], card_gb: float, headroom: float = HEADROOM) -> dict:
+    """The largest batch whose step fits `card_gb` less `headroom`, from peaks (GB) measured at two batch sizes
+    (None: ran out of memory) fitted as peak = fixed + per_sample * batch. `largest_batch` is None when the fit
+    cannot say (the peak did not grow with the batch); `note` says why, or which batch did not fit."""
+    fitted = [(b, gb) for b, gb in peaks if gb is not None]
+    out = {"peaks": [{"batch_size": b, "peak_gb": gb} for b, gb in peaks], "card_gb": card_gb,
+           "headroom": headroom, "fixed_gb": None, "per_sample_gb": None, "largest_batch": None, "note": ""}
+    if len(fitted) < len(peaks):
+        failed = [b for b, gb in peaks if gb is None]
+        out["largest_batch"] = max((b for b, _ in fitted), default=0)
+        out["note"] = f"batch {failed[0]} ran out of memory"
+        return out
+    (small, small_gb), (large, large_gb) = fitted
+    per_sample = (large_gb - small_gb) / (large - small)
+    fixed = small_gb - per_sample * small
+    out |= {"fixed_gb": fixed, "per_sample_gb": per_sample}
+    if per_sample <= 0:
+        out["note"] = f"the peak did not grow from batch {small} to {large}: no per-sample cost to fit"
+        return out
+    out["largest_batch"] = max(0, math.floor((card_gb * (1 - headroom) - fixed) / per_sample))
+    return out
+
+
+def space_slots(space) -> list[int]:
+    """The values of K a search space names (both bounds of a range), whose step times a dry run bills."""
+    return [int(v) for p in space.params if p.path == "thinking.num_slots" for v in p.values]
+
+
+def store_measurements(cfg: CoATConfig, report: Report) -> Path | None:
+    """Add the report's step times to the measurements file of `cfg` (`coat.tune.cost.store_path`), where a dry run
+    finds them; None when no model check ran, or when they could not be stored (a failed `store` check says why).
+    """
+    from coat.tune.cost import MeasurementsError, records_of, save_records, store_path
+
+    if not report.measurements:
+        return None
+    path = store_path(cfg)
+    try:
+        save_records(path, [r for m in report.measurements for r in records_of(m)])
+    except (MeasurementsError, OSError) as err:
+        report.checks.append(Check("store", "fail", f"step times not stored in {path}: {err}",
+                                   "fix what it names (a writable train.storage, or $COAT_STORAGE on a cluster); "
+                                   "until then a dry run takes --step-s"))
+        return None
+    report.stored = str(path)
+    return path
 
 
 @torch.no_grad()
@@ -400,22 +527,42 @@ def print_report(report: Report) -> None:
         checks.add_row(escape(check.name), marks[check.status], escape(text))
     console.print(checks)
     if report.measurements:  # a column per backbone: fits a terminal for all three
-        table = Table(title="the model check (step: median of the steps after the first)")
+        on_cpu = any(m["memory"] is None for m in report.measurements)
+        table = Table(title="the model check (step: median of the steps after the first)",
+                      caption="on CPU there is no GPU card: no peak memory, no largest batch" if on_cpu else None)
         table.add_column("")
         for m in report.measurements:
             table.add_column(m["backbone"], justify="right")
-        rows = {"size, device": lambda m: f"{m['size']}, {m['device']}",
+        rows = {"size, device": lambda m: f"{m['size']}, {m['gpu'] or m['device']}",
                 "batch x clip": lambda m: f"{m['batch_size']} x {m['clip_s']:g} s",
                 "K": lambda m: str(m["num_slots"]), "step": lambda m: f"{m['step_s']:.3g} s",
+                "step at each K": lambda m: ", ".join(f"K={t['num_slots']}: {t['step_s']:.3g} s"
+                                                      for t in m["step_times"]),
                 "tokens/s": lambda m: f"{m['tokens_per_s']:.0f}",
                 "peak GPU memory": lambda m: "-" if m["peak_gpu_gb"] is None else f"{m['peak_gpu_gb']:.1f} GB",
+                f"largest batch ({HEADROOM:.0%} of the card free)": lambda m: batch_summary(m["memory"]),
                 "prefill, K vs K=0": lambda m: f"x{m['prefill_ratio']:.3f}"}
         for label, cell in rows.items():
-            table.add_row(label, *(cell(m) for m in report.measurements))
+            table.add_row(label, *(escape(cell(m)) for m in report.measurements))
         console.print(table)
+    if report.stored:
+        console.print(f"step times stored in {report.stored}: an experiment script's --dry-run bills its sweep with "
+                      "them", markup=False, highlight=False)
+
+
+def batch_summary(memory: dict | None) -> str:
+    """`22 (40.1 GB + 4.62 GB per clip of 141 GB)`, or `-` where there is no card."""
+    if memory is None:
+        return "-"
+    if memory["per_sample_gb"] is None or memory["per_sample_gb"] <= 0:
+        return f"{memory['largest_batch'] if memory['largest_batch'] is not None else '-'} ({memory['note']})"
+    return (f"{memory['largest_batch']} ({memory['fixed_gb']:.1f} GB + {memory['per_sample_gb']:.2f} GB per clip "
+            f"of {memory['card_gb']:.0f} GB)")
 
 
 def model_summary(m: dict) -> str:
     memory = f", peak {m['peak_gpu_gb']:.1f} GB" if m["peak_gpu_gb"] is not None else ""
+    if m["memory"] is not None:
+        memory += f", largest batch {batch_summary(m['memory'])}"
     return (f"{m['size']} on {m['device']}: step {m['step_s']:.3g} s ({m['tokens_per_s']:.0f} tokens/s){memory}; "
             f"checkpoint saved and loaded; prefill x{m['prefill_ratio']:.2f} at K={m['num_slots']} vs K=0")

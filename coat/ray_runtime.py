@@ -3,6 +3,7 @@ scripts all come through here, so they agree on what "a cluster" means and on Ra
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -27,3 +28,13 @@ def attach_cluster() -> bool:
         return False
     ray.init(address="auto")
     return True
+
+
+def quiet(dataset):
+    """`dataset`, to run without Ray Data's own progress output: coat shows its own progress where one helps (the
+    precompute's bar), and a training worker's pipeline per epoch would only flood the logs. Ray Data then says
+    once that its bars are off, and logs each execution's start, plan and end at INFO: neither is for a user."""
+    dataset.context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return dataset

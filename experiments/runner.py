@@ -5,6 +5,9 @@ On a cluster (`ray submit`, `ray job submit`: see `coat.ray_runtime.attach_clust
 `<name>.cluster.yaml` (real checkpoints, GPUs), `$COAT_STORAGE` for results and checkpoints and
 `$MLFLOW_TRACKING_URI` for MLflow; otherwise `<name>.yaml`, the embedded default. `--smoke` adds
 `configs/smoke.yaml` and the space `spaces/<name>.smoke.yaml`.
+
+`--dry-run` checks the config and space, runs nothing and prints the bill: trials, steps, step times (from
+`coat preflight`'s stored measurements, or `--step-s`), GPU-hours and wall time (`coat.tune.cost`).
 """
 
 from __future__ import annotations
@@ -50,9 +53,19 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", help="train every point once per seed, e.g. 0,1,2 (grid spaces)")
     parser.add_argument("--no-analysis", action="store_true", help="skip the analysis notebook at the end")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the config and space, say what would run, and run nothing")
+                        help="check the config and space, print what would run and what it costs, run nothing")
+    parser.add_argument("--step-s", type=positive, metavar="SECONDS",
+                        help="with --dry-run: bill every trial's optimizer step at this (default: coat preflight's "
+                             "stored measurement)")
+    parser.add_argument("--gpus", type=positive_int, metavar="N",
+                        help="with --dry-run: the GPUs the sweep gets (default: the attached Ray cluster's, else 1)")
+    parser.add_argument("--overhead-s", type=float, default=0.0, metavar="SECONDS",
+                        help="with --dry-run: per-trial seconds outside the steps (start-up, validation, evaluation)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: the bill as JSON")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides (after --)")
     args = parser.parse_args(argv)
+    if not args.dry_run and (args.step_s or args.gpus or args.overhead_s or args.json):
+        parser.error("--step-s, --gpus, --overhead-s and --json describe a bill: use them with --dry-run")
 
     on_cluster = attach_cluster()
     config = CONFIGS / (f"{name}.cluster.yaml" if on_cluster else f"{name}.yaml")
@@ -69,11 +82,7 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     extra += args.overrides
     cfg = load_config(config, extra)  # a bad config fails here, before the sweep's heavy imports
     if args.dry_run:
-        from coat.tune.space import load_space
-
-        searched = load_space(space, config, extra)
-        trials = len(searched.grid()) * max(1, len(cfg.sweep.seeds)) if searched.is_grid else cfg.sweep.num_samples
-        print(f"config: {config}\nspace: {space}\ntrials: {trials} ({'grid' if searched.is_grid else 'optuna'})")
+        dry_run(args, config, space, extra, cfg, on_cluster)
         return
 
     from coat.tune.report import print_results
@@ -83,6 +92,61 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     print_results(result, cfg)
     if not args.no_analysis:
         conclude(name, result.name, cfg, PROJECT / "analysis")
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return value
+
+
+def dry_run(args: argparse.Namespace, config: Path, space: Path, extra: list[str], cfg, on_cluster: bool) -> None:
+    """Check the space against the config and print what the sweep would train and cost (`coat.tune.cost`)."""
+    from coat.tune import cost
+    from coat.tune.space import load_space
+
+    searched = load_space(space, config, extra)
+    store = cost.store_path(cfg)
+    records = [] if args.step_s else cost.load_records(store)
+    gpus, gpus_from, cpus = cluster_size(on_cluster, args.gpus)
+    bill = cost.estimate(cfg, searched, records, step_s=args.step_s, gpus=gpus, gpus_from=gpus_from, cpus=cpus,
+                         overhead_s=args.overhead_s)
+    hint = None if bill.known else cost.missing_hint(bill, cost.preflight_command(config, space, extra), store)
+    if args.json:
+        print(json.dumps({"config": str(config), "space": str(space), "measurements": str(store), **bill.to_json(),
+                          "missing": hint}, indent=2))
+        return
+    print(f"config: {config}\nspace: {space}\ntrials: {bill.trials} ({bill.search})")
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    cost.print_bill(bill, console)
+    if hint:
+        console.print(hint, markup=False, highlight=False)
+
+
+def cluster_size(on_cluster: bool, gpus: int | None) -> tuple[int, str, float]:
+    """(GPUs, who said so, CPUs) the sweep gets: `--gpus`, else what the attached Ray cluster offers now, else 1
+    GPU and this machine's CPUs."""
+    resources = {}
+    if on_cluster:
+        import ray
+
+        resources = ray.cluster_resources()
+    cpus = resources.get("CPU") or float(os.cpu_count() or 1)
+    if gpus:
+        return gpus, "--gpus", cpus
+    if resources.get("GPU"):
+        return int(resources["GPU"]), "the Ray cluster's now", cpus
+    return 1, "default; --gpus N", cpus
 
 
 def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:

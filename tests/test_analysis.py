@@ -3,6 +3,7 @@ analysis/ executed headless against a real MLflow store that real sweeps wrote (
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +19,8 @@ from coat.analysis import compare, runs
 from coat.analysis.notebooks import NOTEBOOKS, EmptyFigureError, outputs
 from coat.cli import analyze_command, probe_command
 from coat.train.checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 matplotlib.use("Agg")
 
@@ -305,6 +308,15 @@ def test_analyze_refuses_unknown_notebooks_and_names_failures(sweeps, tmp_path):
     bad = CliRunner().invoke(app, ["--notebooks", "thinking_lenght", "--tracking-uri", sweeps["uri"]])
     assert bad.exit_code == 2 and "'thinking_lenght' is not one of" in bad.output
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
-    failed = CliRunner().invoke(app, ["--notebooks", "thinking_length", "--tracking-uri", empty, "--out",
-                                      str(tmp_path / "out")], env={"COLUMNS": "200"})
-    assert failed.exit_code == 1 and "thinking_length failed" in failed.output and "no sweep" in failed.output
+    skipped = CliRunner().invoke(app, ["--notebooks", "thinking_length", "--tracking-uri", empty, "--out",
+                                       str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert skipped.exit_code == 0, skipped.output
+    assert "thinking_length: skipped, no sweep varying thinking.num_slots" in skipped.output
+    assert "experiments/ablate_thinking_len.py makes one" in skipped.output and "Error" not in skipped.output
+    broken = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "analysis", broken)
+    source = (broken / "thinking_length.py").read_text()
+    (broken / "thinking_length.py").write_text(source.replace("out = outputs(out_dir)", "out = outputs(out_dir)\n1/0"))
+    failed = CliRunner().invoke(app, ["--notebooks", "thinking_length", "--tracking-uri", sweeps["uri"], "--out",
+                                      str(tmp_path / "out"), "--notebook-dir", str(broken)], env={"COLUMNS": "200"})
+    assert failed.exit_code == 1 and "thinking_length failed" in failed.output and "ZeroDivisionError" in failed.output

@@ -1,6 +1,6 @@
 """The dashboard reads without clicking through: real sweeps, the real `coat analyze`, a real MLflow 3.17 server
 over their store, and headless Chromium driven the way a user would - open the link coat prints, expand the
-sweep's row, open its parent run and find the analysis figures among its artifacts.
+sweep's row, open its parent run and find the analysis figures and the executed notebook among its artifacts.
 
 `make test-browser` installs what this needs (Debian's chromium, playwright) and runs it; plain `pytest` leaves
 it out (marker `browser`). Screenshots go to $COAT_SCREENSHOTS if set, else the test's tmp_path."""
@@ -91,7 +91,8 @@ def test_the_sweep_link_shows_the_runs_nested_and_the_parent_run_shows_its_analy
     # The link coat printed for the sweep opens the same view (its base is `make dashboard`'s address).
     assert link.split("#", 1)[1] == sweeps["grid"].link.split("#", 1)[1]
     assert link.endswith(f"#/experiments/{run['experiment_id']}/runs?workflowType=machine_learning")
-    shots = {"runs": screenshots / "dashboard-runs.png", "artifacts": screenshots / "dashboard-artifacts.png"}
+    shots = {"runs": screenshots / "dashboard-runs.png", "artifacts": screenshots / "dashboard-artifacts.png",
+             "notebook": screenshots / "dashboard-notebook.png"}
     with sync_playwright() as playwright:
         args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium's sandbox refuses to run as root
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
@@ -145,3 +146,11 @@ def read_the_dashboard(page, link: str, run: dict, shots: dict[str, Path]) -> No
                            timeout=TIMEOUT_MS)
     assert image.evaluate("img => img.naturalWidth") == png_width(local), "the preview is not the logged figure"
     page.screenshot(path=shots["artifacts"], full_page=True)
+
+    # The executed notebook as HTML, shown inline: its title and a conclusion it printed, inside MLflow's iframe.
+    tree.get_by_text("thinking_length.html", exact=True).click()
+    notebook = page.frame_locator("iframe.mlflow-html-iframe")
+    expect(notebook.get_by_role("heading", name=re.compile("How much thinking"))).to_be_visible(timeout=TIMEOUT_MS)
+    printed = notebook.locator(".jp-OutputArea-output pre", has_text="beats K=0").first  # the conclusions
+    expect(printed).to_be_visible(timeout=TIMEOUT_MS)
+    page.screenshot(path=shots["notebook"], full_page=True)

@@ -42,6 +42,19 @@ def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
     concluded = done.stdout.split("executed notebook:")[1]
     assert "K=0" in concluded and "at K=4: coat vs K=0" in concluded and "coat vs none" in concluded
     assert "What explains it:" in concluded and "Holm" in concluded
+    html = [a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}").list_artifacts(
+        parent.info.run_id, "analysis/thinking_length") if a.path.endswith(".html")]
+    assert html == ["analysis/thinking_length/thinking_length.html"], "the dashboard shows the notebook inline"
+    assert "quality_vs_k" in (notebook / "thinking_length.html").read_text() or "<img" in (
+        notebook / "thinking_length.html").read_text()
+    analyzed = subprocess.run([str(Path(sys.executable).parent / "coat"), "analyze", "--notebook-dir",
+                               str(ROOT / "analysis")], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "COLUMNS": "250"})
+    assert analyzed.returncode == 0, analyzed.stdout[-3000:] + analyzed.stderr[-3000:]
+    skipped = {line.split(":")[0]: line for line in analyzed.stdout.splitlines() if ": skipped, " in line}
+    assert set(skipped) == {"loss_weights", "expert_sets", "probes"}, analyzed.stdout
+    assert "experiments/ablate_loss_weights.py" in skipped["loss_weights"] and "coat probe" in skipped["probes"]
+    assert "Traceback" not in analyzed.stdout + analyzed.stderr and "AssertionError" not in analyzed.stdout
 
 
 @pytest.mark.slow

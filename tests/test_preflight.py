@@ -1,5 +1,6 @@
 """`coat preflight` on the embedded default: every check passes on a real local Ray, MLflow store and tiny model,
-and each kind of trouble fails with its name and fix."""
+each kind of trouble fails with its name and fix, the step times it measured are stored where a dry run bills
+with them, and the largest batch that fits a card follows from two measured peaks."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,9 @@ from coat import tracking
 from coat.cli import main
 from coat.config import load_config
 from coat.data.precompute import precompute
-from coat.preflight import check_data
+from coat.preflight import HEADROOM, Report, batch_summary, check_data, largest_batch, memory_batches, print_report
+from coat.tune import cost
+from coat.tune.space import load_space
 from tests.conftest import free_port
 
 TINY = str(Path(__file__).parents[1] / "experiments" / "configs" / "train_tiny.yaml")
@@ -30,12 +33,18 @@ def run_ok(argv: list[str], capsys) -> tuple[str, str]:
     return out, err
 
 
-def test_every_check_passes_on_the_embedded_default_and_the_step_is_measured(tmp_path, coat_mini, capsys):
+def test_every_check_passes_on_the_embedded_default_and_the_step_is_measured(tmp_path, coat_mini, capsys,
+                                                                            monkeypatch):
     precompute(coat_mini, ["mel"], tmp_path / "store", crop_seconds=2, progress=False)  # the other tests' store
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"                                          # keeps one mel version
-    out, _ = run_ok(["preflight", "--config", TINY, "--json", f"data.manifest={coat_mini}",
-                     f"data.store={tmp_path / 'store'}", "experts.names=[mel]", "train.batch_size=2",
-                     "data.max_seconds=2", f"tracking.uri={uri}", "tracking.experiment=preflight"], capsys)
+    space = tmp_path / "space.yaml"
+    space.write_text("thinking.num_slots: {grid: [0, 8]}\n")
+    monkeypatch.delenv("COAT_STORAGE", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # the printed report's rows unwrapped
+    overrides = [f"data.manifest={coat_mini}", f"data.store={tmp_path / 'store'}", "experts.names=[mel]",
+                 "train.batch_size=2", "data.max_seconds=2", f"tracking.uri={uri}", "tracking.experiment=preflight",
+                 f"train.storage={tmp_path / 'runs'}"]
+    out, _ = run_ok(["preflight", "--config", TINY, "--json", "--space", str(space), *overrides], capsys)
     report = json.loads(out)
     checks = {c["name"]: c for c in report["checks"]}
     assert report["ok"] and {c["status"] for c in checks.values()} == {"ok"}, checks
@@ -48,6 +57,21 @@ def test_every_check_passes_on_the_embedded_default_and_the_step_is_measured(tmp
     assert m["step_s"] > 0 and m["tokens_per_s"] > 0 and m["prefill_s"] > 0 and m["prefill_s_k0"] > 0
     assert m["prefill_ratio"] == pytest.approx(m["prefill_s"] / m["prefill_s_k0"])
     assert m["checkpoint_round_trip"] and m["generated_tokens"] == 4 and m["peak_gpu_gb"] is None
+    assert m["memory"] is None and m["gpu"] is None  # on CPU there is no card to fit a batch to
+    assert [t["num_slots"] for t in m["step_times"]] == [0, 8] and all(t["step_s"] > 0 for t in m["step_times"])
+    assert m["step_times"][1]["tokens_per_example"] - m["step_times"][0]["tokens_per_example"] == 8 + 2
+    # Stored under train.storage, keyed by the setting, where a dry run of this config and space bills with them.
+    assert report["stored"] == str(tmp_path / "runs" / cost.STORE)
+    cfg = load_config(TINY, overrides)
+    bill = cost.estimate(cfg, load_space(space, TINY, overrides), cost.load_records(Path(report["stored"])))
+    assert [(r.step.kind, r.step.seconds) for r in bill.rows] == [("measured", t["step_s"]) for t in m["step_times"]]
+    assert "preflight " in bill.rows[0].step.source and ", cpu" in bill.rows[0].step.source
+    print_report(Report(measurements=report["measurements"], stored=report["stored"]))
+    printed = capsys.readouterr().out
+    assert "on CPU there is no GPU card: no peak memory, no largest batch" in printed
+    assert any(line.startswith("│ largest batch (10% of the card free)") and line.rstrip("│ ").endswith("-")
+               for line in printed.splitlines()), printed
+    assert f"step times stored in {report['stored']}" in " ".join(printed.split())
     # The throwaway run is gone from the dashboard: deleted, none left active.
     client = tracking.mlflow_client(uri)
     experiment = client.get_experiment_by_name("preflight").experiment_id
@@ -88,3 +112,19 @@ def test_data_check_names_a_missing_manifest_and_a_split_without_rows(tmp_path, 
                               for r in rows if r["split"] != "val"))
     check = check_data(load_config(overrides=[f"data.manifest={no_val}", f"data.store={tmp_path / 'store'}"]))
     assert (check.status, check.detail) == ("fail", f"{no_val}: no usable rows in split(s) val")
+
+
+def test_the_largest_batch_follows_from_two_measured_peaks_with_headroom():
+    assert memory_batches(8) == (4, 8) and memory_batches(3) == (1, 3) and memory_batches(1) == (1, 2)
+    # 10 GB fixed + 5 GB per clip on a 141 GB card: 126.9 GB usable holds (126.9 - 10) / 5 = 23.4 clips
+    fit = largest_batch([(4, 30.0), (8, 50.0)], 141.0)
+    assert (fit["fixed_gb"], fit["per_sample_gb"], fit["largest_batch"]) == (pytest.approx(10.0), pytest.approx(5.0),
+                                                                             23)
+    assert HEADROOM == 0.10 and largest_batch([(4, 30.0), (8, 50.0)], 141.0, headroom=0.0)["largest_batch"] == 26
+    assert batch_summary(fit) == "23 (10.0 GB + 5.00 GB per clip of 141 GB)"
+    assert largest_batch([(1, 90.0), (2, 120.0)], 80.0)["largest_batch"] == 0  # not even one clip fits
+    short = largest_batch([(4, 70.0), (8, None)], 80.0)  # the larger batch ran out of memory
+    assert (short["largest_batch"], short["note"]) == (4, "batch 8 ran out of memory")
+    flat = largest_batch([(1, 20.0), (2, 20.0)], 80.0)
+    assert flat["largest_batch"] is None and "did not grow" in flat["note"] and batch_summary(flat).startswith("- (")
+    assert batch_summary(None) == "-"

@@ -215,13 +215,19 @@ def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_min
     assert finished_before, "no trial finished before the deadline"
     os.killpg(driver.pid, signal.SIGKILL)  # the driver, its local Ray and the running trial
     driver.wait()
-
-    done = subprocess.run([sys.executable, "-c", script, "--resume"], cwd=tmp_path, timeout=840)  # < the test's 900 s
-    assert done.returncode == 0
     client = MlflowClient(uri)
     (parent,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                    "tags.`coat.kind` = 'sweep'")
-    children = child_runs(uri, parent.info.run_id)
+    # What a kill between a trial opening its run and Tune saving the trial leaves: a child no trial owns.
+    orphan = client.create_run(parent.info.experiment_id, run_name="lr=0.001", tags={
+        "mlflow.parentRunId": parent.info.run_id, "coat.run_name": "o-0000dead"}).info.run_id
+
+    done = subprocess.run([sys.executable, "-c", script, "--resume"], cwd=tmp_path, timeout=840)  # < the test's 900 s
+    assert done.returncode == 0
+    runs = child_runs(uri, parent.info.run_id)
+    orphans = [r for r in runs if "coat.orphan" in r.data.tags]  # the planted one, and any the kill really left
+    assert orphan in {r.info.run_id for r in orphans} and {r.info.status for r in orphans} == {"KILLED"}
+    children = [r for r in runs if "coat.orphan" not in r.data.tags]
     # Every trial ends closed: trained to the end, or stopped early by ASHA (KILLED); none left RUNNING.
     assert len(children) == 3 and {r.info.status for r in children} <= {"FINISHED", "KILLED"}
     first = finished_before[0]

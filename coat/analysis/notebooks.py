@@ -86,14 +86,16 @@ def notebook_folder(explicit: str | Path | None = None) -> Path:
 
 
 def execute(name: str, parameters: dict, out_dir: Path, folder: Path, timeout_s: int = 1200) -> dict:
-    """Run notebook `name` from `folder` with `parameters` in `out_dir`; write `<name>.ipynb` there and return its
-    summary (figures, tables, conclusions, parent run).
+    """Run notebook `name` from `folder` with `parameters` in `out_dir`; write `<name>.ipynb` there, and once it ran
+    through `<name>.html` (the dashboard shows an HTML artifact inline), and return its summary (figures, tables,
+    conclusions, parent run).
 
     Raises nbclient.exceptions.CellExecutionError on the first failing cell (the executed notebook up to it is
     still written), FileNotFoundError for an unknown notebook."""
     import jupytext
     import nbformat
     from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
 
     source, out_dir = folder / f"{name}.py", out_dir.resolve()  # the kernel runs in out_dir: no relative paths
     if not source.is_file():
@@ -105,11 +107,14 @@ def execute(name: str, parameters: dict, out_dir: Path, folder: Path, timeout_s:
     cell = nbformat.v4.new_code_cell(f"# Parameters\n{injected}", metadata={"tags": ["injected-parameters"]})
     notebook.cells.insert(at + 1, cell)
     client = NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
-                            resources={"metadata": {"path": str(out_dir)}})
+                            resources={"metadata": {"path": str(out_dir)}},
+                            # The kernel listens on loopback only; its warning about TCP is not for a user.
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     try:
         client.execute()
     finally:
         nbformat.write(notebook, out_dir / f"{name}.ipynb")
+    (out_dir / f"{name}.html").write_text(HTMLExporter().from_notebook_node(notebook)[0], encoding="utf-8")
     return json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).is_file() else {}
 
 
@@ -118,10 +123,12 @@ def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out:
     """Execute notebooks `names` from `folder` against the store at `uri`, each into `<out>/<name>/`, and attach
     their outputs to the parent run of the sweep each analysed (artifacts `analysis/<name>/`; the run's description
     gains their conclusions, replacing an earlier analysis). Returns each notebook's summary, with `error` instead
-    when a cell failed: the others still run."""
+    when a cell failed, or `skipped` (what would produce its inputs) when the store holds nothing it analyses: the
+    others still run."""
     from nbclient.exceptions import CellExecutionError
 
     from coat import tracking
+    from coat.analysis.runs import NothingToAnalyse
 
     summaries: dict[str, dict] = {}
     for name in names:
@@ -129,7 +136,10 @@ def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out:
             summaries[name] = execute(name, {"tracking_uri": uri, "experiment": experiment, "sweep": sweep},
                                       out / name, folder)
         except CellExecutionError as err:
-            summaries[name] = {"error": str(err).strip().splitlines()[-1]}
+            if err.ename == NothingToAnalyse.__name__:
+                summaries[name] = {"skipped": err.evalue}
+            else:
+                summaries[name] = {"error": str(err).strip().splitlines()[-1]}
     by_parent: dict[str, list[str]] = {}
     for name, summary in summaries.items():
         parent = summary.get("parent_run_id")

@@ -22,6 +22,11 @@ SWEEP_TAG, KIND_TAG, SEARCH_TAG = "coat.sweep", "coat.kind", "coat.search"
 RUN_COLUMNS = ("run_id", "name", "status", "parent_run_id", "start_time")
 
 
+class NothingToAnalyse(LookupError):
+    """The store holds nothing a notebook analyses. `coat analyze` skips that notebook with this message, which
+    says what would produce its inputs."""
+
+
 def _value(text: str) -> object:
     """A logged param back as the number or list it was (MLflow stores strings)."""
     try:
@@ -92,6 +97,20 @@ def find_sweep(uri: str, experiment: str, sweep: str | None = None, varying: tup
             continue
         return parent, trials
     return None
+
+
+def required_sweep(uri: str, experiment: str, sweep: str | None, varying: tuple[str, ...], fix: str,
+                   **kinds) -> tuple[pd.Series, pd.DataFrame]:
+    """`find_sweep`, for a notebook that has nothing to say without one. Raises NothingToAnalyse saying what the
+    notebook looked for and `fix`, what would make it."""
+    found = find_sweep(uri, experiment, sweep, varying, **kinds)
+    if found is None:
+        fields = ", ".join(f"{v}*" if v.endswith(".") else v for v in varying)
+        which = f"sweep {sweep!r}" if sweep else f"sweep varying {fields}" if varying else "sweep"
+        if kinds.get("metric_prefix"):
+            which += f" with {kinds['metric_prefix']}* metrics"
+        raise NothingToAnalyse(f"no {which} in experiment {experiment!r} at {uri}: {fix}")
+    return found
 
 
 def predictions(uri: str, run_id: str, system: str = "coat") -> pd.DataFrame:

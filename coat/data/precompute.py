@@ -25,7 +25,7 @@ import pyarrow as pa
 from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
 from coat.locks import check_locking
-from coat.ray_runtime import ensure_ray
+from coat.ray_runtime import ensure_ray, quiet
 
 
 @dataclass
@@ -246,24 +246,19 @@ def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo:
     ensure_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     paths = dict(zip(todo["clip_hash"], todo["audio_path"], strict=True))
-    out = ray.data.from_items([{"clip_hash": h, "path": p} for h, p in paths.items()]).map_batches(
+    out = quiet(ray.data.from_items([{"clip_hash": h, "path": p} for h, p in paths.items()]).map_batches(
         ExpertActor, batch_format="pyarrow", batch_size=batch_size,
         fn_constructor_kwargs={"name": name, "settings": settings, "version": version,
                                "device": "cuda" if gpus else "cpu", "crop_seconds": crop_seconds},
         compute=ray.data.ActorPoolStrategy(size=num_actors or max(gpus, 1)),
-        num_cpus=num_cpus, num_gpus=1 if gpus else 0)
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False  # rich shows progress instead
+        num_cpus=num_cpus, num_gpus=1 if gpus else 0))
     computed, failed, stored_as = 0, 0, feature_version(version, crop_seconds)
-    try:
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
-            store.write(name, stored_as, batch.filter(pa.array(ok)).drop_columns(["error"]))
-            bad = batch.filter(pa.array(~ok)).to_pylist()
-            store.quarantine([{"clip_hash": r["clip_hash"], "path": paths[r["clip_hash"]],
-                               "reason": r["error"]} for r in bad])
-            computed, failed = computed + int(ok.sum()), failed + len(bad)
-            advance(len(ok))
-    finally:
-        context.enable_progress_bars = bars
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+        ok = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        store.write(name, stored_as, batch.filter(pa.array(ok)).drop_columns(["error"]))
+        bad = batch.filter(pa.array(~ok)).to_pylist()
+        store.quarantine([{"clip_hash": r["clip_hash"], "path": paths[r["clip_hash"]],
+                           "reason": r["error"]} for r in bad])
+        computed, failed = computed + int(ok.sum()), failed + len(bad)
+        advance(len(ok))
     return computed, failed

@@ -29,7 +29,7 @@ from coat.data.manifest import model_prompt, quarantine_records, stratified_subs
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
 from coat.errors import UserError
-from coat.ray_runtime import ensure_ray
+from coat.ray_runtime import ensure_ray, quiet
 
 LONG_CLIPS = ("crop", "reject")
 SHUFFLE_STREAM = 1  # the shuffled-targets control's entry in (seed, epoch, ...): apart from the data order's
@@ -87,8 +87,7 @@ class Stream:
                                    "crop_seconds": self.crop_seconds},
             batch_size=8, batch_format="numpy", num_cpus=0.5, concurrency=self.decode_tasks)
         dataset.context.execution_options.preserve_order = True
-        dataset.context.enable_progress_bars = False  # one pipeline per worker and epoch: bars would flood the logs
-        return dataset
+        return quiet(dataset)
 
 
 def epoch_order(rows: int, *, seed: int, epoch: int, world: int, rank: int, step_rows: int,

@@ -11,6 +11,7 @@ from that config and refuses parts made for another backbone or slot count.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,7 +130,9 @@ class CoATModel(nn.Module):
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                 target_modules=_lora_targets(cfg), modules_to_save=list(cfg.lora.modules_to_save) or None,
             )
-            self.lm = get_peft_model(model, lora)
+            with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing of coat's to change
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                self.lm = get_peft_model(model, lora)
             self.slot_table.requires_grad_(True)
             # K = 0 (the plain LoRA baseline) and thinking.targets=none (pause positions) supervise nothing, so
             # they have no heads (DDP wants every trained parameter to get a gradient).

@@ -10,6 +10,7 @@ its checkpoint and logs into the same MLflow child run.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +20,7 @@ import optuna
 import pandas as pd
 import ray
 import ray.tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -60,15 +62,31 @@ def trial_label(point: dict) -> str:
     return " ".join(f"{short(path)}={value(v)}" for path, v in point.items())
 
 
+def grid_points(space: Space) -> dict[str, dict]:
+    """A grid's points by the label Tune shows for them (`K=16 targets=none`); the overrides themselves where two
+    points would share a short label."""
+    points = space.grid()
+    labels = [trial_label(p) for p in points]
+    if len(set(labels)) < len(labels):
+        labels = [", ".join(overrides(p)) for p in points]
+    return dict(zip(labels, points, strict=True))
+
+
+def point_of(config: dict, points: dict[str, dict]) -> dict:
+    """The point a trial trains: sampled by Optuna (`point`), or named by its grid label (`setting`)."""
+    return config["point"] if "point" in config else points[config["setting"]]
+
+
 def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str,
-              parent_spool: str) -> None:
+              parent_spool: str, points: dict[str, dict]) -> None:
     """One trial: the base config with the sampled point applied, trained and evaluated as a child run."""
     trial_id = ray.tune.get_context().get_trial_id()
+    point = point_of(config, points)
     cfg = apply_overrides(from_yaml(base_yaml), [
-        *overrides(config["point"]), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
+        *overrides(point), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
     ])
     train(cfg, parent_run_id=parent_run_id, parent_spool=Path(parent_spool), report_to_tune=True,
-          display_name=trial_label(config["point"]))
+          display_name=trial_label(point))
 
 
 def max_concurrent(cfg: CoATConfig) -> int:
@@ -115,16 +133,20 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
               "mode": base.sweep.mode, "multi_objective": base.sweep.multi_objective}
     tracking.log_dict_artifact(uri, parent, search, "search.json")
 
+    points = grid_points(space) if space.is_grid else {}
     trainable = ray.tune.with_resources(
         partial(run_trial, base_yaml=to_yaml(base), sweep_name=name, parent_run_id=parent, storage=str(storage),
-                parent_spool=str(spool_folder(storage, f"sweep-{name}"))),
+                parent_spool=str(spool_folder(storage, f"sweep-{name}")), points=points),
         {"CPU": trial_cpus(base)},
     )
     path = storage / name
+    # Tune adds a TensorBoard logger (and prints how to open it) unless told not to; its CSV and JSON results are
+    # asked for by name in `_new_tuner`.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if resume and ray.tune.Tuner.can_restore(str(path)):
         tuner = ray.tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _new_tuner(base, space, trainable, name, storage)
+        tuner = _new_tuner(base, space, trainable, name, storage, points)
     grid = tuner.fit()
 
     tracking.wait_until_reachable(uri, f"the trials are done and kept in {path}: once it is back, run the same "
@@ -132,7 +154,8 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
     tracking.flush(parent)  # the parent first: a child opened during the outage needs its parent's real id
     for result in grid:  # trials that ended while the server was away
         tracking.replay_spool(uri, spool_folder(storage / "trials", f"{name}-{_trial_id(result)}"))
-    table = _results_table(grid, uri, base, name)
+    close_orphans(uri, parent, {f"{name}-{_trial_id(result)}" for result in grid})
+    table = _results_table(grid, uri, base, name, points)
     best = _best(table, base)
     tracking.log_table(uri, parent, table, "sweep/results.json")
     if best is not None:
@@ -177,10 +200,11 @@ def with_seeds(space: Space, seeds: list[int]) -> Space:
     return Space((*space.params, Param("train.seed", "grid", tuple(seeds), {})))
 
 
-def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Path) -> ray.tune.Tuner:
+def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Path, points: dict[str, dict]
+               ) -> ray.tune.Tuner:
     s = cfg.sweep
-    if space.is_grid:
-        param_space = {"point": ray.tune.grid_search(space.grid())}
+    if space.is_grid:  # by label: Tune's table shows a grid value's text, a dict's cut to its last characters
+        param_space = {"setting": ray.tune.grid_search(list(points))}
         search_alg, scheduler, num_samples = None, None, 1
     else:
         param_space = {}
@@ -207,10 +231,12 @@ def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Pat
         tune_config=ray.tune.TuneConfig(
             search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
             max_concurrent_trials=max_concurrent(cfg) if space.is_grid else None,
+            reuse_actors=True,  # a trial starts in a warm process: torch and the backbone code already imported
         ),
         run_config=ray.tune.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.tune.FailureConfig(max_failures=s.trial_retries),
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],  # not TensorBoard's: coat logs to MLflow
             verbose=1,
         ),
     )
@@ -237,7 +263,19 @@ def _with_experts(cfg: CoATConfig, names: list[str]) -> CoATConfig:
     return cfg
 
 
-def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
+def close_orphans(uri: str, parent: str, trials: set[str]) -> None:
+    """Close the child runs still RUNNING that belong to no trial Tune knows (KILLED, tagged `coat.orphan`): a
+    driver killed after a trial opened its run but before Tune saved the trial leaves one; the resumed sweep starts
+    another trial in its place. Every trial Tune knows is thus one run, and no run stays open."""
+    for run in tracking.child_runs(uri, parent):
+        if run.info.status == "RUNNING" and run.data.tags.get("coat.run_name") not in trials:
+            tracking.set_tags(uri, run.info.run_id, {"coat.orphan": "its trial was lost with the sweep's driver "
+                                                                    "before Tune recorded it; the resumed sweep "
+                                                                    "started another in its place"})
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+
+
+def _results_table(grid, uri: str, cfg: CoATConfig, name: str, points: dict[str, dict]) -> pd.DataFrame:
     """One row per trial. Child runs that could not close themselves are closed here: FAILED for trials that
     crashed past their retries, KILLED for trials ASHA stopped early."""
     experiment = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
@@ -250,7 +288,7 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str) -> pd.DataFrame:
         status = "error" if result.error else "stopped" if running else "done"
         if running:
             tracking.end_run(uri, run_id, "FAILED" if result.error else "KILLED")
-        point = result.config.get("point", {})
+        point = point_of(result.config, points) if result.config else {}
         row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
                "steps": metrics.get("step", 0)}
         row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/", "latency/"))}
