@@ -40,6 +40,7 @@ from coat.data.precompute import precompute
 from coat.data.store import FeatureStore
 from coat.data.synth import synthesize
 from coat.ray_runtime import ensure_ray
+from coat.spool import REJECTED, Spool, records
 from coat.train.checkpoint import latest_checkpoint, load_training_state
 
 STEPS = 8
@@ -209,8 +210,10 @@ def outage(bench: Bench, name: str, back_mid_run: bool, damage: Callable[[Path],
             codes.append(bench.run(config))
             status, counts = logged(uri, name)
     waiting = list((bench.storage(name) / "mlflow-spool").glob("*.jsonl"))
+    refused = bench.storage(name) / "mlflow-spool" / REJECTED
     return {"survived": set(codes) == {0} and status == "FINISHED" and not waiting, "steps_lost": 0,
-            "exit_codes": codes, "harness_s": harness, **counts}
+            "exit_codes": codes, "harness_s": harness, "set_aside": len(refused.read_text().splitlines())
+            if refused.is_file() else 0, **counts}
 
 
 def tear_last_line(spool: Path) -> None:
@@ -218,6 +221,14 @@ def tear_last_line(spool: Path) -> None:
     newest = max(spool.glob("*.jsonl"), key=lambda f: f.stat().st_size)
     lines = newest.read_bytes().splitlines(keepends=True)
     newest.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+
+
+def refused_record(spool: Path) -> None:
+    """A write among the spooled ones that the server will refuse when it is back (a tag key it does not take,
+    as a run deleted during the outage would be refused): it must go aside, and every other write replay."""
+    run = next(r["run"] for r in records(max(spool.glob("*.jsonl"), key=lambda f: f.stat().st_size)) if "run" in r)
+    Spool(spool, lambda record, ids: None, lambda: True, "bench", retry_s=1).append(
+        {"kind": "log", "run": run, "tags": {"bad key!": "refused"}})
 
 
 def diverging(bench: Bench, name: str) -> dict:
@@ -385,6 +396,7 @@ FAULTS: dict[str, Callable[[Bench, str], dict]] = {
     "tracking server away mid-run": lambda bench, name: outage(bench, name, back_mid_run=True),
     "tracking server away past the end": lambda bench, name: outage(bench, name, back_mid_run=False),
     "spool's last line torn, then appended to": lambda bench, name: outage(bench, name, False, tear_last_line),
+    "a spooled write the server refuses": lambda bench, name: outage(bench, name, False, refused_record),
     "learning rate that diverges": diverging,
     "a FIFO, /dev/zero and a folder as audio": not_a_file,
     "feature store part cut short": damaged_part,
