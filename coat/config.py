@@ -45,8 +45,10 @@ def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, c
 class BackboneConfig:
     name: str = setting("qwen2-audio", "Which backbone adapter (coat/backbones).", choices=BACKBONES)
     size: str = setting("tiny", "tiny: a small random-weight instance of the real class (embedded default, tests); "
-                        "real: the real architecture, from a checkpoint, else random weights (benchmarks).",
-                        choices=("tiny", "real"))
+                        "real-width: the real widths with 2 layers per tower, random weights (CPU checks of what "
+                        "real widths cost); real: the real architecture, from a checkpoint, else random weights "
+                        "(benchmarks).",
+                        choices=("tiny", "real", "real-width"))
     checkpoint: str | None = setting(None, "Local path or already-cached hub id of the real checkpoint; never "
                                            "downloaded.")
     checkpoints: dict[str, str] = setting(help="Per-backbone checkpoints, used when `checkpoint` is unset: lets a "

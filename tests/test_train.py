@@ -694,6 +694,7 @@ def test_fsdp_checkpoints_hold_the_whole_trained_parts_and_optimizer_state(clips
             torch.testing.assert_close(saved[name], value, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")
 
 
+@pytest.mark.faults  # three in-process runs: ~40 s on 2 cores
 def test_a_run_left_with_one_torn_checkpoint_is_refused_with_advice_that_works(tmp_path, coat_mini):
     """`train.keep_checkpoints=1`: the only checkpoint, damaged on disk after its commit, cannot be resumed from.
     The run is refused, not started again from step 0, and the message's fix (another `train.run_name`) trains

@@ -1,7 +1,8 @@
 """Backbones: one adapter per audio LLM, a registry, and `build_backbone(cfg)`.
 
 `backbone.size=tiny` builds a small random-weight instance of the real class (seeded, so the same config
-always gives the same weights); `size=real` loads `backbone.checkpoint` from a local path or the local hub
+always gives the same weights); `size=real-width` the real widths with few layers, seeded too, on the tiny
+tokenizer (see `real_width.py`); `size=real` loads `backbone.checkpoint` from a local path or the local hub
 cache, or without a checkpoint builds the 7B architecture with random weights (for benchmarks). Nothing is
 ever downloaded.
 """
@@ -52,7 +53,8 @@ def build_backbone(cfg: CoATConfig, device: str | torch.device = "cpu") -> Backb
             model = spec.model_class._from_config(spec.real_config(), dtype=dtype)
         processor = None  # random real-size weights have no tokenizer of their own: benchmarks feed ids
     else:
-        model, processor = _build_tiny(spec, cfg.backbone.seed, cfg.backbone.audio_window_s)
+        model, processor = _build_random(spec, cfg.backbone.size, cfg.backbone.seed, cfg.backbone.audio_window_s,
+                                         dtype)
         model = model.to(device=device, dtype=dtype)
     model.eval()
     thinking = (
@@ -85,14 +87,27 @@ def check_audio_window(cfg: CoATConfig) -> None:
                                           f"{heard:g}")
 
 
-def _build_tiny(spec: BackboneSpec, seed: int, window_s: float):
+def _build_random(spec: BackboneSpec, size: str, seed: int, window_s: float, dtype: torch.dtype):
+    """A seeded random-weight instance on the tiny tokenizer and processor. Tiny weights are drawn in float32 and
+    cast, as they always were (so a seed keeps its weights); real-width ones are drawn in `dtype` directly, since a
+    float32 copy of their 1.6-1.7 B parameters would double the peak memory of a bf16 build."""
     tokenizer = train_tiny_tokenizer(tiny_corpus(), list(spec.special_tokens), spec.named_tokens)
     processor = spec.tiny_processor(tokenizer, window_s)
-    config = spec.tiny_config(tokenizer, window_s)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = spec.model_class(config)
+        if size == "tiny":
+            model = spec.model_class(spec.tiny_config(tokenizer, window_s))
+        else:
+            model = spec.model_class._from_config(real_width_config(spec, tokenizer, window_s), dtype=dtype)
     return model, processor
+
+
+def real_width_config(spec: BackboneSpec, tokenizer, window_s: float):
+    """The adapter's real-width config. Raises ConfigError when the adapter has none."""
+    if spec.real_width_config is None:
+        raise invalid("backbone.size", f"{spec.name} has no real-width config (BackboneSpec.real_width_config): "
+                                       f"use tiny or real")
+    return spec.real_width_config(tokenizer, window_s)
 
 
 def backbone_source(cfg: CoATConfig) -> str:

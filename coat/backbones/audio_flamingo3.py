@@ -2,7 +2,7 @@
 
 from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
 
-from coat.backbones import tiny
+from coat.backbones import real_width, tiny
 from coat.backbones.base import BackboneSpec
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
@@ -28,15 +28,24 @@ def tiny_config(tokenizer, window_s: float) -> AudioFlamingo3Config:
     )
 
 
+# Qwen2.5-7B's decoder; the AF-Whisper encoder's config defaults are the checkpoint's.
+REAL_TEXT = {
+    "model_type": "qwen2", "vocab_size": 151672, "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
 def real_config() -> AudioFlamingo3Config:
+    return AudioFlamingo3Config(text_config=REAL_TEXT, audio_token_id=151669)
+
+
+def real_width_config(tokenizer, window_s: float) -> AudioFlamingo3Config:
     return AudioFlamingo3Config(
-        text_config={
-            "model_type": "qwen2", "vocab_size": 151672, "hidden_size": 3584, "intermediate_size": 18944,
-            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False,
-        },
-        audio_token_id=151669,
+        audio_config={"model_type": "audioflamingo3_encoder", **real_width.audio_encoder(window_s)},
+        text_config={**REAL_TEXT, **real_width.text_overrides(tokenizer)},
+        audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
     )
 
 
@@ -56,5 +65,6 @@ SPEC = BackboneSpec(
     audio_keys=("input_features", "input_features_mask"),
     tiny_config=tiny_config,
     real_config=real_config,
+    real_width_config=real_width_config,
     tiny_processor=tiny_processor,
 )

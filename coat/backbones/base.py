@@ -1,7 +1,7 @@
 """What every backbone adapter provides, and the prompt/label encoding they share.
 
-An adapter is a `BackboneSpec`: the transformers class, how to build a tiny or real-size config, a tiny
-processor, and the strings of its chat format. Prompts are rendered with the processor's own chat template
+An adapter is a `BackboneSpec`: the transformers class, how to build a tiny, real-width or real-size config, a
+tiny processor, and the strings of its chat format. Prompts are rendered with the processor's own chat template
 (the checkpoint's for real weights) and tokenized by the processor, which expands the audio placeholder;
 the thinking block and the response are token ids appended around that, so labels are exact.
 """
@@ -38,6 +38,9 @@ class BackboneSpec:
     tiny_config: Callable[[PreTrainedTokenizerBase, float], PretrainedConfig]
     real_config: Callable[[], PretrainedConfig]
     tiny_processor: Callable[[PreTrainedTokenizerBase, float], ProcessorMixin]
+    # The real config's widths with `real_width.LAYERS` layers per tower, on the tiny tokenizer's ids (see
+    # `real_width.py`); None: `backbone.size=real-width` is refused for this backbone.
+    real_width_config: Callable[[PreTrainedTokenizerBase, float], PretrainedConfig] | None = None
     system_prompt: str | None = None
     end_of_turn: str = "<|im_end|>"
     sample_rate: int = 16000  # all three take 16 kHz Whisper-style log-mel
@@ -191,8 +194,13 @@ class Backbone:
         if responses is not None:
             batch["labels"] = torch.tensor([pad(t, IGNORE_INDEX) for t in labels])
         for key in self.spec.audio_keys:
-            batch[key] = processed[key]
+            batch[key] = self._as_model_dtype(processed[key])
         return batch
+
+    def _as_model_dtype(self, value: torch.Tensor) -> torch.Tensor:
+        """Audio features in the weights' dtype. The processors give float32; Qwen2-Audio's and Omni's encoders cast
+        their input, Audio Flamingo 3's does not, so bf16 weights without autocast (a CPU) failed on it."""
+        return value.to(self.model.dtype) if value.is_floating_point() else value
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)

@@ -11,7 +11,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from coat.backbones import tiny
+from coat.backbones import real_width, tiny
 from coat.backbones.base import BackboneSpec
 
 SPECIAL = (
@@ -40,7 +40,6 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(tokenizer, window_s: float) -> Qwen2_5OmniThinkerConfig:
-    ids = tokenizer.convert_tokens_to_ids
     hidden = tiny.text_config(tokenizer)["hidden_size"]
     head_dim = hidden // tiny.text_config(tokenizer)["num_attention_heads"]
     return Qwen2_5OmniThinkerConfig(
@@ -58,20 +57,42 @@ def tiny_config(tokenizer, window_s: float) -> Qwen2_5OmniThinkerConfig:
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
                                 "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
         },
-        audio_token_index=ids("<|AUDIO|>"),
-        image_token_index=ids("<|IMAGE|>"),
-        video_token_index=ids("<|VIDEO|>"),
-        audio_start_token_id=ids("<|audio_bos|>"),
-        audio_end_token_id=ids("<|audio_eos|>"),
-        vision_start_token_id=ids("<|vision_bos|>"),
-        vision_end_token_id=ids("<|vision_eos|>"),
-        user_token_id=ids("<|im_start|>"),
+        **token_ids(tokenizer),
     )
 
 
+def token_ids(tokenizer) -> dict[str, int]:
+    """The thinker config's token ids, from `tokenizer`: M-RoPE finds the audio by its start and end markers."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "audio_token_index": ids("<|AUDIO|>"), "image_token_index": ids("<|IMAGE|>"),
+        "video_token_index": ids("<|VIDEO|>"), "audio_start_token_id": ids("<|audio_bos|>"),
+        "audio_end_token_id": ids("<|audio_eos|>"), "vision_start_token_id": ids("<|vision_bos|>"),
+        "vision_end_token_id": ids("<|vision_eos|>"), "user_token_id": ids("<|im_start|>"),
+    }
+
+
+# The class defaults are the 7B thinker's architecture, but for the vision tower's width: the checkpoint's ViT is
+# Qwen2.5-VL's, 1280 wide (16 heads of 80) and projected to the LLM's 3584, where the default builds it 3584 wide
+# (2.4 B parameters too many, found by running the real widths: see `real_width.py`).
+REAL_VISION = {"hidden_size": 1280}
+
+
 def real_config() -> Qwen2_5OmniThinkerConfig:
-    # The class defaults are the 7B thinker's architecture (vision tower included).
-    return Qwen2_5OmniThinkerConfig(vision_start_token_id=151652, vision_end_token_id=151653)
+    return Qwen2_5OmniThinkerConfig(vision_config=REAL_VISION, vision_start_token_id=151652,
+                                    vision_end_token_id=151653)
+
+
+def real_width_config(tokenizer, _window_s: float) -> Qwen2_5OmniThinkerConfig:
+    """The real config with few layers per tower. The audio encoder keeps its real positions and 2 s chunks: it
+    takes the clip's own length, not one padded window, so the window changes nothing here. The vision tower is
+    never fed audio-only prompts, but it is part of the thinker, so it is built at its real width too."""
+    return Qwen2_5OmniThinkerConfig(
+        audio_config={"encoder_layers": real_width.LAYERS},
+        vision_config={**REAL_VISION, "depth": real_width.LAYERS, "fullatt_block_indexes": [real_width.LAYERS - 1]},
+        text_config=real_width.text_overrides(tokenizer),
+        **token_ids(tokenizer),
+    )
 
 
 def tiny_processor(tokenizer, window_s: float) -> Qwen2_5OmniProcessor:
@@ -94,6 +115,7 @@ SPEC = BackboneSpec(
     audio_keys=("input_features", "feature_attention_mask"),
     tiny_config=tiny_config,
     real_config=real_config,
+    real_width_config=real_width_config,
     tiny_processor=tiny_processor,
     system_prompt=SYSTEM_PROMPT,
 )
