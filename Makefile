@@ -24,13 +24,17 @@ test: setup
 	$(PY) -m pytest -q
 
 # The cluster test launches a Ray cluster over SSH to 127.0.0.1 (openssh-server and rsync from Debian's packages);
-# its `ray stop` would stop the other tests' Ray, so it runs on its own, last.
+# its `ray stop` would stop the other tests' Ray, so it runs on its own, last. The PostgreSQL-backed MLflow tests
+# start a PostgreSQL server of their own from Debian's postgresql (initdb, pg_ctl).
 test-slow: setup
 	(test -x /usr/sbin/sshd && command -v rsync > /dev/null) || (apt-get update -q && apt-get install -y -q openssh-server rsync)
+	ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || (apt-get update -q && apt-get install -y -q postgresql)
 	$(PY) -m pytest -q -m "slow and not cluster"
 	$(PY) -m pytest -q -m cluster
 
+# The head's MLflow start command runs PostgreSQL from Debian's postgresql package, as a cluster's head does.
 test-faults: setup
+	ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || (apt-get update -q && apt-get install -y -q postgresql)
 	$(PY) -m pytest -q -m faults
 
 # The dashboard read in headless Chromium: Debian's chromium (Playwright drives it; no browser download).

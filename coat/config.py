@@ -293,6 +293,9 @@ class TrainConfig:
     val_examples: int = setting(64, "Validation questions val_scores answers: a fixed subset, stratified by task "
                                     "and mixture entry, drawn with eval.seed.", ge=1)
     keep_checkpoints: int = setting(2, "Checkpoints kept.", ge=1)
+    async_upload: bool = setting(True, "Under Ray Train, copy each checkpoint into train.storage in the background "
+                                       "while training goes on; the next checkpoint first waits until it is "
+                                       "registered. false: training waits for each copy.")
     max_failures: int = setting(0, "Worker-group restarts from the last checkpoint.", ge=0)
     max_nonfinite_steps: int = setting(5, "A step whose loss or gradient is NaN or inf is skipped (no update); after "
                                           "this many the run stops, naming the step, the non-finite terms and the "
@@ -399,6 +402,10 @@ class TrackingConfig:
     experiment: str = setting("coat", "MLflow experiment.")
     retry_s: float = setting(30.0, "While the tracking server is away, a run's writes wait on disk; this often it "
                                    "checks whether the server is back to send them.", gt=0)
+    log_every: int | None = setting(None, "Steps between step-metric writes (a step's own values); checkpoint "
+                                          "steps, with their validation metrics, and skipped steps are always "
+                                          "logged. null: every step up to 1,000 steps, else 1/1,000 of the run.",
+                                    ge=1)
     spool_max_mb: float = setting(2048.0, "At most this many MB of a run's writes (checkpoints' artifacts included) "
                                           "wait on disk for the tracking server; past it the run stops with an error "
                                           "naming the spool, before the storage fills.", gt=0)
@@ -453,6 +460,11 @@ class CoATConfig:
     eval: EvalConfig = setting(help="Evaluation after training.", factory=EvalConfig)
     tracking: TrackingConfig = setting(help="MLflow.", factory=TrackingConfig)
     sweep: SweepConfig = setting(help="Ray Tune + Optuna sweeps.", factory=SweepConfig)
+
+    @property
+    def steps_between_logs(self) -> int:
+        """`tracking.log_every`, or by default every step up to 1,000 steps, then at most ~1,000 points a metric."""
+        return self.tracking.log_every or max(1, self.train.total_steps // 1000)
 
 
 def mixture_name(entry: MixtureEntry) -> str:

@@ -49,10 +49,16 @@ from coat.spool import PENDING, Spool, Unreachable, opened_runs
 log = logging.getLogger(__name__)
 
 # A write the server cannot take waits in the run's spool, so MLflow's own retries (seven, over about four
-# minutes, by default) need not hold training up: two, over seconds. Settings of the user's own win.
+# minutes, by default) need not hold training up: two, over seconds when the server is down; a server that takes a
+# request and never answers holds it for the three 30 s timeouts, once (the run's later writes follow it into the
+# spool at once). Settings of the user's own win.
 for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
     os.environ.setdefault(_name, _value)
+
+# A fresh SQLite store announces at INFO that it creates and updates its tables: nothing a user acts on.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 RUN_NAME_TAG = "coat.run_name"
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -287,17 +293,30 @@ def _reachable(uri: str) -> bool:
     return True
 
 
+# What a tracking server (or the database behind it) says when it is overloaded or its database is away for a
+# moment, whatever status it answers with: MLflow reports SQLAlchemy's pool exhaustion as 400 BAD_REQUEST.
+CAPACITY_ERRORS = ("queuepool limit", "database is locked", "too many connections", "too many clients",
+                   "remaining connection slots", "the database system is starting up",
+                   "the database system is shutting down", "server closed the connection unexpectedly",
+                   "could not connect to server", "connection refused")
+CAPACITY_CODES = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
 def is_outage(err: Exception) -> bool:
-    """A write that failed because the server could not be reached or answered 5xx past MLflow's retries (down,
-    restarting, behind a proxy that is up), not one the server rejected."""
+    """A write that failed because the server could not take it now: unreachable, 429 or 5xx past MLflow's
+    retries (down, restarting, behind a proxy that is up), or out of capacity (`CAPACITY_ERRORS`), not a write the
+    server rejected for what it was."""
     if isinstance(err, RestException):
-        return False
+        text = str(err).lower()
+        return err.error_code in CAPACITY_CODES or any(sign in text for sign in CAPACITY_ERRORS)
     if isinstance(err, requests.HTTPError):
-        return err.response is not None and err.response.status_code >= 500
+        return err.response is not None and (err.response.status_code >= 500 or err.response.status_code == 429)
     if isinstance(err, MlflowException):
         text = str(err)
         return " failed with exception " in text or " failed with timeout exception " in text or \
-            err.get_http_status_code() >= 500 and "failed with error code" in text
+            err.get_http_status_code() in (429, 503) or \
+            err.get_http_status_code() >= 500 and "failed with error code" in text or \
+            any(sign in text.lower() for sign in CAPACITY_ERRORS)
     return isinstance(err, requests.ConnectionError | requests.Timeout)
 
 

@@ -1,11 +1,15 @@
-"""Shared test helpers: tiny configs, real audio decoded from WAV files, a real MLflow server on loopback."""
+"""Shared test helpers: tiny configs, real audio decoded from WAV files, a real MLflow server on loopback, a real
+PostgreSQL server of the tests' own."""
 
 import contextlib
+import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -240,3 +244,75 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server").resolve()
     with mlflow_server(f"sqlite:///{root}/db", root, "--artifacts-destination", str(root / "art")) as uri:
         yield uri, root / "art"
+
+
+def postgres_bin() -> Path | None:
+    """The newest PostgreSQL server binaries Debian's `postgresql` installs (/usr/lib/postgresql/<major>/bin)."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parent.parent.name.isdigit()]
+    return max(found, key=lambda p: int(p.parent.name), default=None)
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A real PostgreSQL server of its own: a cluster initialised in a temporary folder, listening on a free port of
+    127.0.0.1 only (its unix socket in that folder), up to 200 connections (4 MLflow workers' pools and more).
+    Yields `new_database(name)`, which creates database `name` and returns its SQLAlchemy URI (the driver named:
+    a bare `postgresql://` makes SQLAlchemy 2 look for psycopg 3); stops the server and removes the folder on
+    leaving. PostgreSQL refuses to run as root: as root, it runs as the `postgres` user."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's server binaries (/usr/lib/postgresql/*/bin/initdb) are absent: `make test-slow` "
+                    "installs Debian's postgresql")
+    # Not under pytest's temporary root, which only its owner may enter; short, for the unix socket's path.
+    root = Path(tempfile.mkdtemp(prefix="coat-pg-", dir="/tmp"))
+    owner = {}
+    if os.geteuid() == 0:
+        import pwd  # Unix only, as PostgreSQL's refusal of root is
+
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.skip("running as root, PostgreSQL needs the `postgres` user that Debian's postgresql creates "
+                        "(`make test-slow` installs it)")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        owner = {"user": account.pw_uid, "group": account.pw_gid}
+    data, log, port = root / "data", root / "server.log", free_port()
+
+    def run(tool: str, *args: str) -> None:
+        done = subprocess.run([str(bin_dir / tool), *args], cwd=root, capture_output=True, text=True, **owner)
+        if done.returncode:
+            server_log = log.read_text()[-3000:] if log.exists() else ""
+            raise RuntimeError(f"{tool} {' '.join(args)} exited with {done.returncode}:\n{done.stdout}{done.stderr}"
+                               f"{server_log}")
+
+    def new_database(name: str) -> str:
+        run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        run("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync")
+        run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200", "start")
+        try:
+            yield new_database
+        finally:
+            run("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session (`postgres_server`): `postgres(name)` creates a database."""
+    with postgres_server() as new_database:
+        yield new_database
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_uri(postgres) -> str:
+    """The URI of a fresh database of the session's PostgreSQL server, one per test."""
+    return postgres(f"coat_{next(_databases)}")

@@ -1,13 +1,15 @@
 """The scenarios of tests/test_multinode.py, each run in a process of its own (a `Cluster` needs a Ray of its own,
 and the pytest session already holds one): a Ray test cluster on this machine, a head and two worker nodes (every
-raylet on 127.0.0.1's host), runs coat's own training or sweep on it and removes a worker node mid-run.
+raylet on 127.0.0.1's host), runs coat's own training or sweep on it and removes a worker node mid-run, or spreads
+a grid sweep over worker nodes that cannot see each other's own folders nor the driver's.
 
-    python tests/multinode_cluster.py train|sweep SCENARIO.json OUT.json
+    python tests/multinode_cluster.py train|sweep|grid SCENARIO.json OUT.json
 
-SCENARIO.json holds `overrides` (the config, as dotted overrides) and, for a sweep, `space` (a space file). What
-happened to the cluster (which nodes held the work, which one went, what replaced it) and what the runs returned
-go to OUT.json, rewritten at every entry, so that a scenario that hangs still says how far it got (and
-`kill -USR1` prints where each thread waits).
+SCENARIO.json holds `overrides` (the config, as dotted overrides), for a sweep `space` (a space file), and for a
+grid `private` (a folder for the nodes' own folders, see `grid_scenario`). What happened to the cluster (which
+nodes held the work, which one went, what replaced it) and what the runs returned go to OUT.json, rewritten at
+every entry, so that a scenario that hangs still says how far it got (and `kill -USR1` prints where each thread
+waits).
 
 Placement is forced by logical CPUs alone, with no config field of its own: a worker node offers 2 CPUs and the
 head 1, so a Train worker or a trial asking for `ONE_PER_WORKER_NODE` fits only on a worker node, one per node,
@@ -18,10 +20,12 @@ records its address there, where no other process's `ray.init()` finds it and jo
 from __future__ import annotations
 
 import faulthandler
+import importlib.util
 import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ import ray
 import ray._private.state
 from mlflow.exceptions import MlflowException
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coat import tracking
 from coat.config import load_config
@@ -42,19 +47,21 @@ NODE_MEMORY = 200 * 1024 * 1024  # object store per node: coat-mini's batches ar
 TRAIN_WORKER, TRIAL = "RayTrainWorker", "ImplicitFunc"  # the actor classes of a Train worker and of a Tune trial
 
 
-def start_cluster() -> tuple[Cluster, list]:
-    """A head (the driver, Train's controller and Tune's loop run there) and two worker nodes; Ray attached."""
+def start_cluster(head_cpus: int = HEAD_CPUS, node_env: list[dict] | None = None,
+                  runtime_env: dict | None = None) -> tuple[Cluster, list]:
+    """A head (the driver, Train's controller and Tune's loop run there) and two worker nodes (`node_env`: the
+    environment of each one's raylet, and so of its workers); Ray attached, with `runtime_env` for the job."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as `coat.ray_runtime`: Ray 2.60 turns token auth on
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS,
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus,
                                                             "object_store_memory": NODE_MEMORY})
-    nodes = [add_worker_node(cluster) for _ in range(2)]
+    nodes = [add_worker_node(cluster, env) for env in node_env or [None, None]]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    ray.init(address=cluster.address, runtime_env=runtime_env)
     return cluster, nodes
 
 
-def add_worker_node(cluster: Cluster):
-    return cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=NODE_MEMORY)
+def add_worker_node(cluster: Cluster, env: dict | None = None):
+    return cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=NODE_MEMORY, env_vars=env)
 
 
 def actor_nodes(class_name: str) -> list[str]:
@@ -168,6 +175,76 @@ def sweep_scenario(scenario: dict, out: dict) -> Cluster:
     return cluster
 
 
+# A worker node's Python (the job's `py_executable`): where its raylet names folders in COAT_TEST_HIDE, the worker
+# starts in a mount namespace of its own in which each of them is an empty, read-only file system, as another
+# machine's folders would be. `unshare` keeps the process: Ray knows its worker by its pid.
+HIDING_PYTHON = """#!/bin/sh
+[ -z "$COAT_TEST_HIDE" ] && exec {python} "$@"
+exec unshare --mount sh -c 'for d in $COAT_TEST_HIDE; do mount -t tmpfs -o ro,size=4k hidden "$d" || exit 97; done
+exec "$@"' hide {python} "$@"
+"""
+
+
+def private_nodes(private: Path, workers: int = 2) -> tuple[dict, list[dict]]:
+    """Folders of the driver's node (`private`/head) and of each worker node (`private`/node-<i>), each node's
+    temporary folder among them, every one hidden from the worker nodes it is not on: the driver moves into its
+    own. Returns the job's runtime env and each worker node's environment."""
+    head = private / "head"
+    folders = [head, *(private / f"node-{i}" for i in range(workers))]
+    for folder in folders:
+        (folder / "tmp").mkdir(parents=True, exist_ok=True)
+    python = private / "python"
+    python.write_text(HIDING_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    os.chdir(head)
+    os.environ["TMPDIR"] = str(head / "tmp")  # the head's raylet and the driver's own temporary files
+    tempfile.tempdir = None
+    node_env = [{"TMPDIR": str(own / "tmp"), "COAT_TEST_HIDE": " ".join(str(f) for f in folders if f != own)}
+                for own in folders[1:]]
+    return {"py_executable": str(python)}, node_env
+
+
+@ray.remote(num_cpus=0)
+def look_around(driver_file: str) -> dict:
+    """What a process of this node sees: the driver's own file (on a node of its own it cannot), its node's
+    temporary folder."""
+    return {"node": ray.get_runtime_context().get_node_id(), "sees_driver_file": Path(driver_file).exists(),
+            "tmp": tempfile.gettempdir()}
+
+
+def all_actor_nodes(class_name: str) -> list[str]:
+    """The node of every actor of `class_name` the cluster has held, live or gone."""
+    return [a["Address"]["NodeID"] for a in ray._private.state.actors().values() if a["ActorClassName"] == class_name]
+
+
+def grid_scenario(scenario: dict, out: dict) -> Cluster:
+    """The grid sweep of `space` over `overrides` on a head with no CPUs (only the driver and Tune's loop run
+    there) and two worker nodes, which run every trial and every task. The driver's working folder and temporary
+    folder, and each node's temporary folder, are hidden from the other nodes (`private_nodes`): a trial that
+    reads or writes a path only another node has fails. Records what each worker node sees, which nodes ran
+    trials, and what `sweep_efficiency.summarise` makes of the sweep (the driver's overhead per trial)."""
+    runtime_env, node_env = private_nodes(Path(scenario["private"]))
+    cluster, nodes = start_cluster(head_cpus=0, node_env=node_env, runtime_env=runtime_env)
+    out["head"], out["workers"] = cluster.head_node.node_id, [node.node_id for node in nodes]
+    driver_file = Path(tempfile.mkdtemp(prefix="driver-")) / "only-here"
+    driver_file.write_text("only on the driver's node")
+    out["seen"] = ray.get([look_around.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, False))
+                           .remote(str(driver_file)) for node in nodes])
+    cfg = load_config(overrides=scenario["overrides"])
+    start = time.perf_counter()
+    result = run_sweep(None, scenario["space"], scenario["overrides"])
+    wall = time.perf_counter() - start
+    out.update({"parent": result.parent_run_id, "statuses": list(result.table["status"]),
+                "steps": [int(s) for s in result.table["steps"]], "trial_nodes": all_actor_nodes(TRIAL)})
+    efficiency = importlib.util.spec_from_file_location(
+        "sweep_efficiency", Path(__file__).parents[1] / "experiments" / "benchmarks" / "sweep_efficiency.py")
+    module = importlib.util.module_from_spec(efficiency)
+    efficiency.loader.exec_module(module)
+    out["efficiency"] = module.summarise(result, tracking.resolve_uri(cfg.tracking.uri), wall, len(nodes),
+                                         cfg.train.batch_size)
+    return cluster
+
+
 class Record(dict):
     """What happened, written to `path` at every entry."""
 
@@ -188,7 +265,8 @@ class Record(dict):
 def main(kind: str, scenario_file: str, out_file: str) -> None:
     faulthandler.register(signal.SIGUSR1)
     scenario = json.loads(Path(scenario_file).read_text())
-    cluster = {"train": train_scenario, "sweep": sweep_scenario}[kind](scenario, Record(Path(out_file)))
+    scenarios = {"train": train_scenario, "sweep": sweep_scenario, "grid": grid_scenario}
+    cluster = scenarios[kind](scenario, Record(Path(out_file)))
     # The driver first, then every node: left to the exit hooks (each node registers its own, a replacement after
     # `ray.init`'s), the process ended with status 1 after a run that had succeeded.
     ray.shutdown()

@@ -3,11 +3,14 @@ environment their setup commands leave on a node (run through Ray's own command 
 KubeRay RayJob's shape, and that every path they name exists in the repository. No network, no cloud credentials."""
 
 import configparser
+import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -23,6 +26,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config, with_h
 from ray.runtime_env import RuntimeEnv
 
 from coat import tracking
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -182,7 +186,7 @@ def test_no_launcher_config_opens_a_service_without_auth(name, tmp_path):
     assert env.get("MLFLOW_TRACKING_USERNAME") == "coat" and "MLFLOW_TRACKING_PASSWORD" in env
     (head,) = [cmd for cmd in config["head_start_ray_commands"] if "ray start --head" in cmd]
     assert flag(head, "--dashboard-host") in LOOPBACK, f"{name}: the dashboard listens beyond loopback"
-    assert SUPERVISOR_CONF in mlflow_start_command(name), f"{name}: the MLflow server runs from elsewhere"
+    assert START_SCRIPT in mlflow_start_command(name), f"{name}: the MLflow server runs from elsewhere"
     server, environment = mlflow_program()
     if flag(server, "--host") not in LOOPBACK:
         assert flag(server, "--app-name") == "basic-auth", f"{name}: MLflow listens beyond loopback without auth"
@@ -234,10 +238,11 @@ def free_port() -> int:
 
 
 SUPERVISOR_CONF = "cluster/mlflow-supervisord.conf"
+START_SCRIPT = "cluster/start-mlflow.sh"
 
 
 def mlflow_start_command(name: str) -> str:
-    (cmd,) = [c for c in load(name)["head_start_ray_commands"] if "supervisord" in c]
+    (cmd,) = [c for c in load(name)["head_start_ray_commands"] if START_SCRIPT in c]
     return cmd
 
 
@@ -249,38 +254,48 @@ def mlflow_program() -> tuple[str, str]:
 
 
 def test_launcher_configs_share_the_mlflow_server_command():
-    """The faults test below runs gpu.yaml's command; local.yaml's must be the same, on the port the URI names."""
+    """The faults test below runs gpu.yaml's command; local.yaml's must be the same, on the port the URI names,
+    and both must ship the PostgreSQL store the script starts (the distribution's package on the head)."""
     cmd = mlflow_start_command("gpu.yaml")
     assert mlflow_start_command("local.yaml") == cmd
     assert cmd.count("COAT_MLFLOW_PORT=5000") == 1 and "--port %(ENV_COAT_MLFLOW_PORT)s" in mlflow_program()[0]
-    assert "nohup" not in cmd, "a server that dies stays dead: run it under the supervisor"
+    script = (ROOT / START_SCRIPT).read_text()
+    assert "nohup" not in script, "a server that dies stays dead: run it under the supervisor"
+    assert "sqlite" not in mlflow_program()[0] + script, "SQLite serialises every write of dozens of trials"
+    for name in LAUNCHER_CONFIGS:
+        assert any("apt-get install" in c and "postgresql" in c for c in load(name).get("head_setup_commands", [])), \
+            f"{name}: the head has no PostgreSQL"
+        assert load(name)["file_mounts"].get(f"~/coat/{START_SCRIPT}") == START_SCRIPT, name
 
 
-@pytest.mark.faults  # one MLflow server started by supervisord, killed and started again: ~1 min on 2 cores
-def test_head_runs_one_mlflow_server_under_a_supervisor_that_restarts_it(tmp_path, monkeypatch):
+@pytest.mark.faults  # PostgreSQL and an MLflow server started by supervisord, each killed and restarted: ~2 min
+def test_head_runs_one_mlflow_server_on_postgresql_under_a_supervisor_that_restarts_both(tmp_path, monkeypatch):
     """Runs the head's MLflow start command as Ray would (on a free port instead of the URI's 5000): it must return at
     once (an SSH session that waits on the server would hang `ray up`), refuse a client without the password the
-    secrets command made, serve runs whose store and artifacts land under $COAT_STORAGE, not start a second
-    server when `ray up` reruns it, and, when the server is killed (as the OOM killer would), serve again with the
-    run and its metrics intact."""
+    secrets command made, serve runs whose PostgreSQL store and artifacts land under $COAT_STORAGE, not start a
+    second server when `ray up` reruns it, and when the server or PostgreSQL is killed (as the OOM killer would),
+    serve again with the run and its metrics intact; a write made while PostgreSQL is away is not lost."""
     port = free_port()
     cmd = mlflow_start_command("gpu.yaml").replace("5000", str(port))
-    shared = tmp_path / "shared"
+    home = Path(tempfile.mkdtemp(prefix="coat-head-"))  # as root, PostgreSQL runs as `postgres`: it must get in
+    home.chmod(0o755)
+    shared = home / "shared"
+    shared.mkdir(mode=0o755)  # as the initialization commands make it
     venv_bin = Path(sys.executable).parent
     exports = AUTH_EXPORT.findall(next(c for c in load("gpu.yaml")["setup_commands"] if "> ~/coat.env" in c))
-    (tmp_path / ".bashrc").write_text("\n".join([f"export COAT_STORAGE={shared}", f"export COAT_PROJECT={ROOT}",
-                                                  f"export PATH={venv_bin}:$PATH", *exports, ""]))
-    run_like_ray(secrets_command(load("gpu.yaml")), tmp_path)
+    (home / ".bashrc").write_text("\n".join([f"export COAT_STORAGE={shared}", f"export COAT_PROJECT={ROOT}",
+                                              f"export PATH={venv_bin}:$PATH", *exports, ""]))
+    run_like_ray(secrets_command(load("gpu.yaml")), home)
     password = (shared / "secrets" / "mlflow-password").read_text()
     supervisorctl = f"supervisorctl -c {ROOT / SUPERVISOR_CONF}"
     uri = f"http://127.0.0.1:{port}"
 
-    def supervised() -> int:
-        """The pid of the server process supervisord runs (0: none running)."""
-        return int(run_like_ray(f"{supervisorctl} pid mlflow", tmp_path).strip() or 0)
+    def supervised(program: str) -> int:
+        """The pid of `program` as supervisord runs it (0: not running)."""
+        return int(run_like_ray(f"{supervisorctl} pid {program}", home).strip() or 0)
 
     try:
-        run_like_ray(cmd, tmp_path)
+        run_like_ray(cmd, home)
         wait_until_healthy(uri)
         with pytest.raises(tracking.TrackingUnavailableError, match="HTTP 401"):
             tracking.check_reachable(uri)
@@ -292,21 +307,29 @@ def test_head_runs_one_mlflow_server_under_a_supervisor_that_restarts_it(tmp_pat
         client.log_metric(run_id, "loss", 0.5, step=1)
         (tmp_path / "table.txt").write_text("k,loss\n4,0.5\n")
         client.log_artifact(run_id, str(tmp_path / "table.txt"))
-        assert (shared / "mlflow/mlruns.db").is_file() and (shared / "mlflow/basic_auth.db").is_file()
+        assert (shared / "mlflow/postgres/PG_VERSION").is_file() and (shared / "mlflow/basic_auth.db").is_file()
+        assert not (shared / "mlflow/mlruns.db").exists()
         assert [p.name for p in (shared / "mlflow/artifacts").rglob("table.txt")] == ["table.txt"]
-        first = supervised()
-        run_like_ray(cmd, tmp_path)
-        assert supervised() == first, "a second `ray up` started a second server"
-        for web_server in psutil.Process(first).children(recursive=True):  # what the OOM killer would pick
+        server, database = supervised("mlflow"), supervised("postgres")
+        assert psutil.Process(database).username() == ("postgres" if os.geteuid() == 0 else psutil.Process().username())
+        run_like_ray(cmd, home)
+        assert supervised("mlflow") == server, "a second `ray up` started a second server"
+        for web_server in psutil.Process(server).children(recursive=True):  # what the OOM killer would pick
             web_server.kill()
-        wait_until_healthy(uri, lambda: supervised() not in (0, first))
+        wait_until_healthy(uri, lambda: supervised("mlflow") not in (0, server))
         client.log_metric(run_id, "loss", 0.25, step=2)
-        assert tracking.metric_history(uri, run_id, "loss") == [(1, 0.5), (2, 0.25)]
+        tracking.spool_writes(uri, run_id, tmp_path / "spool", retry_s=1)
+        psutil.Process(database).kill()
+        tracking.log_metrics(uri, run_id, {"loss": 0.125}, step=3)  # answered 503 until PostgreSQL is back
+        wait_until_healthy(uri, lambda: supervised("postgres") not in (0, database))
+        wait_for(lambda: tracking.flush(run_id), "the spooled write to reach the restarted store", 120)
+        assert tracking.metric_history(uri, run_id, "loss") == [(1, 0.5), (2, 0.25), (3, 0.125)]
     finally:
-        subprocess.run(f"HOME={tmp_path} {venv_bin}/{supervisorctl} shutdown", shell=True, capture_output=True)
+        subprocess.run(f"HOME={home} {venv_bin}/{supervisorctl} shutdown", shell=True, capture_output=True)
         leftover = [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
         for proc in leftover:
             proc.kill()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def wait_until_healthy(uri: str, restarted=lambda: True, timeout_s: float = 180) -> None:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,11 +85,11 @@ def home_restored():
         path.unlink(missing_ok=True)
 
 
-def overlay(tmp_path: Path, key: Path, ray_port: int) -> Path:
-    """cluster/local.yaml on this machine: the test's login, the project mounted under tmp_path, and this venv in
-    place of the download-and-install setup."""
+def overlay(tmp_path: Path, shared: Path, key: Path, ray_port: int) -> Path:
+    """cluster/local.yaml on this machine: the test's login, the project mounted under tmp_path, `shared` as the
+    shared storage, and this venv in place of the download-and-install setup."""
     config = yaml.safe_load((ROOT / "cluster" / "local.yaml").read_text())
-    project, shared, env = tmp_path / "project", tmp_path / "shared", tmp_path / "coat.env"
+    project, env = tmp_path / "project", tmp_path / "coat.env"
     config["cluster_name"] = f"coat-test-{ray_port}"
     config["provider"] |= {"head_ip": "127.0.0.1", "worker_ips": []}
     config["auth"] = {"ssh_user": getpass.getuser(), "ssh_private_key": str(key)}
@@ -118,7 +119,9 @@ def ray(*args: str, timeout: int) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(1500)  # above the sum of the commands' own limits (1440 s)
 def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home_restored, monkeypatch):
-    cluster = overlay(tmp_path, sshd, free_port())
+    shared = Path(tempfile.mkdtemp(prefix="coat-shared-"))  # as root, the head's PostgreSQL runs as `postgres`:
+    shared.chmod(0o755)                                      # it must get in, as into a cluster's /mnt/shared
+    cluster = overlay(tmp_path, shared, sshd, free_port())
     cpu_tiny = ["backbone.size=tiny", "backbone.checkpoint=null", "backbone.dtype=float32", "train.use_gpu=false",
                 "train.num_workers=0", "train.cpus_per_worker=0.5", "experts.names=[mel]", "experts.settings={}",
                 "data.max_seconds=8", "lora.modules_to_save=[lm_head]", "train.max_failures=0", "eval.batch_size=4"]
@@ -137,7 +140,7 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
                         *cpu_tiny, timeout=720)
         assert "executed notebook:" in submitted.stdout, submitted.stdout[-3000:]
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "coat")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", (tmp_path / "shared/secrets/mlflow-password").read_text())
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", (shared / "secrets/mlflow-password").read_text())
         client = mlflow.MlflowClient(tracking_uri=f"http://127.0.0.1:{MLFLOW_PORT}")
         [experiment] = [e for e in client.search_experiments() if e.name == "coat"]
         runs = client.search_runs([experiment.experiment_id])
@@ -146,15 +149,15 @@ def test_ray_up_submit_and_down_on_a_local_cluster_over_ssh(tmp_path, sshd, home
         assert sorted(r.data.params["thinking.num_slots"] for r in children) == ["0", "4"]
         assert {r.info.status for r in children} == {"FINISHED"} == {parent.info.status}
         assert all(any(key.startswith("eval/") for key in r.data.metrics) for r in children)
-        assert (tmp_path / "shared" / "mlflow" / "mlruns.db").is_file()
+        assert (shared / "mlflow" / "postgres" / "PG_VERSION").is_file(), "the runs are in the head's PostgreSQL"
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "down", "-y", str(cluster)], cwd=ROOT,
                        capture_output=True, timeout=180)
         subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",  # the head's MLflow supervisor
                         str(tmp_path / "project" / "cluster" / "mlflow-supervisord.conf"), "shutdown"],
                        capture_output=True, timeout=60)
-        servers = [p for p in psutil.process_iter(["cmdline"])
-                   if "mlflow" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])]
+        servers = [p for p in psutil.process_iter(["cmdline"]) if str(shared) in " ".join(p.info["cmdline"] or [])]
         for proc in servers:  # `ray down` stops Ray, not the head's MLflow server (on a cloud the node goes)
             proc.terminate()
         psutil.wait_procs(servers, timeout=10)
+        shutil.rmtree(shared, ignore_errors=True)

@@ -45,6 +45,7 @@ from tests.conftest import SYNTHETIC_EXPERTS
         (["data.mixture=[{weight: 2}]"], "data.mixture.0.manifest"),
         (["data.mixture=[{manifest: a/m.jsonl}, {manifest: a/n.jsonl}]"], "data.mixture"),
         (["train.stages=[]"], "train.stages"),
+        (["tracking.log_every=0"], "tracking.log_every"),
         (["sweep.metric=loss"], "sweep.metric"),
         (["eval.baselines=[gpt]"], "eval.baselines"),
         (["eval.suites.mmau.metrics=[recall]"], "eval.suites.mmau.metrics"),
@@ -139,3 +140,10 @@ def test_config_show_explains_every_field_and_loads_back_as_the_same_config(tmp_
     (tmp_path / "shown.yaml").write_text(shown)
     assert load_config(tmp_path / "shown.yaml") == load_config(
         overrides=["thinking.num_slots=8", "train.stages.0.steps=7", "data.max_seconds=4"])
+
+
+def test_step_metrics_are_thinned_to_about_a_thousand_points_unless_told():
+    """A 5,000-step run logs 1,000 points a metric by default; a short one logs every step; the setting wins."""
+    assert load_config(overrides=["train.stages=[{steps: 5000}]"]).steps_between_logs == 5
+    assert load_config(overrides=["train.stages=[{steps: 80}]"]).steps_between_logs == 1
+    assert load_config(overrides=["train.stages=[{steps: 5000}]", "tracking.log_every=50"]).steps_between_logs == 50

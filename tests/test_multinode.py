@@ -1,7 +1,8 @@
-"""A cluster that loses a whole node: Ray's own multi-node test cluster (`ray.cluster_utils.Cluster`, a head and
-two worker nodes on this machine) runs coat's training and sweeps, and a worker node goes mid-run with every
-process on it. Storage, the feature store and the MLflow store are folders every node shares, as a cluster's
-shared file system would be. Each scenario runs in a process of its own (tests/multinode_cluster.py)."""
+"""A cluster of several nodes: Ray's own multi-node test cluster (`ray.cluster_utils.Cluster`, a head and two
+worker nodes on this machine) runs coat's training and sweeps; a worker node goes mid-run with every process on it,
+or a grid spreads over the nodes, each blind to the others' own folders. Storage, the feature store and the MLflow
+store are folders every node shares, as a cluster's shared file system would be. Each scenario runs in a process of
+its own (tests/multinode_cluster.py)."""
 
 import contextlib
 import json
@@ -18,7 +19,7 @@ import pytest
 from ray import cluster_utils
 
 from coat import tracking
-from tests.conftest import sweep_args
+from tests.conftest import mlflow_server, sweep_args
 from tests.multinode_cluster import ONE_PER_WORKER_NODE
 
 SCENARIOS = Path(__file__).with_name("multinode_cluster.py")
@@ -114,3 +115,68 @@ def test_a_sweep_that_loses_the_node_of_a_trial_goes_on_and_logs_every_trial_onc
         assert [s for s, _ in tracking.metric_history(uri, run_id, "val/ce")] == [2, 4, 6, 8]
         assert [s for s, _ in tracking.metric_history(uri, run_id, tracking.PREFILL_COST)] == [8]
         assert any(key.startswith("eval/") for key in child.data.metrics)
+
+
+def can_hide_folders(folder: Path) -> bool:
+    """Whether a child of this process may hide `folder` as the worker nodes do (`multinode_cluster.HIDING_PYTHON`):
+    a mount namespace of its own with an empty file system over it (root, or CAP_SYS_ADMIN)."""
+    folder.mkdir()
+    command = ["unshare", "--mount", "mount", "-t", "tmpfs", "-o", "ro,size=4k", "hidden", str(folder)]
+    try:
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # 16 short trials over two worker nodes, against PostgreSQL: 2 to 3 minutes on 2 cores
+def test_a_grid_over_several_nodes_logs_every_trial_once_and_reads_nothing_only_the_driver_has(tmp_path, coat_mini,
+                                                                                               postgres_uri):
+    """16 trials, one at a time on each of two worker nodes (the head, where the driver runs, holds no CPUs),
+    through a PostgreSQL-backed MLflow server, with the feature store in one folder every node reads. The driver's
+    working and temporary folders, and each node's temporary folder, are empty and read-only on the other nodes, as
+    on separate machines: a trial that reads (or writes) a path only the driver's node has fails. Every trial ends
+    in MLflow exactly once; the driver's own overhead per trial (`sweep_efficiency.summarise`) is printed."""
+    if not can_hide_folders(tmp_path / "probe"):
+        pytest.skip("hiding the driver's folders from the worker nodes takes a mount namespace (`unshare --mount`: "
+                    "root or CAP_SYS_ADMIN)")
+    space = tmp_path / "nodes.yaml"
+    space.write_text("thinking.num_slots: {grid: [1, 2, 3, 4, 5, 6, 7, 8]}\n")
+    server_root = tmp_path / "server"
+    server_root.mkdir()
+    server = (postgres_uri, server_root, "--workers", "4", "--artifacts-destination", str(server_root / "art"))
+    with mlflow_server(*server) as uri:
+        overrides = sweep_args(tmp_path, coat_mini, "sweep.name=nodes", "sweep.seeds=[0,1]", "sweep.max_concurrent=2",
+                               ONE_PER_WORKER_NODE, f"tracking.uri={uri}", "train.stages=[{steps: 2}]",
+                               "eval.max_examples=2", "eval.latency_examples=0")
+        recorded = run_scenario("grid", tmp_path, overrides, space=str(space), private=str(tmp_path / "private"))
+
+        workers = recorded["workers"]
+        assert [seen["node"] for seen in recorded["seen"]] == workers
+        assert not any(seen["sees_driver_file"] for seen in recorded["seen"]), "the driver's folder is hidden"
+        assert [seen["tmp"] for seen in recorded["seen"]] == [str(tmp_path / "private" / f"node-{i}" / "tmp")
+                                                             for i in range(2)]
+        assert set(recorded["trial_nodes"]) == set(workers), "trials ran on both worker nodes, none on the head"
+        assert recorded["statuses"] == ["done"] * 16 and recorded["steps"] == [2] * 16
+
+        assert tracking.run_status(uri, recorded["parent"]) == "FINISHED"
+        children = tracking.child_runs(uri, recorded["parent"])
+        assert len(children) == 16 and {r.info.status for r in children} == {"FINISHED"}
+        assert len({r.data.tags[tracking.RUN_NAME_TAG] for r in children}) == 16, "one child per trial"
+        assert sorted(r.info.run_name for r in children) == sorted(f"K={k} seed={s}" for k in range(1, 9)
+                                                                   for s in (0, 1))
+        (version,) = [p.name for p in (coat_mini.parent / "store" / "mel").iterdir() if p.is_dir()]
+        assert {r.data.tags["expert.mel.version"] for r in children} == {version}, "one shared feature store"
+        for child in children:
+            run_id = child.info.run_id
+            assert [s for s, _ in tracking.metric_history(uri, run_id, "train/loss")] == [1, 2]
+            assert [s for s, _ in tracking.metric_history(uri, run_id, "val/ce")] == [2]
+            assert [s for s, _ in tracking.metric_history(uri, run_id, tracking.PREFILL_COST)] == [2]
+            assert any(key.startswith("eval/") for key in child.data.metrics)
+
+    efficiency = recorded["efficiency"]
+    assert efficiency["trials"] == 16 and efficiency["trial_steps"] == 32
+    shares = efficiency["shares"]
+    print(f"\n16 trials on 2 worker nodes in {efficiency['wall_s']:.0f} s: driver overhead "
+          f"{efficiency['overhead_per_trial_s']:.1f} s per trial ({shares['outside_trials']:.0%} of 2 slots); "
+          f"start-up {shares['startup']:.0%}, steps {shares['steps']:.0%}, rest of the loop "
+          f"{shares['loop_other']:.0%}, evaluation {shares['evaluation']:.0%}")

@@ -4,14 +4,17 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from coat import tracking
@@ -19,7 +22,7 @@ from coat.config import flatten, from_yaml, load_config, redacted, to_yaml
 from coat.provenance import provenance
 from coat.spool import Spool, SpoolFullError
 from coat.tracking import TrackingUnavailableError
-from tests.conftest import free_port
+from tests.conftest import free_port, mlflow_server
 
 OVERRIDES = ["thinking.num_slots=4", "experts.names=[pitch,mel]", "loss.weights.pitch=0.5", "train.lr=0.001"]
 
@@ -256,6 +259,66 @@ def test_a_write_the_server_rejects_is_raised_not_spooled(server, tmp_path):
     with pytest.raises(MlflowException, match="0" * 32):
         tracking.log_metrics(uri, "0" * 32, {"loss": 1.0}, 0)
     assert not list(spool.glob("*.jsonl"))
+
+
+@pytest.mark.parametrize(("error_code", "message", "outage"), [
+    ("BAD_REQUEST", "(sqlalchemy.exc.TimeoutError) QueuePool limit of size 5 overflow 10 reached", True),
+    ("TEMPORARILY_UNAVAILABLE", "(sqlite3.OperationalError) database is locked", True),
+    ("INTERNAL_ERROR", 'connection to server at "127.0.0.1", port 5432 failed: Connection refused', True),
+    ("INTERNAL_ERROR", "FATAL:  sorry, too many clients already", True),
+    ("RESOURCE_DOES_NOT_EXIST", "Run with id=0123 not found", False),
+    ("INVALID_PARAMETER_VALUE", "Changing param values is not allowed. Param with key='lr' was already logged", False),
+])
+def test_a_server_out_of_capacity_is_an_outage_and_a_refused_write_is_not(error_code, message, outage):
+    """What the server answers, as the client receives it: capacity errors wait in the spool whatever their status
+    (pool exhaustion comes as 400); a write refused for what it is would wait forever, so it is raised."""
+    assert tracking.is_outage(RestException({"error_code": error_code, "message": message})) is outage
+
+
+@pytest.mark.faults  # a server held overloaded for ~45 s, then the spools replayed: ~1.5 min on 2 cores
+def test_a_server_out_of_capacity_is_an_outage_its_writes_wait_and_arrive_once(tmp_path, monkeypatch, caplog):
+    """An overloaded server answers writes 503 (`database is locked`) or 400 BAD_REQUEST (`QueuePool limit ...
+    reached`): both are an outage, not a rejection. Made real: one server worker with two database connections,
+    its SQLite file held under an exclusive lock by another process for 45 s while eight runs write, so that some
+    writes wait on the lock (20 s) and others wait for a connection past SQLAlchemy's 30 s. Nothing is raised into
+    the writers, and once the lock goes every write arrives exactly once."""
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "1")
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "1")  # MLflow ignores 0
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")  # the client outwaits the server's pool
+    db = tmp_path / "mlruns.db"
+    with mlflow_server(f"sqlite:///{db}", tmp_path) as uri:
+        client = MlflowClient(uri)
+        experiment = client.create_experiment("overloaded")
+        runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+        for run_id in runs:
+            tracking.spool_writes(uri, run_id, tmp_path / "spool" / run_id, retry_s=1)
+        holder = sqlite3.connect(db, timeout=0)
+        holder.execute("BEGIN EXCLUSIVE")
+        raised: list[Exception] = []
+
+        def write(run_id: str) -> None:
+            try:
+                for step in range(3):
+                    tracking.log_metrics(uri, run_id, {"loss": 1.0 / (step + 1)}, step=step)
+            except Exception as err:  # noqa: BLE001 - any error here is the failure under test
+                raised.append(err)
+
+        writers = [threading.Thread(target=write, args=(run_id,)) for run_id in runs]
+        for writer in writers:
+            writer.start()
+        time.sleep(45)  # past the server's 20 s busy timeout and SQLAlchemy's 30 s pool timeout
+        waiting = [run_id for run_id in runs if list((tmp_path / "spool" / run_id).glob("*.jsonl"))]
+        holder.rollback()
+        holder.close()
+        for writer in writers:
+            writer.join(timeout=120)
+        assert not raised, raised
+        assert waiting, "no write met the overload: the test did not test it"
+        said = " ".join(record.getMessage() for record in caplog.records)
+        assert "QueuePool limit" in said, "the pool's 400 was met and taken for an outage"
+        for run_id in runs:
+            assert tracking.flush(run_id)
+            assert tracking.metric_history(uri, run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
 
 
 def test_spooled_writes_reach_the_server_once_however_often_they_are_replayed(server, tmp_path):

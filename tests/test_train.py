@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
+from coat.analysis.runs import histories
 from coat.config import ConfigError, apply_overrides, from_yaml, load_config, to_yaml
 from coat.data.stream import iter_training_batches, shuffled_donors
 from coat.data.synth import synthesize
@@ -348,25 +349,33 @@ def killed_runs(cfg, tmp_path: Path, faults: str, runs: int) -> tuple[list[int],
     return [d.returncode for d in done], uri
 
 
-def assert_resumed_like(uri: str, run_name: str, reference_uri: str, reference_run: str, steps: int) -> str:
-    """Every step logged once, with the losses of the uninterrupted reference run. Returns the run id."""
+def assert_resumed_like(uri: str, run_name: str, reference_uri: str, reference_run: str, steps: int | list[int]
+                        ) -> str:
+    """Every step (of `steps`, or 1..`steps`) logged once, with the losses of the uninterrupted reference run, which
+    logged every step. Returns the run id."""
+    steps = steps if isinstance(steps, list) else list(range(1, steps + 1))
     run_id = tracking.find_run(uri, tracking.get_or_create_experiment(uri, "coat"), run_name)
     losses = tracking.metric_history(uri, run_id, "train/loss")
-    assert [s for s, _ in losses] == list(range(1, steps + 1)), "every step logged exactly once"
-    expected = tracking.metric_history(reference_uri, reference_run, "train/loss")
-    np.testing.assert_allclose([v for _, v in losses], [v for _, v in expected], rtol=1e-5)
+    assert [s for s, _ in losses] == steps, "each logged step exactly once"
+    expected = dict(tracking.metric_history(reference_uri, reference_run, "train/loss"))
+    np.testing.assert_allclose([v for _, v in losses], [expected[s] for s in steps], rtol=1e-5)
     return run_id
 
 
 def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_losses(uninterrupted, tmp_path):
     """Killed in stage 2 while writing the step-6 checkpoint: the restart starts stage 2 again from stage 1's final
-    checkpoint (step 4), with LoRA joining, the same data order and randomness; it logs every step once and
-    evaluates where it trained. (The faults tier kills a run in stage 1.)"""
+    checkpoint (step 4), with LoRA joining, the same data order and randomness; it logs each logged step once
+    (here every third step, plus the checkpoints' with their validation) and evaluates where it trained. (The
+    faults tier kills a run in stage 1, logging every step.)"""
     cfg, reference = uninterrupted
-    codes, uri = killed_runs(cfg, tmp_path, "checkpoint@6", runs=2)
+    codes, uri = killed_runs(apply_overrides(cfg, ["tracking.log_every=3"]), tmp_path, "checkpoint@6", runs=2)
     assert codes == [-signal.SIGKILL, 0]
     assert not list((tmp_path / "runs" / "killed").glob(".staging-*")), "the torn write is cleared"
-    run_id = assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id, 8)
+    run_id = assert_resumed_like(uri, "killed", tracking.resolve_uri(cfg.tracking.uri), reference.mlflow_run_id,
+                                 [2, 3, 4, 6, 8])
+    assert steps_logged(uri, run_id, "val/ce") == [2, 4, 6, 8]
+    curves = histories(uri, [run_id], "train/loss")
+    assert curves["step"].tolist() == [2, 3, 4, 6, 8] and curves["value"].notna().all(), "what the notebooks read"
 
     client = mlflow.tracking.MlflowClient(uri)
     tags = client.get_run(run_id).data.tags

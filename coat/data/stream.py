@@ -85,7 +85,7 @@ class Stream:
         dataset = ray.data.from_items(rows).map_batches(
             load_batch, fn_kwargs={"sources": self.sources, "sample_rate": self.sample_rate,
                                    "crop_seconds": self.crop_seconds},
-            batch_size=8, batch_format="numpy", num_cpus=0.5, concurrency=self.decode_tasks)
+            batch_size=8, batch_format="numpy", num_cpus=0.5, compute=ray.data.TaskPoolStrategy(size=self.decode_tasks))
         dataset.context.execution_options.preserve_order = True
         return quiet(dataset)
 

@@ -151,13 +151,14 @@ def response_logprobs(model: CoATModel, audio: list[np.ndarray], prompts: list[s
     response (default: all of them), and how many tokens that is: [B] sums, [B] counts."""
     batch = model.encode(audio, prompts, responses)
     labels = batch["labels"][:, 1:].to(model.slot_table.device)
-    logits = model.lm(**model._model_inputs(batch), use_cache=False).logits[:, :-1]
     labelled = labels != -100
     if scored is not None:
         from_end = labelled.flip(1).cumsum(1).flip(1)  # 1 at a response's last token, 2 before it, ...
         labelled &= from_end <= torch.tensor(scored, device=labels.device)[:, None]
+    positions = torch.cat([labelled, torch.zeros_like(labelled[:, :1])], dim=1)  # each predicts the next token
+    logits, _ = model.next_token_logits(model._model_inputs(batch), positions)
     picked = torch.zeros_like(labels, dtype=torch.float32)
-    picked[labelled] = torch.log_softmax(logits[labelled].float(), -1).gather(-1, labels[labelled, None])[:, 0]
+    picked[labelled] = torch.log_softmax(logits.float(), -1).gather(-1, labels[labelled, None])[:, 0]
     return picked.sum(1).cpu(), labelled.sum(1).cpu()
 
 

@@ -62,7 +62,7 @@ class AudioEncoderExpert:
 
             config = AutoConfig.from_pretrained(resolve_checkpoint(checkpoint), local_files_only=True)
             hidden = config.get_text_config().hidden_size
-        elif size == "real":
+        elif size in ("real", "real-width"):  # real-width keeps the real widths: read them, build nothing
             hidden = spec.real_config().get_text_config().hidden_size
         else:
             from coat.backbones import build_backbone

@@ -2,8 +2,10 @@
 
     L = ce_weight * CE(response) + sum_e lambda_e * D_e(head_e(h_slots), pooled target_e)
 
-`forward` returns the total and every component; `generate` runs the backbone's own `generate` on a prompt
-that already holds the block (heads unused), so thinking costs K prefill positions and no decode step.
+`forward` returns the total and every component, projecting onto the vocabulary only the positions the response
+cross-entropy reads (a real vocabulary's logits at every position would dwarf the rest); `generate` runs the
+backbone's own `generate` on a prompt that already holds the block (heads unused), so thinking costs K prefill
+positions and no decode step.
 `save` writes only the trained parts (LoRA, slot table, heads) with the config; `load` rebuilds the base
 from that config and refuses parts made for another backbone or slot count.
 """
@@ -38,7 +40,7 @@ from coat.config import (
 from coat.data.store import STD_FLOOR
 from coat.experts.base import ExpertSpec
 from coat.model.heads import make_head
-from coat.model.losses import distance, response_ce
+from coat.model.losses import distance, predicting, response_ce
 from coat.model.slots import SlotEmbedding
 from coat.model.targets import slot_targets
 
@@ -54,7 +56,7 @@ INIT_STREAM = 1  # the initialisation's entry in train.seed's seed sequence (ste
 class CoATOutput:
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]  # "ce" and one entry per expert, unweighted
-    logits: torch.Tensor
+    logits: torch.Tensor  # [N, V] at the positions that predict a response token (`losses.predicting`), in order
     slot_states: torch.Tensor | None  # [B, K, H] at `heads.layer`, None when K = 0
 
 
@@ -203,12 +205,12 @@ class CoATModel(nn.Module):
         k = self.num_slots
         supervise = k > 0 and len(self.heads) > 0
         inputs = self._model_inputs(batch)
-        out = self.lm(**inputs, output_hidden_states=supervise, use_cache=False)
-        losses = {"ce": response_ce(out.logits, batch["labels"])}
+        logits, hidden_states = self.next_token_logits(inputs, predicting(batch["labels"]), hidden_states=supervise)
+        losses = {"ce": response_ce(logits, batch["labels"])}
         total = (self.cfg.loss.ce_weight if stage is None else stage.ce_weight) * losses["ce"]
         slot_states = None
         if supervise:
-            hidden = out.hidden_states[self.cfg.heads.layer]
+            hidden = hidden_states[self.cfg.heads.layer]
             is_slot = self.backbone.thinking.is_slot(inputs["input_ids"])
             slot_states = hidden[is_slot].view(hidden.shape[0], k, hidden.shape[-1])
             for name, spec in self.experts.items():
@@ -217,7 +219,16 @@ class CoATModel(nn.Module):
                 kind = self.cfg.loss.distance.get(name, default_distance(spec))
                 losses[name] = distance(kind, prediction, target)
                 total = total + expert_scale * expert_weight(self.cfg, name, stage) * losses[name]
-        return CoATOutput(loss=total, losses=losses, logits=out.logits, slot_states=slot_states)
+        return CoATOutput(loss=total, losses=losses, logits=logits, slot_states=slot_states)
+
+    def next_token_logits(self, inputs: Mapping[str, torch.Tensor], positions: torch.Tensor,
+                          hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The LLM (LoRA and slots included) on `inputs`, its vocabulary logits [N, V] at the `positions` ([B, T]
+        bool) only, and every layer's hidden states when asked. The backbone's own forward projects every
+        position: its `model` (audio merged, decoder run) and `lm_head` are called apart."""
+        base = self.lm.get_base_model()
+        out = base.model(**inputs, output_hidden_states=hidden_states, use_cache=False)
+        return base.lm_head(out.last_hidden_state[positions.to(out.last_hidden_state.device)]), out.hidden_states
 
     def slot_target(self, name: str, batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """Expert `name`'s target as its head predicts it (`slot_targets`), standardised per slot where

@@ -37,9 +37,15 @@ def distance(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> torch
     raise ValueError(f"unknown distance {kind!r}; one of {', '.join(DISTANCES)}")
 
 
+def predicting(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose next token is labelled (a response token), the only ones whose logits the
+    response cross-entropy reads."""
+    following = labels[:, 1:] != IGNORE_INDEX
+    return torch.cat([following, torch.zeros_like(following[:, :1])], dim=1)
+
+
 def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (response) positions only. Only those positions' logits are
-    upcast to float32: at a 150k vocabulary, every position's would take gigabytes."""
-    labels = labels[:, 1:].to(logits.device)
-    labelled = labels != IGNORE_INDEX
-    return F.cross_entropy(logits[:, :-1][labelled].float(), labels[labelled])
+    """Next-token cross-entropy on the response: `logits` [N, V] at the `predicting(labels)` positions, in order,
+    upcast to float32 (only these: at a 150k vocabulary, every position's would take gigabytes)."""
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(logits.device)
+    return F.cross_entropy(logits.float(), targets)

@@ -4,8 +4,9 @@ Runs inside each Ray Train worker, or in this process with `train.num_workers=0`
 every rank streams the rows `epoch_order` deals it, in a seeded order (under `thinking.targets=shuffled` each row
 with the targets of the row `shuffled_donors` gives it for the epoch); the randomness of each step is seeded by
 (seed, rank, step). A run resumed from a checkpoint therefore continues exactly where the uninterrupted run
-would be, and takes the same steps. Rank 0 alone writes checkpoints; per-step metrics travel inside them and
-reach MLflow once the checkpoint is committed (see `checkpoint.py`), so every step is logged exactly once.
+would be, and takes the same steps. Rank 0 alone writes checkpoints; step metrics (every `tracking.log_every`-th
+step's, each checkpoint step's and each skipped step's) travel inside them and reach MLflow once the checkpoint is
+committed (see `checkpoint.py`), so each is logged exactly once.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def accumulating(model, last: bool):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The entry point of each Ray Train worker."""
-    run_loop(loop_config, RayTrainSession())
+    run_loop(loop_config, RayTrainSession(from_yaml(loop_config["config"]).train.async_upload))
 
 
 @dataclass
@@ -306,10 +307,12 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                 now = time.perf_counter()
                 metrics |= {"train/epoch": at.epoch, "train/since_launch_s": time.time() - loop_config["launched_at"],
                             "train/samples_per_s": batch_size * accum * world / (now - last_step_end)}
-                if at.step > resumed.logged_through:
+                checkpointing = at.step % cfg.train.checkpoint_every == 0 or at.step in ends
+                logged = checkpointing or nonfinite or at.step % cfg.steps_between_logs == 0
+                if logged and at.step > resumed.logged_through:
                     pending.append((at.step, int(time.time() * 1000), metrics))
                 last_step_end = now
-                if at.step % cfg.train.checkpoint_every == 0 or at.step in ends:
+                if checkpointing:
                     metrics |= validation_losses(model, coat, val, cfg, session.rank, world, device)  # the record too
                     if cfg.train.val_scores and session.rank == 0:
                         metrics |= validation_scores(coat, loop_config["val_parts"], cfg)

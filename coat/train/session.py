@@ -89,11 +89,12 @@ class CommittedStepsLogger(ray.train.UserCallback):
 
 
 class RayTrainSession:
-    """A `Session` inside a `TorchTrainer` worker."""
+    """A `Session` inside a `TorchTrainer` worker; `async_upload`: see `report`."""
 
-    def __init__(self):
+    def __init__(self, async_upload: bool):
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.async_upload = async_upload
 
     def device(self, use_gpu: bool) -> torch.device:
         return ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -115,21 +116,34 @@ class RayTrainSession:
 
     @contextmanager
     def checkpoint_dir(self, step: int) -> Iterator[Path]:
-        """A folder in the worker's temporary space, which `report` copies into the run's storage."""
-        with tempfile.TemporaryDirectory(prefix="coat-checkpoint-") as directory:
-            yield Path(directory)
+        """A folder in the worker's temporary space, which `report` has copied into the run's storage and Ray then
+        deletes (removed here if writing it fails)."""
+        directory = Path(tempfile.mkdtemp(prefix="coat-checkpoint-"))
+        try:
+            yield directory
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        """Hand `checkpoint` to Ray Train, which copies it into the run's storage (`upload`) and registers it, then
-        wait for the registration: Ray's controller records a checkpoint in the run's snapshot, in the storage, only
-        once the worker has moved on, and the next checkpoint's copy filling the storage meanwhile would fail that
-        write and with it the run, leaving no registered checkpoint to resume from."""
+        """Hand `checkpoint` to Ray Train, which copies it into the run's storage (`upload`) and registers it: with
+        `async_upload` in a background thread while training goes on, else before returning. Either way the
+        previous checkpoint is registered before this one's copy starts: Ray's controller records a checkpoint in
+        the run's snapshot, in the storage, only once the worker has moved on, and the next copy filling the
+        storage meanwhile would fail that write and with it the run, leaving no registered checkpoint to resume
+        from. (A run's last copy is waited for when the loop returns.)"""
         if checkpoint is None:
             ray.train.report(metrics)
             return
+        committed = ray.train.CheckpointConsistencyMode.COMMITTED
+        if self.async_upload:
+            ray.train.get_all_reported_checkpoints(consistency_mode=committed)
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.async_upload else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint),
-                         checkpoint_upload_fn=upload)
-        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+                         checkpoint_upload_fn=upload, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
+        if not self.async_upload:
+            ray.train.get_all_reported_checkpoints(consistency_mode=committed)
 
 
 def upload(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:

@@ -11,9 +11,10 @@ in, and half float32's memory) and runs one CoAT training step (forward, backwar
 step. It prints one JSON line per backbone, then a table:
 
 - parameters in all and trained (LoRA, slot table, heads); peak RSS of the build and of each step;
-- per sample, the full-vocabulary logits as the forward materialises them and their gradient, measured from the
-  step's tensors (sequence length x vocabulary x element size), against what the response CE reads (its labelled
-  positions, upcast to float32), and the logits of the same prompt with the checkpoints' 30 s audio window;
+- per sample, the vocabulary logits as the forward materialises them and their gradient, measured from the step's
+  tensors (CoAT projects only the positions that predict a response token), against what projecting every
+  position would take (sequence length x vocabulary x element size, the backbones' own forward), here and for the
+  same prompt with the checkpoints' 30 s audio window;
 - seconds per step.
 
 Each child waits until the machine has `--min-free-gb` available before it builds (shared machines).
@@ -103,8 +104,9 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 
 def training_step(model: CoATModel, optimizer: torch.optim.Optimizer, batch: dict) -> dict:
-    """One step; its seconds, its peak RSS, and per sample what the full-vocabulary logits and their gradient take
-    as the step materialises them (measured from the tensors), against what the response CE reads."""
+    """One step; its seconds, its peak RSS, and per sample what the vocabulary logits and their gradient take as
+    the step materialises them (measured from the tensors: the positions that predict a response token), against
+    what projecting every position would take (the backbone's own forward), here and with a 30 s clip."""
     sampler, grads = PeakRSS(), []
     start = time.perf_counter()
     with sampler.watch():
@@ -115,7 +117,8 @@ def training_step(model: CoATModel, optimizer: torch.optim.Optimizer, batch: dic
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     logits = out.logits
-    batch_size, seq_len, vocab = logits.shape
+    batch_size, seq_len = batch["input_ids"].shape
+    vocab = logits.shape[-1]
     labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) // batch_size
     audio = int((batch["input_ids"][0] == audio_token_id(model)).sum())
     per_position = vocab * logits.element_size()
@@ -125,9 +128,9 @@ def training_step(model: CoATModel, optimizer: torch.optim.Optimizer, batch: dic
         "logits_dtype": str(logits.dtype).removeprefix("torch."),
         "logits_bytes_per_sample": nbytes(logits) // batch_size,
         "logits_grad_bytes_per_sample": sum(grads) // batch_size,
-        "ce_logits_bytes_per_sample": labelled * vocab * 4,  # the labelled positions' logits, upcast to float32
-        # The same prompt with the checkpoints' 30 s audio window (750 audio tokens), at this step's bytes/position.
-        "logits_bytes_per_sample_30s": (seq_len - audio + REAL_WINDOW_TOKENS) * per_position,
+        "all_positions_logits_bytes_per_sample": seq_len * per_position,
+        # The same prompt with the checkpoints' 30 s audio window (750 audio tokens), every position projected.
+        "all_positions_logits_bytes_per_sample_30s": (seq_len - audio + REAL_WINDOW_TOKENS) * per_position,
     }
 
 
@@ -194,7 +197,7 @@ def table(results: list[dict], batch_sizes: list[int]) -> Table:
     out = Table(title="real-width CoAT step on a CPU (bf16 weights, 2 layers per tower; RSS in GB, tensors in MB "
                       "per sample)")
     for column in ("backbone", "params", "build RSS", "vocab", "seq", *(f"B={b} s / RSS" for b in batch_sizes),
-                   "logits", "grad", "CE reads", "logits 30 s"):
+                   "logits", "grad", "every position", "every position 30 s"):
         out.add_column(column, justify="right")
     b = batch_sizes[0]
     for r in results:
@@ -202,8 +205,9 @@ def table(results: list[dict], batch_sizes: list[int]) -> Table:
             r["backbone"], f"{r['parameters'] / GB:.2f} B", f"{r['build_peak_rss_gb']:.2f}", str(r[f"vocab_b{b}"]),
             str(r[f"seq_len_b{b}"]),
             *(f"{r[f'step_s_b{size}']:.1f} / {r[f'step_peak_rss_gb_b{size}']:.2f}" for size in batch_sizes),
-            *(f"{r[f'{key}_b{b}'] / 1e6:.1f}" for key in ("logits_bytes_per_sample", "logits_grad_bytes_per_sample",
-                                                          "ce_logits_bytes_per_sample", "logits_bytes_per_sample_30s")),
+            *(f"{r[f'{key}_b{b}'] / 1e6:.1f}" for key in (
+                "logits_bytes_per_sample", "logits_grad_bytes_per_sample", "all_positions_logits_bytes_per_sample",
+                "all_positions_logits_bytes_per_sample_30s")),
         )
     return out
 

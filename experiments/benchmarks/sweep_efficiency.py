@@ -6,7 +6,9 @@
 Reports, for each: the best validation score (`val/ce`) and the emotion accuracy (with its bootstrap 95%
 interval) of the best trial, the trial-steps spent (ASHA stops trials early), and the share of the sweep's
 wall-clock x concurrency spent outside training steps, split into trial start-up, the rest of the training loop
-(validation, checkpoints), evaluation, and outside any trial (Ray and Tune start-up, scheduling, idle slots).
+(validation, checkpoints), evaluation, and outside any trial (Ray and Tune start-up, scheduling, idle slots);
+the last, in seconds per trial, is the driver's own overhead per trial (`summarise`, which tests/multinode_cluster.py
+also calls on a grid spread over several nodes).
 Goal: the Optuna + ASHA best within the grid best's interval for at most a third of the grid's steps.
 Prints one JSON line and a table.
 """
@@ -31,9 +33,10 @@ LR_VALUES = [1.0e-3, 3.0e-3, 1.0e-2]
 
 def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) -> dict:
     """The sweep's best trial, its cost in trial-steps, and where its wall-clock x concurrency went, as shares:
-    trial start-up (call to first optimizer step: model, data stream), training steps, the rest of the training
+    trial start-up (call to the first optimizer step: model, data stream), training steps, the rest of the training
     loop (validation, checkpoints, logging), the test-split evaluation, and outside any trial (Ray and Tune
-    start-up, data preparation, scheduling, slots left idle)."""
+    start-up, data preparation, scheduling, slots left idle). That last share in seconds, divided by the trials, is
+    `overhead_per_trial_s`: what the driver costs each trial beyond the trial's own work."""
     table = result.table
     phases = dict.fromkeys(("startup", "steps", "loop_other", "evaluation"), 0.0)
     for run_id in tracking.child_run_ids(uri, result.parent_run_id):
@@ -41,8 +44,9 @@ def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) 
                    for key in ("train/samples_per_s", "train/since_launch_s", "time/train_s", "time/eval_s")}
         if not history["train/since_launch_s"]:
             continue
-        steps = sum(batch_size / r for r in history["train/samples_per_s"] if r > 0)
-        startup = history["train/since_launch_s"][0]
+        durations = [batch_size / r if r > 0 else 0.0 for r in history["train/samples_per_s"]]
+        steps = sum(durations)
+        startup = history["train/since_launch_s"][0] - (durations[:1] or [0.0])[0]  # the first step is a step
         trained = (history["time/train_s"] or history["train/since_launch_s"])[-1]  # early-stopped: last step
         phases["startup"] += startup
         phases["steps"] += steps
@@ -58,6 +62,7 @@ def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) 
         "best_emotion_accuracy": best.get("eval/emotion/accuracy"),
         "best_emotion_ci": [best.get("eval/emotion/accuracy_ci_low"), best.get("eval/emotion/accuracy_ci_high")],
         "wall_s": wall, "outside_training_share": 1 - shares["steps"], "shares": shares,
+        "overhead_per_trial_s": shares["outside_trials"] * capacity / len(table) if len(table) else None,
     }
 
 
@@ -95,7 +100,7 @@ def main() -> None:
     print(json.dumps(out, default=float))
     table = Table(title="sweep efficiency: Optuna TPE + ASHA vs the full grid (same space)")
     for column in ("sweep", "trials", "trial-steps", "best val/ce", "best setting", "emotion acc [95% CI]",
-                   "outside training", "start-up / loop / eval / outside trials"):
+                   "outside training", "start-up / loop / eval / outside trials", "driver s/trial"):
         table.add_column(column)
     for label in ("grid", "optuna_asha"):
         r = out[label]
@@ -104,7 +109,8 @@ def main() -> None:
                       f"{r['best_emotion_accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
                       f"{r['outside_training_share']:.0%}",
                       " / ".join(f"{r['shares'][k]:.0%}" for k in ("startup", "loop_other", "evaluation",
-                                                                    "outside_trials")))
+                                                                    "outside_trials")),
+                      f"{r['overhead_per_trial_s']:.1f}")
     Console().print(table)
 
 
