@@ -19,10 +19,12 @@ records its address there, where no other process's `ray.init()` finds it and jo
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib.util
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -154,16 +156,36 @@ def train_scenario(scenario: dict, out: dict) -> Cluster:
     return cluster
 
 
-def lose_a_trial_node(cluster: Cluster, nodes: list, trials: Path, out: dict, ended: threading.Event) -> None:
-    """Once both trials, one per worker node, have committed a checkpoint, remove the node of one of them."""
-    wait_for(lambda: len({p.parent for p in trials.glob("*/checkpoint_*")}) == 2 and len(actor_nodes(TRIAL)) == 2,
-             "both trials committed a checkpoint", ended)
-    remove_busy_node(cluster, nodes, TRIAL, out)
+def trial_nodes() -> dict[str, str]:
+    """The node of each trial alive now, by trial id: Tune moves a trial's process into a working folder named after
+    its trial (`<trainable>_<trial id>_<index>_…`), and the trial's actor names its process and node."""
+    nodes = {}
+    for actor in ray._private.state.actors(actor_state_name="ALIVE").values():
+        if actor["ActorClassName"] == TRIAL:
+            with contextlib.suppress(OSError):  # a process gone since: its trial is no longer alive
+                folder = Path(os.readlink(f"/proc/{actor['Pid']}/cwd")).name
+                if match := re.search(r"_([0-9a-f]{5}_\d{5})_", folder):
+                    nodes[match[1]] = actor["Address"]["NodeID"]
+    return nodes
+
+
+def lose_a_trial_node(cluster: Cluster, trials: Path, out: dict, ended: threading.Event) -> None:
+    """While both trials run, one per worker node, remove the node of the first one to commit a checkpoint (under
+    `trials`/<sweep>-<trial id>): waiting for both to commit one raced the first trial's end on a loaded machine."""
+    def checkpointed_while_both_run() -> str | None:
+        nodes = trial_nodes()
+        ready = [trial for trial in nodes if any(trials.glob(f"*-{trial}/checkpoint_*"))]
+        return len(actor_nodes(TRIAL)) == 2 and ready and nodes[ready[0]]
+
+    victim = wait_for(checkpointed_while_both_run, "a trial committed a checkpoint while both ran", ended)
+    out["hosts_before"] = actor_nodes(TRIAL)
+    cluster.remove_node(next(node for node in cluster.worker_nodes if node.node_id == victim))
+    out["removed"] = victim
 
 
 def sweep_scenario(scenario: dict, out: dict) -> Cluster:
     """The sweep of `space` over `overrides`; its trials' runs live under `train.storage`/sweeps/trials."""
-    cluster, nodes = start_cluster()
+    cluster, _ = start_cluster()
     storage = Path(load_config(overrides=scenario["overrides"]).train.storage)
 
     def sweep() -> None:
@@ -171,7 +193,7 @@ def sweep_scenario(scenario: dict, out: dict) -> Cluster:
         out.update({"parent": result.parent_run_id, "statuses": list(result.table["status"]),
                     "steps": [int(s) for s in result.table["steps"]]})
 
-    beside(sweep, lose_a_trial_node, cluster, nodes, storage / "sweeps" / "trials", out)
+    beside(sweep, lose_a_trial_node, cluster, storage / "sweeps" / "trials", out)
     return cluster
 
 

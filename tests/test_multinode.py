@@ -88,7 +88,7 @@ def test_training_that_loses_a_node_waits_for_a_replacement_and_matches_an_unint
 
 @pytest.mark.faults  # a two-trial sweep on a three-node cluster: a minute and a half on 2 cores
 def test_a_sweep_that_loses_the_node_of_a_trial_goes_on_and_logs_every_trial_once(tmp_path, coat_mini):
-    """Two trials run at once, one per worker node; once both have committed a checkpoint, one trial's node goes.
+    """Two trials run at once, one per worker node; the node of the first to commit a checkpoint goes.
     Tune retries that trial (sweep.trial_retries=1) on the node left, once the other trial frees it, and the retry
     goes on from the trial's checkpoint in the same MLflow child run. The parent and one child per trial end
     FINISHED, and each child holds every step once and one evaluation."""
