@@ -286,7 +286,8 @@ class TrainConfig:
                          StageConfig(steps=240, ce_weight=1.0)])
     checkpoint_every: int = setting(50, "Optimizer steps between checkpoints; validation runs and metrics reach "
                                         "MLflow with each.", ge=1)
-    val_batches: int = setting(4, "Validation batches per worker.", ge=1)
+    val_batches: int = setting(4, "Validation batches per worker: the same rows at every checkpoint, decoded once and "
+                               "held while they take at most 256 MB.", ge=1)
     val_scores: bool = setting(False, "At every checkpoint also answer val_examples validation questions as the test "
                                       "evaluation does (each source by its suite's recipe, eval.scoring) and report "
                                       "val/<task>/<metric>: what a sweep may select on by quality.")

@@ -404,13 +404,18 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, tim
 
     With a fixed `timestamp_ms`, logging the same metrics again stores nothing new (MLflow keys a metric by
     key, value, timestamp and step): a restarted worker and the one it replaced cannot log a step twice."""
-    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    log_steps(uri, run_id, [(step, int(time.time() * 1000) if timestamp_ms is None else timestamp_ms, metrics)])
+
+
+def log_steps(uri: str, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+    """Log the metrics of several steps, each `(step, timestamp_ms, metrics)`, as one write (see `log_metrics`)."""
     batch = []
-    for key, value in metrics.items():
-        try:
-            batch.append([key, float(value), now, int(step)])
-        except (TypeError, ValueError):
-            raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
+    for step, stamp, metrics in steps:
+        for key, value in metrics.items():
+            try:
+                batch.append([key, float(value), int(stamp), int(step)])
+            except (TypeError, ValueError):
+                raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
     _write(uri, {"kind": "log", "run": run_id, "metrics": batch})
 
 

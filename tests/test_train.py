@@ -47,7 +47,9 @@ from coat.train.checkpoint import (
 )
 from coat.train.launch import target_statistics, train, training_streams
 from coat.train.loop import (
+    HELD_VALIDATION_BYTES,
     NonFiniteTrainingError,
+    ValidationBatches,
     clip_gradients,
     enter_stage,
     expert_scale_at,
@@ -224,6 +226,32 @@ def test_shuffled_targets_come_from_another_clip_of_the_split_fixed_per_epoch_by
         assert torch.equal(shuffled[f"target.{name}"], theirs[f"target.{name}"]), "the donor's targets"
         assert not torch.equal(shuffled[f"target.{name}"], own[f"target.{name}"])
     torch.testing.assert_close(shuffled["duration"], theirs["duration"], rtol=1e-3, atol=1e-3)
+
+
+def test_validation_decodes_its_rows_once_and_holds_them_unless_they_are_too_large(uninterrupted, monkeypatch):
+    cfg, _ = uninterrupted
+    val = training_streams(cfg, Path(cfg.data.manifest), Path(cfg.data.store))["val"]
+    coat = CoATModel(cfg)
+
+    def passes(held_bytes: int) -> tuple[list[list[dict]], int, int]:
+        """Three checkpoints' validation batches, and how many batches were decoded here and pipelines started."""
+        monkeypatch.setattr("coat.train.loop.HELD_VALIDATION_BYTES", held_bytes)
+        batches = ValidationBatches(val, coat, cfg, rank=0, world=1)
+        here, pipelines = [], []
+        decode_here, dataset = batches.decode_here, val.dataset
+        monkeypatch.setattr(batches, "decode_here", lambda rows: here.append(1) or decode_here(rows))
+        monkeypatch.setattr(val, "dataset", lambda rows: pipelines.append(1) or dataset(rows))
+        return [list(batches) for _ in range(3)], len(here), len(pipelines)
+
+    held, decoded_here, pipelines = passes(HELD_VALIDATION_BYTES)
+    assert 0 < len(held[0]) <= cfg.train.val_batches
+    assert (decoded_here, pipelines) == (len(held[0]), 0), "decoded once, in this process, and held"
+    streamed, decoded_here, pipelines = passes(0)
+    assert (decoded_here, pipelines) == (1, 3), "too large to hold (one batch tells): streamed at every checkpoint"
+    for batches in [*held, *streamed]:  # the same batches, decoded here or by Ray Data, every time
+        assert len(batches) == len(held[0])
+        for batch, first in zip(batches, held[0], strict=True):
+            assert batch.keys() == first.keys() and all(torch.equal(batch[k], first[k]) for k in first)
 
 
 def test_controls_train_the_same_slots_on_the_same_data_with_no_or_shuffled_supervision(uninterrupted, tmp_path):

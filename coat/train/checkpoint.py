@@ -213,9 +213,10 @@ def log_committed_steps(uri: str, run_id: str, steps_json: str, run_dir: Path) -
     (sent, or waiting in the spool to be sent), which a restart trusts when the server cannot say
     (`steps_handed_to_mlflow`)."""
     steps = json.loads(steps_json)
-    for step, stamp, values in steps:
-        tracking.log_metrics(uri, run_id, values, step, stamp)
-    if steps and max(step for step, _, _ in steps) > steps_handed_to_mlflow(run_dir):
+    if not steps:
+        return
+    tracking.log_steps(uri, run_id, steps)
+    if max(step for step, _, _ in steps) > steps_handed_to_mlflow(run_dir):
         atomic_write(run_dir / LOGGED_FILE, str(max(step for step, _, _ in steps)))
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
 from coat.config import CoATConfig, StageConfig, from_yaml
-from coat.data.stream import Stream, epoch_order, iter_training_batches, shuffled_donors
+from coat.data.stream import Stream, collate, epoch_order, iter_training_batches, load_batch, shuffled_donors
 from coat.eval.runner import evaluate
 from coat.eval.scoring import metric_key
 from coat.eval.systems import join_sources
@@ -149,23 +150,58 @@ def add_losses(sums: dict[str, float], out, n: int) -> None:
         sums[name] = sums.get(name, 0.0) + value.item() * n
 
 
+# Validation batches up to this size are decoded once, in the training process, and held between checkpoints; a
+# larger set streams through Ray Data at each one. A short run's checkpoints otherwise spend most of their time
+# starting a decode pipeline for a few batches.
+HELD_VALIDATION_BYTES = 256 * 2**20
+
+
+class ValidationBatches:
+    """One rank's share of the validation rows, batched on the model's device: the same rows at every checkpoint (at
+    most `train.val_batches` batches per rank, the same number on every rank; a subset fixed by `eval.seed` in which
+    each task family and mixture entry keeps its share). At the first checkpoint its first batch is decoded here;
+    when that many batches of its size fit in `HELD_VALIDATION_BYTES`, the rest follow and all are held."""
+
+    def __init__(self, val: Stream, coat: CoATModel, cfg: CoATConfig, rank: int, world: int):
+        per_rank = min(len(val) // world, cfg.train.val_batches * cfg.train.batch_size)
+        self.rows = val.stratified(per_rank * world, cfg.eval.seed)[rank::world]
+        self.val, self.coat, self.batch_size = val, coat, cfg.train.batch_size
+        self.held: list[dict] | None = None
+        self.too_large = False
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.held is None and not self.too_large and len(self.rows):
+            first = self.decode_here(self.rows[:self.batch_size])
+            size = sum(t.numel() * t.element_size() for t in first.values())
+            if size * math.ceil(len(self.rows) / self.batch_size) <= HELD_VALIDATION_BYTES:
+                self.held = [first, *(self.decode_here(self.rows[start:start + self.batch_size])
+                                      for start in range(self.batch_size, len(self.rows), self.batch_size))]
+            else:
+                self.too_large = True
+        if self.held is not None:
+            return iter(self.held)
+        return iter_training_batches(self.val.dataset(self.rows), self.coat, self.batch_size)
+
+    def decode_here(self, rows) -> dict[str, torch.Tensor]:
+        """The batch of `rows` as the stream makes it (`load_batch`, `collate`), in this process."""
+        items = [self.val.items[i] for i in rows]
+        decoded = load_batch({key: [item[key] for item in items] for key in items[0]}, self.val.sources,
+                             self.val.sample_rate, self.val.crop_seconds)
+        return {key: value.to(self.coat.slot_table.device) for key, value in collate(decoded, self.coat).items()}
+
+
 @torch.no_grad()
-def validation_losses(model, coat: CoATModel, val: Stream, cfg: CoATConfig, rank: int, world: int, device
-                      ) -> dict[str, float]:
-    """Mean losses over the same validation rows every time (at most `train.val_batches` batches per rank, the
-    same number on every rank; a subset fixed by `eval.seed` in which each task family and mixture entry keeps its
-    share), averaged over ranks. `val/ce` compares across trials whatever their loss weights: it is what sweeps
-    rank by.
+def validation_losses(model, coat: CoATModel, batches: ValidationBatches, device) -> dict[str, float]:
+    """Mean losses over the validation `batches`, averaged over ranks. `val/ce` compares across trials whatever their
+    loss weights: it is what sweeps rank by.
 
     Forwards through `coat` itself unless FSDP holds its weights in shards (then every rank must run the same
     number of batches); DDP's wrapper would sync buffers on every call."""
     forward = model if isinstance(model, FullyShardedDataParallel) else coat
-    per_rank = min(len(val) // world, cfg.train.val_batches * cfg.train.batch_size)
     coat.eval()
     sums: dict[str, float] = {}
     count = 0
-    for batch in iter_training_batches(val.dataset(val.stratified(per_rank * world, cfg.eval.seed)[rank::world]),
-                                       coat, cfg.train.batch_size):
+    for batch in batches:
         n = batch["input_ids"].shape[0]
         add_losses(sums, forward(batch), n)
         count += n
@@ -275,7 +311,8 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                      resumed: Resumed, device) -> None:
     """Steps from `resumed.position` to `train.total_steps`, epoch by epoch, each rank streaming the rows
     `epoch_order` deals it; a checkpoint every `train.checkpoint_every` steps and at each stage's end."""
-    train, val = loop_config["streams"]["train"], loop_config["streams"]["val"]
+    train = loop_config["streams"]["train"]
+    val = ValidationBatches(loop_config["streams"]["val"], coat, cfg, session.rank, session.world)
     at, ends = resumed.position, stage_ends(cfg)
     stage_index = stage_at(cfg, min(at.step, cfg.train.total_steps - 1))[0]
     batch_size, accum, world = cfg.train.batch_size, cfg.train.grad_accum, session.world
@@ -313,7 +350,7 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                     pending.append((at.step, int(time.time() * 1000), metrics))
                 last_step_end = now
                 if checkpointing:
-                    metrics |= validation_losses(model, coat, val, cfg, session.rank, world, device)  # the record too
+                    metrics |= validation_losses(model, coat, val, device)  # the record too
                     if cfg.train.val_scores and session.rank == 0:
                         metrics |= validation_scores(coat, loop_config["val_parts"], cfg)
                     report = {"step": at.step, "epoch": at.epoch,
