@@ -6,6 +6,16 @@ from __future__ import annotations
 import logging
 import os
 
+# Ray Train's placement-group cleaner asks Ray's state API, which the dashboard serves, whether the controller
+# lives; a local Ray without the dashboard (what this project installs) leaves it warning every second of a run.
+QUIET_IN_WORKERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_workers() -> None:
+    """Each of this job's Ray worker processes runs this first (`worker_process_setup_hook`)."""
+    for name in QUIET_IN_WORKERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 def ensure_ray() -> None:
     """Start a local Ray (or attach to RAY_ADDRESS) unless this process already has one."""
@@ -13,7 +23,7 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for local clusters
-        ray.init()
+        ray.init(runtime_env={"worker_process_setup_hook": quiet_workers})
 
 
 def attach_cluster() -> bool:

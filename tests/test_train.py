@@ -3,6 +3,7 @@
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import resource
@@ -31,6 +32,7 @@ from coat.experts.registry import build_expert
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
 from coat.model.losses import distance
+from coat.ray_runtime import QUIET_IN_WORKERS
 from coat.train.checkpoint import (
     CheckpointError,
     committed_checkpoints,
@@ -182,6 +184,16 @@ def test_every_step_is_logged_once_and_a_finished_run_started_again_trains_nothi
     assert again.mlflow_run_id == first.mlflow_run_id and again.metrics["step"] == 8
     assert steps_logged(uri, first.mlflow_run_id) == list(range(1, 9))
     assert {path: path.stat().st_mtime_ns for path in written} == written, "no checkpoint rewritten"
+
+
+def test_every_worker_of_coats_ray_silences_ray_trains_cleaner_which_cannot_reach_the_state_api(uninterrupted):
+    """Ray Train's placement-group cleaner warns every second when Ray has no dashboard (the local Ray coat starts);
+    every worker process of coat's Ray sets that logger to errors only before running anything."""
+    @ray.remote
+    def levels() -> list[int]:
+        return [logging.getLogger(name).getEffectiveLevel() for name in QUIET_IN_WORKERS]
+
+    assert ray.get(levels.remote()) == [logging.ERROR] * len(QUIET_IN_WORKERS)
 
 
 def test_a_run_records_where_its_numbers_came_from(uninterrupted):
