@@ -37,8 +37,8 @@ from rich.table import Table
 from coat.analysis.notebooks import NOTEBOOKS
 from coat.config import BASELINES, LOGLIK_RANKINGS, default_suites
 from coat.errors import UsageError, reported
-from coat.experts.roles import PAPER_ROLES, ROLE_DEFAULTS
 from coat.provenance import provenance
+from coat.roles import PAPER_ROLES, ROLE_DEFAULTS
 
 SUITES = tuple(default_suites())
 LENS_TOP_K = 5  # tokens kept per slot and layer by `coat probe --logit-lens`
@@ -325,7 +325,7 @@ def experts_precompute_command(
     from coat.data.manifest import ManifestError
     from coat.data.precompute import precompute, settings_of_run
     from coat.experts.registry import UnknownExpertError, expert_spec
-    from coat.experts.roles import resolve_roles
+    from coat.roles import resolve_roles
 
     console = Console()
     names = resolve_roles([n.strip() for n in experts.split(",") if n.strip()])

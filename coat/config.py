@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from coat.errors import UsageError
-from coat.experts.roles import resolve_roles
+from coat.roles import resolve_roles
 
 BACKBONES = ("qwen2-audio", "qwen2.5-omni", "audio-flamingo-3")
 DISTANCES = ("cosine", "mse", "smooth_l1", "ce", "bce")

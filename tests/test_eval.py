@@ -17,9 +17,9 @@ from coat.backbones import check_audio_window
 from coat.cli import eval_command
 from coat.config import ConfigError, default_suites, load_config
 from coat.data.audio import decode
+from coat.data.corpora import load_suite
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
-from coat.eval.benchmarks import load_suite
 from coat.eval.runner import (
     base_model,
     choose_rows,

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from coat.cli import app, main
 from coat.config import default_suites
+from coat.data.corpora import GTZAN_GENRES, MELD_EMOTIONS, load_suite
 from coat.data.importers import (
     CorpusError,
     ImportUsageError,
@@ -24,7 +25,6 @@ from coat.data.importers import (
     seeded_split,
 )
 from coat.data.manifest import read_manifest, reason_code, validate_rows
-from coat.eval.benchmarks import GTZAN_GENRES, MELD_EMOTIONS, load_suite
 
 
 def _clip(path, seconds=0.3, rate=16000, freq=440.0, channels=1):

@@ -21,9 +21,7 @@ from typer.testing import CliRunner
 from coat.cli import score_command
 from coat.config import default_suites
 from coat.data.audio import decode
-from coat.data.manifest import validate_rows
-from coat.data.synth import EMOTIONS, EVENTS, PITCH_CLASSES
-from coat.eval.benchmarks import (
+from coat.data.corpora import (
     GTZAN_GENRES,
     MELD_EMOTIONS,
     gtzan_clips,
@@ -37,6 +35,8 @@ from coat.eval.benchmarks import (
     question_rows,
     read_records,
 )
+from coat.data.manifest import validate_rows
+from coat.data.synth import EMOTIONS, EVENTS, PITCH_CLASSES
 from coat.eval.metrics import (
     bootstrap_ci,
     chance_level,

@@ -1,6 +1,6 @@
 """Build a manifest from a local copy of a real corpus in its published layout (`coat data import`).
 
-The published layouts are parsed by the evaluation loaders (`coat.eval.benchmarks`), so a corpus is read the
+The published layouts are parsed by the corpus loaders (`coat.data.corpora`, which evaluation reads too), so a corpus is read the
 same way for training as for evaluation, and suites without per-item questions get the instruction their eval
 recipe asks (`coat.config.default_suites`). Every row then goes through the quarantine (`validate_rows`, then
 `check_audio_rows`): `DIR/manifest.jsonl` holds the rows fit to use, `DIR/quarantine.jsonl` the others with
@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
+from coat.data import corpora
 from coat.data.manifest import (
     SUFFIXES,
     TASKS,
@@ -54,7 +55,6 @@ from coat.data.manifest import (
     write_table,
 )
 from coat.errors import UsageError, UserError
-from coat.eval import benchmarks as bench
 
 FORMATS = ("librispeech", "meld", "gtzan", "mmau", "mmar", "table")
 LAYOUTS = {
@@ -185,8 +185,8 @@ def _loaded(load: Callable[[], pd.DataFrame]) -> pd.DataFrame:
 def _librispeech(root: Path) -> pd.DataFrame:
     frames = []
     for subset in _librispeech_subsets(root):
-        split = next(s for prefix, s in bench.LIBRISPEECH_SUBSETS.items() if subset.name.startswith(prefix))
-        df = _loaded(lambda subset=subset, split=split: bench.load_librispeech(subset, split))
+        split = next(s for prefix, s in corpora.LIBRISPEECH_SUBSETS.items() if subset.name.startswith(prefix))
+        df = _loaded(lambda subset=subset, split=split: corpora.load_librispeech(subset, split))
         df["speaker"] = [Path(a).parent.parent.name for a in df["audio"]]
         df["subset"] = subset.name
         frames.append(df)
@@ -198,7 +198,7 @@ def _librispeech(root: Path) -> pd.DataFrame:
 def _librispeech_subsets(root: Path) -> list[Path]:
     """`root` itself when it is a subset folder, else its subset folders (also under `root/LibriSpeech`)."""
     def is_subset(folder: Path) -> bool:
-        return (folder.is_dir() and folder.name.startswith(tuple(bench.LIBRISPEECH_SUBSETS))
+        return (folder.is_dir() and folder.name.startswith(tuple(corpora.LIBRISPEECH_SUBSETS))
                 and next(folder.glob("*/*/*.trans.txt"), None) is not None)
 
     if is_subset(root):
@@ -213,10 +213,10 @@ def _librispeech_subsets(root: Path) -> list[Path]:
 
 def _meld(root: Path) -> pd.DataFrame:
     frames = []
-    for split, csv in bench.MELD_CSV.items():
+    for split, csv in corpora.MELD_CSV.items():
         if not (root / csv).is_file():
             continue
-        df = _loaded(lambda split=split: bench.load_meld(root, split))
+        df = _loaded(lambda split=split: corpora.load_meld(root, split))
         df["speaker"] = [item.get(MELD_SPEAKER) for item in df["item"]]
         # The released videos: where no WAV was extracted beforehand, ours goes under DIR/audio/<split>/ (until
         # then `audio_path`, which the quarantine reports, is the video).
@@ -254,14 +254,14 @@ def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, max_seconds: float
 
 
 def _gtzan(root: Path, seed: int, val_share: float, test_share: float) -> pd.DataFrame:
-    rows = _loaded(lambda: bench.gtzan_clips(root))
-    rows["split"] = bench.gtzan_splits(rows, seed, val_share, test_share)
+    rows = _loaded(lambda: corpora.gtzan_clips(root))
+    rows["split"] = corpora.gtzan_splits(rows, seed, val_share, test_share)
     rows["prompt"] = _recipe_prompt("gtzan")
     return rows
 
 
 def _questions(fmt: str, root: Path) -> pd.DataFrame:
-    return _loaded(lambda: (bench.load_mmau if fmt == "mmau" else bench.load_mmar)(root, "test"))
+    return _loaded(lambda: (corpora.load_mmau if fmt == "mmau" else corpora.load_mmar)(root, "test"))
 
 
 def _table(path: Path, columns: TableColumns, task: str | None, prompt: str | None, seed: int,

@@ -1,4 +1,5 @@
-"""Evaluation: answer parsing, metrics with bootstrap intervals, benchmark loaders, the runner and `coat eval`."""
+"""Evaluation: answer parsing, metrics with bootstrap intervals, the runner and `coat eval` (the benchmarks' loaders are
+`coat.data.corpora`)."""
 
 from coat.eval.metrics import accuracy, bootstrap_ci, chance_level, word_error_rate
 from coat.eval.tasks import is_correct, normalise_text, parse_answer

@@ -215,7 +215,7 @@ def clips_longer_than(rows: pd.DataFrame, seconds: float) -> int:
 def evaluate(model: CoATModel, rows: pd.DataFrame, cfg: EvalConfig, *, suite: str = "coat-mini",
              system: str = "coat", max_new_tokens: int | None = None,
              max_seconds: float | None = None, crop: bool | None = None, progress: bool = True) -> EvalReport:
-    """Answer and score every row of `rows` (manifest rows, or a `coat.eval.benchmarks` loader's) with `system`'s
+    """Answer and score every row of `rows` (manifest rows, or a `coat.data.corpora` loader's) with `system`'s
     prompt, then measure latency (see the module docstring).
 
     The suite's recipe (`cfg.suites[suite]`) gives the prompt, token budget, scoring rule, metrics and breakdowns;

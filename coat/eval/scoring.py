@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from coat.config import SCORING_MODES, SCORING_RULES, SUITE_METRICS, default_suites
+from coat.data.corpora import question_rows, read_records
 from coat.data.manifest import write_table
-from coat.eval.benchmarks import question_rows, read_records
 from coat.eval.metrics import (
     TRANSCRIPTION,
     accuracy,
@@ -219,7 +219,7 @@ def results_table(examples: pd.DataFrame, *, metrics: Sequence[str], breakdowns:
     missing += [f"group.{b}" for b in breakdowns if f"group.{b}" not in examples]
     if missing:
         raise ValueError(f"results_table: examples lack the columns {missing}; score them with score_examples, "
-                         "and take breakdown fields from the suite's loader (coat.eval.benchmarks)")
+                         "and take breakdown fields from the suite's loader (coat.data.corpora)")
     families = sorted(examples["task"].astype(str).unique())
     rows = []
     for family in families:
@@ -335,7 +335,7 @@ def write_predictions(examples: pd.DataFrame, suite: str, path: str | Path) -> P
         raise ValueError(f"{path}: MMAR's evaluation.py reads .json or .jsonl files only")
     if "item" not in examples or not examples["item"].map(lambda item: isinstance(item, dict)).all():
         raise ValueError(f"{suite} predictions need each example's benchmark item (column item): load the suite "
-                         f"with coat.eval.benchmarks.load_{suite}")
+                         f"with coat.data.corpora.load_{suite}")
     absent = pd.Series(None, index=examples.index, dtype=object)
     said = [_text(r) if _text(r) is not None else _text(p) or "" for r, p in
             zip(examples.get("response", absent), examples.get("prediction", absent), strict=True)]

@@ -1,2 +1,2 @@
-"""Audio experts: the features the thinking slots learn to regress (`registry.py` names them, `roles.py` says
-what each stands for). Kept empty so that importing a light part (roles, the CLI) does not load torch."""
+"""Audio experts: the features the thinking slots learn to regress (`registry.py` names them; `coat/roles.py` says
+what each stands for). Kept empty so that importing a light part (the CLI) does not load torch."""

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from coat.config import ConfigError, load_config
 from coat.errors import UsageError
-from coat.experts.roles import resolve_roles
+from coat.roles import resolve_roles
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "int")
 

@@ -27,8 +27,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
 from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
-from coat.experts.roles import resolve_roles
 from coat.ray_runtime import ensure_ray
+from coat.roles import resolve_roles
 from coat.train.launch import prepare_data, spool_folder, train
 from coat.tune.space import Param, Space, SpaceError, load_space, overrides
 
