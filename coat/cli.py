@@ -35,7 +35,7 @@ from rich.progress import track
 from rich.table import Table
 
 from coat.analysis.notebooks import NOTEBOOKS
-from coat.config import BASELINES, LOGLIK_RANKINGS, default_suites
+from coat.config import BASELINES, default_suites
 from coat.errors import UsageError, reported
 from coat.provenance import provenance
 from coat.roles import PAPER_ROLES, ROLE_DEFAULTS
@@ -420,16 +420,12 @@ def eval_command(
         raise typer.BadParameter(f"{suite!r} is not one of {', '.join(SUITES)}", param_hint="--suite")
     if bad := [b for b in baselines if b not in BASELINES]:
         raise typer.BadParameter(f"{bad[0]!r} is not one of {', '.join(BASELINES)}", param_hint="--baseline")
-    if scoring not in ("generate", "loglik"):
-        raise typer.BadParameter(f"{scoring!r} is not generate or loglik", param_hint="--scoring")
-    if loglik not in (None, *LOGLIK_RANKINGS):
-        raise typer.BadParameter(f"{loglik!r} is not one of {', '.join(LOGLIK_RANKINGS)}", param_hint="--loglik")
     if suite != "coat-mini" and data is None:
         raise typer.BadParameter(f"--suite {suite} needs --data: the local copy of the benchmark", param_hint="--data")
 
     import torch
 
-    from coat.config import ConfigError
+    from coat.config import ConfigError, apply_overrides
     from coat.data.manifest import ManifestError
     from coat.eval import systems
     from coat.eval.runner import print_reports
@@ -438,11 +434,15 @@ def eval_command(
         cfg, rows, quirks = systems.suite_rows(checkpoint, suite, data, split)
     except (FileNotFoundError, ValueError, ManifestError, ConfigError) as err:
         raise _fail(console, err) from err
-    eval_cfg = cfg.eval
-    eval_cfg.max_examples, eval_cfg.seed, eval_cfg.scoring = max_examples, seed, scoring
-    eval_cfg.circular = circular or eval_cfg.circular
-    eval_cfg.cot_tokens = cot_tokens or eval_cfg.cot_tokens
-    eval_cfg.loglik = loglik or eval_cfg.loglik
+    # The options are overrides of the checkpoint config's eval section, validated as any config is; the first three
+    # always apply (their defaults are this command's: every example, seed 0, generation), the rest when given.
+    chosen = {"max_examples": "null" if max_examples is None else max_examples, "seed": seed, "scoring": scoring,
+              "circular": "true" if circular else None, "cot_tokens": cot_tokens, "loglik": loglik}
+    try:
+        eval_cfg = apply_overrides(cfg, [f"eval.{key}={value}" for key, value in chosen.items()
+                                         if value is not None]).eval
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from err
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heard = {"max_seconds": cfg.data.max_seconds, "crop": cfg.data.long_clips == "crop"} if suite == "coat-mini" \
         else {}  # a benchmark is heard whole, up to the backbone's audio window
@@ -710,8 +710,8 @@ def sweep_command(
     from coat.tune.report import print_results
     from coat.tune.sweep import run_sweep
 
-    result = run_sweep(config, space, overrides or [], resume=resume)
-    print_results(result, load_config(config, overrides or []))
+    cfg = load_config(config, overrides or [])
+    print_results(run_sweep(cfg, space, resume=resume), cfg)
 
 
 @app.command("preflight")
@@ -738,7 +738,7 @@ def preflight_command(
     from coat.tune.space import load_space
 
     cfg = load_config(config, overrides or [])
-    searched = load_space(space, config, overrides or []) if space is not None else None
+    searched = load_space(space, cfg) if space is not None else None
     report = run_preflight(cfg, backbones=searched.backbones() if searched else None,
                            slots=space_slots(searched) if searched else None, random_weights=random_weights,
                            wait_s=wait_s)

@@ -219,6 +219,16 @@ class DataConfig:
     decode_tasks: int | None = setting(None, "At most this many decode tasks at once (null: as many as free CPUs "
                                              "allow); 1 suits a 2-core machine that also trains.", ge=1)
 
+    @property
+    def crop_seconds(self) -> float | None:
+        """What clips are cut to, for experts and model alike (None: longer clips are left out instead)."""
+        return self.max_seconds if self.long_clips == "crop" else None
+
+    @property
+    def reject_seconds(self) -> float | None:
+        """Above what length clips are left out (None: longer clips are cropped instead)."""
+        return self.max_seconds if self.long_clips == "reject" else None
+
     def check(self) -> None:
         tenths = self.synth_test_share * 10
         if not (1 <= round(tenths) <= 8 and abs(tenths - round(tenths)) < 1e-9):

@@ -23,14 +23,15 @@ tokenizer, and the data check already covers the real rows.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import itertools
 import math
 import socket
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coat.config import CoATConfig, expert_settings
+from coat.config import CoATConfig, apply_overrides, expert_settings, validate
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 48, 16
 SAMPLED_CLIPS = 16  # per split, decoded by the data check
@@ -112,11 +113,11 @@ def run_preflight(cfg: CoATConfig, *, backbones: list[str] | None = None, slots:
 def for_backbone(cfg: CoATConfig, name: str, random_weights: bool) -> CoATConfig:
     """`cfg` with backbone `name` (its own checkpoint from `backbone.checkpoints` at real size), or with random
     weights instead of any checkpoint."""
-    out = copy.deepcopy(cfg)
-    if name != cfg.backbone.name:
-        out.backbone.name, out.backbone.checkpoint = name, None
+    backbone = cfg.backbone if name == cfg.backbone.name else replace(cfg.backbone, name=name, checkpoint=None)
     if random_weights:
-        out.backbone.checkpoint, out.backbone.checkpoints = None, {}
+        backbone = replace(backbone, checkpoint=None, checkpoints={})
+    out = replace(cfg, backbone=backbone)
+    validate(out)
     return out
 
 
@@ -250,7 +251,7 @@ def check_data(cfg: CoATConfig) -> Check:
     from coat.data.audio import check_audio_rows
     from coat.data.manifest import ManifestError, read_manifest, reason_code, validate_rows
     from coat.data.mixture import combine
-    from coat.train.launch import training_streams
+    from coat.data.prepare import training_streams
 
     manifest, store = Path(cfg.data.manifest).resolve(), Path(cfg.data.store).resolve()
     if cfg.data.mixture:
@@ -274,8 +275,7 @@ def check_data(cfg: CoATConfig) -> Check:
             return Check("data", "fail", f"{manifest}: no usable rows in split(s) {', '.join(empty)}",
                          "give the manifest train, val and test rows (or set data.*_split)")
         sample = rows.groupby("split", group_keys=False).head(SAMPLED_CLIPS)
-        _, bad_audio, _ = check_audio_rows(sample, 16000, cfg.data.max_seconds if cfg.data.long_clips == "reject"
-                                           else float("inf"))
+        _, bad_audio, _ = check_audio_rows(sample, 16000, cfg.data.reject_seconds or float("inf"))
         if len(bad_audio):
             reasons = bad_audio["reason"].map(reason_code).value_counts().to_dict()
             return Check("data", "fail", f"{len(bad_audio)} of {len(sample)} sampled clips unusable: {reasons}",
@@ -368,11 +368,10 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3, slots: list[in
         answer = coat.lm.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     prefill_s = {}
     for block in (k, 0):
-        coat.cfg.thinking.num_slots = block
-        inputs = prompt_inputs(coat, synthetic_batch(coat, 1, cfg.data.max_seconds, PROMPT_TOKENS, block,
-                                                     RESPONSE_TOKENS, device), RESPONSE_TOKENS)
+        with thinking_length(coat, block):
+            inputs = prompt_inputs(coat, synthetic_batch(coat, 1, cfg.data.max_seconds, PROMPT_TOKENS, block,
+                                                         RESPONSE_TOKENS, device), RESPONSE_TOKENS)
         prefill_s[block] = _median_seconds(lambda inputs=inputs: coat.lm(**inputs, use_cache=True), sync, autocast)
-    coat.cfg.thinking.num_slots = k
     return {
         "backbone": cfg.backbone.name, "size": cfg.backbone.size, "device": device, "dtype": cfg.backbone.dtype,
         "gpu": torch.cuda.get_device_name(device) if cuda else None, "host": socket.gethostname(),
@@ -407,16 +406,26 @@ def _step_time_at(coat, k: int, optimizer, cfg: CoATConfig, device: str, sync, r
     so the model need not be built again."""
     from coat.model.synthetic import synthetic_batch
 
-    configured, coat.cfg.thinking.num_slots = coat.cfg.thinking.num_slots, k
     try:
-        batch = synthetic_batch(coat, cfg.train.batch_size, cfg.data.max_seconds, PROMPT_TOKENS, k, RESPONSE_TOKENS,
-                                device)
-        seconds, _ = _step_seconds(coat, batch, optimizer, cfg, device, sync, repeats)
+        with thinking_length(coat, k):
+            batch = synthetic_batch(coat, cfg.train.batch_size, cfg.data.max_seconds, PROMPT_TOKENS, k,
+                                    RESPONSE_TOKENS, device)
+            seconds, _ = _step_seconds(coat, batch, optimizer, cfg, device, sync, repeats)
     except Exception as err:
         raise RuntimeError(f"at thinking.num_slots={k}: {type(err).__name__}: {err}") from err
-    finally:
-        coat.cfg.thinking.num_slots = configured
     return {"num_slots": k, "step_s": seconds, "tokens_per_example": batch["input_ids"].shape[1]}
+
+
+@contextlib.contextmanager
+def thinking_length(coat, k: int) -> Iterator[None]:
+    """`coat` with a config derived for K = `k` while inside: the block is positions in the prompt, so one model
+    serves every K up to its `thinking.max_slots`."""
+    configured = coat.cfg
+    coat.cfg = apply_overrides(configured, [f"thinking.num_slots={k}"])
+    try:
+        yield
+    finally:
+        coat.cfg = configured
 
 
 def memory_batches(batch_size: int) -> tuple[int, int]:
@@ -427,8 +436,7 @@ def memory_batches(batch_size: int) -> tuple[int, int]:
 
 def _memory_fit(coat, optimizer, cfg: CoATConfig, device: str) -> dict:
     """Peak memory of one training step at each of `memory_batches`, fitted by `largest_batch` to the card."""
-    one_micro = copy.deepcopy(cfg)  # accumulation frees each micro-batch's activations: one shows the peak
-    one_micro.train.grad_accum = 1
+    one_micro = apply_overrides(cfg, ["train.grad_accum=1"])  # each micro-batch's activations are freed: one peaks
     peaks = [(b, _peak_gb(coat, optimizer, one_micro, b, device)) for b in memory_batches(cfg.train.batch_size)]
     return largest_batch(peaks, torch.cuda.get_device_properties(device).total_memory / 1e9)
 

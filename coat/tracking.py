@@ -4,9 +4,11 @@ Everything goes through an explicit `MlflowClient(uri)`, never MLflow's fluent g
 drive several runs (a sweep's parent and children), and Ray workers log into a run the driver created.
 Calls the store rejects (unknown run id, a server error) raise `mlflow.exceptions.MlflowException`.
 
-A run opened with a spool folder (`start_run(..., spool=)`, `spool_writes` in the other processes that write to
-it) survives the tracking server going away: its writes wait on disk and are replayed exactly once (`spool.py`).
-Each write is therefore built as a record, which `_send` delivers.
+Every write to a run goes through its handle, a `TrackedRun` (store, run id, spool folder) that `start_run` returns
+and its owner passes to whatever else writes to the run (Ray Train's controller and workers, the evaluation) and
+closes (`end`, then `flush`). A run with a spool folder survives the tracking server going away: its writes wait
+on disk and are replayed exactly once (`spool.py`). Each write is therefore built as a record, which `_send`
+delivers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,10 +33,8 @@ import yaml
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from mlflow.utils.proto_json_utils import NumpyEncoder
-from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -51,10 +52,9 @@ log = logging.getLogger(__name__)
 # A write the server cannot take waits in the run's spool, so MLflow's own retries (seven, over about four
 # minutes, by default) need not hold training up: two, over seconds when the server is down; a server that takes a
 # request and never answers holds it for the three 30 s timeouts, once (the run's later writes follow it into the
-# spool at once). Settings of the user's own win.
-for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
-    os.environ.setdefault(_name, _value)
+# spool at once). MLflow reads them from the environment at each request; settings of the user's own win.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 # A fresh SQLite store announces at INFO that it creates and updates its tables: nothing a user acts on.
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
@@ -103,10 +103,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
         try:
-            response = http_request(
-                get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
-                timeout=timeout_s, params={"max_results": 1}, raise_on_status=False,
-            )
+            response = _ask_once(uri, timeout_s)
         except MlflowException as err:
             cause = str(err).split(" failed with exception ", 1)[-1][:300]
             raise TrackingUnavailableError(
@@ -130,9 +127,24 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingUnavailableError(f"MLflow store {uri}: {path} is not writable")
 
 
+def _ask_once(uri: str, timeout_s: float) -> requests.Response:
+    """One experiments/search request to the server at `uri`, not retried, answered within `timeout_s`. The one
+    use of MLflow's internals (its REST helper and the credentials it reads from the environment): its public
+    client retries for minutes and takes no timeout, and this must fail in seconds with the auth and TLS settings
+    the client would use."""
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET", max_retries=0,
+                        timeout=timeout_s, params={"max_results": 1}, raise_on_status=False)
+
+
 @functools.cache
 def mlflow_client(uri: str) -> MlflowClient:
-    """One client per tracking URI, for what the functions here do not cover (searches, downloads)."""
+    """One client per tracking URI, for what the functions here do not cover (searches, downloads); MLflow's HTTP
+    retries set short (`HTTP_RETRIES`) in this process first."""
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -173,7 +185,7 @@ def start_run(
     display_name: str | None = None,
     spool: Path | None = None,
     parent_spool: Path | None = None,
-) -> str:
+) -> TrackedRun:
     """Create a run (or, with `resume`, reopen the live run tagged `coat.run_name=run_name`) and log the config.
 
     The whole flattened config becomes params. MLflow params are immutable, so a reopened run keeps its
@@ -181,7 +193,7 @@ def start_run(
     `display_name` is what the dashboard shows (default `run_name`, which stays the run's key in the
     `coat.run_name` tag). With a `spool` folder the run's writes outlive a server outage (see `spool.py`); opened
     during one, the run gets a provisional id. A parent opened during an outage is found through its own spool
-    (`parent_spool`) when it is replayed. Returns the run id. Raises ValueError for an empty run_name, one
+    (`parent_spool`) when it is replayed. Returns the run's handle. Raises ValueError for an empty run_name, one
     holding both quote characters (MLflow's search cannot match it), or a deleted experiment.
     """
     if not run_name or ("'" in run_name and '"' in run_name):
@@ -200,12 +212,9 @@ def start_run(
               **({"parent_spool": str(parent_spool)} if parent_spool is not None else {}),
               "params": {key: str(value)[:MAX_PARAM_VAL_LENGTH] for key, value in flatten(redacted(cfg)).items()},
               "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in all_tags.items()}}
-    if spool is None or urlparse(uri).scheme not in ("http", "https"):  # a local store has no outages to ride out
-        return _open_run(uri, record)
-    run_spool = _spool(uri, spool, cfg.tracking.retry_s, cfg.tracking.spool_max_mb)
-    run_id = run_spool.write(record)
-    _spools[run_id] = run_spool
-    return run_id
+    run = TrackedRun(uri, "", spool, cfg.tracking.retry_s, cfg.tracking.spool_max_mb)
+    run_spool = run.spool_of_process()
+    return replace(run, run_id=_open_run(uri, record) if run_spool is None else run_spool.write(record))
 
 
 def _open_run(uri: str, record: dict) -> str:
@@ -244,21 +253,11 @@ def _start_record(client: MlflowClient, run_id: str, record: dict, earlier: dict
     return {STARTS_TAG: str(start), **({CHANGED_TAG: ",".join(sorted(changed))} if changed else {})}
 
 
-_spools: dict[str, Spool] = {}  # run id -> its spool, for the runs this process writes to with one
-
-
 @functools.cache
 def _spool(uri: str, folder: Path, retry_s: float, max_mb: float = float("inf")) -> Spool:
+    """One `Spool` per folder in a process, whichever handle or replay asks: its lock and state are the folder's."""
     return Spool(Path(folder), functools.partial(_send, uri), functools.partial(_reachable, uri),
                  f"MLflow tracking server at {uri}", retry_s, max_mb * 2**20)
-
-
-def spool_writes(uri: str, run_id: str, folder: Path, retry_s: float, max_mb: float = float("inf")) -> None:
-    """Let this process's writes to `run_id` wait in `folder` through an outage (at most `max_mb` of them), checking
-    every `retry_s` seconds whether the server is back (the driver's `start_run` did this for its own process; Ray
-    Train's controller and workers write to the same run)."""
-    if urlparse(uri).scheme in ("http", "https"):
-        _spools[run_id] = _spool(uri, Path(folder), retry_s, max_mb)
 
 
 def wait_until_reachable(uri: str, then: str, timeout_s: float = 3600.0) -> None:
@@ -358,24 +357,6 @@ def _send(uri: str, record: dict, ids: dict[str, str]) -> str | None:
         raise
 
 
-def _write(uri: str, record: dict) -> None:
-    """Send a record, through the run's spool when it has one."""
-    run_spool = _spools.get(record["run"])
-    if run_spool is None:
-        try:
-            _send(uri, record, {})
-        except Unreachable as err:
-            raise err.__cause__ from None
-    else:
-        run_spool.write(record)
-
-
-def flush(run_id: str) -> bool:
-    """At a run's end: replay what waits in its spool if the server is back. Returns whether nothing waits."""
-    run_spool = _spools.get(run_id)
-    return run_spool is None or not run_spool.waiting() or run_spool.replay()
-
-
 def find_run(uri: str, experiment_id: str, run_name: str) -> str | None:
     """The newest non-deleted run of the experiment tagged with this coat run name."""
     quote = "'" if "'" not in run_name else '"'  # MLflow's filter grammar has no escapes, only two quote styles
@@ -398,63 +379,114 @@ def dataset_fingerprint(manifest_path: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None
-                ) -> None:
-    """Log every metric at `step` in one batched call. Raises ValueError naming a non-numeric metric.
+@dataclass(frozen=True)
+class TrackedRun:
+    """One MLflow run to write to: its store (`uri`), its id, and the folder its writes wait in through a server
+    outage (`spool`, at most `spool_max_mb` of them, the server asked again every `retry_s` seconds; None, or a local
+    store, which has no outages: straight to the store). `start_run` makes it; its owner hands it to whatever else
+    writes to the run (Ray Train's controller and workers travel with a pickled copy, which finds the spool again
+    where it lands) and closes the run (`end`, then `flush`)."""
 
-    With a fixed `timestamp_ms`, logging the same metrics again stores nothing new (MLflow keys a metric by
-    key, value, timestamp and step): a restarted worker and the one it replaced cannot log a step twice."""
-    log_steps(uri, run_id, [(step, int(time.time() * 1000) if timestamp_ms is None else timestamp_ms, metrics)])
+    uri: str
+    run_id: str
+    spool: Path | None = None
+    retry_s: float = 30.0
+    spool_max_mb: float = float("inf")
 
+    def spool_of_process(self) -> Spool | None:
+        """This process's `Spool` on the run's folder; None when writes go straight to the store."""
+        if self.spool is None or urlparse(self.uri).scheme not in ("http", "https"):
+            return None
+        return _spool(self.uri, Path(self.spool), self.retry_s, self.spool_max_mb)
 
-def log_steps(uri: str, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
-    """Log the metrics of several steps, each `(step, timestamp_ms, metrics)`, as one write (see `log_metrics`)."""
-    batch = []
-    for step, stamp, metrics in steps:
-        for key, value in metrics.items():
-            try:
-                batch.append([key, float(value), int(stamp), int(step)])
-            except (TypeError, ValueError):
-                raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
-    _write(uri, {"kind": "log", "run": run_id, "metrics": batch})
+    def _write(self, record: dict) -> None:
+        """Send a record, through the run's spool when it has one."""
+        run_spool = self.spool_of_process()
+        if run_spool is not None:
+            run_spool.write(record)
+            return
+        try:
+            _send(self.uri, record, {})
+        except Unreachable as err:
+            raise err.__cause__ from None
 
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Log every metric at `step` in one batched call. Raises ValueError naming a non-numeric metric.
 
-def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    """Write `text` to the run's artifact `artifact_file` (the config YAML, a report). Raises MlflowException."""
-    with _local_file(artifact_file) as local:
-        local.write_text(text, encoding="utf-8")
-        _log_file(uri, run_id, local, artifact_file)
+        With a fixed `timestamp_ms`, logging the same metrics again stores nothing new (MLflow keys a metric by
+        key, value, timestamp and step): a restarted worker and the one it replaced cannot log a step twice."""
+        self.log_steps([(step, int(time.time() * 1000) if timestamp_ms is None else timestamp_ms, metrics)])
 
+    def log_steps(self, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Log the metrics of several steps, each `(step, timestamp_ms, metrics)`, as one write (see
+        `log_metrics`)."""
+        batch = []
+        for step, stamp, metrics in steps:
+            for key, value in metrics.items():
+                try:
+                    batch.append([key, float(value), int(stamp), int(step)])
+                except (TypeError, ValueError):
+                    raise ValueError(f"metric {key!r} has non-numeric value {value!r}") from None
+        self._write({"kind": "log", "run": self.run_id, "metrics": batch})
 
-def log_dict_artifact(uri: str, run_id: str, data: dict[str, Any], artifact_file: str) -> None:
-    """Write `data` as JSON or YAML (by the file's extension) to the run's artifacts. Raises MlflowException."""
-    as_yaml = Path(artifact_file).suffix in (".yaml", ".yml")
-    plain = json.loads(json.dumps(data, cls=NumpyEncoder))  # numpy scalars and arrays as plain numbers and lists
-    log_text(uri, run_id, yaml.safe_dump(plain) if as_yaml else json.dumps(plain, indent=2), artifact_file)
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write `text` to the run's artifact `artifact_file` (the config YAML, a report). Raises MlflowException."""
+        with _local_file(artifact_file) as local:
+            local.write_text(text, encoding="utf-8")
+            self._log_file(local, artifact_file)
 
+    def log_dict_artifact(self, data: dict[str, Any], artifact_file: str) -> None:
+        """Write `data` as JSON or YAML (by the file's extension) to the run's artifacts. Raises MlflowException."""
+        as_yaml = Path(artifact_file).suffix in (".yaml", ".yml")
+        plain = json.loads(json.dumps(data, cls=NumpyEncoder))  # numpy scalars and arrays as plain numbers, lists
+        self.log_text(yaml.safe_dump(plain) if as_yaml else json.dumps(plain, indent=2), artifact_file)
 
-def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-    """Upload a directory's contents (e.g. the trained parts). Raises NotADirectoryError naming `local_dir`."""
-    if not Path(local_dir).is_dir():
-        raise NotADirectoryError(f"log_artifacts: {local_dir} is not a directory")
-    _write(uri, {"kind": "artifact", "run": run_id, "local": str(local_dir), "path": artifact_path})
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a directory's contents (e.g. the trained parts). Raises NotADirectoryError naming `local_dir`."""
+        if not Path(local_dir).is_dir():
+            raise NotADirectoryError(f"log_artifacts: {local_dir} is not a directory")
+        self._write({"kind": "artifact", "run": self.run_id, "local": str(local_dir), "path": artifact_path})
 
+    def log_table(self, df: pd.DataFrame, artifact_file: str) -> None:
+        """Write a table (e.g. an eval table) as a .json (pandas "split", MLflow's table format), .csv or .parquet
+        artifact. Unlike `MlflowClient.log_table`, this replaces an existing file rather than appending to it, so a
+        re-run evaluation does not duplicate rows. Raises ValueError naming an unsupported extension."""
+        suffix = Path(artifact_file).suffix
+        if suffix not in (".json", ".csv", ".parquet"):
+            raise ValueError(f"log_table: {artifact_file!r} must end in .json, .csv or .parquet")
+        with _local_file(artifact_file) as local:
+            if suffix == ".json":
+                df.to_json(local, orient="split", index=False, date_format="iso")
+            elif suffix == ".csv":
+                df.to_csv(local, index=False)
+            else:
+                df.to_parquet(local, index=False)
+            self._log_file(local, artifact_file)
 
-def log_table(uri: str, run_id: str, df: pd.DataFrame, artifact_file: str) -> None:
-    """Write a table (e.g. an eval table) as a .json (pandas "split", MLflow's table format), .csv or .parquet
-    artifact. Unlike `MlflowClient.log_table`, this replaces an existing file rather than appending to it, so a
-    re-run evaluation does not duplicate rows. Raises ValueError naming an unsupported extension."""
-    suffix = Path(artifact_file).suffix
-    if suffix not in (".json", ".csv", ".parquet"):
-        raise ValueError(f"log_table: {artifact_file!r} must end in .json, .csv or .parquet")
-    with _local_file(artifact_file) as local:
-        if suffix == ".json":
-            df.to_json(local, orient="split", index=False, date_format="iso")
-        elif suffix == ".csv":
-            df.to_csv(local, index=False)
-        else:
-            df.to_parquet(local, index=False)
-        _log_file(uri, run_id, local, artifact_file)
+    def _log_file(self, local: Path, artifact_file: str) -> None:
+        parent = str(Path(artifact_file).parent)
+        self._write({"kind": "artifact", "run": self.run_id, "local": str(local),
+                     "path": None if parent == "." else parent})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set (or overwrite) tags on the run, values truncated to MLflow's limit. Raises MlflowException."""
+        self._write({"kind": "log", "run": self.run_id,
+                     "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items()}})
+
+    def set_description(self, text: str) -> None:
+        """The run's description: what the dashboard shows at the top of the run's page (MLflow's note tag)."""
+        self.set_tags({MLFLOW_RUN_NOTE: text})
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run finished, failed or killed. Raises ValueError for any other status."""
+        if status not in END_STATUSES:
+            raise ValueError(f"end: status {status!r} must be one of {', '.join(END_STATUSES)}")
+        self._write({"kind": "end", "run": self.run_id, "status": status})
+
+    def flush(self) -> bool:
+        """At the run's end: replay what waits in its spool if the server is back. Returns whether nothing waits."""
+        run_spool = self.spool_of_process()
+        return run_spool is None or not run_spool.waiting() or run_spool.replay()
 
 
 @contextlib.contextmanager
@@ -464,22 +496,6 @@ def _local_file(artifact_file: str) -> Iterator[Path]:
         yield Path(tmp) / Path(artifact_file).name
 
 
-def _log_file(uri: str, run_id: str, local: Path, artifact_file: str) -> None:
-    parent = str(Path(artifact_file).parent)
-    _write(uri, {"kind": "artifact", "run": run_id, "local": str(local), "path": None if parent == "." else parent})
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    """Set (or overwrite) tags on a run, values truncated to MLflow's limit. Raises MlflowException."""
-    _write(uri, {"kind": "log", "run": run_id,
-                 "tags": {key: str(value)[:MAX_TAG_VAL_LENGTH] for key, value in tags.items()}})
-
-
-def set_description(uri: str, run_id: str, text: str) -> None:
-    """The run's description: what the dashboard shows at the top of the run's page (MLflow's note tag)."""
-    set_tags(uri, run_id, {MLFLOW_RUN_NOTE: text})
-
-
 def dashboard_link(uri: str, experiment_id: str) -> str | None:
     """The address of an experiment's runs in the dashboard's "Model training" view (MLflow 3's default view of
     an experiment is its GenAI overview, empty for coat): `uri` itself for a tracking server, `make dashboard`'s
@@ -487,13 +503,6 @@ def dashboard_link(uri: str, experiment_id: str) -> str | None:
     base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else (
         DASHBOARD if _sqlite_path(uri) is not None else None)
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if base else None
-
-
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run finished, failed or killed. Raises ValueError for any other status."""
-    if status not in END_STATUSES:
-        raise ValueError(f"end_run: status {status!r} must be one of {', '.join(END_STATUSES)}")
-    _write(uri, {"kind": "end", "run": run_id, "status": status})
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

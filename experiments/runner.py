@@ -88,7 +88,7 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
     from coat.tune.report import print_results
     from coat.tune.sweep import run_sweep
 
-    result = run_sweep(config, space, extra, resume=args.resume)
+    result = run_sweep(cfg, space, resume=args.resume)
     print_results(result, cfg)
     if not args.no_analysis:
         conclude(name, result.name, cfg, PROJECT / "analysis")
@@ -113,7 +113,7 @@ def dry_run(args: argparse.Namespace, config: Path, space: Path, extra: list[str
     from coat.tune import cost
     from coat.tune.space import load_space
 
-    searched = load_space(space, config, extra)
+    searched = load_space(space, cfg)
     store = cost.store_path(cfg)
     records = [] if args.step_s else cost.load_records(store)
     gpus, gpus_from, cpus = cluster_size(on_cluster, args.gpus)

@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 
 from coat import tracking
-from coat.config import load_config
+from coat.config import CoATConfig, load_config
 from coat.data.synth import synthesize
 from coat.experts.base import ExpertSpec
 
@@ -75,6 +75,11 @@ def sweep_args(root: Path, manifest: Path, *extra: str) -> list[str]:
             f"tracking.uri=sqlite:///{root / 'mlruns.db'}", *SWEEP, *extra]
 
 
+def sweep_config(root: Path, manifest: Path, *extra: str) -> CoATConfig:
+    """The config of a test sweep: `sweep_args` loaded."""
+    return load_config(overrides=sweep_args(root, manifest, *extra))
+
+
 @pytest.fixture(scope="session")
 def sweeps(tmp_path_factory, coat_mini) -> dict:
     """Two real sweeps in one MLflow store, run once per session: a grid over K and the expert set whose trials
@@ -85,11 +90,10 @@ def sweeps(tmp_path_factory, coat_mini) -> dict:
     root = tmp_path_factory.mktemp("sweeps")
     (root / "k.yaml").write_text("thinking.num_slots: {grid: [0, 4]}\nexperts.names: {grid: [[mel], [mel, prosody]]}\n")
     (root / "m.yaml").write_text("thinking.num_slots: {choice: [0, 2, 4]}\nloss.weights.mel: {loguniform: [0.1, 10]}\n")
-    grid = run_sweep(None, root / "k.yaml", sweep_args(root, coat_mini, "sweep.name=k", "eval.baselines=[base,cot]",
-                                                       "eval.cot_tokens=4"))
-    pareto = run_sweep(None, root / "m.yaml", sweep_args(root, coat_mini, "sweep.name=m",
-                                                         "sweep.multi_objective=true", "sweep.num_samples=3",
-                                                         "sweep.scheduler=none"))
+    grid = run_sweep(sweep_config(root, coat_mini, "sweep.name=k", "eval.baselines=[base,cot]", "eval.cot_tokens=4"),
+                     root / "k.yaml")
+    pareto = run_sweep(sweep_config(root, coat_mini, "sweep.name=m", "sweep.multi_objective=true",
+                                    "sweep.num_samples=3", "sweep.scheduler=none"), root / "m.yaml")
     return {"root": root, "uri": f"sqlite:///{root / 'mlruns.db'}", "grid": grid, "pareto": pareto}
 
 

@@ -189,7 +189,7 @@ def sweep_scenario(scenario: dict, out: dict) -> Cluster:
     storage = Path(load_config(overrides=scenario["overrides"]).train.storage)
 
     def sweep() -> None:
-        result = run_sweep(None, scenario["space"], scenario["overrides"])
+        result = run_sweep(load_config(overrides=scenario["overrides"]), scenario["space"])
         out.update({"parent": result.parent_run_id, "statuses": list(result.table["status"]),
                     "steps": [int(s) for s in result.table["steps"]]})
 
@@ -254,7 +254,7 @@ def grid_scenario(scenario: dict, out: dict) -> Cluster:
                            .remote(str(driver_file)) for node in nodes])
     cfg = load_config(overrides=scenario["overrides"])
     start = time.perf_counter()
-    result = run_sweep(None, scenario["space"], scenario["overrides"])
+    result = run_sweep(load_config(overrides=scenario["overrides"]), scenario["space"])
     wall = time.perf_counter() - start
     out.update({"parent": result.parent_run_id, "statuses": list(result.table["status"]),
                 "steps": [int(s) for s in result.table["steps"]], "trial_nodes": all_actor_nodes(TRIAL)})

@@ -318,11 +318,11 @@ def test_head_runs_one_mlflow_server_on_postgresql_under_a_supervisor_that_resta
             web_server.kill()
         wait_until_healthy(uri, lambda: supervised("mlflow") not in (0, server))
         client.log_metric(run_id, "loss", 0.25, step=2)
-        tracking.spool_writes(uri, run_id, tmp_path / "spool", retry_s=1)
+        run = tracking.TrackedRun(uri, run_id, tmp_path / "spool", retry_s=1)
         psutil.Process(database).kill()
-        tracking.log_metrics(uri, run_id, {"loss": 0.125}, step=3)  # answered 503 until PostgreSQL is back
+        run.log_metrics({"loss": 0.125}, step=3)  # answered 503 until PostgreSQL is back
         wait_until_healthy(uri, lambda: supervised("postgres") not in (0, database))
-        wait_for(lambda: tracking.flush(run_id), "the spooled write to reach the restarted store", 120)
+        wait_for(run.flush, "the spooled write to reach the restarted store", 120)
         assert tracking.metric_history(uri, run_id, "loss") == [(1, 0.5), (2, 0.25), (3, 0.125)]
     finally:
         subprocess.run(f"HOME={home} {venv_bin}/{supervisorctl} shutdown", shell=True, capture_output=True)

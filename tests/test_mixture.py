@@ -9,8 +9,8 @@ import pytest
 from coat.config import ConfigError, load_config
 from coat.data.manifest import ManifestError, read_manifest, validate_rows
 from coat.data.mixture import combine, sample_weights
+from coat.data.prepare import prepare_data, training_streams
 from coat.data.stream import Stream, epoch_order
-from coat.train.launch import prepare_data, training_streams
 
 
 @pytest.fixture()

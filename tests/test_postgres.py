@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from coat import tracking
 from coat.tune.sweep import run_sweep
-from tests.conftest import mlflow_server, sweep_args
+from tests.conftest import mlflow_server, sweep_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_a_grid_sweep_through_a_postgresql_backed_server_logs_every_trial_exactl
     space.write_text("thinking.num_slots: {grid: [0, 2, 4]}\n")
     server = (postgres_uri, tmp_path, "--workers", "4", "--artifacts-destination", str(tmp_path / "art"))
     with mlflow_server(*server) as uri:
-        result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=pg", f"tracking.uri={uri}"))
+        result = run_sweep(sweep_config(tmp_path, coat_mini, "sweep.name=pg", f"tracking.uri={uri}"), space)
 
         assert len(result.table) == 3 and set(result.table["status"]) == {"done"}
         assert set(result.table["steps"]) == {4}, "grid trials run to the end"

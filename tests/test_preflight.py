@@ -63,7 +63,7 @@ def test_every_check_passes_on_the_embedded_default_and_the_step_is_measured(tmp
     # Stored under train.storage, keyed by the setting, where a dry run of this config and space bills with them.
     assert report["stored"] == str(tmp_path / "runs" / cost.STORE)
     cfg = load_config(TINY, overrides)
-    bill = cost.estimate(cfg, load_space(space, TINY, overrides), cost.load_records(Path(report["stored"])))
+    bill = cost.estimate(cfg, load_space(space, cfg), cost.load_records(Path(report["stored"])))
     assert [(r.step.kind, r.step.seconds) for r in bill.rows] == [("measured", t["step_s"]) for t in m["step_times"]]
     assert "preflight " in bill.rows[0].step.source and ", cpu" in bill.rows[0].step.source
     print_report(Report(measurements=report["measurements"], stored=report["stored"]))

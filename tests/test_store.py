@@ -87,6 +87,23 @@ def test_store_roundtrip_dedup_and_split_stats_without_ray(tmp_path):
         store.split_stats("e", "v1", ["a", "d"])
 
 
+def test_kept_statistics_are_computed_once_per_id_and_a_torn_file_is_computed_again(tmp_path):
+    store = FeatureStore(tmp_path)
+    calls = []
+
+    def compute(stats_id: str) -> dict:
+        calls.append(stats_id)
+        return {"id": stats_id, "mean": [0.1 * len(calls)]}
+
+    first = store.kept_stats("e", "v1", "k4", compute)
+    assert first == {"id": "k4", "mean": [0.1]} and store.kept_stats("e", "v1", "k4", compute) == first
+    assert store.kept_stats("e", "v1", "k8", compute)["mean"] == [0.2]  # another id: its own statistics
+    assert store.kept_stats("e", "v2", "k4", compute)["mean"] == pytest.approx([0.3])  # another version too
+    (store.folder("e", "v1") / "stats" / "k4.json").write_text('{"id": "k4", "mean": [0.1')  # a torn write
+    assert store.kept_stats("e", "v1", "k4", compute)["mean"] == pytest.approx([0.4])
+    assert calls == ["k4", "k8", "k4", "k4"] and not list(store.folder("e", "v1").glob("stats/*.tmp"))
+
+
 def test_precompute_stores_every_good_clip_and_a_second_run_computes_nothing(first_run, manifest):
     store_dir, summary = first_run
     store = FeatureStore(store_dir)

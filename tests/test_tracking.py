@@ -55,7 +55,7 @@ def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"id": "a", "path": "a.wav"}\n')
     fingerprint = tracking.dataset_fingerprint(manifest)
-    run_id = tracking.start_run(sqlite_uri, experiment, "k4", cfg, tags={"dataset_fingerprint": fingerprint})
+    run_id = tracking.start_run(sqlite_uri, experiment, "k4", cfg, tags={"dataset_fingerprint": fingerprint}).run_id
 
     run = MlflowClient(sqlite_uri).get_run(run_id)
     expected = {key: str(value)[:6000] for key, value in flatten(cfg).items()}
@@ -82,8 +82,9 @@ def test_start_run_logs_flat_config_and_tags(sqlite_uri, experiment, tmp_path):
 
 def test_a_resumed_run_keeps_the_provenance_of_every_start(sqlite_uri, experiment, tmp_path):
     cfg = load_config(overrides=OVERRIDES)
-    run_id = tracking.start_run(sqlite_uri, experiment, "twice", cfg)
-    assert tracking.start_run(sqlite_uri, experiment, "twice", cfg, tags={"version.jiwer": "0.0-other"}) == run_id
+    run_id = tracking.start_run(sqlite_uri, experiment, "twice", cfg).run_id
+    again = tracking.start_run(sqlite_uri, experiment, "twice", cfg, tags={"version.jiwer": "0.0-other"})
+    assert again.run_id == run_id
     client = MlflowClient(sqlite_uri)
     tags = client.get_run(run_id).data.tags
     assert tags["coat.starts"] == "2" and tags["coat.provenance_changed"] == "version.jiwer"
@@ -96,27 +97,29 @@ def test_a_resumed_run_keeps_the_provenance_of_every_start(sqlite_uri, experimen
 
 
 def test_metrics_round_trip_with_steps(sqlite_uri, experiment):
-    run_id = tracking.start_run(sqlite_uri, experiment, "metrics", load_config(overrides=OVERRIDES))
+    run = tracking.start_run(sqlite_uri, experiment, "metrics", load_config(overrides=OVERRIDES))
+    run_id = run.run_id
     for step, loss in [(0, 2.5), (10, 1.25), (20, 0.75)]:
-        tracking.log_metrics(sqlite_uri, run_id, {"loss": loss, "loss.pitch": loss / 2}, step)
+        run.log_metrics({"loss": loss, "loss.pitch": loss / 2}, step)
     assert tracking.metric_history(sqlite_uri, run_id, "loss") == [(0, 2.5), (10, 1.25), (20, 0.75)]
     assert tracking.metric_history(sqlite_uri, run_id, "loss.pitch") == [(0, 1.25), (10, 0.625), (20, 0.375)]
     assert tracking.metric_history(sqlite_uri, run_id, "never_logged") == []
     with pytest.raises(ValueError, match="'acc'"):
-        tracking.log_metrics(sqlite_uri, run_id, {"acc": "high"}, 30)
+        run.log_metrics({"acc": "high"}, 30)
 
 
 def test_relogging_a_step_with_its_timestamp_stores_it_once(sqlite_uri, experiment):
-    run_id = tracking.start_run(sqlite_uri, experiment, "relog", load_config(overrides=OVERRIDES))
+    run = tracking.start_run(sqlite_uri, experiment, "relog", load_config(overrides=OVERRIDES))
     for _writer in range(2):  # a restarted worker and the one it replaced, logging the same checkpointed steps
         for step in (1, 2):
-            tracking.log_metrics(sqlite_uri, run_id, {"loss": 1.0 / step}, step, timestamp_ms=1_000 + step)
-    assert tracking.metric_history(sqlite_uri, run_id, "loss") == [(1, 1.0), (2, 0.5)]
+            run.log_metrics({"loss": 1.0 / step}, step, timestamp_ms=1_000 + step)
+    assert tracking.metric_history(sqlite_uri, run.run_id, "loss") == [(1, 1.0), (2, 0.5)]
 
 
 def test_artifacts_land_and_download_back(sqlite_uri, experiment, tmp_path):
     cfg = load_config(overrides=OVERRIDES)
-    run_id = tracking.start_run(sqlite_uri, experiment, "artifacts", cfg)
+    run = tracking.start_run(sqlite_uri, experiment, "artifacts", cfg)
+    run_id = run.run_id
     parts = tmp_path / "parts"
     (parts / "heads").mkdir(parents=True)
     payload = os.urandom(4096)
@@ -124,12 +127,12 @@ def test_artifacts_land_and_download_back(sqlite_uri, experiment, tmp_path):
     (parts / "slots.bin").write_bytes(payload[::-1])
     table = pd.DataFrame({"task": ["asr", "emotion"], "score": [0.125, 0.5], "n": [10, 20]})
 
-    tracking.log_text(sqlite_uri, run_id, to_yaml(cfg), "config.yaml")
-    tracking.log_dict_artifact(sqlite_uri, run_id, {"k": 4, "experts": ["pitch", "mel"]}, "meta/info.json")
-    tracking.log_artifacts(sqlite_uri, run_id, parts, "trained")
-    tracking.log_table(sqlite_uri, run_id, table.iloc[:1], "eval/table.csv")
-    tracking.log_table(sqlite_uri, run_id, table, "eval/table.csv")  # a re-run replaces, never appends
-    tracking.log_table(sqlite_uri, run_id, table, "eval/table.json")
+    run.log_text(to_yaml(cfg), "config.yaml")
+    run.log_dict_artifact({"k": 4, "experts": ["pitch", "mel"]}, "meta/info.json")
+    run.log_artifacts(parts, "trained")
+    run.log_table(table.iloc[:1], "eval/table.csv")
+    run.log_table(table, "eval/table.csv")  # a re-run replaces, never appends
+    run.log_table(table, "eval/table.json")
 
     down = Path(MlflowClient(sqlite_uri).download_artifacts(run_id, "", str(tmp_path / "down")))
     assert from_yaml((down / "config.yaml").read_text()) == cfg
@@ -142,49 +145,50 @@ def test_artifacts_land_and_download_back(sqlite_uri, experiment, tmp_path):
     assert (stored / "trained" / "heads" / "pitch.bin").read_bytes() == payload
 
     with pytest.raises(ValueError, match="table.xlsx"):
-        tracking.log_table(sqlite_uri, run_id, table, "eval/table.xlsx")
+        run.log_table(table, "eval/table.xlsx")
     with pytest.raises(NotADirectoryError, match="missing"):
-        tracking.log_artifacts(sqlite_uri, run_id, tmp_path / "missing")
+        run.log_artifacts(tmp_path / "missing")
 
 
 def test_same_run_name_resumes_the_run(sqlite_uri, experiment):
     cfg = load_config(overrides=OVERRIDES)
     client = MlflowClient(sqlite_uri)
-    first = tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg)
-    tracking.log_metrics(sqlite_uri, first, {"loss": 1.0}, 50)
-    tracking.end_run(sqlite_uri, first, "FAILED")
+    opened = tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg)
+    first = opened.run_id
+    opened.log_metrics({"loss": 1.0}, 50)
+    opened.end("FAILED")
     assert client.get_run(first).info.status == "FAILED"
 
     changed = load_config(overrides=[*OVERRIDES, "train.lr=0.01"])
     again = tracking.start_run(sqlite_uri, experiment, "it's resumable", changed)
-    assert again == first
+    assert again.run_id == first
     run = client.get_run(first)
     assert run.info.status == "RUNNING"
     assert run.data.params["train.lr"] == "0.001"  # params are immutable: the first value stays
-    tracking.log_metrics(sqlite_uri, again, {"loss": 0.5}, 100)
+    again.log_metrics({"loss": 0.5}, 100)
     assert tracking.metric_history(sqlite_uri, first, "loss") == [(50, 1.0), (100, 0.5)]
-    tracking.end_run(sqlite_uri, again)
+    again.end()
     assert client.get_run(first).info.status == "FINISHED"
 
-    assert tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg, resume=False) != first
+    assert tracking.start_run(sqlite_uri, experiment, "it's resumable", cfg, resume=False).run_id != first
     client.delete_run(first)
-    assert tracking.start_run(sqlite_uri, experiment, "another", cfg) != first
+    assert tracking.start_run(sqlite_uri, experiment, "another", cfg).run_id != first
 
     # A run that crashed before its params were logged gets all of them on resume.
     experiment_id = tracking.get_or_create_experiment(sqlite_uri, experiment)
     bare = client.create_run(experiment_id, tags={"coat.run_name": "crashed"}).info.run_id
-    assert tracking.start_run(sqlite_uri, experiment, "crashed", cfg) == bare
+    assert tracking.start_run(sqlite_uri, experiment, "crashed", cfg).run_id == bare
     assert client.get_run(bare).data.params == {key: str(value) for key, value in flatten(cfg).items()}
 
     with pytest.raises(ValueError, match="FINISHED, FAILED, KILLED"):
-        tracking.end_run(sqlite_uri, first, "DONE")
+        opened.end("DONE")
 
 
 def test_child_run_gets_parent_id(sqlite_uri, experiment):
     cfg = load_config(overrides=OVERRIDES)
-    parent = tracking.start_run(sqlite_uri, experiment, "sweep", cfg)
+    parent = tracking.start_run(sqlite_uri, experiment, "sweep", cfg).run_id
     children = [
-        tracking.start_run(sqlite_uri, experiment, f"trial_{i}", cfg, parent_run_id=parent) for i in range(2)
+        tracking.start_run(sqlite_uri, experiment, f"trial_{i}", cfg, parent_run_id=parent).run_id for i in range(2)
     ]
     client = MlflowClient(sqlite_uri)
     assert [client.get_run(c).data.tags["mlflow.parentRunId"] for c in children] == [parent, parent]
@@ -212,13 +216,14 @@ def test_run_through_a_real_server(server, tmp_path):
     uri, artifact_root = server
     tracking.check_reachable(uri)
     cfg = load_config(overrides=OVERRIDES)
-    run_id = tracking.start_run(uri, "coat", "served", cfg, tags={"dataset_fingerprint": "abc"})
-    tracking.log_metrics(uri, run_id, {"loss": 2.0}, 0)
-    tracking.log_metrics(uri, run_id, {"loss": 1.5}, 5)
-    tracking.log_text(uri, run_id, to_yaml(cfg), "config.yaml")
+    served = tracking.start_run(uri, "coat", "served", cfg, tags={"dataset_fingerprint": "abc"})
+    run_id = served.run_id
+    served.log_metrics({"loss": 2.0}, 0)
+    served.log_metrics({"loss": 1.5}, 5)
+    served.log_text(to_yaml(cfg), "config.yaml")
     table = pd.DataFrame({"task": ["asr"], "wer": [0.25]})
-    tracking.log_table(uri, run_id, table, "eval/table.csv")
-    tracking.end_run(uri, run_id)
+    served.log_table(table, "eval/table.csv")
+    served.end()
 
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params == {key: str(value) for key, value in flatten(cfg).items()}
@@ -241,7 +246,7 @@ def test_run_through_a_real_server(server, tmp_path):
     on_server = list(artifact_root.rglob(f"{run_id}/artifacts/eval/table.csv"))
     assert len(on_server) == 1 and pd.read_csv(on_server[0]).equals(table)
 
-    assert tracking.start_run(uri, "coat", "served", cfg) == run_id
+    assert tracking.start_run(uri, "coat", "served", cfg).run_id == run_id
 
 
 @pytest.mark.timeout(30)
@@ -255,9 +260,8 @@ def test_a_write_the_server_rejects_is_raised_not_spooled(server, tmp_path):
     """Only an outage makes a write wait: one the server refuses would wait forever, so it fails as before."""
     uri, _ = server
     spool = tmp_path / "spool"
-    tracking.spool_writes(uri, "0" * 32, spool, retry_s=1)
     with pytest.raises(MlflowException, match="0" * 32):
-        tracking.log_metrics(uri, "0" * 32, {"loss": 1.0}, 0)
+        tracking.TrackedRun(uri, "0" * 32, spool, retry_s=1).log_metrics({"loss": 1.0}, 0)
     assert not list(spool.glob("*.jsonl"))
 
 
@@ -290,8 +294,7 @@ def test_a_server_out_of_capacity_is_an_outage_its_writes_wait_and_arrive_once(t
         client = MlflowClient(uri)
         experiment = client.create_experiment("overloaded")
         runs = [client.create_run(experiment).info.run_id for _ in range(8)]
-        for run_id in runs:
-            tracking.spool_writes(uri, run_id, tmp_path / "spool" / run_id, retry_s=1)
+        handles = {run_id: tracking.TrackedRun(uri, run_id, tmp_path / "spool" / run_id, retry_s=1) for run_id in runs}
         holder = sqlite3.connect(db, timeout=0)
         holder.execute("BEGIN EXCLUSIVE")
         raised: list[Exception] = []
@@ -299,7 +302,7 @@ def test_a_server_out_of_capacity_is_an_outage_its_writes_wait_and_arrive_once(t
         def write(run_id: str) -> None:
             try:
                 for step in range(3):
-                    tracking.log_metrics(uri, run_id, {"loss": 1.0 / (step + 1)}, step=step)
+                    handles[run_id].log_metrics({"loss": 1.0 / (step + 1)}, step=step)
             except Exception as err:  # noqa: BLE001 - any error here is the failure under test
                 raised.append(err)
 
@@ -317,7 +320,7 @@ def test_a_server_out_of_capacity_is_an_outage_its_writes_wait_and_arrive_once(t
         said = " ".join(record.getMessage() for record in caplog.records)
         assert "QueuePool limit" in said, "the pool's 400 was met and taken for an outage"
         for run_id in runs:
-            assert tracking.flush(run_id)
+            assert handles[run_id].flush()
             assert tracking.metric_history(uri, run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
 
 
@@ -427,7 +430,7 @@ def test_a_spool_stops_the_run_before_the_storage_fills(tmp_path):
 
 def test_a_password_in_the_tracking_uri_never_reaches_a_param_or_a_saved_config(sqlite_uri, experiment, tmp_path):
     cfg = load_config(overrides=[*OVERRIDES, "tracking.uri=http://alice:s3cret@tracking.example:5000"])
-    run_id = tracking.start_run(sqlite_uri, experiment, "secret", cfg)
+    run_id = tracking.start_run(sqlite_uri, experiment, "secret", cfg).run_id
     run = MlflowClient(sqlite_uri).get_run(run_id)
     assert run.data.params["tracking.uri"] == "http://alice:***@tracking.example:5000"
     assert not any("s3cret" in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])

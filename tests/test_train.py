@@ -26,12 +26,14 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from coat import tracking
 from coat.analysis.runs import histories
 from coat.config import ConfigError, apply_overrides, from_yaml, load_config, to_yaml
+from coat.data.prepare import training_streams
 from coat.data.stream import iter_training_batches, shuffled_donors
 from coat.data.synth import synthesize
 from coat.experts.registry import build_expert
 from coat.model import CoATModel
 from coat.model.coat_model import WEIGHTS_FILE
 from coat.model.losses import distance
+from coat.model.targets import target_statistics
 from coat.ray_runtime import QUIET_IN_WORKERS
 from coat.train.checkpoint import (
     CheckpointError,
@@ -47,7 +49,7 @@ from coat.train.checkpoint import (
     verify_checkpoint,
     whole_trained_parts,
 )
-from coat.train.launch import target_statistics, train, training_streams
+from coat.train.launch import train
 from coat.train.loop import (
     HELD_VALIDATION_BYTES,
     NonFiniteTrainingError,
@@ -317,11 +319,18 @@ def test_an_uninformed_slot_prediction_scores_about_one_for_frame_level_experts(
     uninformed prediction scores about 1 whatever K, as the loss weights assume (clip-level prosody is one vector a
     clip, already standardised where the loss sees it)."""
     cfg, _ = uninterrupted
+    store = Path(cfg.data.store)
     for k in (1, 4):
         run = apply_overrides(cfg, [f"thinking.num_slots={k}"])
-        train_stream = training_streams(run, Path(run.data.manifest), Path(run.data.store))["train"]
-        stats = target_statistics(run, train_stream)
+        train_stream = training_streams(run, Path(run.data.manifest), store)["train"]
+        stats = target_statistics(run, train_stream, store)
         assert stats["mel"]["slots"]["k"] == k and "slots" not in stats["prosody"]
+        # Kept in the store for the next run: what it reads back is what a store without it computes again.
+        kept = list(store.glob("mel/*/stats/*.json"))
+        assert stats["mel"]["slots"]["id"] in {path.stem for path in kept}
+        for path in kept:
+            path.unlink()
+        assert target_statistics(run, train_stream, store) == stats
         coat = CoATModel(run)
         before = uninformed_mel_score(coat, train_stream)
         coat.standardise_slots(stats)
@@ -352,11 +361,10 @@ def test_a_restart_knows_which_steps_went_to_mlflow_even_when_the_server_cannot_
     """Steps handed to MLflow (sent, or spooled through an outage) are recorded beside the run: a restart while the
     server is away must not log the steps it redoes a second time."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    run_id = tracking.start_run(uri, "coat", "marker", load_config())
-    log_committed_steps(uri, run_id, json.dumps([[3, 1000, {"train/loss": 1.0}], [4, 2000, {"train/loss": 0.9}]]),
-                        tmp_path)
-    assert steps_handed_to_mlflow(tmp_path) == 4 == tracking.last_logged_step(uri, run_id, "train/loss")
-    log_committed_steps(uri, run_id, json.dumps([[2, 500, {"train/loss": 1.1}]]), tmp_path)  # an older checkpoint
+    run = tracking.start_run(uri, "coat", "marker", load_config())
+    log_committed_steps(run, json.dumps([[3, 1000, {"train/loss": 1.0}], [4, 2000, {"train/loss": 0.9}]]), tmp_path)
+    assert steps_handed_to_mlflow(tmp_path) == 4 == tracking.last_logged_step(uri, run.run_id, "train/loss")
+    log_committed_steps(run, json.dumps([[2, 500, {"train/loss": 1.1}]]), tmp_path)  # an older checkpoint
     assert steps_handed_to_mlflow(tmp_path) == 4
     (tmp_path / "logged_through").write_bytes(b"\xff")
     assert steps_handed_to_mlflow(tmp_path) == 0 and steps_handed_to_mlflow(tmp_path / "absent") == 0
@@ -515,7 +523,7 @@ def test_a_full_disk_fails_the_save_naming_the_folder_and_keeps_the_last_checkpo
     root = tmp_path / "runs"
     shutil.copytree(result.checkpoint, root / "checkpoint_000008")
     coat = CoATModel.load(result.checkpoint)
-    session = InProcessSession(root, keep=2, report_to_tune=False, tracking=None)
+    session = InProcessSession(root, keep=2, report_to_tune=False, run=None)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
     try:

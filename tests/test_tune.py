@@ -19,7 +19,7 @@ from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
 from coat.tune.sweep import run_sweep, trial_label, with_seeds
-from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, wait_for_health
+from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, sweep_config, wait_for_health
 
 TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 
@@ -152,7 +152,7 @@ def test_a_sweep_run_again_without_resume_is_a_new_sweep(tmp_path, coat_mini):
     space = write(tmp_path / "once.yaml", "thinking.num_slots: {grid: [2]}\n")
     args = sweep_args(tmp_path, coat_mini, "sweep.name=once", "train.stages=[{steps: 1}]", "eval.max_examples=2",
                       "eval.latency_examples=0")
-    first, second = run_sweep(None, space, args), run_sweep(None, space, args)
+    first, second = run_sweep(load_config(overrides=args), space), run_sweep(load_config(overrides=args), space)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert first.parent_run_id != second.parent_run_id
     assert len(child_runs(uri, first.parent_run_id)) == len(child_runs(uri, second.parent_run_id)) == 1
@@ -164,9 +164,9 @@ def test_a_trial_killed_past_its_retries_is_marked_failed_and_the_sweep_goes_on(
     killed: list[int] = []
     killer = threading.Thread(target=kill_when, args=(tmp_path / "sweeps", TRIAL_CHECKPOINT, "ImplicitFunc", killed))
     killer.start()
-    result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=f", "sweep.trial_retries=0",
-                                               "sweep.max_concurrent=1",
-                                               "train.stages=[{steps: 8}]", "train.checkpoint_every=1"))
+    result = run_sweep(sweep_config(tmp_path, coat_mini, "sweep.name=f", "sweep.trial_retries=0",
+                                    "sweep.max_concurrent=1", "train.stages=[{steps: 8}]", "train.checkpoint_every=1"),
+                       space)
     killer.join()
     assert killed
     assert sorted(result.table["status"]) == ["done", "error"]
@@ -180,8 +180,8 @@ def test_a_retried_trial_resumes_from_its_checkpoint(tmp_path, coat_mini):
     killed: list[int] = []
     killer = threading.Thread(target=kill_when, args=(tmp_path / "sweeps", TRIAL_CHECKPOINT, "ImplicitFunc", killed))
     killer.start()
-    result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=r", "sweep.trial_retries=1",
-                                               "train.stages=[{steps: 8}]", "train.checkpoint_every=1"))
+    result = run_sweep(sweep_config(tmp_path, coat_mini, "sweep.name=r", "sweep.trial_retries=1",
+                                    "train.stages=[{steps: 8}]", "train.checkpoint_every=1"), space)
     killer.join()
     assert killed and list(result.table["status"]) == ["done"] and list(result.table["steps"]) == [8]
     (child,) = child_runs(f"sqlite:///{tmp_path / 'mlruns.db'}", result.parent_run_id)
@@ -201,8 +201,8 @@ def finished_children(uri: str) -> list:
 def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_mini):
     space = write(tmp_path / "o.yaml", "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     args = sweep_args(tmp_path, coat_mini, "sweep.name=o", "sweep.num_samples=3", "sweep.max_concurrent=1")
-    script = ("import sys; from coat.tune.sweep import run_sweep; "
-              f"run_sweep(None, {str(space)!r}, {args!r}, resume='--resume' in sys.argv)")
+    script = ("import sys; from coat.config import load_config; from coat.tune.sweep import run_sweep; "
+              f"run_sweep(load_config(overrides={args!r}), {str(space)!r}, resume='--resume' in sys.argv)")
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, start_new_session=True)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     deadline = time.monotonic() + 600
@@ -281,8 +281,8 @@ def test_a_sweep_keeps_its_parent_and_children_through_a_tracking_server_outage(
     try:
         wait_for_health(uri)
         space = write(tmp_path / "u.yaml", "thinking.num_slots: {grid: [2, 4]}\n")
-        result = run_sweep(None, space, sweep_args(tmp_path, coat_mini, "sweep.name=u", "sweep.max_concurrent=1",
-                                                   f"tracking.uri={uri}", "tracking.retry_s=1"))
+        result = run_sweep(sweep_config(tmp_path, coat_mini, "sweep.name=u", "sweep.max_concurrent=1",
+                                        f"tracking.uri={uri}", "tracking.retry_s=1"), space)
         assert first_trial_trained.is_set(), "the first trial trained while the server was away"
         assert list(result.table["status"]) == ["done", "done"]
         children = child_runs(uri, result.parent_run_id)

@@ -144,12 +144,12 @@ def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out:
     for name, summary in summaries.items():
         parent = summary.get("parent_run_id")
         if parent:
-            tracking.log_artifacts(uri, parent, out / name, f"analysis/{name}")
+            tracking.TrackedRun(uri, parent).log_artifacts(out / name, f"analysis/{name}")
             by_parent.setdefault(parent, []).append(f"**{name}**\n" + "\n".join(f"- {s}" for s in
                                                                               summary["conclusions"]))
     client = tracking.mlflow_client(uri)
     for parent, sections in by_parent.items():
         described = client.get_run(parent).data.tags.get("mlflow.note.content", "")
         kept = described.split(ANALYSIS_HEADING)[0].rstrip()
-        tracking.set_description(uri, parent, f"{kept}\n\n{ANALYSIS_HEADING}\n\n" + "\n\n".join(sections))
+        tracking.TrackedRun(uri, parent).set_description(f"{kept}\n\n{ANALYSIS_HEADING}\n\n" + "\n\n".join(sections))
     return summaries

@@ -647,24 +647,23 @@ def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups:
     return ProbeFit(table, clips)
 
 
-def log_probe_results(uri: str, run_id: str, table: pd.DataFrame, clips: pd.DataFrame | None = None,
+def log_probe_results(run, table: pd.DataFrame, clips: pd.DataFrame | None = None,
                       lens: pd.DataFrame | None = None) -> None:
     """Log `probe/<position>/<target>/<metric>` and `..._selectivity` at step = layer for every fitted row, the
     table as the artifact `probes/results.parquet`, and where given the per-clip scores (`probes/clips.parquet`)
-    and the logit lens (`probes/logit_lens.parquet`). Raises MlflowException (unknown run, store errors)."""
-    from coat import tracking
-
+    and the logit lens (`probes/logit_lens.parquet`) to `run` (a `coat.tracking.TrackedRun`). Raises
+    MlflowException (unknown run, store errors)."""
     fitted = table[table["score"].notna()]
     for layer, at in fitted.groupby("layer"):
         metrics = {}
         for row in at.itertuples():
             key = f"probe/{row.position}/{row.target}/{row.metric}"
             metrics[key], metrics[f"{key}_selectivity"] = row.score, row.selectivity
-        tracking.log_metrics(uri, run_id, metrics, step=int(layer))
-    tracking.log_table(uri, run_id, table, "probes/results.parquet")
+        run.log_metrics(metrics, step=int(layer))
+    run.log_table(table, "probes/results.parquet")
     for name, extra in (("clips", clips), ("logit_lens", lens)):
         if extra is not None:
-            tracking.log_table(uri, run_id, extra, f"probes/{name}.parquet")
+            run.log_table(extra, f"probes/{name}.parquet")
 
 
 def held_out_comparison(coat: pd.DataFrame, plain: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> dict:
@@ -820,9 +819,10 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
         if experiment:
             run_id = _new_probe_run(uri, experiment, checkpoint, cfg, split, names)
         if run_id:
-            log_probe_results(uri, run_id, table, fit.clips, lens)
+            run = tracking.TrackedRun(uri, run_id)
+            log_probe_results(run, table, fit.clips, lens)
             if experiment:
-                tracking.end_run(uri, run_id)
+                run.end()
     except (MlflowException, ValueError) as err:
         raise ProbeError(f"MLflow: {str(err).splitlines()[0]} (results are in {out})") from None
     return ProbeRun(table, fit.clips, lens, out, extraction, run_id, notes)

@@ -124,7 +124,7 @@ def predictions(uri: str, run_id: str, system: str = "coat") -> pd.DataFrame:
 
 
 def table_artifact(uri: str, run_id: str, path: str) -> pd.DataFrame:
-    """A table a run logged (`coat.tracking.log_table`: .parquet, .csv or pandas-split .json). Raises
+    """A table a run logged (`coat.tracking.TrackedRun.log_table`: .parquet, .csv or pandas-split .json). Raises
     MlflowException when the run has no such artifact."""
     with tempfile.TemporaryDirectory() as folder:
         local = Path(tracking.mlflow_client(uri).download_artifacts(run_id, path, folder))

@@ -1,10 +1,10 @@
 """Build a manifest from a local copy of a real corpus in its published layout (`coat data import`).
 
-The published layouts are parsed by the corpus loaders (`coat.data.corpora`, which evaluation reads too), so a corpus is read the
-same way for training as for evaluation, and suites without per-item questions get the instruction their eval
-recipe asks (`coat.config.default_suites`). Every row then goes through the quarantine (`validate_rows`, then
-`check_audio_rows`): `DIR/manifest.jsonl` holds the rows fit to use, `DIR/quarantine.jsonl` the others with
-their reason, so nothing is lost silently.
+The published layouts are parsed by the corpus loaders (`coat.data.corpora`, which evaluation reads too), so a
+corpus is read the same way for training as for evaluation, and suites without per-item questions get the
+instruction their eval recipe asks (`coat.config.default_suites`). Every row then goes through the quarantine
+(`validate_rows`, then `check_audio_rows`): `DIR/manifest.jsonl` holds the rows fit to use,
+`DIR/quarantine.jsonl` the others with their reason, so nothing is lost silently.
 
 Splits come from the corpus where it defines them, else from a seeded draw. The rule per format:
 

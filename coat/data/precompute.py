@@ -223,9 +223,7 @@ def settings_of_run(config: str | Path, experts: Sequence[str]
     from coat.config import apply_overrides, expert_settings, load_config
 
     run = apply_overrides(load_config(config), [f"experts.names=[{','.join(experts)}]"])
-    cap = run.data.max_seconds
-    return (expert_settings(run), cap if run.data.long_clips == "crop" else None,
-            cap if run.data.long_clips == "reject" else None)
+    return expert_settings(run), run.data.crop_seconds, run.data.reject_seconds
 
 
 def set_aside_damage(store: FeatureStore, name: str, version: str, hashes: bool = True) -> set[str]:

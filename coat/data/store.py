@@ -45,7 +45,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,11 +336,26 @@ class FeatureStore:
         digest = hashlib.sha256(version.encode())
         for h in hashes:
             digest.update(h.encode())
-        stats_id = digest.hexdigest()[:16]
+        return self.kept_stats(name, version, digest.hexdigest()[:16],
+                               lambda stats_id: self._frame_stats(name, version, hashes, stats_id))
+
+    def kept_stats(self, name: str, version: str, stats_id: str, compute: Callable[[str], dict]) -> dict:
+        """Statistics of an expert version's features kept in `stats/<stats_id>.json`: read when a whole file with
+        that `id` is there, else `compute(stats_id)` (a dict whose `id` is `stats_id`) written whole and renamed, so
+        concurrent runs each leave a whole file. `stats_id` must name everything the statistics depend on; the
+        features of a version never change, so the file never goes stale."""
         path = self.folder(name, version) / STATS_FOLDER / f"{stats_id}.json"
         kept = _read_json(path)
         if kept is not None and kept.get("id") == stats_id:
             return kept
+        stats = compute(stats_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        _write_durably(tmp, json.dumps(stats).encode())
+        os.replace(tmp, path)
+        return stats
+
+    def _frame_stats(self, name: str, version: str, hashes: list[str], stats_id: str) -> dict:
         located = self.locate(name, version, hashes)
         total, total_sq, count, dim = 0.0, 0.0, 0, None
         for part, rows in located.groupby("part", sort=False):
@@ -359,13 +374,8 @@ class FeatureStore:
             total, total_sq, count = total + x.sum(0), total_sq + (x * x).sum(0), count + len(x)
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-        stats = {"id": stats_id, "expert": name, "version": version, "dim": dim, "clips": len(hashes),
-                 "frames": count, "mean": mean.tolist(), "std": std.tolist()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        _write_durably(tmp, json.dumps(stats).encode())
-        os.replace(tmp, path)
-        return stats
+        return {"id": stats_id, "expert": name, "version": version, "dim": dim, "clips": len(hashes),
+                "frames": count, "mean": mean.tolist(), "std": std.tolist()}
 
     def quarantine(self, records: Iterable[Mapping[str, object]]) -> None:
         """Append records (`clip_hash`, `path`, `reason`) of clips whose audio cannot be decoded (whole lines,

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from coat.config import CoATConfig, EvalConfig, SuiteRecipe, from_yaml, validate
+from coat.config import EvalConfig, SuiteRecipe, from_yaml, validate
 from coat.data.audio import AudioError, decode
 from coat.data.manifest import (
     REQUIRED,
@@ -90,9 +90,9 @@ def base_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Co
     path = Path(checkpoint) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(not_a_checkpoint(checkpoint, CONFIG_FILE))
-    cfg: CoATConfig = from_yaml(path.read_text())
-    cfg.thinking.num_slots = 0
-    cfg.experts.names, cfg.loss.weights, cfg.loss.distance = [], {}, {}
+    trained = from_yaml(path.read_text())
+    cfg = replace(trained, thinking=replace(trained.thinking, num_slots=0),
+                  experts=replace(trained.experts, names=[]), loss=replace(trained.loss, weights={}, distance={}))
     validate(cfg)
     return CoATModel(cfg, experts={}, device=device)
 

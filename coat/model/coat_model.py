@@ -121,6 +121,7 @@ class CoATModel(nn.Module):
             experts = {name: expert_spec(name, **chosen) for name, chosen in expert_settings(cfg).items()}
         check_experts(cfg, experts)
         self.cfg = cfg
+        self._saved_config: tuple[CoATConfig | None, str] = (None, "")  # see `_config_yaml`
         self.experts = {name: experts[name] for name in cfg.experts.names}
         self.backbone: Backbone = build_backbone(cfg, device)
         model = self.backbone.model
@@ -282,10 +283,17 @@ class CoATModel(nn.Module):
         trained = self.trained_state() if trained is None else trained
         # Bytes written by Python's own I/O: a full disk is an OSError naming the file, not a serializer's error.
         (directory / WEIGHTS_FILE).write_bytes(safetensors_bytes({k: v.contiguous().cpu() for k, v in trained.items()}))
-        (directory / CONFIG_FILE).write_text(to_yaml(redacted(self.cfg)))
+        (directory / CONFIG_FILE).write_text(self._config_yaml())
         meta = {"made_for": self._made_for(), "experts": {n: asdict(s) for n, s in self.experts.items()}}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2))
         return directory
+
+    def _config_yaml(self) -> str:
+        """The config as saved (`redacted`), written out again only when the model is given another: OmegaConf takes
+        tens of milliseconds per config, and a run saves one every few steps."""
+        if self._saved_config[0] is not self.cfg:
+            self._saved_config = (self.cfg, to_yaml(redacted(self.cfg)))
+        return self._saved_config[1]
 
     def _made_for(self) -> dict:
         b, t = self.cfg.backbone, self.cfg.thinking

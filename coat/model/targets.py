@@ -14,13 +14,22 @@ the training split at the run's K: an uninformed prediction then scores about 1 
 and loss weights compare frame-level with clip-level experts.
 """
 
+import hashlib
+import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+from coat.config import CoATConfig, expert_settings
+from coat.data.store import FeatureStore, read_located, standardise
+from coat.data.stream import Stream
 from coat.experts.base import ExpertSpec
+from coat.experts.registry import expert_spec
 
 
 def align_to_slots(frames: torch.Tensor, lengths: torch.Tensor, k: int, frame_rate: float,
@@ -85,3 +94,34 @@ def slot_statistics(clips: Iterable[tuple[np.ndarray, float]], k: int, frame_rat
     mean = total / count
     return {"k": k, "mean": mean.tolist(), "std": np.sqrt(np.maximum(total_sq / count - mean * mean, 0)).tolist(),
             "slots": int(count)}
+
+
+def target_statistics(cfg: CoATConfig, train: Stream, store: Path) -> dict[str, dict | None]:
+    """Per expert, the statistics its targets are standardised with (the training split's, see
+    `FeatureStore.split_stats`), with `slots` (`slot_statistics`) for continuous frame-level experts when K > 0: the
+    training clips' targets pooled to the run's K slots, so that each slot's target is standardised again where the
+    loss sees it. Slot statistics read every training clip's frames, so `store` keeps them (`kept_stats`) for the
+    next run of the same split, expert version and K."""
+    stats = {name: source.stats for name, source in train.sources.items()}
+    if not cfg.thinking.supervised:
+        return stats
+    items = pd.DataFrame(train.items).drop_duplicates("clip_hash")
+    k, features = cfg.thinking.num_slots, FeatureStore(store)
+    for name, source in train.sources.items():
+        spec = expert_spec(name, **expert_settings(cfg).get(name, {}))
+        if source.stats is None or spec.clip_level:
+            continue
+        key = f"{source.stats['id']}/slots/k={k}/rate={spec.frame_rate!r}/offset={spec.frame_offset!r}"
+
+        def compute(stats_id: str, name=name, spec=spec, source=source) -> dict:
+            located = items[["clip_hash", f"part.{name}", f"row.{name}"]].set_axis(["clip_hash", "part", "row"],
+                                                                                   axis=1)
+            frames = read_located(located)
+            seconds = [min(sf.info(path).duration, train.crop_seconds or math.inf) for path in items["audio_path"]]
+            clips = ((standardise(frames[h], source.stats), s)
+                     for h, s in zip(items["clip_hash"], seconds, strict=True))
+            return {"id": stats_id, **slot_statistics(clips, k, spec.frame_rate, spec.frame_offset)}
+
+        slots = features.kept_stats(name, source.version, hashlib.sha256(key.encode()).hexdigest()[:16], compute)
+        stats[name] = dict(source.stats) | {"slots": slots}
+    return stats

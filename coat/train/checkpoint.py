@@ -207,7 +207,7 @@ def safe_load(path: Path) -> dict:
                               f"refusing to load it ({str(err).splitlines()[0][:200]})") from None
 
 
-def log_committed_steps(uri: str, run_id: str, steps_json: str, run_dir: Path) -> None:
+def log_committed_steps(run: tracking.TrackedRun, steps_json: str, run_dir: Path) -> None:
     """Log the step metrics a committed checkpoint carries (the text of its `steps.json`), each with the time it
     was taken: logging them again stores nothing new. Then record in `run_dir` the last step handed to MLflow
     (sent, or waiting in the spool to be sent), which a restart trusts when the server cannot say
@@ -215,7 +215,7 @@ def log_committed_steps(uri: str, run_id: str, steps_json: str, run_dir: Path) -
     steps = json.loads(steps_json)
     if not steps:
         return
-    tracking.log_steps(uri, run_id, steps)
+    run.log_steps(steps)
     if max(step for step, _, _ in steps) > steps_handed_to_mlflow(run_dir):
         atomic_write(run_dir / LOGGED_FILE, str(max(step for step, _, _ in steps)))
 

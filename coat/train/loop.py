@@ -26,7 +26,7 @@ import torch
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from coat import tracking
-from coat.config import CoATConfig, StageConfig, from_yaml
+from coat.config import CoATConfig, StageConfig
 from coat.data.stream import Stream, collate, epoch_order, iter_training_batches, load_batch, shuffled_donors
 from coat.eval.runner import evaluate
 from coat.eval.scoring import metric_key
@@ -226,9 +226,24 @@ def accumulating(model, last: bool):
     return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+@dataclass(frozen=True)
+class LoopInputs:
+    """What the driver hands each training process (every Ray Train worker, or its own with `train.num_workers=0`)."""
+
+    cfg: CoATConfig
+    experts: dict[str, ExpertSpec]
+    streams: dict[str, Stream]  # `train` and `val`
+    target_stats: dict[str, dict | None]  # what the targets are standardised with, per expert (`target_statistics`)
+    val_parts: list | None  # the validation questions `train.val_scores` answers, by source; None without
+    launched_at: float  # the driver's start, epoch seconds
+    run_dir: Path  # the run's folder in the storage: fault markers, `checkpoint.steps_handed_to_mlflow`
+    run: tracking.TrackedRun | None = None  # the MLflow run it logs to; None: untracked
+    faults: str | None = None  # see `faults.py`
+
+
+def train_loop_per_worker(inputs: LoopInputs) -> None:
     """The entry point of each Ray Train worker."""
-    run_loop(loop_config, RayTrainSession(from_yaml(loop_config["config"]).train.async_upload))
+    run_loop(inputs, RayTrainSession(inputs.cfg.train.async_upload))
 
 
 @dataclass
@@ -249,38 +264,29 @@ class Resumed:
     logged_through: int = 0  # steps MLflow already holds (those of a newer checkpoint that turned out torn)
 
 
-def run_loop(loop_config: dict, session: Session) -> None:
-    """`loop_config`: `config` (YAML of the CoATConfig), `experts` (spec dicts), `streams` (`Stream`s of the train
-    and val splits), `val_parts` (the validation questions `train.val_scores` answers, by source; None without),
-    `target_stats` (the statistics the targets are standardised with, per expert), `launched_at`
-    (the driver's start, epoch seconds), `mlflow_uri` / `mlflow_run_id` (None: no tracking) / `mlflow_spool` (where
-    the run's writes wait through an outage), `faults` (see `faults.py`) and `run_dir` (the run's folder in the storage:
-    fault markers, and `checkpoint.steps_handed_to_mlflow`).
+def run_loop(inputs: LoopInputs, session: Session) -> None:
+    """Train per `inputs` from where the session's checkpoint left off (or the start) to the end.
 
     Raises ValueError when the checkpoint resumed from was trained on targets standardised otherwise (the
     training split changed)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a pipeline per epoch: its start-up notes are noise
-    cfg = from_yaml(loop_config["config"])
-    faults.arm(loop_config.get("faults"), session.rank, loop_config["run_dir"])
-    tracking_run = _tracking_run(loop_config)
-    if tracking_run:
-        tracking.spool_writes(*tracking_run, loop_config["mlflow_spool"], cfg.tracking.retry_s,
-                              cfg.tracking.spool_max_mb)
+    cfg = inputs.cfg
+    faults.arm(inputs.faults, session.rank, inputs.run_dir)
     device = session.device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)  # the same initial model on every rank: FSDP, unlike DDP, does not broadcast it
-    coat = CoATModel(cfg, {name: ExpertSpec(**spec) for name, spec in loop_config["experts"].items()}, device=device)
-    coat.standardise_slots(loop_config["target_stats"])
+    coat = CoATModel(cfg, inputs.experts, device=device)
+    coat.standardise_slots(inputs.target_stats)
     coat.train()
-    resumed = resume(session, coat, loop_config["target_stats"], tracking_run, loop_config["run_dir"])
+    resumed = resume(session, coat, inputs.target_stats, inputs.run, inputs.run_dir)
     model = enter_stage(session, coat, None, stage_at(cfg, min(resumed.position.step, cfg.train.total_steps - 1))[1],
                         cfg.train.strategy)
     optimizer = make_optimizer(coat, cfg)
     if resumed.optimizer is not None:
         optimizer.load_state_dict(resumed.optimizer)
-    train_to_the_end(session, model, coat, optimizer, cfg, loop_config, resumed, device)
+    train_to_the_end(session, model, coat, optimizer, inputs, resumed, device)
 
 
-def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: tuple[str, str] | None,
+def resume(session: Session, coat: CoATModel, target_stats: dict, run: tracking.TrackedRun | None,
            run_dir: Path) -> Resumed:
     """Load the checkpoint the session restores, if any, into `coat`: its trained parts, position and optimizer
     state (under FSDP each rank's own shard). Rank 0 logs the checkpoint's committed steps again (idempotent: they
@@ -288,9 +294,8 @@ def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: 
     twice. On a first start rank 0 tags the run with the trainable parameter counts instead, once per run."""
     with session.restored() as directory:
         if directory is None:
-            if session.rank == 0 and tracking_run:  # outcomes of settings: tags
-                tracking.set_tags(*tracking_run, {f"trainable.{group}": str(n)
-                                                  for group, n in coat.parameter_counts().items()})
+            if session.rank == 0 and run:  # outcomes of settings: tags
+                run.set_tags({f"trainable.{group}": str(n) for group, n in coat.parameter_counts().items()})
             return Resumed()
         _check_target_stats(directory, target_stats)
         coat.load_trained(directory)
@@ -298,21 +303,21 @@ def resume(session: Session, coat: CoATModel, target_stats: dict, tracking_run: 
         if state["optimizer"] is None:  # FSDP: every rank saved its own shard
             state["optimizer"] = load_optimizer_shard(directory, session.rank)
         logged_through = 0
-        if session.rank == 0 and tracking_run:
-            log_committed_steps(*tracking_run, (directory / STEPS_FILE).read_text(), run_dir)
+        if session.rank == 0 and run:
+            log_committed_steps(run, (directory / STEPS_FILE).read_text(), run_dir)
             # What the server holds, or (when it cannot say) what went to it or to its spool before the restart.
-            logged_through = max(tracking.last_logged_step(*tracking_run, "train/loss"),
+            logged_through = max(tracking.last_logged_step(run.uri, run.run_id, "train/loss"),
                                  steps_handed_to_mlflow(run_dir))
     position = Position(state["step"], state["epoch"], state["batch_in_epoch"])
     return Resumed(position, state["optimizer"], logged_through)
 
 
-def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: CoATConfig, loop_config: dict,
-                     resumed: Resumed, device) -> None:
+def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, inputs: LoopInputs, resumed: Resumed,
+                     device) -> None:
     """Steps from `resumed.position` to `train.total_steps`, epoch by epoch, each rank streaming the rows
     `epoch_order` deals it; a checkpoint every `train.checkpoint_every` steps and at each stage's end."""
-    train = loop_config["streams"]["train"]
-    val = ValidationBatches(loop_config["streams"]["val"], coat, cfg, session.rank, session.world)
+    cfg, train = inputs.cfg, inputs.streams["train"]
+    val = ValidationBatches(inputs.streams["val"], coat, cfg, session.rank, session.world)
     at, ends = resumed.position, stage_ends(cfg)
     stage_index = stage_at(cfg, min(at.step, cfg.train.total_steps - 1))[0]
     batch_size, accum, world = cfg.train.batch_size, cfg.train.grad_accum, session.world
@@ -342,7 +347,7 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                 at.step, at.batch_in_epoch = at.step + 1, at.batch_in_epoch + accum
                 faults.point("step", at.step)
                 now = time.perf_counter()
-                metrics |= {"train/epoch": at.epoch, "train/since_launch_s": time.time() - loop_config["launched_at"],
+                metrics |= {"train/epoch": at.epoch, "train/since_launch_s": time.time() - inputs.launched_at,
                             "train/samples_per_s": batch_size * accum * world / (now - last_step_end)}
                 checkpointing = at.step % cfg.train.checkpoint_every == 0 or at.step in ends
                 logged = checkpointing or nonfinite or at.step % cfg.steps_between_logs == 0
@@ -352,11 +357,11 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, cfg: C
                 if checkpointing:
                     metrics |= validation_losses(model, coat, val, device)  # the record too
                     if cfg.train.val_scores and session.rank == 0:
-                        metrics |= validation_scores(coat, loop_config["val_parts"], cfg)
+                        metrics |= validation_scores(coat, inputs.val_parts, cfg)
                     report = {"step": at.step, "epoch": at.epoch,
                               tracking.PREFILL_COST: cfg.thinking.prefill_positions, **metrics}
                     checkpoint_and_report(session, model, coat, optimizer, at, report, pending,
-                                          loop_config["target_stats"])
+                                          inputs.target_stats)
                     pending, last_checkpoint = [], at.step
                     last_step_end = time.perf_counter()  # validation and checkpointing are not training time
         at.epoch, at.batch_in_epoch = at.epoch + 1, 0
@@ -417,12 +422,6 @@ def checkpoint_and_report(session: Session, model, coat: CoATModel, optimizer, p
     else:
         session.report(report, None)
     faults.point("reported", step)
-
-
-def _tracking_run(loop_config: dict) -> tuple[str, str] | None:
-    """(tracking URI, run id) of the run this loop logs to; None: untracked."""
-    run_id = loop_config.get("mlflow_run_id")
-    return None if run_id is None else (loop_config["mlflow_uri"], run_id)
 
 
 def _check_target_stats(directory, expected: dict) -> None:

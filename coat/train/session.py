@@ -77,15 +77,14 @@ class CommittedStepsLogger(ray.train.UserCallback):
     """Runs in Ray Train's controller: after a report, its checkpoint is registered (a restart resumes from it),
     so the step metrics it carries can go to MLflow without a restart ever logging those steps again."""
 
-    def __init__(self, uri: str, run_id: str, spool: Path, retry_s: float, max_mb: float):
-        self.uri, self.run_id, self.spool, self.retry_s, self.max_mb = uri, run_id, spool, retry_s, max_mb
+    def __init__(self, run: tracking.TrackedRun, run_dir: Path):
+        self.run, self.run_dir = run, run_dir
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: ray.train.Checkpoint | None) -> None:
         if checkpoint is None:
             return
-        tracking.spool_writes(self.uri, self.run_id, self.spool, self.retry_s, self.max_mb)
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STEPS_FILE}") as f:
-            log_committed_steps(self.uri, self.run_id, f.read().decode(), self.spool.parent)
+            log_committed_steps(self.run, f.read().decode(), self.run_dir)
 
 
 class RayTrainSession:
@@ -179,8 +178,8 @@ class InProcessSession:
 
     rank, world = 0, 1
 
-    def __init__(self, root: Path, keep: int, report_to_tune: bool, tracking: tuple[str, str] | None):
-        self.root, self.keep, self.report_to_tune, self.tracking = root, keep, report_to_tune, tracking
+    def __init__(self, root: Path, keep: int, report_to_tune: bool, run: tracking.TrackedRun | None):
+        self.root, self.keep, self.report_to_tune, self.run = root, keep, report_to_tune, run
         self.last: tuple[dict, Path | None] = ({}, None)  # what the last report committed
         for stale in root.glob(f"{STAGING}*"):  # a write that a kill interrupted
             shutil.rmtree(stale, ignore_errors=True)
@@ -216,8 +215,8 @@ class InProcessSession:
             os.replace(checkpoint, committed)
             shutil.rmtree(torn, ignore_errors=True)
             faults.point("reported", metrics["step"])
-            if self.tracking is not None:
-                log_committed_steps(*self.tracking, (committed / STEPS_FILE).read_text(), self.root)
+            if self.run is not None:
+                log_committed_steps(self.run, (committed / STEPS_FILE).read_text(), self.root)
             prune_checkpoints(self.root, self.keep)
             checkpoint = committed
         self.last = (metrics, checkpoint)

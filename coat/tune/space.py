@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from coat.config import ConfigError, load_config
+from coat.config import CoATConfig, ConfigError, apply_overrides, load_config
 from coat.errors import UsageError
 from coat.roles import resolve_roles
 
@@ -102,9 +102,9 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def load_space(path: str | Path, base: str | Path | None = None, base_overrides: list[str] | tuple = ()) -> Space:
-    """Parse and check a space file against the base config file `base` (None: the defaults). Every value of
-    every entry (both bounds of a range) is applied to the base config and validated.
+def load_space(path: str | Path, base: CoATConfig | None = None) -> Space:
+    """Parse and check a space file against the base config `base` (None: the defaults). Every value of every entry
+    (both bounds of a range) is applied to the base config and validated.
 
     Raises SpaceError naming the path, FileNotFoundError naming the file.
     """
@@ -123,7 +123,7 @@ def load_space(path: str | Path, base: str | Path | None = None, base_overrides:
     space = Space(tuple(params))
     if not space.is_grid and any(p.kind == "grid" for p in params):
         raise SpaceError(f"{path}: 'grid' entries make an exact ablation; mix them with sampled entries as 'choice'")
-    _check_against_config(path, space, base, list(base_overrides))
+    _check_against_config(path, space, load_config() if base is None else base)
     return space
 
 
@@ -157,8 +157,8 @@ def _param(file: Path, key: str, spec: Any, earlier: list[str]) -> Param:
     return Param(key, kind, tuple(values), dict(when))
 
 
-def _check_against_config(file: Path, space: Space, base: str | Path | None, base_overrides: list[str]) -> None:
-    base_tree = OmegaConf.structured(load_config(base, base_overrides))
+def _check_against_config(file: Path, space: Space, base: CoATConfig) -> None:
+    base_tree = OmegaConf.structured(base)
     for param in space.params:
         for value in param.values:
             point = {param.path: value}
@@ -171,6 +171,6 @@ def _check_against_config(file: Path, space: Space, base: str | Path | None, bas
                     condition = current
                 point[condition_path] = condition
             try:
-                load_config(base, [*base_overrides, *overrides(point)])
+                apply_overrides(base, overrides(point))
             except ConfigError as err:
                 raise SpaceError(f"{file}: {param.path!r} = {value!r} gives a bad config: {err}") from None

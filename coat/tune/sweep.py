@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +26,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
-from coat.config import CoATConfig, apply_overrides, from_yaml, load_config, to_yaml, with_absolute_paths
+from coat.config import CoATConfig, apply_overrides, with_absolute_paths
+from coat.data.prepare import prepare_data
 from coat.ray_runtime import ensure_ray
 from coat.roles import resolve_roles
-from coat.train.launch import prepare_data, spool_folder, train
+from coat.train.launch import spool_folder, train
 from coat.tune.space import Param, Space, SpaceError, load_space, overrides
 
 
@@ -77,12 +78,12 @@ def point_of(config: dict, points: dict[str, dict]) -> dict:
     return config["point"] if "point" in config else points[config["setting"]]
 
 
-def run_trial(config: dict, *, base_yaml: str, sweep_name: str, parent_run_id: str, storage: str,
+def run_trial(config: dict, *, base: CoATConfig, sweep_name: str, parent_run_id: str, storage: str,
               parent_spool: str, points: dict[str, dict]) -> None:
     """One trial: the base config with the sampled point applied, trained and evaluated as a child run."""
     trial_id = ray.tune.get_context().get_trial_id()
     point = point_of(config, points)
-    cfg = apply_overrides(from_yaml(base_yaml), [
+    cfg = apply_overrides(base, [
         *overrides(point), f"train.run_name={sweep_name}-{trial_id}", f"train.storage={storage}/trials",
     ])
     train(cfg, parent_run_id=parent_run_id, parent_spool=Path(parent_spool), report_to_tune=True,
@@ -105,15 +106,14 @@ def trial_cpus(cfg: CoATConfig) -> float:
     return cfg.train.cpus_per_worker if cfg.train.num_workers == 0 else 0.5
 
 
-def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str] | tuple[str, ...] = (),
-              *, resume: bool = False) -> SweepResult:
-    """Run (or with `resume`, continue) the sweep of `space_file` over the config `config` + `extra`.
+def run_sweep(cfg: CoATConfig, space_file: str | Path, *, resume: bool = False) -> SweepResult:
+    """Run (or with `resume`, continue) the sweep of `space_file` over the config `cfg`.
 
-    Bad spaces and configs fail here, naming the path, before any trial starts; so does an unreachable
-    tracking server. The expert features of every expert set in the space are computed once, up front.
+    A bad space fails here, naming the path, before any trial starts; so does an unreachable tracking server. The
+    expert features of every expert set in the space are computed once, up front.
     """
-    base = with_absolute_paths(load_config(config, list(extra)))
-    space = with_seeds(load_space(space_file, config, list(extra)), base.sweep.seeds)
+    base = with_absolute_paths(cfg)
+    space = with_seeds(load_space(space_file, base), base.sweep.seeds)
     name = base.sweep.name or Path(space_file).stem
     uri = tracking.resolve_uri(base.tracking.uri)
     base = apply_overrides(base, [f"tracking.uri={uri}"])
@@ -127,15 +127,15 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
                                 tags={"coat.kind": "sweep", "coat.sweep": name,
                                       "coat.search": "grid" if space.is_grid else "optuna"},
                                 resume=resume, spool=spool_folder(storage, f"sweep-{name}"))
-    tracking.log_text(uri, parent, Path(space_file).read_text(), "space.yaml")
+    parent.log_text(Path(space_file).read_text(), "space.yaml")
     search = {"search": "grid" if space.is_grid else "optuna-tpe", "num_samples": base.sweep.num_samples,
               "scheduler": "none" if space.is_grid else base.sweep.scheduler, "metric": base.sweep.metric,
               "mode": base.sweep.mode, "multi_objective": base.sweep.multi_objective}
-    tracking.log_dict_artifact(uri, parent, search, "search.json")
+    parent.log_dict_artifact(search, "search.json")
 
     points = grid_points(space) if space.is_grid else {}
     trainable = ray.tune.with_resources(
-        partial(run_trial, base_yaml=to_yaml(base), sweep_name=name, parent_run_id=parent, storage=str(storage),
+        partial(run_trial, base=base, sweep_name=name, parent_run_id=parent.run_id, storage=str(storage),
                 parent_spool=str(spool_folder(storage, f"sweep-{name}")), points=points),
         {"CPU": trial_cpus(base)},
     )
@@ -151,21 +151,21 @@ def run_sweep(config: str | Path | None, space_file: str | Path, extra: list[str
 
     tracking.wait_until_reachable(uri, f"the trials are done and kept in {path}: once it is back, run the same "
                                        "`coat sweep --resume` to log the sweep's summary")
-    tracking.flush(parent)  # the parent first: a child opened during the outage needs its parent's real id
+    parent.flush()  # the parent first: a child opened during the outage needs its parent's real id
     for result in grid:  # trials that ended while the server was away
         tracking.replay_spool(uri, spool_folder(storage / "trials", f"{name}-{_trial_id(result)}"))
-    close_orphans(uri, parent, {f"{name}-{_trial_id(result)}" for result in grid})
+    close_orphans(parent, {f"{name}-{_trial_id(result)}" for result in grid})
     table = _results_table(grid, uri, base, name, points)
     best = _best(table, base)
-    tracking.log_table(uri, parent, table, "sweep/results.json")
+    parent.log_table(table, "sweep/results.json")
     if best is not None:
-        tracking.log_metrics(uri, parent, {f"best/{k}": v for k, v in best.items()
-                                           if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
-        tracking.log_dict_artifact(uri, parent, {k: v for k, v in best.items()}, "sweep/best.json")
-    tracking.set_description(uri, parent, sweep_description(name, space, table, best, base))
-    tracking.end_run(uri, parent)
+        parent.log_metrics({f"best/{k}": v for k, v in best.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
+        parent.log_dict_artifact({k: v for k, v in best.items()}, "sweep/best.json")
+    parent.set_description(sweep_description(name, space, table, best, base))
+    parent.end()
     experiment_id = tracking.get_or_create_experiment(uri, base.tracking.experiment)
-    return SweepResult(name, table, best, parent, path, tracking.dashboard_link(uri, experiment_id))
+    return SweepResult(name, table, best, parent.run_id, path, tracking.dashboard_link(uri, experiment_id))
 
 
 def sweep_description(name: str, space: Space, table: pd.DataFrame, best: dict | None, cfg: CoATConfig) -> str:
@@ -259,20 +259,19 @@ def _all_experts(cfg: CoATConfig, space: Space) -> list[str]:
 def _with_experts(cfg: CoATConfig, names: list[str]) -> CoATConfig:
     """`cfg` training every expert in `names` (for preparing the store only)."""
     cfg = apply_overrides(cfg, [f"experts.names=[{','.join(names)}]"])
-    cfg.loss.weights, cfg.loss.distance = {}, {}
-    return cfg
+    return replace(cfg, loss=replace(cfg.loss, weights={}, distance={}))
 
 
-def close_orphans(uri: str, parent: str, trials: set[str]) -> None:
+def close_orphans(parent: tracking.TrackedRun, trials: set[str]) -> None:
     """Close the child runs still RUNNING that belong to no trial Tune knows (KILLED, tagged `coat.orphan`): a
     driver killed after a trial opened its run but before Tune saved the trial leaves one; the resumed sweep starts
     another trial in its place. Every trial Tune knows is thus one run, and no run stays open."""
-    for run in tracking.child_runs(uri, parent):
+    for run in tracking.child_runs(parent.uri, parent.run_id):
         if run.info.status == "RUNNING" and run.data.tags.get("coat.run_name") not in trials:
-            tracking.set_tags(uri, run.info.run_id, {"coat.orphan": "its trial was lost with the sweep's driver "
-                                                                    "before Tune recorded it; the resumed sweep "
-                                                                    "started another in its place"})
-            tracking.end_run(uri, run.info.run_id, "KILLED")
+            orphan = tracking.TrackedRun(parent.uri, run.info.run_id)
+            orphan.set_tags({"coat.orphan": "its trial was lost with the sweep's driver before Tune recorded it; the "
+                                            "resumed sweep started another in its place"})
+            orphan.end("KILLED")
 
 
 def _results_table(grid, uri: str, cfg: CoATConfig, name: str, points: dict[str, dict]) -> pd.DataFrame:
@@ -287,7 +286,7 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str, points: dict[str,
         running = run_id is not None and tracking.run_status(uri, run_id) == "RUNNING"
         status = "error" if result.error else "stopped" if running else "done"
         if running:
-            tracking.end_run(uri, run_id, "FAILED" if result.error else "KILLED")
+            tracking.TrackedRun(uri, run_id).end("FAILED" if result.error else "KILLED")
         point = point_of(result.config, points) if result.config else {}
         row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
                "steps": metrics.get("step", 0)}

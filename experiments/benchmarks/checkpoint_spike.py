@@ -25,7 +25,8 @@ from rich.table import Table
 
 from coat import tracking
 from coat.config import load_config
-from coat.train.launch import prepare_data, train
+from coat.data.prepare import prepare_data
+from coat.train.launch import train
 
 
 def gaps(cfg, run_id: str, every: int) -> tuple[list[float], list[float]]:

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from coat import tracking
 from coat.config import load_config
-from coat.train.launch import prepare_data
+from coat.data.prepare import prepare_data
 from coat.tune.sweep import run_sweep
 
 K_VALUES = [0, 4, 8, 16]
@@ -96,7 +96,7 @@ def main() -> None:
     for label, space, extra in (("grid", grid_space, ["sweep.name=grid"]),
                                 ("optuna_asha", tpe_space, ["sweep.name=tpe", f"sweep.num_samples={args.samples}"])):
         start = time.perf_counter()
-        result = run_sweep(None, space, [*common, *extra])
+        result = run_sweep(load_config(overrides=[*common, *extra]), space)
         out[label] = summarise(result, uri, time.perf_counter() - start, 2, 8)
     out["steps_ratio"] = out["optuna_asha"]["trial_steps"] / out["grid"]["trial_steps"]
     low, high = out["grid"]["best_emotion_ci"]

@@ -11,13 +11,13 @@ fresh `mlflow server` on 127.0.0.1 over a fresh store, with the database setting
 (cluster/mlflow-supervisord.conf: each worker's connection pool, PostgreSQL's max_connections); `--mlflow-pool`
 keeps MLflow's own pool of 5 + 10 instead, `--server-env` sets more. Each writer is a process shaped like a trial,
 its imports done and its run open before the shared start (start-up is not timed): it logs a handful of params, then
-`--steps` steps of `--metrics` metrics (one `tracking.log_metrics`, so one log_batch, a step), one step every
+`--steps` steps of `--metrics` metrics (one `TrackedRun.log_metrics`, so one log_batch, a step), one step every
 `--step-s` seconds (the rest of the period slept; nothing when a step ran late), a `--artifact-mb` file of random
-bytes every `--artifact-every` steps (`tracking.log_artifacts`, a checkpoint's upload), then ends its run and
-flushes its spool. Writes go through the run's spool (`tracking.spool_writes`), as a trial's do, but for the params:
-coat writes a run's params only as it opens it, so they go by the MLflow client, unspooled (a params call that fails
-would have waited in the spool in a real trial). Writers start at random offsets within the first period, as
-independent trials would (`--aligned`: all at once, every second).
+bytes every `--artifact-every` steps (`TrackedRun.log_artifacts`, a checkpoint's upload), then ends its run and
+flushes its spool. Writes go through the run's spool (a `TrackedRun` with a spool folder), as a trial's do, but for
+the params: coat writes a run's params only as it opens it, so they go by the MLflow client, unspooled (a params
+call that fails would have waited in the spool in a real trial). Writers start at random offsets within the first
+period, as independent trials would (`--aligned`: all at once, every second).
 
 Per cell: steps/s of all writers together (each writer's steps over its own stepping time, from its first step to
 the end of its last period, summed: exactly writers / step-s when every step kept its period; the phase offsets and
@@ -120,7 +120,7 @@ def writer(index: int, uri: str, experiment_id: str, cell: Path, shape: dict, re
         client = tracking.mlflow_client(uri)
         run_id = client.create_run(experiment_id, run_name=f"writer-{index}").info.run_id
         spool = cell / "spools" / f"writer-{index}"
-        tracking.spool_writes(uri, run_id, spool, shape["retry_s"])
+        run = tracking.TrackedRun(uri, run_id, spool, shape["retry_s"])
         checkpoint = cell / "checkpoints" / f"writer-{index}"
         checkpoint.mkdir(parents=True)
     except Exception as err:
@@ -137,16 +137,15 @@ def writer(index: int, uri: str, experiment_id: str, cell: Path, shape: dict, re
     for step in range(shape["steps"]):
         began = time.perf_counter()
         metrics = {f"train/m{i}": step * 0.01 + i for i in range(shape["metrics"])}
-        timed_call(calls, "metrics", spool, tracking.log_metrics, uri, run_id, metrics, step)
+        timed_call(calls, "metrics", spool, run.log_metrics, metrics, step)
         if (step + 1) % shape["artifact_every"] == 0:
             (checkpoint / "weights.bin").write_bytes(os.urandom(shape["artifact_bytes"]))
-            timed_call(calls, "artifact", spool, tracking.log_artifacts, uri, run_id, checkpoint,
-                       f"checkpoints/step_{step:06d}")
+            timed_call(calls, "artifact", spool, run.log_artifacts, checkpoint, f"checkpoints/step_{step:06d}")
         time.sleep(max(0.0, shape["step_s"] - (time.perf_counter() - began)))
     stepping = time.perf_counter() - stepping
-    timed_call(calls, "end", spool, tracking.end_run, uri, run_id)
+    timed_call(calls, "end", spool, run.end)
     flushed, deadline = False, time.monotonic() + shape["flush_s"]
-    while not (flushed := tracking.flush(run_id)) and time.monotonic() < deadline:
+    while not (flushed := run.flush()) and time.monotonic() < deadline:
         time.sleep(1)
     results.put({"index": index, "steps_per_s": shape["steps"] / stepping, "unflushed": not flushed})
 

@@ -30,10 +30,11 @@ from rich.table import Table
 
 from coat import tracking
 from coat.config import load_config
+from coat.data.prepare import prepare_data, training_streams
 from coat.data.stream import collate, load_batch
 from coat.experts.registry import expert_spec
 from coat.model import CoATModel
-from coat.train.launch import prepare_data, train, training_streams
+from coat.train.launch import train
 
 
 def plain_loop(cfg, manifest: Path, store: Path, steps: int) -> tuple[list[float], float]:
