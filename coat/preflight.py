@@ -34,12 +34,31 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from ray.autoscaler.sdk import request_resources
+from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from coat import tracking
+from coat.backbones import backbone_source
 from coat.config import CoATConfig, apply_overrides, expert_settings, validate
+from coat.data.audio import check_audio_rows
+from coat.data.manifest import ManifestError, read_manifest, reason_code, validate_rows
+from coat.data.mixture import combine
+from coat.data.prepare import training_streams
+from coat.experts.registry import expert_spec
+from coat.model import CoATModel
+from coat.model.synthetic import prompt_inputs, synthetic_batch
+from coat.ray_runtime import ensure_ray
+from coat.train.checkpoint import load_training_state, save_checkpoint
+from coat.train.loop import make_optimizer, train_step
+from coat.tune.cost import MeasurementsError, records_of, save_records, store_path
 
 PROMPT_TOKENS, RESPONSE_TOKENS = 48, 16
 SAMPLED_CLIPS = 16  # per split, decoded by the data check
@@ -104,7 +123,6 @@ def run_preflight(cfg: CoATConfig, *, backbones: list[str] | None = None, slots:
         report.measurements.append(measured)
         add(Check(f"model[{name}]", "ok", model_summary(measured)))
     if wait_s > 0:  # the autoscaler holds a request until it is replaced: let idle nodes go again
-        from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[])
     return report
@@ -128,11 +146,6 @@ def needed_resources(cfg: CoATConfig) -> dict[str, float]:
 
 
 def check_ray(cfg: CoATConfig, wait_s: float) -> Check:
-    import ray
-    from ray.autoscaler.sdk import request_resources
-
-    from coat.ray_runtime import ensure_ray
-
     ensure_ray()
     need = needed_resources(cfg)
 
@@ -162,12 +175,6 @@ def check_ray(cfg: CoATConfig, wait_s: float) -> Check:
 
 def _probe_worker(_config: dict) -> None:
     """In each worker: what its device offers, and an all-reduce of rank + 1 across the group."""
-    import socket
-
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
     device = ray.train.torch.get_device()  # Ray has made it this worker's current device
     facts = {"rank": dist.get_rank(), "host": socket.gethostname(), "backend": dist.get_backend(), **_device_facts()}
     total = torch.tensor([dist.get_rank() + 1.0], device=device)
@@ -183,10 +190,6 @@ def _probe_worker(_config: dict) -> None:
 
 
 def check_workers(cfg: CoATConfig) -> Check:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if cfg.train.num_workers == 0:
         if not cfg.train.use_gpu:
             return Check("workers", "skip", "training runs in-process (train.num_workers=0): no worker group")
@@ -233,8 +236,6 @@ def _device_facts() -> dict:
 
 def check_weights(cfg: CoATConfig, random_weights: bool) -> Check:
     """A real-size backbone without a checkpoint would train random weights: a failure unless asked for."""
-    from coat.backbones import backbone_source
-
     name, b = f"weights[{cfg.backbone.name}]", cfg.backbone
     if b.size == "real" and b.resolved_checkpoint is None and not random_weights:
         return Check(name, "fail", f"no checkpoint for {b.name} at size real: training would start from random "
@@ -248,11 +249,6 @@ def check_weights(cfg: CoATConfig, random_weights: bool) -> Check:
 
 
 def check_data(cfg: CoATConfig) -> Check:
-    from coat.data.audio import check_audio_rows
-    from coat.data.manifest import ManifestError, read_manifest, reason_code, validate_rows
-    from coat.data.mixture import combine
-    from coat.data.prepare import training_streams
-
     manifest, store = Path(cfg.data.manifest).resolve(), Path(cfg.data.store).resolve()
     if cfg.data.mixture:
         try:
@@ -290,8 +286,6 @@ def check_data(cfg: CoATConfig) -> Check:
 
 
 def check_tracking(cfg: CoATConfig) -> Check:
-    from coat import tracking
-
     uri = tracking.resolve_uri(cfg.tracking.uri)
     try:
         tracking.check_reachable(uri)
@@ -310,7 +304,6 @@ def measure_on_training_device(cfg: CoATConfig, slots: list[int]) -> dict:
     """`measure_model` on a GPU in a Ray task when training uses GPUs (the driver may have none), else here."""
     if not cfg.train.use_gpu:
         return measure_model(cfg, "cpu", slots=slots)
-    import ray
 
     return ray.get(ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(measure_model).remote(
         cfg, "cuda", slots=slots))
@@ -322,12 +315,6 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3, slots: list[in
     batch sizes (on CUDA), save a checkpoint and load it back, generate, and time prefills with and without the
     thinking block. Raises whatever building or stepping raises; RuntimeError when the checkpoint does not load
     back the trained parts it saved."""
-    from coat.experts.registry import expert_spec
-    from coat.model import CoATModel
-    from coat.model.synthetic import prompt_inputs, synthetic_batch
-    from coat.train.checkpoint import load_training_state, save_checkpoint
-    from coat.train.loop import make_optimizer
-
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -389,8 +376,6 @@ def _step_seconds(coat, batch: dict, optimizer, cfg: CoATConfig, device: str, sy
                   ) -> tuple[float, dict]:
     """The median time of `repeats` training steps on `batch` after the first, which pays for allocation and
     kernel selection; and the last step's metrics."""
-    from coat.train.loop import train_step
-
     times = []
     for _ in range(repeats):
         sync()
@@ -404,8 +389,6 @@ def _step_seconds(coat, batch: dict, optimizer, cfg: CoATConfig, device: str, sy
 def _step_time_at(coat, k: int, optimizer, cfg: CoATConfig, device: str, sync, repeats: int) -> dict:
     """The step time of the same model with K = `k` (a sweep's other K): the block is positions in the prompt,
     so the model need not be built again."""
-    from coat.model.synthetic import synthetic_batch
-
     try:
         with thinking_length(coat, k):
             batch = synthetic_batch(coat, cfg.train.batch_size, cfg.data.max_seconds, PROMPT_TOKENS, k,
@@ -444,9 +427,6 @@ def _memory_fit(coat, optimizer, cfg: CoATConfig, device: str) -> dict:
 def _peak_gb(coat, optimizer, cfg: CoATConfig, batch_size: int, device: str) -> float | None:
     """The peak memory allocated (GB) during one training step of `batch_size` clips; None when the step runs out
     of memory. The weights, optimizer state and gradients held between steps are in it."""
-    from coat.model.synthetic import synthetic_batch
-    from coat.train.loop import train_step
-
     batch = synthetic_batch(coat, batch_size, cfg.data.max_seconds, PROMPT_TOKENS, cfg.thinking.num_slots,
                             RESPONSE_TOKENS, device)
     torch.cuda.synchronize(device)
@@ -493,8 +473,6 @@ def store_measurements(cfg: CoATConfig, report: Report) -> Path | None:
     """Add the report's step times to the measurements file of `cfg` (`coat.tune.cost.store_path`), where a dry run
     finds them; None when no model check ran, or when they could not be stored (a failed `store` check says why).
     """
-    from coat.tune.cost import MeasurementsError, records_of, save_records, store_path
-
     if not report.measurements:
         return None
     path = store_path(cfg)

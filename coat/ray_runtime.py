@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 
+import ray
+
 # Ray Train's placement-group cleaner asks Ray's state API, which the dashboard serves, whether the controller
 # lives; a local Ray without the dashboard (what this project installs) leaves it warning every second of a run.
 QUIET_IN_WORKERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
@@ -19,8 +21,6 @@ def quiet_workers() -> None:
 
 def ensure_ray() -> None:
     """Start a local Ray (or attach to RAY_ADDRESS) unless this process already has one."""
-    import ray
-
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on for local clusters
         ray.init(runtime_env={"worker_process_setup_hook": quiet_workers})
@@ -31,8 +31,6 @@ def attach_cluster() -> bool:
     COAT_STORAGE on every node (`ray submit` runs the script on the head). Not by probing with
     address="auto" alone, which would also attach to any local Ray left running on a workstation.
     Returns False without a cluster: the caller starts a local Ray (`ensure_ray`) when it needs one."""
-    import ray
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not (os.environ.get("RAY_ADDRESS") or os.environ.get("COAT_STORAGE")):
         return False

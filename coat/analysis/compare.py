@@ -17,7 +17,11 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import optuna
 import pandas as pd
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from coat.analysis.runs import predictions, varied
 from coat.eval.metrics import TRANSCRIPTION, sign_flip_p, two_level_bootstrap, word_errors
@@ -51,8 +55,6 @@ def by_setting(children: pd.DataFrame, fields: Sequence[str], metrics: Sequence[
     Raises ValueError when the runs also differ in a field besides `fields` and the seed (pooling those would count
     different settings as seeds of one), or when two runs of one setting share a seed (one training run twice is
     not two seeds)."""
-    from scipy import stats
-
     rows = []
     done = children[children["status"] == "FINISHED"]
     if others := [f for f in varied(done) if f not in fields and f != SEED]:
@@ -215,8 +217,6 @@ def adjust(paired: pd.DataFrame) -> pd.DataFrame:
     """`paired` with `p_holm`: its `p` values adjusted together by Holm-Bonferroni (every row is one comparison
     of the family a notebook declares verdicts on), and `comparisons`, the size of that family. Rows without a p
     are left out of the family."""
-    from statsmodels.stats.multitest import multipletests
-
     tested = paired["p"].notna()
     adjusted = pd.Series(np.nan, index=paired.index)
     if tested.any():
@@ -351,9 +351,6 @@ def importances(children: pd.DataFrame, params: Sequence[str], metric: str, mode
     stopped early (KILLED), each at its last reported value, as a study: leaving the stopped ones out would hide
     the settings that did worst. `attrs["finished"]` and `attrs["stopped"]` count them. Empty when fewer than two
     runs qualify or no parameter varies."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
     done = (children[children["status"].isin(["FINISHED", "KILLED"]) & children[metric].notna()]
             if metric in children else children.iloc[:0])
     params = [p for p in params if len(done) and done[p].astype(str).nunique() > 1]

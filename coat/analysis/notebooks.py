@@ -92,6 +92,8 @@ def execute(name: str, parameters: dict, out_dir: Path, folder: Path, timeout_s:
 
     Raises nbclient.exceptions.CellExecutionError on the first failing cell (the executed notebook up to it is
     still written), FileNotFoundError for an unknown notebook."""
+    # `coat` imports this module for the notebooks' names: executing them (nbclient, nbconvert, MLflow) stays out of
+    # every command's start-up.
     import jupytext
     import nbformat
     from nbclient import NotebookClient
@@ -125,6 +127,7 @@ def analyze(uri: str, experiment: str, sweep: str | None, names: list[str], out:
     gains their conclusions, replacing an earlier analysis). Returns each notebook's summary, with `error` instead
     when a cell failed, or `skipped` (what would produce its inputs) when the store holds nothing it analyses: the
     others still run."""
+    # as in `execute`: kept out of every command's start-up
     from nbclient.exceptions import CellExecutionError
 
     from coat import tracking

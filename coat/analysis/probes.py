@@ -29,6 +29,7 @@ Hidden-state layout under the extraction folder (`read_layer` reads it; `HiddenS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -40,8 +41,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from rich.progress import track
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from coat import tracking
+from coat.config import ConfigError, from_yaml
+from coat.data.audio import AudioError, decode
+from coat.data.manifest import TASKS, ManifestError, read_manifest, validate_rows
+from coat.data.store import read_located, standardise
+from coat.data.stream import MissingFeaturesError, TargetSource, training_items
 from coat.errors import UsageError, UserError
+from coat.eval.metrics import bootstrap_ci
+from coat.model.coat_model import CONFIG_FILE, WEIGHTS_FILE, CoATModel, not_a_checkpoint
+from coat.train.checkpoint import TARGET_STATS_FILE
 
 POSITIONS = ("slots", "response")
 FAMILY = "family"
@@ -232,8 +250,6 @@ def logit_lens(model, rows: pd.DataFrame, layers: Sequence[int] | None = None, b
     Raises:
         ValueError: a layer out of range, `batch_size` < 1, or rows lacking a column.
     """
-    import torch
-
     _check_rows(rows, batch_size)
     count = hidden_state_count(model)
     layers = normalise_layers(layers, count)
@@ -278,11 +294,6 @@ def _forward_batches(model, rows: pd.DataFrame, batch_size: int, max_seconds: fl
     """Per batch of `rows`: the ids whose audio decoded, the model inputs (the left-padded prompt encoding) and the
     hidden states of one forward pass under no_grad, in eval mode, with bf16 autocast on CUDA. Rows whose audio
     does not decode are appended to `skipped` (`id`, `path`, `reason`). `progress`: a progress bar's description."""
-    import torch
-    from rich.progress import track
-
-    from coat.data.audio import AudioError, decode
-
     device, rate, count = model.slot_table.device, model.backbone.sample_rate, hidden_state_count(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     was_training = model.training
@@ -338,8 +349,6 @@ class ProbeTarget:
 def load_target_stats(checkpoint: str | Path) -> dict[str, dict | None]:
     """The checkpoint's `target_stats.json` (per expert: the training split's standardisation statistics, None for
     discrete and multi-label experts); {} when the checkpoint has none."""
-    from coat.train.checkpoint import TARGET_STATS_FILE
-
     path = Path(checkpoint) / TARGET_STATS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -362,9 +371,6 @@ def probe_rows(manifest: str | Path, split: str, experts: Sequence[str], store_d
         UnknownExpertError: an expert name is unknown.
         MissingFeaturesError: the store lacks features (the message names the precompute command).
     """
-    from coat.data.manifest import read_manifest, validate_rows
-    from coat.data.stream import TargetSource, training_items
-
     common = {"max_seconds": max_seconds, "long_clips": long_clips}
     stats_from = {name: TargetSource(name, "", False, target_stats[name]) for name in experts if name in target_stats}
     from_store = [name for name in experts if name not in target_stats]
@@ -395,9 +401,6 @@ def probe_targets(rows: pd.DataFrame, names: Sequence[str], sources: Mapping[str
     Raises:
         KeyError: naming an expert without a source.
     """
-    from coat.data.manifest import TASKS
-    from coat.data.store import read_located, standardise
-
     targets = []
     for name in names:
         if name == FAMILY:
@@ -466,17 +469,11 @@ def question_types(rows: pd.DataFrame) -> np.ndarray:
 
 def cv_splits(groups: np.ndarray, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) index pairs of a seeded `GroupKFold`: a group's rows all land in one test fold."""
-    from sklearn.model_selection import GroupKFold
-
     groups = np.asarray(groups)
     return list(GroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(groups)), groups=groups))
 
 
 def _probe(kind: str):
-    from sklearn.linear_model import LogisticRegression, RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if kind == "regression":
         return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
@@ -497,8 +494,6 @@ def _out_of_fold(kind: str, x: np.ndarray | None, y: np.ndarray, splits, conditi
     """Out-of-fold predictions of the probe (`x` given) or of the baseline (`x` None: the training folds' mean, or
     their majority class, among the clips of the same `conditions` value where the training folds hold one). A
     training fold holding one class predicts it."""
-    from sklearn.exceptions import ConvergenceWarning
-
     predicted = np.empty(y.shape, dtype=y.dtype if kind == "regression" else object)
     for train, test in splits:
         if x is None:
@@ -673,8 +668,6 @@ def held_out_comparison(coat: pd.DataFrame, plain: pd.DataFrame, *, n: int = 100
     one's mean selectivity there, their difference, and its bootstrap 95% interval over clips. Returns
     {coat_layer, plain_layer, coat, plain, diff, ci_low, ci_high, n_clips}. Raises ValueError when the runs share
     fewer than four clips."""
-    from coat.eval.metrics import bootstrap_ci
-
     shared = sorted(set(coat["clip"]) & set(plain["clip"]))
     if len(shared) < 4:
         raise ValueError(f"the two runs share {len(shared)} probed clips: too few to choose a layer on half of them")
@@ -748,15 +741,6 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
         ProbeError: the checkpoint, data or tracking store cannot be used (the message names which).
         LayerError: a layer in `layers` the model does not have.
     """
-    import torch
-    from mlflow.exceptions import MlflowException
-
-    from coat import tracking
-    from coat.config import ConfigError, from_yaml
-    from coat.data.manifest import ManifestError
-    from coat.data.stream import MissingFeaturesError
-    from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
-
     if not (checkpoint / CONFIG_FILE).is_file():
         raise ProbeError(not_a_checkpoint(checkpoint, CONFIG_FILE))
     try:
@@ -830,10 +814,6 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
 
 def _fingerprint(checkpoint: Path, rows: pd.DataFrame, layers: list[int], max_seconds: float, long_clips: str) -> str:
     """What the hidden states depend on: the trained parts, the config, the clips and prompts, layers and cropping."""
-    import hashlib
-
-    from coat.model.coat_model import CONFIG_FILE, WEIGHTS_FILE
-
     digest = hashlib.sha256()
     with open(checkpoint / WEIGHTS_FILE, "rb") as f:
         digest.update(hashlib.file_digest(f, "sha256").digest())
@@ -846,8 +826,6 @@ def _fingerprint(checkpoint: Path, rows: pd.DataFrame, layers: list[int], max_se
 
 def _new_probe_run(uri: str, experiment: str, checkpoint: Path, cfg, split: str, names: Sequence[str]) -> str:
     """A run `probe-<checkpoint folder>` of `experiment`, tagged with what was probed."""
-    from coat import tracking
-
     tags = {"coat.probe.checkpoint": str(checkpoint.resolve()), "coat.probe.split": split,
             "coat.probe.targets": ",".join(names), "backbone": cfg.backbone.name,
             "thinking.num_slots": str(cfg.thinking.num_slots)}

@@ -128,6 +128,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
     """A local directory, or the snapshot of an already-cached hub id. Raises FileNotFoundError otherwise."""
     if Path(checkpoint).is_dir():
         return checkpoint
+    # only a hub id needs the hub's client: a local path, the tests and the embedded default never load it
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

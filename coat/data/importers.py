@@ -37,11 +37,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import av  # only MELD videos need FFmpeg
 import numpy as np
 import pandas as pd
 import soundfile as sf
 
+from coat.config import default_suites
 from coat.data import corpora
+from coat.data.audio import check_audio_rows  # torch: only once there is something to decode
 from coat.data.manifest import (
     SUFFIXES,
     TASKS,
@@ -137,8 +140,6 @@ def extract_audio(video: str | Path, wav: str | Path, rate: int = 16000, max_sec
         NoAudio: with the quarantine detail, for a video without an audio track, one that fails to decode
             (`bad_audio`) or one longer than `max_seconds` (`too_long`).
     """
-    import av  # only MELD videos need FFmpeg
-
     limit = float("inf") if max_seconds is None else int(max_seconds * rate)
     chunks: list[np.ndarray] = []
     try:
@@ -169,8 +170,6 @@ def extract_audio(video: str | Path, wav: str | Path, rate: int = 16000, max_sec
 
 def _recipe_prompt(suite: str) -> str:
     """The eval recipe's instruction, so a model is trained on the question it is evaluated with."""
-    from coat.config import default_suites
-
     return default_suites()[suite].prompt
 
 
@@ -349,8 +348,6 @@ def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0,
         ImportUsageError: unknown format, table options with another format, shares outside [0, 1).
         CorpusError: naming the path and the layout expected, when `root` is missing or not in that layout.
     """
-    from coat.data.audio import check_audio_rows  # torch: only once there is something to decode
-
     if fmt not in FORMATS:
         raise ImportUsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt != "table" and (columns is not None or task is not None or prompt is not None):

@@ -21,9 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import ray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from coat.config import apply_overrides, expert_settings, load_config
+from coat.data.audio import AudioError, decode, header_seconds
 from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
+from coat.experts.registry import build_expert, expert_version
 from coat.locks import check_locking
 from coat.ray_runtime import ensure_ray, quiet
 
@@ -59,8 +64,6 @@ class ExpertActor:
 
     def __init__(self, name: str, settings: Mapping[str, object], version: str, device: str,
                  crop_seconds: float | None = None):
-        from coat.experts.registry import build_expert
-
         extra = {"device": device} if device != "cpu" and "device" not in settings else {}
         try:
             self.expert = build_expert(name, **settings, **extra)
@@ -72,8 +75,6 @@ class ExpertActor:
         self.crop_seconds = crop_seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from coat.data.audio import AudioError, decode
-
         rate = self.expert.sample_rate
         hashes, paths = batch.column("clip_hash").to_pylist(), batch.column("path").to_pylist()
         waves, good, errors = [], [], []
@@ -157,10 +158,6 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
         UnknownExpertError, ValueError: an expert name or its settings are invalid (before any compute).
         ValueError: `experts` is empty, `batch_size` < 1, or `crop_seconds` or `max_seconds` <= 0.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from coat.experts.registry import expert_version
-
     if not experts:
         raise ValueError("precompute: give at least one expert")
     if batch_size < 1:
@@ -173,8 +170,6 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     check_locking(Path(store_dir))  # precomputes of several hosts commit into one store
     good, quarantine = manifest_clips(manifest)
     if max_seconds is not None:
-        from coat.data.audio import header_seconds
-
         seconds = good["audio_path"].map(header_seconds)
         too_long = (seconds > max_seconds).to_numpy()
         quarantine = pd.concat([quarantine, quarantine_records(good[too_long], [
@@ -220,8 +215,6 @@ def settings_of_run(config: str | Path, experts: Sequence[str]
     Raises:
         ConfigError, FileNotFoundError: the config cannot be used.
     """
-    from coat.config import apply_overrides, expert_settings, load_config
-
     run = apply_overrides(load_config(config), [f"experts.names=[{','.join(experts)}]"])
     return expert_settings(run), run.data.crop_seconds, run.data.reject_seconds
 
@@ -239,8 +232,6 @@ def _compute(store: FeatureStore, name: str, version: str, settings: dict, todo:
              ) -> tuple[int, int]:
     """Stream `todo` clips through an actor pool of expert `name` (expert version `version`), writing a part per
     output batch as it arrives. Returns (clips computed, clips that did not decode)."""
-    import ray
-
     ensure_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     paths = dict(zip(todo["clip_hash"], todo["audio_path"], strict=True))

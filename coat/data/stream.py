@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import ray
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 
 from coat.data.audio import decode, header_seconds
@@ -29,6 +31,7 @@ from coat.data.manifest import model_prompt, quarantine_records, stratified_subs
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
 from coat.errors import UserError
+from coat.experts.registry import expert_spec, expert_version
 from coat.ray_runtime import ensure_ray, quiet
 
 LONG_CLIPS = ("crop", "reject")
@@ -76,8 +79,6 @@ class Stream:
         """A Ray Data dataset of the rows at `order` (default: all, in manifest order), in exactly that order,
         decoded by at most `decode_tasks` tasks at once (see `load_batch`). With `donors` (`shuffled_donors`),
         row i carries the expert targets of row `donors[i]`: the shuffled-targets control."""
-        import ray
-
         ensure_ray()
         order = range(len(self.items)) if order is None else order
         rows = [self.items[i] if donors is None else with_targets_of(self.items[i], self.items[donors[i]])
@@ -146,8 +147,6 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
         MissingFeaturesError: naming the expert, the first missing clip id and the precompute command.
         DamagedFeaturesError: a clip's features sit in a part the store knows is damaged (naming it and the fix).
     """
-    from coat.experts.registry import expert_spec, expert_version
-
     if long_clips not in LONG_CLIPS:
         raise ValueError(f"long_clips={long_clips!r} must be one of {LONG_CLIPS}")
     crop = max_seconds if long_clips == "crop" else None
@@ -270,8 +269,6 @@ def iter_training_batches(dataset, model, batch_size: int) -> Iterator[dict[str,
     Raises:
         as `collate` and `load_batch`.
     """
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
     class ModelCollate(NumpyBatchCollateFn):
         def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             return collate(rows, model)

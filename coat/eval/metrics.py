@@ -211,6 +211,7 @@ def sign_flip_p(differences: Sequence[float], *, n: int = 9999, seed: int = 0) -
     test on the discordant pairs, i.e. McNemar's exact test; otherwise scipy's permutation test (every sign pattern
     when there are at most `n` of them, else `n` seeded random ones). Empty or all-zero differences give 1. Raises
     nothing for 1-D input."""
+    # scipy.stats takes a second to import: only the paired tests need it
     from scipy.stats import binomtest, permutation_test
 
     d = np.asarray(differences, dtype=np.float64)

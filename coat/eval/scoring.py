@@ -70,6 +70,7 @@ def string_match(answer: str, prediction: str, choices: Sequence[str]) -> bool:
 
 @functools.cache
 def _english():
+    # the normaliser's import is slow: only transcription scoring needs it
     from whisper_normalizer.english import EnglishTextNormalizer
 
     return EnglishTextNormalizer()
@@ -265,6 +266,7 @@ def paired_comparison(a: pd.DataFrame, b: pd.DataFrame, *, n: int = 1000, seed: 
 
     Raises ValueError naming missing columns or duplicate ids.
     """
+    # scipy.stats takes a second to import: only the paired comparison needs it
     from scipy.stats import binomtest
 
     for name, table in (("a", a), ("b", b)):

@@ -35,6 +35,7 @@ class EgemapsExpert:
 
     def __init__(self, name: str = "egemaps"):
         """Build openSMILE's eGeMAPS v02 extractor (its configuration ships in the wheel)."""
+        # an expert's library loads where the expert runs (its actor), not in every process importing the registry
         import opensmile
 
         self.name = name

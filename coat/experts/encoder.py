@@ -14,6 +14,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from coat.config import load_config
 from coat.experts.base import ExpertSpec, check_waveforms
 
 FRAME_RATE = 25.0  # 100 fps log-mel, a stride-2 convolution, then 2x pooling
@@ -28,8 +29,6 @@ class _Captured(Exception):
 
 
 def _config(backbone: str, size: str, checkpoint: str | None, seed: int, audio_window_s: float):
-    from coat.config import load_config
-
     overrides = [f"backbone.name={backbone}", f"backbone.size={size}", f"backbone.seed={seed}",
                  f"backbone.audio_window_s={audio_window_s}", "thinking.max_slots=0", "thinking.num_slots=0"]
     if checkpoint:
@@ -54,18 +53,20 @@ class AudioEncoderExpert:
     def describe(name: str = "audio-encoder", backbone: str = "qwen2-audio", size: str = "tiny",
                  checkpoint: str | None = None, seed: int = 0, audio_window_s: float = 8.0,
                  **_settings) -> ExpertSpec:
+        # coat.backbones imports transformers (seconds): only this expert needs it, not every process that imports
+        # the expert registry (Ray Data's decode tasks among them).
         from coat.backbones import BACKBONES, resolve_checkpoint
 
         spec = BACKBONES[backbone]
         if checkpoint:
-            from transformers import AutoConfig
+            from transformers import AutoConfig  # as above
 
             config = AutoConfig.from_pretrained(resolve_checkpoint(checkpoint), local_files_only=True)
             hidden = config.get_text_config().hidden_size
         elif size in ("real", "real-width"):  # real-width keeps the real widths: read them, build nothing
             hidden = spec.real_config().get_text_config().hidden_size
         else:
-            from coat.backbones import build_backbone
+            from coat.backbones import build_backbone  # as above
 
             hidden = build_backbone(_config(backbone, size, None, seed, audio_window_s)).hidden_size
         return _spec(name, hidden)
@@ -78,7 +79,7 @@ class AudioEncoderExpert:
             ConfigError: an unknown backbone or size.
             FileNotFoundError: `checkpoint` is neither a local directory nor a cached hub id.
         """
-        from coat.backbones import backbone_source, build_backbone
+        from coat.backbones import backbone_source, build_backbone  # as in `describe`
 
         cfg = _config(backbone, size, checkpoint, seed, audio_window_s)
         self.name, self.device = name, torch.device(device)

@@ -35,6 +35,7 @@ def tiny_tagger() -> Path:
     root = cache_dir() / f"tiny-ast-audioset-{TINY_SEED}-r{_TINY_REVISION}"
     if (root / "config.json").is_file():
         return root
+    # transformers takes seconds to import: only building the tiny AST checkpoint needs it
     import torch
     import transformers
 

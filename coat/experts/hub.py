@@ -31,6 +31,7 @@ def _model_dir(path: str | Path) -> Path:
     """A save_pretrained directory, or the cached snapshot of a hub id already in the local cache."""
     root = Path(path).expanduser()
     if not root.exists() and "/" in str(path) and not str(path).startswith(("/", ".", "~")):
+        # only a hub id needs the hub's client: a local path never loads it
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 

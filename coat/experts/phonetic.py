@@ -39,6 +39,7 @@ class PhoneticExpert:
 
     def __init__(self, name: str = "phonetic"):
         """Load the en-us acoustic model and its phone language model (no settings to get wrong)."""
+        # an expert's library loads where the expert runs, not in every process importing the registry
         from pocketsphinx import Decoder, get_model_path
 
         self.name = name

@@ -35,6 +35,7 @@ class SpeakerExpert:
 
     def __init__(self, name: str = "speaker", device: str = "cpu"):
         """Load resemblyzer's pretrained voice encoder."""
+        # an expert's library loads where the expert runs, not in every process importing the registry
         import resemblyzer
         from resemblyzer import hparams
 
@@ -72,6 +73,7 @@ class SpeakerExpert:
 
 def _preprocess(wav: np.ndarray) -> np.ndarray:
     """resemblyzer's volume normalisation and long-silence trimming, safe on silence and tiny clips."""
+    # as in `__init__`
     from resemblyzer.audio import normalize_volume, trim_long_silences
     from resemblyzer.hparams import audio_norm_target_dBFS
 

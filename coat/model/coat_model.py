@@ -39,6 +39,7 @@ from coat.config import (
 )
 from coat.data.store import STD_FLOOR
 from coat.experts.base import ExpertSpec
+from coat.experts.registry import expert_spec
 from coat.model.heads import make_head
 from coat.model.losses import distance, predicting, response_ce
 from coat.model.slots import SlotEmbedding
@@ -116,8 +117,6 @@ class CoATModel(nn.Module):
         """
         super().__init__()
         if experts is None:
-            from coat.experts.registry import expert_spec
-
             experts = {name: expert_spec(name, **chosen) for name, chosen in expert_settings(cfg).items()}
         check_experts(cfg, experts)
         self.cfg = cfg

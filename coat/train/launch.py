@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 import ray.train
 import ray.tune
+import torch
 from mlflow.exceptions import MlflowException
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -28,8 +29,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from coat import tracking
 from coat.backbones import backbone_source
 from coat.config import CoATConfig, expert_settings, redacted, to_yaml
+from coat.data.manifest import read_manifest, stratified_subsample
 from coat.data.prepare import data_provenance, prepare_data, training_streams
 from coat.errors import UserError
+from coat.eval.runner import print_reports
+from coat.eval.scoring import write_predictions
+from coat.eval.systems import evaluate_systems, source_parts
 from coat.experts.registry import expert_spec
 from coat.locks import check_locking
 from coat.model.targets import target_statistics
@@ -89,9 +94,6 @@ def finished_run(cfg: CoATConfig, uri: str, name: str, storage: Path) -> TrainRe
 def validation_questions(cfg: CoATConfig, manifest: Path) -> list:
     """The `train.val_examples` validation questions `train.val_scores` answers at every checkpoint, by source
     (`source_parts`): a fixed subset drawn with `eval.seed`, each task family and mixture entry keeping its share."""
-    from coat.data.manifest import read_manifest, stratified_subsample
-    from coat.eval.systems import source_parts
-
     rows = read_manifest(manifest)
     rows = rows[rows["split"] == cfg.data.val_split].reset_index(drop=True)
     by = [column for column in ("task", "mixture") if column in rows]
@@ -230,11 +232,6 @@ def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> lis
     """The test-split evaluation of the trained model and of `eval.baselines` on the same examples, on the device
     training used (`cuda` with `train.use_gpu`): each mixture entry (or imported corpus) by its own suite's recipe
     (`source_parts`)."""
-    import torch
-
-    from coat.data.manifest import read_manifest
-    from coat.eval.systems import evaluate_systems, source_parts
-
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
     rows = read_manifest(manifest)
     parts = source_parts(rows[rows["split"] == cfg.data.test_split], cfg.eval.suites)
@@ -248,9 +245,6 @@ def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, run: 
     metrics (stamped `stamp` ms: the evaluation is deterministic, so logging it again stores nothing new), the
     table, the per-example results and how they were made (device, dtype, batch sizes) to the run. Baselines'
     metrics carry their system's name in front (`base/eval/...`). Returns the trained model's metrics."""
-    from coat.eval.runner import print_reports
-    from coat.eval.scoring import write_predictions
-
     if cfg.train.use_gpu:
         task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_on_device)
         reports = ray.get(task.remote(checkpoint, cfg, manifest))
