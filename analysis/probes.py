@@ -40,8 +40,8 @@ import pandas as pd
 
 from coat import tracking
 from coat.analysis import runs
+from coat.analysis.linear_probes import held_out_comparison
 from coat.analysis.notebooks import outputs
-from coat.analysis.probes import held_out_comparison
 
 K = "thinking.num_slots"
 uri = tracking.resolve_uri(tracking_uri)

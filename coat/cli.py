@@ -577,7 +577,9 @@ def probe_command(
 
     Exits 2 on a bad option, 1 when the checkpoint, the data or the tracking store cannot be used.
     """
-    from coat.analysis.probes import FAMILY, LayerError, ProbeError, probe_checkpoint
+    from coat.analysis.hidden_states import LayerError
+    from coat.analysis.linear_probes import FAMILY
+    from coat.analysis.probes import ProbeError, probe_checkpoint
     from coat.data.manifest import SPLITS
     from coat.experts.registry import UnknownExpertError, expert_spec
     from coat.tracking import resolve_uri
@@ -624,7 +626,7 @@ def probe_command(
 
 
 def _print_probe_summary(console: Console, table, title: str) -> None:
-    from coat.analysis.probes import summarise
+    from coat.analysis.linear_probes import summarise
 
     columns = ["target", "position", "metric", "best layer", "score", "selectivity", "baseline", "last layer",
                "last score", "last selectivity"]

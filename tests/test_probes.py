@@ -13,22 +13,24 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from coat import tracking
-from coat.analysis.probes import (
-    COLUMNS,
+from coat.analysis.hidden_states import (
     HiddenStateWriter,
+    extract_hidden_states,
+    logit_lens,
+    normalise_layers,
+    read_extraction,
+    read_layer,
+)
+from coat.analysis.linear_probes import (
+    COLUMNS,
     ProbeTarget,
     clip_groups,
     cv_splits,
-    extract_hidden_states,
     fit_probes,
     held_out_comparison,
     load_target_stats,
-    logit_lens,
-    normalise_layers,
     probe_rows,
     probe_targets,
-    read_extraction,
-    read_layer,
 )
 from coat.cli import probe_command
 from coat.data.audio import decode
