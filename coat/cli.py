@@ -439,8 +439,7 @@ def eval_command(
     chosen = {"max_examples": "null" if max_examples is None else max_examples, "seed": seed, "scoring": scoring,
               "circular": "true" if circular else None, "cot_tokens": cot_tokens, "loglik": loglik}
     try:
-        eval_cfg = apply_overrides(cfg, [f"eval.{key}={value}" for key, value in chosen.items()
-                                         if value is not None]).eval
+        eval_cfg = apply_overrides(cfg, [f"eval.{k}={v}" for k, v in chosen.items() if v is not None]).eval
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from err
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -452,6 +451,14 @@ def eval_command(
                   paired=systems.paired_with_coat(reports, eval_cfg.bootstrap, seed))
     if quirks:
         console.print("benchmark quirks handled: " + ", ".join(f"{k} {v}" for k, v in quirks.items() if v))
+    _write_predictions(console, reports, out, checkpoint, split)
+
+
+def _write_predictions(console: Console, reports: list, out: Path | None, checkpoint: Path, split: str) -> None:
+    """Each system's per-example predictions, and beside them how they were made (the code, the packages, each
+    system's settings)."""
+    from coat.eval import systems
+
     for report, path in zip(reports, systems.write_all_predictions(reports, out, checkpoint, split), strict=True):
         console.print(f"{report.system} predictions: {path}")
     made = path.with_name(f"{(out or path).stem}.provenance.json")

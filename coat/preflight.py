@@ -335,19 +335,7 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3, slots: list[in
         step_times.append(_step_time_at(coat, other, optimizer, cfg, device, sync, repeats))
     step_times.sort(key=lambda t: t["num_slots"])
     memory = _memory_fit(coat, optimizer, cfg, device) if cuda else None
-    with tempfile.TemporaryDirectory(prefix="coat-preflight-") as folder:
-        saved = {n: v.detach().cpu().clone() for n, v in coat.trained_state().items()}
-        save_checkpoint(Path(folder), coat, coat.trained_state(), optimizer.state_dict(), repeats, 0, 0, metrics,
-                        [], {})
-        with torch.no_grad():
-            for members in coat.parameter_groups().values():
-                for _, param in members:
-                    param.zero_()
-        coat.load_trained(folder)
-        state = load_training_state(Path(folder))
-        restored = coat.trained_state()
-        if state["step"] != repeats or any(not torch.equal(saved[n], restored[n].cpu()) for n in saved):
-            raise RuntimeError(f"checkpoint {folder}: the trained parts did not load back as saved")
+    checkpoint_round_trip(coat, optimizer, repeats, metrics)
     coat.eval()
     prompt = prompt_inputs(coat, {key: v[:1] for key, v in batch.items()}, RESPONSE_TOKENS)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
@@ -384,6 +372,23 @@ def _step_seconds(coat, batch: dict, optimizer, cfg: CoATConfig, device: str, sy
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:] or times), metrics
+
+
+def checkpoint_round_trip(coat, optimizer, step: int, metrics: dict) -> None:
+    """Save a checkpoint as training does, zero the trained parts, and load it back. Raises RuntimeError when the
+    trained parts or the step do not come back as saved."""
+    with tempfile.TemporaryDirectory(prefix="coat-preflight-") as folder:
+        saved = {n: v.detach().cpu().clone() for n, v in coat.trained_state().items()}
+        save_checkpoint(Path(folder), coat, coat.trained_state(), optimizer.state_dict(), step, 0, 0, metrics, [], {})
+        with torch.no_grad():
+            for members in coat.parameter_groups().values():
+                for _, param in members:
+                    param.zero_()
+        coat.load_trained(folder)
+        state = load_training_state(Path(folder))
+        restored = coat.trained_state()
+        if state["step"] != step or any(not torch.equal(saved[n], restored[n].cpu()) for n in saved):
+            raise RuntimeError(f"checkpoint {folder}: the trained parts did not load back as saved")
 
 
 def _step_time_at(coat, k: int, optimizer, cfg: CoATConfig, device: str, sync, repeats: int) -> dict:

@@ -273,6 +273,47 @@ class ProbeFit:
     clips: pd.DataFrame
 
 
+@dataclass
+class _Prepared:
+    """A target made ready for every layer: its values (constant regression dimensions dropped), the extracted rows
+    it covers, the folds, its control task and question-conditioned baseline, or the `note` saying why it cannot be
+    fit."""
+
+    target: ProbeTarget
+    y: np.ndarray
+    rows: np.ndarray
+    dims: int
+    note: str
+    control_by: str
+    splits: list | None = None
+    control: np.ndarray | None = None
+    baseline: float = np.nan
+
+
+def _prepare(target: ProbeTarget, groups: np.ndarray, questions: np.ndarray | None, folds: int, seed: int
+             ) -> _Prepared:
+    y = np.asarray(target.values)
+    dims = 1
+    if target.kind == "regression":
+        y = y.reshape(len(y), -1).astype(np.float64)
+        y = y[:, y.std(0) > 1e-8]
+        dims = y.shape[1]
+    elif target.kind != "classification":
+        raise ValueError(f"target {target.name!r}: kind must be regression or classification, not {target.kind}")
+    rows = np.asarray(target.rows)
+    asked = None if questions is None else np.asarray(questions)[rows]
+    by_question = asked is not None and len(np.unique(asked)) > 1
+    prepared = _Prepared(target, y, rows, dims, _why_not(target, y, groups[rows], folds),
+                         "question" if by_question else "clip")
+    if not prepared.note:
+        prepared.splits = cv_splits(groups[rows], folds, seed)
+        types = asked if by_question else np.arange(len(rows))
+        prepared.control = control_task(y, types, seed=zlib.crc32(f"{seed}/{target.name}".encode()))
+        prepared.baseline = clip_scores(target.kind, y, _out_of_fold(target.kind, None, y, prepared.splits,
+                                                                      asked)).mean()
+    return prepared
+
+
 def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups: np.ndarray,
                questions: np.ndarray | None = None, layers: Sequence[int] | None = None, folds: int = 5,
                seed: int = 0) -> ProbeFit:
@@ -304,48 +345,27 @@ def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups:
     if absent := [layer for layer in layers if layer not in extraction.layers]:
         raise ValueError(f"{features_dir}: layers {absent} were not extracted (it holds {extraction.layers})")
 
-    prepared = []
-    for target in targets:
-        y = np.asarray(target.values)
-        dims = 1
-        if target.kind == "regression":
-            y = y.reshape(len(y), -1).astype(np.float64)
-            y = y[:, y.std(0) > 1e-8]
-            dims = y.shape[1]
-        elif target.kind != "classification":
-            raise ValueError(f"target {target.name!r}: kind must be regression or classification, not {target.kind}")
-        rows = np.asarray(target.rows)
-        asked = None if questions is None else np.asarray(questions)[rows]
-        by_question = asked is not None and len(np.unique(asked)) > 1
-        note = _why_not(target, y, groups[rows], folds)
-        splits = control = None
-        baseline = np.nan
-        if not note:
-            splits = cv_splits(groups[rows], folds, seed)
-            types = asked if by_question else np.arange(len(rows))
-            control = control_task(y, types, seed=zlib.crc32(f"{seed}/{target.name}".encode()))
-            baseline = clip_scores(target.kind, y, _out_of_fold(target.kind, None, y, splits, asked)).mean()
-        prepared.append((target, y, rows, dims, note, splits, control, baseline, "question" if by_question else "clip"))
-
+    prepared = [_prepare(target, groups, questions, folds, seed) for target in targets]
     records, per_clip = [], []
     for position in extraction.positions:
         for layer in layers:
-            x = read_layer(features_dir, position, layer) if any(not p[4] for p in prepared) else None
-            for target, y, rows, dims, note, splits, control, baseline, control_by in prepared:
+            x = read_layer(features_dir, position, layer) if any(not p.note for p in prepared) else None
+            for p in prepared:
                 score = control_score = np.nan
-                if not note:
-                    xs = x[rows]
-                    scores = clip_scores(target.kind, y, _out_of_fold(target.kind, xs, y, splits))
-                    controls = clip_scores(target.kind, control, _out_of_fold(target.kind, xs, control, splits))
+                if not p.note:
+                    xs = x[p.rows]
+                    scores = clip_scores(p.target.kind, p.y, _out_of_fold(p.target.kind, xs, p.y, p.splits))
+                    controls = clip_scores(p.target.kind, p.control,
+                                           _out_of_fold(p.target.kind, xs, p.control, p.splits))
                     score, control_score = scores.mean(), controls.mean()
-                    per_clip.append(pd.DataFrame({"position": position, "layer": int(layer), "target": target.name,
-                                                  "clip": np.asarray(extraction.ids)[rows], "score": scores,
+                    per_clip.append(pd.DataFrame({"position": position, "layer": int(layer), "target": p.target.name,
+                                                  "clip": np.asarray(extraction.ids)[p.rows], "score": scores,
                                                   "control": controls}))
                 records.append({
-                    "position": position, "layer": int(layer), "target": target.name, "kind": target.kind,
-                    "metric": METRICS[target.kind], "score": score, "baseline": baseline, "control": control_score,
-                    "selectivity": score - control_score, "n_clips": len(rows), "folds": folds,
-                    "dims": dims, "control_by": control_by, "note": note,
+                    "position": position, "layer": int(layer), "target": p.target.name, "kind": p.target.kind,
+                    "metric": METRICS[p.target.kind], "score": score, "baseline": p.baseline,
+                    "control": control_score, "selectivity": score - control_score, "n_clips": len(p.rows),
+                    "folds": folds, "dims": p.dims, "control_by": p.control_by, "note": p.note,
                 })
     table = pd.DataFrame.from_records(records, columns=list(COLUMNS)).astype(
         {"layer": "int64", "n_clips": "int64", "folds": "int64", "dims": "int64", "score": "float64",

@@ -168,13 +168,7 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     settings = settings or {}
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     check_locking(Path(store_dir))  # precomputes of several hosts commit into one store
-    good, quarantine = manifest_clips(manifest)
-    if max_seconds is not None:
-        seconds = good["audio_path"].map(header_seconds)
-        too_long = (seconds > max_seconds).to_numpy()
-        quarantine = pd.concat([quarantine, quarantine_records(good[too_long], [
-            f"too_long: {s:.1f}s > {max_seconds:.1f}s" for s in seconds[too_long]])], ignore_index=True)
-        good = good[~too_long]
+    good, quarantine = usable_clips(manifest, max_seconds)
     clips = good.drop_duplicates("clip_hash")
     store = FeatureStore(store_dir)
 
@@ -203,6 +197,19 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     quarantine = pd.concat([quarantine, quarantine_records(bad, bad["clip_hash"].map(undecodable))],
                            ignore_index=True)
     return PrecomputeSummary(runs, quarantine)
+
+
+def usable_clips(manifest: str | Path, max_seconds: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest's good rows (`manifest_clips`), less those whose header says they outlast `max_seconds`, and the
+    quarantine of the others, those as `too_long`."""
+    good, quarantine = manifest_clips(manifest)
+    if max_seconds is None:
+        return good, quarantine
+    seconds = good["audio_path"].map(header_seconds)
+    too_long = (seconds > max_seconds).to_numpy()
+    quarantine = pd.concat([quarantine, quarantine_records(good[too_long], [
+        f"too_long: {s:.1f}s > {max_seconds:.1f}s" for s in seconds[too_long]])], ignore_index=True)
+    return good[~too_long], quarantine
 
 
 def settings_of_run(config: str | Path, experts: Sequence[str]

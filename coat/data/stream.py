@@ -169,33 +169,37 @@ def training_items(manifest: str | Path, split: str, experts: Sequence[str], sto
     rows = rows.assign(prompt=[model_prompt(p, c) for p, c in zip(rows["prompt"], choices, strict=True)])
     kept = ["id", "audio_path", "task", "prompt", "answer", "clip_hash", *(["mixture"] if "mixture" in rows else [])]
     rows = rows[kept].astype({"id": str})
-    sources = {}
-    for name in experts:
-        chosen = settings.get(name, {})
-        spec, version = expert_spec(name, **chosen), feature_version(expert_version(name, **chosen), crop)
-        index = store.index(name, version).set_index("clip_hash")
-        absent = rows[~rows["clip_hash"].isin(index.index)]
-        if len(absent):
-            first = absent.iloc[0]
-            with_settings = (f" --config <the run's config> (expert settings {dict(settings[name])})"
-                             if settings.get(name) else "")
-            cropped = f" --crop-seconds {crop:g}" if crop is not None else ""
-            raise MissingFeaturesError(
-                f"feature store {store_dir} has no features of expert {name!r} (version {version}) "
-                f"for clip {first['id']!r} ({first['audio_path']}) and {len(absent) - 1} more clips of split "
-                f"{split!r}; run: coat experts precompute --data {manifest} --experts {name} "
-                f"--store {store_dir}{cropped}{with_settings}")
-        located = index.loc[rows["clip_hash"]]
-        raise_if_damaged(located)
-        rows[f"part.{name}"], rows[f"row.{name}"] = located["part"].to_numpy(), located["row"].to_numpy()
-        if spec.kind != "continuous":
-            stats = None
-        elif stats_from is not None:
-            stats = stats_from[name].stats
-        else:
-            stats = store.split_stats(name, version, rows["clip_hash"])
-        sources[name] = TargetSource(name, version, spec.clip_level, stats)
+    sources = {name: _locate(rows, name, settings.get(name, {}), store, crop, stats_from,
+                             f"split {split!r}", f"--data {manifest}") for name in experts}
     return rows.to_dict(orient="records"), sources, pd.concat(left_out, ignore_index=True)
+
+
+def _locate(rows: pd.DataFrame, name: str, chosen: Mapping[str, object], store: FeatureStore, crop: float | None,
+            stats_from: Mapping[str, TargetSource] | None, which: str, data: str) -> TargetSource:
+    """Record in `rows` (`part.<name>`, `row.<name>`) where expert `name`'s features of each clip sit, and return
+    its `TargetSource`. Raises MissingFeaturesError naming the first clip without them and the precompute command
+    (`which` rows they are, `data` the command's data option), DamagedFeaturesError for a damaged part."""
+    spec, version = expert_spec(name, **chosen), feature_version(expert_version(name, **chosen), crop)
+    index = store.index(name, version).set_index("clip_hash")
+    absent = rows[~rows["clip_hash"].isin(index.index)]
+    if len(absent):
+        first = absent.iloc[0]
+        with_settings = f" --config <the run's config> (expert settings {dict(chosen)})" if chosen else ""
+        cropped = f" --crop-seconds {crop:g}" if crop is not None else ""
+        raise MissingFeaturesError(
+            f"feature store {store.root} has no features of expert {name!r} (version {version}) "
+            f"for clip {first['id']!r} ({first['audio_path']}) and {len(absent) - 1} more clips of {which}; "
+            f"run: coat experts precompute {data} --experts {name} --store {store.root}{cropped}{with_settings}")
+    located = index.loc[rows["clip_hash"]]
+    raise_if_damaged(located)
+    rows[f"part.{name}"], rows[f"row.{name}"] = located["part"].to_numpy(), located["row"].to_numpy()
+    if spec.kind != "continuous":
+        stats = None
+    elif stats_from is not None:
+        stats = stats_from[name].stats
+    else:
+        stats = store.split_stats(name, version, rows["clip_hash"])
+    return TargetSource(name, version, spec.clip_level, stats)
 
 
 def load_batch(batch: Mapping[str, Sequence], sources: Mapping[str, TargetSource], sample_rate: int,
