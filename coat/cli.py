@@ -364,11 +364,14 @@ def experts_precompute_command(
 def train_command(overrides: Overrides = None, config: ConfigFile = None) -> None:
     """Train a CoAT model with Ray Train, evaluate it on the test split and log the run to MLflow."""
     from coat.config import load_config
+    from coat.report import print_eval_reports
     from coat.train.launch import train
 
     result = train(load_config(config, overrides or []))
-    metrics = sorted({**result.metrics, **result.eval_metrics}.items())
     console = Console()
+    if result.eval_reports:
+        print_eval_reports(result.eval_reports, title=f"test split: {result.checkpoint}", console=console)
+    metrics = sorted({**result.metrics, **result.eval_metrics}.items())
     console.print(_table(f"run {result.run_name}", ["metric", "value"],
                          [(key, f"{value:.4g}") for key, value in metrics if isinstance(value, int | float)]))
     console.print(f"checkpoint: {result.checkpoint}\nMLflow run: {result.mlflow_run_id}")
@@ -428,7 +431,7 @@ def eval_command(
     from coat.config import ConfigError, apply_overrides
     from coat.data.manifest import ManifestError
     from coat.eval import systems
-    from coat.eval.runner import print_reports
+    from coat.report import print_eval_reports
 
     try:
         cfg, rows, quirks = systems.suite_rows(checkpoint, suite, data, split)
@@ -447,8 +450,8 @@ def eval_command(
         else {}  # a benchmark is heard whole, up to the backbone's audio window
     reports = systems.evaluate_systems(checkpoint, [(None, suite, rows)], eval_cfg, baselines, device,
                                        max_new_tokens=max_new_tokens, **heard)
-    print_reports(reports, title=f"{suite} {split}: {checkpoint}", console=console,
-                  paired=systems.paired_with_coat(reports, eval_cfg.bootstrap, seed))
+    print_eval_reports(reports, title=f"{suite} {split}: {checkpoint}", console=console,
+                       paired=systems.paired_with_coat(reports, eval_cfg.bootstrap, seed))
     if quirks:
         console.print("benchmark quirks handled: " + ", ".join(f"{k} {v}" for k, v in quirks.items() if v))
     _write_predictions(console, reports, out, checkpoint, split)
@@ -716,11 +719,11 @@ def sweep_command(
 ) -> None:
     """Sweep with Ray Tune (Optuna TPE + ASHA, or an exact grid); one MLflow parent run, a child per trial."""
     from coat.config import load_config
-    from coat.tune.report import print_results
+    from coat.report import print_sweep_results
     from coat.tune.sweep import run_sweep
 
     cfg = load_config(config, overrides or [])
-    print_results(run_sweep(cfg, space, resume=resume), cfg)
+    print_sweep_results(run_sweep(cfg, space, resume=resume), cfg)
 
 
 @app.command("preflight")
@@ -743,7 +746,8 @@ def preflight_command(
     the space names) are stored under train.storage ($COAT_STORAGE on a cluster), where an experiment script's
     --dry-run finds them to bill its sweep. Exits 1 naming each failure and its fix."""
     from coat.config import load_config
-    from coat.preflight import print_report, run_preflight, space_slots, store_measurements
+    from coat.preflight import run_preflight, space_slots, store_measurements
+    from coat.report import print_preflight_report
     from coat.tune.space import load_space
 
     cfg = load_config(config, overrides or [])
@@ -755,7 +759,7 @@ def preflight_command(
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print_report(report)
+        print_preflight_report(report)
     for failure in report.failures:
         typer.echo(f"preflight: {failure.name}: {failure.detail}" + (f" (fix: {failure.fix})" if failure.fix else ""),
                    err=True)

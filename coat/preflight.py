@@ -41,9 +41,6 @@ import torch
 import torch.distributed as dist
 from ray.autoscaler.sdk import request_resources
 from ray.train.torch import TorchConfig, TorchTrainer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from coat import tracking
 from coat.backbones import backbone_source
@@ -503,42 +500,6 @@ def _median_seconds(fn, sync, autocast, repeats: int = 10) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first call warms up
-
-
-def print_report(report: Report) -> None:
-    """The checks as a table (details and fixes in full), then the measurements, one row per backbone."""
-    console = Console()
-    checks = Table(title="coat preflight")
-    checks.add_column("check", no_wrap=True)
-    checks.add_column("status", no_wrap=True)
-    checks.add_column("detail")
-    marks = {"ok": "[green]ok[/]", "fail": "[red]FAIL[/]", "skip": "[dim]skip[/]"}
-    for check in report.checks:
-        text = check.detail + (f"\nfix: {check.fix}" if check.fix else "")
-        checks.add_row(escape(check.name), marks[check.status], escape(text))
-    console.print(checks)
-    if report.measurements:  # a column per backbone: fits a terminal for all three
-        on_cpu = any(m["memory"] is None for m in report.measurements)
-        table = Table(title="the model check (step: median of the steps after the first)",
-                      caption="on CPU there is no GPU card: no peak memory, no largest batch" if on_cpu else None)
-        table.add_column("")
-        for m in report.measurements:
-            table.add_column(m["backbone"], justify="right")
-        rows = {"size, device": lambda m: f"{m['size']}, {m['gpu'] or m['device']}",
-                "batch x clip": lambda m: f"{m['batch_size']} x {m['clip_s']:g} s",
-                "K": lambda m: str(m["num_slots"]), "step": lambda m: f"{m['step_s']:.3g} s",
-                "step at each K": lambda m: ", ".join(f"K={t['num_slots']}: {t['step_s']:.3g} s"
-                                                      for t in m["step_times"]),
-                "tokens/s": lambda m: f"{m['tokens_per_s']:.0f}",
-                "peak GPU memory": lambda m: "-" if m["peak_gpu_gb"] is None else f"{m['peak_gpu_gb']:.1f} GB",
-                f"largest batch ({HEADROOM:.0%} of the card free)": lambda m: batch_summary(m["memory"]),
-                "prefill, K vs K=0": lambda m: f"x{m['prefill_ratio']:.3f}"}
-        for label, cell in rows.items():
-            table.add_row(label, *(escape(cell(m)) for m in report.measurements))
-        console.print(table)
-    if report.stored:
-        console.print(f"step times stored in {report.stored}: an experiment script's --dry-run bills its sweep with "
-                      "them", markup=False, highlight=False)
 
 
 def batch_summary(memory: dict | None) -> str:

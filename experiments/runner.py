@@ -85,11 +85,11 @@ def run(script: str | Path, argv: list[str] | None = None) -> None:
         dry_run(args, config, space, extra, cfg, on_cluster)
         return
 
-    from coat.tune.report import print_results
+    from coat.report import print_sweep_results
     from coat.tune.sweep import run_sweep
 
     result = run_sweep(cfg, space, resume=args.resume)
-    print_results(result, cfg)
+    print_sweep_results(result, cfg)
     if not args.no_analysis:
         conclude(name, result.name, cfg, PROJECT / "analysis")
 
@@ -110,6 +110,7 @@ def positive_int(text: str) -> int:
 
 def dry_run(args: argparse.Namespace, config: Path, space: Path, extra: list[str], cfg, on_cluster: bool) -> None:
     """Check the space against the config and print what the sweep would train and cost (`coat.tune.cost`)."""
+    from coat.report import print_bill
     from coat.tune import cost
     from coat.tune.space import load_space
 
@@ -128,7 +129,7 @@ def dry_run(args: argparse.Namespace, config: Path, space: Path, extra: list[str
     from rich.console import Console
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    cost.print_bill(bill, console)
+    print_bill(bill, console)
     if hint:
         console.print(hint, markup=False, highlight=False)
 

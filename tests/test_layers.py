@@ -21,6 +21,7 @@ LAYERS = [
     {"train"},
     {"tune"},
     {"analysis", "preflight"},
+    {"report"},
     {"cli"},
 ]
 LAYER = {part: index for index, parts in enumerate(LAYERS) for part in parts}

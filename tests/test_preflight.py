@@ -11,7 +11,8 @@ from coat import tracking
 from coat.cli import main
 from coat.config import load_config
 from coat.data.precompute import precompute
-from coat.preflight import HEADROOM, Report, batch_summary, check_data, largest_batch, memory_batches, print_report
+from coat.preflight import HEADROOM, Report, batch_summary, check_data, largest_batch, memory_batches
+from coat.report import print_preflight_report
 from coat.tune import cost
 from coat.tune.space import load_space
 from tests.conftest import free_port
@@ -66,7 +67,7 @@ def test_every_check_passes_on_the_embedded_default_and_the_step_is_measured(tmp
     bill = cost.estimate(cfg, load_space(space, cfg), cost.load_records(Path(report["stored"])))
     assert [(r.step.kind, r.step.seconds) for r in bill.rows] == [("measured", t["step_s"]) for t in m["step_times"]]
     assert "preflight " in bill.rows[0].step.source and ", cpu" in bill.rows[0].step.source
-    print_report(Report(measurements=report["measurements"], stored=report["stored"]))
+    print_preflight_report(Report(measurements=report["measurements"], stored=report["stored"]))
     printed = capsys.readouterr().out
     assert "on CPU there is no GPU card: no peak memory, no largest batch" in printed
     assert any(line.startswith("│ largest batch (10% of the card free)") and line.rstrip("│ ").endswith("-")

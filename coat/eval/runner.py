@@ -28,9 +28,7 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 import torch
-from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from coat.config import EvalConfig, SuiteRecipe, from_yaml, validate
 from coat.data.audio import AudioError, decode
@@ -484,62 +482,3 @@ def _dtype_name(model: CoATModel, device: torch.device) -> str:
     return f"{weights} weights, bfloat16 autocast" if device.type == "cuda" else weights
 
 
-def print_reports(reports: list[EvalReport], title: str = "evaluation", console: Console | None = None,
-                  paired: pd.DataFrame | None = None) -> None:
-    """Every system side by side: per task, value [95% CI]; then tokens, time to first token and latency (batch
-    size 1); then paired comparisons and the quarantine. Raises nothing."""
-    console = console or Console()
-    table = Table(title=title)
-    table.add_column("task")
-    table.add_column("metric")
-    for report in reports:
-        table.add_column(report.system, justify="right")
-    table.add_column("n", justify="right")
-    table.add_column("chance", justify="right")
-    keyed = [r.table.set_index(["task", "metric"]) if len(r.table) else None for r in reports]
-    rows = list(dict.fromkeys(k for t in keyed if t is not None for k in t.index))
-    for task, metric in rows:
-        cells, n, chance = [], "", ""
-        for t in keyed:
-            if t is None or (task, metric) not in t.index:
-                cells.append("-")
-                continue
-            row = t.loc[(task, metric)]
-            cells.append(f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
-            n, chance = str(int(row["n"])), "" if pd.isna(row["chance"]) else f"{row['chance']:.3f}"
-            if pd.notna(row.get("chance_empirical")):
-                chance += f" / {row['chance_empirical']:.3f} on silence"
-        scoring = reports[0].setting["scoring"]
-        table.add_row(task, metric if scoring == "generate" or metric == "wer" else f"{metric} ({scoring})", *cells,
-                      n, chance)
-    budgets = [r.metrics().get("eval/out_of_budget") for r in reports]
-    table.add_row("out of budget", "share", *["-" if b is None else f"{b:.3f}" for b in budgets], "", "")
-    for label, key, fmt in (("new tokens", "new_tokens", "{:.1f}"), ("time to first token (s)", "ttft_s", "{:.4f}"),
-                            ("latency per answer (s)", "total_s", "{:.4f}")):
-        table.add_row(label, "batch 1", *[fmt.format(r.latency[key]) if key in r.latency else "-" for r in reports],
-                      "", "")
-    console.print(table)
-    first = reports[0].setting
-    console.print(f"device {first['device']}, {first['dtype']}; quality in batches of {first['batch_size']}, "
-                  f"latency one example at a time; examples: {first['subsample']}")
-    if paired is not None and len(paired):
-        comparison = Table(title="paired comparison (a - b)")
-        for col in ("a", "b", "task", "metric", "a value", "b value", "diff [95% CI]", "p (bootstrap)", "p (McNemar)",
-                    "pairs"):
-            comparison.add_column(col, justify="left" if col in ("a", "b", "task", "metric") else "right")
-        for row in paired.itertuples(index=False):
-            comparison.add_row(row.system_a, row.system_b, row.task, row.metric, f"{row.a:.3f}", f"{row.b:.3f}",
-                               f"{row.diff:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]",
-                               f"{row.p_bootstrap:.3g}", "-" if pd.isna(row.p_mcnemar) else f"{row.p_mcnemar:.3g}",
-                               str(int(row.n_pairs)))
-        console.print(comparison)
-    for report in reports:
-        if len(report.quarantine):
-            first_bad = report.quarantine.iloc[0]
-            counts = report.quarantine["reason"].map(reason_code).value_counts()
-            console.print(f"{report.system}: {len(report.quarantine)} rows quarantined (not evaluated: "
-                          + ", ".join(f"{code} {n}" for code, n in counts.items())
-                          + f"), first: {first_bad['id']}: {first_bad['reason']}")
-    if first.get("cut"):
-        console.print(f"{first['cut']} clips are longer than the {first['heard_s']:g} s the model hears of a clip: "
-                      "heard as their first part (eval.long_clips=reject leaves them out)")

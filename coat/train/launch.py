@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from coat.config import CoATConfig, expert_settings, redacted, to_yaml
 from coat.data.manifest import read_manifest, stratified_subsample
 from coat.data.prepare import data_provenance, prepare_data, training_streams
 from coat.errors import UserError
-from coat.eval.runner import print_reports
 from coat.eval.scoring import write_predictions
 from coat.eval.systems import evaluate_systems, source_parts
 from coat.experts.registry import expert_spec
@@ -55,6 +54,7 @@ class TrainResult:
     metrics: dict  # the last reported training metrics
     mlflow_run_id: str
     eval_metrics: dict
+    eval_reports: list = field(default_factory=list)  # the test split's, each system's (`EvalReport`), to print
 
 
 def run_name(cfg: CoATConfig) -> str:
@@ -144,14 +144,15 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
         validation_questions(cfg, manifest) if cfg.train.val_scores else None, launched_at, storage / name, run,
         fault_spec)
     metrics, checkpoint = fit(inputs, report_to_tune)
-    eval_metrics = log_outcome(inputs, checkpoint, manifest, evaluate_after)
+    reports = log_outcome(inputs, checkpoint, manifest, evaluate_after)
+    eval_metrics = reports[0].metrics() if reports else {}
     if report_to_tune and evaluate_after:
         ray.tune.report({**metrics, **eval_metrics})
     run.end()
     if not run.flush():
         log.warning("MLflow at %s is still unreachable: this run's last writes wait in %s and reach it at the next "
                     "start of the run (the same command again)", uri, spool)
-    return TrainResult(name, checkpoint, metrics, run.run_id, eval_metrics)
+    return TrainResult(name, checkpoint, metrics, run.run_id, eval_metrics, reports)
 
 
 def fit(inputs: LoopInputs, report_to_tune: bool) -> tuple[dict, Path]:
@@ -182,9 +183,9 @@ def fit(inputs: LoopInputs, report_to_tune: bool) -> tuple[dict, Path]:
     return dict(metrics or load_training_state(checkpoint)["metrics"]), checkpoint
 
 
-def log_outcome(inputs: LoopInputs, checkpoint: Path, manifest: Path, evaluate: bool) -> dict:
+def log_outcome(inputs: LoopInputs, checkpoint: Path, manifest: Path, evaluate: bool) -> list:
     """Log the trained parts, the block's prefill cost and the wall times to the run, and with `evaluate` the
-    test-split evaluation (`evaluate_checkpoint`), whose metrics it returns."""
+    test-split evaluation (`evaluate_checkpoint`), whose reports it returns."""
     cfg, run_dir, run = inputs.cfg, inputs.run_dir, inputs.run
     run.log_artifacts(checkpoint, "trained_parts")
     trained_at = time.time()
@@ -195,11 +196,11 @@ def log_outcome(inputs: LoopInputs, checkpoint: Path, manifest: Path, evaluate: 
     once(run_dir, "time/train_s", lambda: run.log_metrics(
         {"time/train_s": trained_at - inputs.launched_at}, step=step, timestamp_ms=stamp))
     if not evaluate:
-        return {}
-    eval_metrics = evaluate_checkpoint(checkpoint, cfg, manifest, run, stamp)
+        return []
+    reports = evaluate_checkpoint(checkpoint, cfg, manifest, run, stamp)
     once(run_dir, "time/eval_s", lambda: run.log_metrics(
         {"time/eval_s": time.time() - trained_at}, step=step, timestamp_ms=stamp))
-    return eval_metrics
+    return reports
 
 
 def once(run_dir: Path, what: str, log) -> None:
@@ -240,17 +241,16 @@ def evaluate_on_device(checkpoint: Path, cfg: CoATConfig, manifest: Path) -> lis
 
 
 def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, run: tracking.TrackedRun, stamp: int
-                        ) -> dict:
-    """Evaluate where training ran (a Ray task holding a GPU when training used GPUs), print the table, and log
-    metrics (stamped `stamp` ms: the evaluation is deterministic, so logging it again stores nothing new), the
-    table, the per-example results and how they were made (device, dtype, batch sizes) to the run. Baselines'
-    metrics carry their system's name in front (`base/eval/...`). Returns the trained model's metrics."""
+                        ) -> list:
+    """Evaluate where training ran (a Ray task holding a GPU when training used GPUs) and log metrics (stamped
+    `stamp` ms: the evaluation is deterministic, so logging it again stores nothing new), the table, the per-example
+    results and how they were made (device, dtype, batch sizes) to the run. Baselines' metrics carry their system's
+    name in front (`base/eval/...`). Returns the reports, the trained model's first."""
     if cfg.train.use_gpu:
         task = ray.remote(num_gpus=1, num_cpus=cfg.train.cpus_per_worker)(evaluate_on_device)
         reports = ray.get(task.remote(checkpoint, cfg, manifest))
     else:
         reports = evaluate_on_device(checkpoint, cfg, manifest)
-    print_reports(reports, title=f"test split: {checkpoint}")
     setting = reports[0].setting
     run.set_tags({f"eval.{key}": str(value) for key, value in setting.items() if key != "system"}
                  | {"latency.batch_size": "1"})
@@ -263,4 +263,4 @@ def evaluate_checkpoint(checkpoint: Path, cfg: CoATConfig, manifest: Path, run: 
             run.log_table(report.table, f"eval/table{suffix}.json")
             write_predictions(report.examples, "coat-mini", Path(folder) / f"predictions{suffix}.jsonl")
         run.log_artifacts(folder, "eval")
-    return reports[0].metrics()
+    return reports

@@ -25,9 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from coat.config import CoATConfig, ThinkingConfig, apply_overrides
 from coat.errors import UserError
@@ -424,29 +421,3 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes >= 1 else f"{seconds:.0f} s"
 
 
-def print_bill(bill: Bill, console: Console) -> None:
-    """The trials, one row per setting, then the totals, then what the numbers assume."""
-    trials = Table(title="what the sweep trains")
-    for column in ("setting", "trials", "steps", "step", "step time from", "GPUs", "GPU-h/trial", "GPU-h"):
-        trials.add_column(column, justify="left" if column in ("setting", "step time from") else "right")
-    for r in bill.rows:
-        cells = ("-", "-", "-") if r.trial_s is None else (f"{r.step.seconds:.3g} s", hours(r.gpu_hours),
-                                                          hours(r.gpu_hours * r.trials))
-        trials.add_row(escape(r.setting), str(r.trials), str(r.steps), cells[0], escape(r.step.source), str(r.gpus),
-                       *cells[1:])
-    console.print(trials)
-    total = Table(title="the bill", show_header=False)
-    total.add_column("")
-    total.add_column("", justify="right")
-    known = bill.known
-    total.add_row("trials", str(bill.trials))
-    total.add_row("GPU-hours, every trial to the end", hours(bill.gpu_hours) if known else "-")
-    on = f"{bill.gpus} GPU(s) ({bill.gpus_from})" if any(r.gpus for r in bill.rows) else "the CPUs"
-    total.add_row(f"wall time on {on}, {bill.concurrency} trial(s) at once", duration(bill.wall_s) if known else "-")
-    if bill.asha is not None:
-        total.add_row(f"GPU-hours with ASHA (estimate: {bill.asha.fraction:.0%} of the steps)",
-                      hours(bill.asha_gpu_hours) if known else "-")
-        total.add_row("wall time with ASHA (estimate)", f"~{duration(bill.asha_wall_s)}" if known else "-")
-    console.print(total)
-    for note in bill.notes:
-        console.print(f"- {note}", markup=False, highlight=False)
