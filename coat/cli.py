@@ -508,16 +508,17 @@ def score_command(
 
     Exits 2 on a bad option or a missing file, 1 when a file cannot be read as the suite's predictions.
     """
-    from coat.eval import score_report as report
+    from coat.eval import rescoring
     from coat.eval.scoring import paired_comparison, results_table
+    from coat.report import rescored_pairs_table, rescored_table
 
     if suite not in SUITES:
         raise typer.BadParameter(f"{suite!r} is not one of {', '.join(SUITES)}", param_hint="--suite")
     recipe = default_suites()[suite]
     console = Console()
     try:
-        examples, scoring = report.scored(file, suite, recipe)
-        other = report.scored(against, suite, recipe)[0] if against is not None else None
+        examples, scoring = rescoring.scored(file, suite, recipe)
+        other = rescoring.scored(against, suite, recipe)[0] if against is not None else None
     except (OSError, ValueError) as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
@@ -525,18 +526,18 @@ def score_command(
                           n=bootstrap, seed=seed)
     paired = None if other is None else paired_comparison(examples, other, n=bootstrap, seed=seed)
     if as_json:
-        out: dict = {"metrics": report.json_metrics(examples, table, recipe, scoring)}
+        out: dict = {"metrics": rescoring.json_metrics(examples, table, recipe, scoring)}
         if paired is not None:
-            out["paired"] = report.records(paired)
+            out["paired"] = rescoring.records(paired)
         typer.echo(json.dumps(out | {"provenance": provenance()}, indent=2))
         return
-    console.print(report.results(table, f"{suite}: {file} ({recipe.rule}, {scoring})"))
+    console.print(rescored_table(table, f"{suite}: {file} ({recipe.rule}, {scoring})"))
     console.print(_provenance_line(), soft_wrap=True)
     if examples.attrs.get("skipped"):
         console.print(f"{examples.attrs['skipped']} items without a model output skipped, as the official "
                       "scorer skips them")
     if paired is not None:
-        console.print(report.paired(paired, f"A: {file}, B: {against}, paired on id"))
+        console.print(rescored_pairs_table(paired, f"A: {file}, B: {against}, paired on id"))
         if paired.attrs["a_unpaired"] + paired.attrs["b_unpaired"]:
             console.print(f"not compared: {paired.attrs['a_unpaired']} ids only in A, "
                           f"{paired.attrs['b_unpaired']} only in B")

@@ -336,7 +336,7 @@ SCORING_RULES = ("string_match", "choice", "wer")
 SCORING_MODES = ("generate", "loglik")
 LOGLIK_RANKINGS = ("per_token", "sum", "calibrated")
 SUITE_METRICS = ("accuracy", "weighted_f1")
-BASELINES = ("base", "cot")  # systems built from a checkpoint's backbone (coat/eval/runner.py)
+BASELINES = ("base", "cot")  # systems built from a checkpoint's backbone (coat/eval/evaluate.py)
 
 
 @dataclass

@@ -4,19 +4,23 @@ returned (evaluation reports, a sweep's results, a preflight report, a sweep's b
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from coat import tracking
-from coat.config import CoATConfig
 from coat.data.manifest import reason_code
-from coat.eval.runner import EvalReport
-from coat.preflight import HEADROOM, Report, batch_summary
+from coat.eval.scoring import metric_key
 from coat.tune.cost import Bill, duration, hours
-from coat.tune.sweep import SweepResult
+
+if TYPE_CHECKING:  # `coat score` prints from here and must load no model, Ray or MLflow: names for annotations only
+    from coat.config import CoATConfig
+    from coat.eval.evaluate import EvalReport
+    from coat.preflight import Report
+    from coat.tune.sweep import SweepResult
 
 
 def print_eval_reports(reports: list[EvalReport], title: str = "evaluation", console: Console | None = None,
@@ -82,6 +86,8 @@ def print_eval_reports(reports: list[EvalReport], title: str = "evaluation", con
 
 def print_preflight_report(report: Report) -> None:
     """The checks as a table (details and fixes in full), then the measurements, one row per backbone."""
+    from coat.preflight import HEADROOM, batch_summary  # preflight loads torch and Ray: not for `coat score`
+
     console = Console()
     checks = Table(title="coat preflight")
     checks.add_column("check", no_wrap=True)
@@ -154,6 +160,8 @@ def results_columns(table: pd.DataFrame) -> list[str]:
 def print_sweep_results(result: SweepResult, cfg: CoATConfig, console: Console | None = None) -> None:
     """One row per trial, best first: the setting (`*` the best), status, steps, the sweep metric, each task's
     score with its interval, the prefill cost and time to first token; then the dashboard link."""
+    from coat import tracking  # MLflow: not for `coat score`
+
     table = result.table
     out = Table(title=f"sweep {result.name}: {len(table)} trials (best by {cfg.sweep.metric})")
     for column in ("setting", "status", "steps", cfg.sweep.metric, *results_columns(table), "prefill +pos",
@@ -188,3 +196,38 @@ def _scored(row: pd.Series, task: str) -> str:
 
 def _num(value, fmt: str = "{:.3f}") -> str:
     return "-" if value is None or pd.isna(value) else fmt.format(value)
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "" if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """Numbers never wrap; names and intervals fold, so a narrow terminal (80 columns in CI logs) loses nothing."""
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        text = col in ("task", "metric", "95% CI")
+        out.add_column(col, justify="left" if col in ("task", "metric") else "right", overflow="fold",
+                       no_wrap=not text, min_width=13 if col == "task" else None)
+    return out
+
+
+def rescored_table(table: pd.DataFrame, title: str) -> Table:
+    """`coat score`'s scores: per task and metric, the value, its 95% interval, n and chance."""
+    out = _table(title, ("task", "metric", "value", "95% CI", "n", "chance"))
+    for row in table.itertuples(index=False):
+        out.add_row(row.task, metric_key(row.metric, row.scoring), _number(row.value),
+                    f"[{_number(row.ci_low)}, {_number(row.ci_high)}]", str(row.n), _number(row.chance))
+    return out
+
+
+def rescored_pairs_table(table: pd.DataFrame, title: str) -> Table:
+    """`coat score --against`: per task, A, B, their difference with its interval, the tests' p-values and the
+    items only one got right."""
+    out = _table(title, ("task", "A", "B", "A - B", "95% CI", "p boot", "p McN", "only A/B"))
+    for row in table.itertuples(index=False):
+        only = "" if pd.isna(row.a_only_correct) else f"{row.a_only_correct:.0f}/{row.b_only_correct:.0f}"
+        out.add_row(f"{row.task} {row.metric}, {row.n_pairs} pairs", _number(row.a), _number(row.b),
+                    f"{row.diff:+.3f}", f"[{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]",
+                    _number(row.p_bootstrap), _number(row.p_mcnemar), only)
+    return out

@@ -20,7 +20,7 @@ from coat.data.audio import decode
 from coat.data.corpora import load_suite
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
-from coat.eval.runner import (
+from coat.eval.evaluate import (
     base_model,
     choose_rows,
     circular_rows,

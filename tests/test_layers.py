@@ -28,7 +28,7 @@ LAYER = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 
 
 def part(module: str) -> str:
-    """The top-level piece of coat a dotted module name belongs to (`coat.eval.runner` -> `eval`)."""
+    """The top-level piece of coat a dotted module name belongs to (`coat.eval.evaluate` -> `eval`)."""
     return module.split(".")[1]
 
 

@@ -7,8 +7,8 @@ and `group.<field>` columns for the fields its official scorer reports per value
 missing copy is a FileNotFoundError that names the path and the layout expected there.
 
 Nothing is dropped either: an item with missing fields becomes a row with those fields None, and one whose
-answer is not among its choices stays as it is, for the runner to quarantine with the reason. Suites without
-per-item questions (MELD, LibriSpeech, GTZAN) leave `prompt` None: the suite recipe
+answer is not among its choices stays as it is, for the evaluation (`coat.eval.evaluate`) to quarantine with the
+reason. Suites without per-item questions (MELD, LibriSpeech, GTZAN) leave `prompt` None: the suite recipe
 (`coat.config.default_suites`) owns their instruction. `load_suite` also counts each quirk it met.
 
 | suite | layout under the root (`--data`) | task |
@@ -331,7 +331,7 @@ _COUNTED: dict[str, Callable[[str | Path, str], tuple[pd.DataFrame, Counter]]] =
 
 def load_suite(suite: str, root: str | Path, split: str = "test") -> tuple[pd.DataFrame, dict[str, int]]:
     """Rows of one evaluation suite and the quirks met loading it (only those seen, e.g.
-    `{"duplicate_choices": 27, "list_valued_fields": 13}` for MMAU test-mini), for the runner to report.
+    `{"duplicate_choices": 27, "list_valued_fields": 13}` for MMAU test-mini), for the evaluation to report.
 
     `coat-mini` reads the manifest at `root` and keeps `split`; the benchmarks use their loaders.
     Raises ValueError naming an unknown suite, and whatever the suite's loader raises.

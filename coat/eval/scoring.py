@@ -4,9 +4,9 @@ intervals, paired comparisons of two systems, and predictions files in each benc
 Rules (`coat.config.SCORING_RULES`): `string_match` is MMAU's and MMAR's published scorer, re-implemented so
 numbers are comparable with their leaderboards; `choice` reads the one choice the text names
 (`coat.eval.tasks.parse_answer`), so hedging never scores; items without choices are scored by word error
-rate after Whisper's English normaliser whatever the rule, as LibriSpeech results are reported. The runner and
-`coat score` both go through `score_examples` and `results_table`, so a number means the same wherever it
-was computed.
+rate after Whisper's English normaliser whatever the rule, as LibriSpeech results are reported. The evaluation
+(`evaluate.py`) and `coat score` both go through `score_examples` and `results_table`, so a number means the
+same wherever it was computed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SUITE_FAMILIES = {"mmau": "reasoning", "mmar": "reasoning", "meld": "emotion", "
                   "gtzan": "music"}
 RECORD_COLUMNS = ("id", "task", "answer", "choices", "output", "response", "prediction", "correct", "wer",
                   "correct_circular", "circular_responses", "scoring", "out_of_budget", "source")
-CIRCULAR = "circular_accuracy"  # right under every rotation of the choices (`coat.eval.runner.circular_rows`)
+CIRCULAR = "circular_accuracy"  # right under every rotation of the choices (`coat.eval.evaluate.circular_rows`)
 # Per example: tokens generated and seconds in its batch (quality pass); where the latency pass measured it alone,
 # its time to first token and to the whole answer.
 LATENCY_COLUMNS = ("new_tokens", "batch_s_per_example", "ttft_s", "latency_s")

@@ -12,7 +12,7 @@ import pandas as pd
 from coat.config import CoATConfig, EvalConfig, from_yaml
 from coat.data.corpora import load_suite
 from coat.data.manifest import read_manifest
-from coat.eval.runner import EvalReport, base_model, evaluate
+from coat.eval.evaluate import EvalReport, base_model, evaluate
 from coat.eval.scoring import paired_comparison, results_table, write_predictions
 from coat.model.coat_model import CONFIG_FILE, CoATModel, not_a_checkpoint
 

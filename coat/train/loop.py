@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from coat import tracking
 from coat.config import CoATConfig, StageConfig
 from coat.data.stream import Stream, collate, epoch_order, iter_training_batches, load_batch, shuffled_donors
-from coat.eval.runner import evaluate
+from coat.eval.evaluate import evaluate
 from coat.eval.scoring import metric_key
 from coat.eval.systems import join_sources
 from coat.experts.base import ExpertSpec

@@ -1,4 +1,5 @@
-"""What `coat score` prints: a predictions file scored by its suite's recipe, as tables or JSON."""
+"""`coat score`: a predictions file scored offline by its suite's recipe, and its metrics as JSON records (the
+tables are `coat.report`'s)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from rich import box
-from rich.table import Table
 
 from coat.config import SCORING_MODES, SuiteRecipe
 from coat.eval.metrics import TRANSCRIPTION
@@ -52,38 +51,6 @@ def json_metrics(examples: pd.DataFrame, table: pd.DataFrame, recipe: SuiteRecip
     if len(families) > 1 and len(speech):
         out["wer"] = speech.iloc[0]
     return {k: None if isinstance(v, float) and math.isnan(v) else float(v) for k, v in out.items()}
-
-
-def _number(value: float, digits: int = 3) -> str:
-    return "" if pd.isna(value) else f"{value:.{digits}f}"
-
-
-def _table(title: str, columns: tuple[str, ...]) -> Table:
-    """Numbers never wrap; names and intervals fold, so a narrow terminal (80 columns in CI logs) loses nothing."""
-    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for col in columns:
-        text = col in ("task", "metric", "95% CI")
-        out.add_column(col, justify="left" if col in ("task", "metric") else "right", overflow="fold",
-                       no_wrap=not text, min_width=13 if col == "task" else None)
-    return out
-
-
-def results(table: pd.DataFrame, title: str) -> Table:
-    out = _table(title, ("task", "metric", "value", "95% CI", "n", "chance"))
-    for row in table.itertuples(index=False):
-        out.add_row(row.task, metric_key(row.metric, row.scoring), _number(row.value),
-                    f"[{_number(row.ci_low)}, {_number(row.ci_high)}]", str(row.n), _number(row.chance))
-    return out
-
-
-def paired(table: pd.DataFrame, title: str) -> Table:
-    out = _table(title, ("task", "A", "B", "A - B", "95% CI", "p boot", "p McN", "only A/B"))
-    for row in table.itertuples(index=False):
-        only = "" if pd.isna(row.a_only_correct) else f"{row.a_only_correct:.0f}/{row.b_only_correct:.0f}"
-        out.add_row(f"{row.task} {row.metric}, {row.n_pairs} pairs", _number(row.a), _number(row.b),
-                    f"{row.diff:+.3f}", f"[{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]",
-                    _number(row.p_bootstrap), _number(row.p_mcnemar), only)
-    return out
 
 
 def records(table: pd.DataFrame) -> list[dict]:
