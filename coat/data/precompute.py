@@ -28,7 +28,6 @@ from coat.config import apply_overrides, expert_settings, load_config
 from coat.data.audio import AudioError, decode, header_seconds
 from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
-from coat.experts.registry import build_expert, expert_version
 from coat.locks import check_locking
 from coat.ray_runtime import ensure_ray, quiet
 
@@ -64,6 +63,9 @@ class ExpertActor:
 
     def __init__(self, name: str, settings: Mapping[str, object], version: str, device: str,
                  crop_seconds: float | None = None):
+        # the expert registry loads transformers (seconds): the decode tasks that import this module never need it
+        from coat.experts.registry import build_expert
+
         extra = {"device": device} if device != "cpu" and "device" not in settings else {}
         try:
             self.expert = build_expert(name, **settings, **extra)
@@ -166,6 +168,8 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
         if value is not None and value <= 0:
             raise ValueError(f"precompute: {name} must be positive, got {value}")
     settings = settings or {}
+    from coat.experts.registry import expert_version  # as in `ExpertActor`
+
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     check_locking(Path(store_dir))  # precomputes of several hosts commit into one store
     good, quarantine = usable_clips(manifest, max_seconds)

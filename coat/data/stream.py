@@ -31,7 +31,6 @@ from coat.data.manifest import model_prompt, quarantine_records, stratified_subs
 from coat.data.precompute import manifest_clips
 from coat.data.store import FeatureStore, feature_version, raise_if_damaged, read_located, standardise
 from coat.errors import UserError
-from coat.experts.registry import expert_spec, expert_version
 from coat.ray_runtime import ensure_ray, quiet
 
 LONG_CLIPS = ("crop", "reject")
@@ -179,6 +178,9 @@ def _locate(rows: pd.DataFrame, name: str, chosen: Mapping[str, object], store: 
     """Record in `rows` (`part.<name>`, `row.<name>`) where expert `name`'s features of each clip sit, and return
     its `TargetSource`. Raises MissingFeaturesError naming the first clip without them and the precompute command
     (`which` rows they are, `data` the command's data option), DamagedFeaturesError for a damaged part."""
+    # the expert registry loads transformers (seconds): the decode tasks that import this module never need it
+    from coat.experts.registry import expert_spec, expert_version
+
     spec, version = expert_spec(name, **chosen), feature_version(expert_version(name, **chosen), crop)
     index = store.index(name, version).set_index("clip_hash")
     absent = rows[~rows["clip_hash"].isin(index.index)]
