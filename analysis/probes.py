@@ -40,7 +40,7 @@ import pandas as pd
 
 from coat import tracking
 from coat.analysis import runs
-from coat.analysis.linear_probes import held_out_comparison
+from coat.analysis.compare import held_out_comparison
 from coat.analysis.notebooks import outputs
 
 K = "thinking.num_slots"

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from coat import tracking
+from coat.analysis.compare import held_out_comparison
 from coat.analysis.hidden_states import (
     HiddenStateWriter,
     extract_hidden_states,
@@ -27,7 +28,6 @@ from coat.analysis.linear_probes import (
     clip_groups,
     cv_splits,
     fit_probes,
-    held_out_comparison,
     load_target_stats,
     probe_rows,
     probe_targets,

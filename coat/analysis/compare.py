@@ -1,5 +1,6 @@
 """Comparisons a conclusion can rest on: scores per setting over seeds, each setting against a reference on the
-same examples, parameter importances from Optuna, and Pareto fronts.
+same examples, parameter importances from Optuna, Pareto fronts, and a probe's per-clip scores against its K = 0
+twin's on clips neither chose a layer on (`held_out_comparison`).
 
 The unit of analysis is kept: a seed is one training run, and a test example is one example however many seeds
 answered it. Two settings are compared seed by seed (each run against the reference run of the same seed and other
@@ -24,7 +25,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from coat.analysis.runs import predictions, varied
-from coat.eval.metrics import TRANSCRIPTION, sign_flip_p, two_level_bootstrap, word_errors
+from coat.eval.metrics import TRANSCRIPTION, bootstrap_ci, sign_flip_p, two_level_bootstrap, word_errors
 from coat.eval.scoring import normalise_transcript
 
 SEED, K, TARGETS = "train.seed", "thinking.num_slots", "thinking.targets"
@@ -392,3 +393,29 @@ def pareto_front(points: pd.DataFrame, cost: str, score: str, lower_is_better: b
             front.append(index)
             best = row[score]
     return ordered.loc[front]
+
+
+def held_out_comparison(coat: pd.DataFrame, plain: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> dict:
+    """A CoAT run's probe against its K = 0 twin's, for one target at one position, from their per-clip scores
+    (`ProbeFit.clips` rows): each run's layer is chosen by mean selectivity (score - control) on a seeded half of the
+    clips both probed, and the two are compared at those layers on the other half, which neither choice saw: each
+    one's mean selectivity there, their difference, and its bootstrap 95% interval over clips. Returns
+    {coat_layer, plain_layer, coat, plain, diff, ci_low, ci_high, n_clips}. Raises ValueError when the runs share
+    fewer than four clips."""
+    shared = sorted(set(coat["clip"]) & set(plain["clip"]))
+    if len(shared) < 4:
+        raise ValueError(f"the two runs share {len(shared)} probed clips: too few to choose a layer on half of them")
+    choose = set(np.random.default_rng(seed).permutation(shared)[: len(shared) // 2])
+    report = [clip for clip in shared if clip not in choose]
+
+    def at_chosen_layer(clips: pd.DataFrame) -> tuple[int, np.ndarray]:
+        clips = clips.assign(selectivity=clips["score"] - clips["control"])
+        layer = int(clips[clips["clip"].isin(choose)].groupby("layer")["selectivity"].mean().idxmax())
+        rows = clips[clips["layer"] == layer].set_index("clip")
+        return layer, rows.loc[report, "selectivity"].to_numpy(np.float64)
+
+    (coat_layer, mine), (plain_layer, theirs) = at_chosen_layer(coat), at_chosen_layer(plain)
+    low, high = bootstrap_ci(mine - theirs, n=n, seed=seed)
+    return {"coat_layer": coat_layer, "plain_layer": plain_layer, "coat": float(mine.mean()),
+            "plain": float(theirs.mean()), "diff": float((mine - theirs).mean()), "ci_low": low, "ci_high": high,
+            "n_clips": len(report)}

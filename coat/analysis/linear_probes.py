@@ -33,7 +33,6 @@ from coat.analysis.hidden_states import read_extraction, read_layer
 from coat.data.manifest import TASKS, read_manifest, validate_rows
 from coat.data.store import read_located, standardise
 from coat.data.stream import TargetSource, training_items
-from coat.eval.metrics import bootstrap_ci
 from coat.train.checkpoint import TARGET_STATS_FILE
 
 FAMILY = "family"
@@ -373,32 +372,6 @@ def fit_probes(features_dir: str | Path, targets: Sequence[ProbeTarget], groups:
     clips = (pd.concat(per_clip, ignore_index=True) if per_clip
              else pd.DataFrame(columns=list(CLIP_COLUMNS)).astype({"layer": "int64"}))
     return ProbeFit(table, clips)
-
-
-def held_out_comparison(coat: pd.DataFrame, plain: pd.DataFrame, *, n: int = 1000, seed: int = 0) -> dict:
-    """A CoAT run's probe against its K = 0 twin's, for one target at one position, from their per-clip scores
-    (`ProbeFit.clips` rows): each run's layer is chosen by mean selectivity (score - control) on a seeded half of the
-    clips both probed, and the two are compared at those layers on the other half, which neither choice saw: each
-    one's mean selectivity there, their difference, and its bootstrap 95% interval over clips. Returns
-    {coat_layer, plain_layer, coat, plain, diff, ci_low, ci_high, n_clips}. Raises ValueError when the runs share
-    fewer than four clips."""
-    shared = sorted(set(coat["clip"]) & set(plain["clip"]))
-    if len(shared) < 4:
-        raise ValueError(f"the two runs share {len(shared)} probed clips: too few to choose a layer on half of them")
-    choose = set(np.random.default_rng(seed).permutation(shared)[: len(shared) // 2])
-    report = [clip for clip in shared if clip not in choose]
-
-    def at_chosen_layer(clips: pd.DataFrame) -> tuple[int, np.ndarray]:
-        clips = clips.assign(selectivity=clips["score"] - clips["control"])
-        layer = int(clips[clips["clip"].isin(choose)].groupby("layer")["selectivity"].mean().idxmax())
-        rows = clips[clips["layer"] == layer].set_index("clip")
-        return layer, rows.loc[report, "selectivity"].to_numpy(np.float64)
-
-    (coat_layer, mine), (plain_layer, theirs) = at_chosen_layer(coat), at_chosen_layer(plain)
-    low, high = bootstrap_ci(mine - theirs, n=n, seed=seed)
-    return {"coat_layer": coat_layer, "plain_layer": plain_layer, "coat": float(mine.mean()),
-            "plain": float(theirs.mean()), "diff": float((mine - theirs).mean()), "ci_low": low, "ci_high": high,
-            "n_clips": len(report)}
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:

@@ -160,16 +160,10 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
         UnknownExpertError, ValueError: an expert name or its settings are invalid (before any compute).
         ValueError: `experts` is empty, `batch_size` < 1, or `crop_seconds` or `max_seconds` <= 0.
     """
-    if not experts:
-        raise ValueError("precompute: give at least one expert")
-    if batch_size < 1:
-        raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
-    for name, value in (("crop_seconds", crop_seconds), ("max_seconds", max_seconds)):
-        if value is not None and value <= 0:
-            raise ValueError(f"precompute: {name} must be positive, got {value}")
-    settings = settings or {}
     from coat.experts.registry import expert_version  # as in `ExpertActor`
 
+    _check_arguments(experts, batch_size, crop_seconds, max_seconds)
+    settings = settings or {}
     versions = {name: expert_version(name, **settings.get(name, {})) for name in experts}  # fail before compute
     check_locking(Path(store_dir))  # precomputes of several hosts commit into one store
     good, quarantine = usable_clips(manifest, max_seconds)
@@ -201,6 +195,17 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
     quarantine = pd.concat([quarantine, quarantine_records(bad, bad["clip_hash"].map(undecodable))],
                            ignore_index=True)
     return PrecomputeSummary(runs, quarantine)
+
+
+def _check_arguments(experts: Sequence[str], batch_size: int, crop_seconds: float | None,
+                     max_seconds: float | None) -> None:
+    if not experts:
+        raise ValueError("precompute: give at least one expert")
+    if batch_size < 1:
+        raise ValueError(f"precompute: batch_size must be >= 1, got {batch_size}")
+    for name, value in (("crop_seconds", crop_seconds), ("max_seconds", max_seconds)):
+        if value is not None and value <= 0:
+            raise ValueError(f"precompute: {name} must be positive, got {value}")
 
 
 def usable_clips(manifest: str | Path, max_seconds: float | None) -> tuple[pd.DataFrame, pd.DataFrame]:
