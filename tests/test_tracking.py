@@ -22,7 +22,7 @@ from coat.config import flatten, from_yaml, load_config, redacted, to_yaml
 from coat.provenance import provenance
 from coat.spool import Spool, SpoolFullError
 from coat.tracking import TrackingUnavailableError
-from tests.conftest import free_port, mlflow_server
+from tests.conftest import free_port, mlflow_server, wait_for
 
 OVERRIDES = ["thinking.num_slots=4", "experts.names=[pitch,mel]", "loss.weights.pitch=0.5", "train.lr=0.001"]
 
@@ -319,8 +319,8 @@ def test_a_server_out_of_capacity_is_an_outage_its_writes_wait_and_arrive_once(t
         assert waiting, "no write met the overload: the test did not test it"
         said = " ".join(record.getMessage() for record in caplog.records)
         assert "QueuePool limit" in said, "the pool's 400 was met and taken for an outage"
-        for run_id in runs:
-            assert handles[run_id].flush()
+        for run_id in runs:  # the server drains the requests queued during the overload before it takes a replay
+            wait_for(handles[run_id].flush, f"the writes of run {run_id} waiting in its spool to arrive", 120)
             assert tracking.metric_history(uri, run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
 
 
