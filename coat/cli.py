@@ -36,6 +36,7 @@ from rich.table import Table
 
 from coat.analysis.notebooks import NOTEBOOKS
 from coat.config import BASELINES, default_suites
+from coat.data.import_spec import FORMATS, ImportSpec, TableColumns
 from coat.errors import UsageError, reported
 from coat.provenance import provenance
 from coat.roles import PAPER_ROLES, ROLE_DEFAULTS
@@ -205,25 +206,31 @@ def data_synth_command(
 
 @data_app.command("import")
 def data_import_command(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="librispeech, meld, gtzan, mmau, mmar or table.")],
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help=f"One of {', '.join(FORMATS)}.")],
     root: Annotated[Path, typer.Argument(
         metavar="ROOT", help="The corpus in its published layout (table: the .csv/.jsonl file).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for manifest.jsonl, quarantine.jsonl and audio/.")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split where the corpus defines none.")] = 0,
-    val_share: Annotated[float, typer.Option("--val-share", help="Seeded split: share of groups for val.")] = 0.1,
-    test_share: Annotated[float, typer.Option("--test-share", help="Seeded split: share of groups for test.")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split where the corpus defines none.")
+                    ] = ImportSpec.seed,
+    val_share: Annotated[float, typer.Option("--val-share", help="Seeded split: share of groups for val.")
+                         ] = ImportSpec.val_share,
+    test_share: Annotated[float, typer.Option("--test-share", help="Seeded split: share of groups for test.")
+                          ] = ImportSpec.test_share,
     rate: Annotated[int, typer.Option("--rate", min=1, help="Sample rate of extracted audio and checks (Hz).")
-                    ] = 16000,
-    max_seconds: Annotated[float, typer.Option("--max-seconds", min=0.0, help="Longest clip kept.")] = 30.0,
+                    ] = ImportSpec.sample_rate,
+    max_seconds: Annotated[float, typer.Option("--max-seconds", min=0.0, help="Longest clip kept.")
+                           ] = ImportSpec.max_seconds,
     allow_outside_root: Annotated[bool, typer.Option(
         "--allow-outside-root", help="Import rows whose audio lies outside the corpus folder (an absolute path or "
-                                     "a `..` in a table); by default they are quarantined as outside_root.")] = False,
+                                     "a `..` in a table); by default they are quarantined as outside_root.")
+                                  ] = ImportSpec.allow_outside_root,
     audio_col: Annotated[str | None, typer.Option(
-        "--audio-col", help="table: audio path column (default: audio).")] = None,
+        "--audio-col", help=f"table: audio path column (default: {TableColumns.audio}).")] = None,
     question_col: Annotated[str | None, typer.Option(
-        "--question-col", help="table: question column (default: question, unless --prompt).")] = None,
+        "--question-col", help=f"table: question column (default: {TableColumns.question}, unless --prompt).")
+                            ] = None,
     answer_col: Annotated[str | None, typer.Option(
-        "--answer-col", help="table: answer column (default: answer).")] = None,
+        "--answer-col", help=f"table: answer column (default: {TableColumns.answer}).")] = None,
     choices_col: Annotated[str | None, typer.Option(
         "--choices-col", help="table: choices column (a list, a JSON list or a|b|c).")] = None,
     split_col: Annotated[str | None, typer.Option(
@@ -243,23 +250,20 @@ def data_import_command(
     Splits come from the corpus where it defines them (LibriSpeech subsets, MELD CSVs, MMAU/MMAR: test), else
     from a seeded split by speaker where known, else by clip (GTZAN: stratified by genre).
     """
-    from coat.data.importers import ImportUsageError, TableColumns, import_corpus
+    from coat.data.importers import import_corpus
 
     console = Console()
-    table_options = (audio_col, question_col, answer_col, choices_col, split_col, speaker_col, id_col)
-    columns = None
-    if fmt == "table":
-        columns = TableColumns(audio=audio_col or "audio",
-                               question=question_col or (None if prompt is not None else "question"),
-                               answer=answer_col or "answer", choices=choices_col, split=split_col,
-                               speaker=speaker_col, id=id_col)
-    elif any(o is not None for o in (*table_options, task, prompt)):
-        raise ImportUsageError(f"--audio-col and the other column options, --task and --prompt are for the table "
-                               f"format, not {fmt!r}: drop them")
-    summary = import_corpus(
-        fmt, root, out, seed=seed, val_share=val_share, test_share=test_share, columns=columns, task=task,
-        prompt=prompt, sample_rate=rate, max_seconds=max_seconds, allow_outside_root=allow_outside_root,
-        progress=lambda items, what: track(items, description=what, console=console, transient=True))
+    given = {"audio": audio_col, "question": question_col, "answer": answer_col, "choices": choices_col,
+             "split": split_col, "speaker": speaker_col, "id": id_col}
+    columns = {field: value for field, value in given.items() if value is not None}
+    if prompt is not None and question_col is None:
+        columns["question"] = None  # the prompt stands in for the default question column
+    spec = ImportSpec(seed=seed, val_share=val_share, test_share=test_share, sample_rate=rate,
+                      max_seconds=max_seconds, allow_outside_root=allow_outside_root,
+                      columns=TableColumns(**columns) if columns or fmt == "table" else None, task=task, prompt=prompt)
+    summary = import_corpus(fmt, root, out, spec,
+                            progress=lambda items, what: track(items, description=what, console=console,
+                                                               transient=True))
     _print_kept(console, f"{fmt}: rows kept per task and split", summary.rows)
     _print_reasons(console, summary.quarantine)
     console.print(f"{len(summary.rows)} of {summary.rows_read} rows kept -> {summary.manifest}; "

@@ -477,6 +477,18 @@ class CoATConfig:
         """`tracking.log_every`, or by default every step up to 1,000 steps, then at most ~1,000 points a metric."""
         return self.tracking.log_every or max(1, self.train.total_steps // 1000)
 
+    @property
+    def expert_settings(self) -> dict[str, dict[str, Any]]:
+        """Each configured expert's settings; audio-encoder defaults to this config's backbone, so each backbone
+        regresses its own encoder."""
+        out = {name: dict(self.experts.settings.get(name, {})) for name in self.experts.names}
+        if "audio-encoder" in out:
+            b = self.backbone
+            own = {"backbone": b.name, "size": b.size, "seed": b.seed, "audio_window_s": b.audio_window_s,
+                   **({"checkpoint": b.resolved_checkpoint} if b.resolved_checkpoint else {})}
+            out["audio-encoder"] = own | out["audio-encoder"]
+        return out
+
 
 def mixture_name(entry: MixtureEntry) -> str:
     return entry.name or Path(entry.manifest).parent.name or Path(entry.manifest).stem
@@ -618,18 +630,6 @@ def expert_weight(cfg: CoATConfig, name: str, stage: StageConfig | None = None) 
     if stage is not None and name in stage.weights:
         return stage.weights[name]
     return cfg.loss.weights.get(name, cfg.loss.default_weight)
-
-
-def expert_settings(cfg: CoATConfig) -> dict[str, dict[str, Any]]:
-    """Each configured expert's settings; audio-encoder defaults to this config's backbone, so each backbone
-    regresses its own encoder."""
-    out = {name: dict(cfg.experts.settings.get(name, {})) for name in cfg.experts.names}
-    if "audio-encoder" in out:
-        b = cfg.backbone
-        own = {"backbone": b.name, "size": b.size, "seed": b.seed, "audio_window_s": b.audio_window_s,
-               **({"checkpoint": b.resolved_checkpoint} if b.resolved_checkpoint else {})}
-        out["audio-encoder"] = own | out["audio-encoder"]
-    return out
 
 
 def redacted(cfg: CoATConfig) -> CoATConfig:

@@ -44,12 +44,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from coat import tracking
 from coat.backbones import backbone_source
-from coat.config import CoATConfig, apply_overrides, expert_settings, validate
+from coat.config import CoATConfig, apply_overrides, validate
 from coat.data.audio import check_audio_rows
 from coat.data.manifest import ManifestError, read_manifest, reason_code, validate_rows
 from coat.data.mixture import combine
 from coat.data.prepare import training_streams
-from coat.experts.registry import expert_spec
+from coat.experts.registry import expert_specs
 from coat.model import CoATModel
 from coat.model.synthetic import prompt_inputs, synthetic_batch
 from coat.ray_runtime import ensure_ray
@@ -316,7 +316,7 @@ def measure_model(cfg: CoATConfig, device: str, repeats: int = 3, slots: list[in
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    experts = {n: expert_spec(n, **chosen) for n, chosen in expert_settings(cfg).items()}
+    experts = expert_specs(cfg)
     torch.manual_seed(cfg.train.seed)
     coat = CoATModel(cfg, experts, device=device)
     coat.train()

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from coat.config import ConfigError, expert_settings, expert_weight, flatten, from_yaml, load_config, to_yaml
+from coat.config import ConfigError, expert_weight, flatten, from_yaml, load_config, to_yaml
 from coat.model import CoATModel
 from coat.model.coat_model import check_experts
 from tests.conftest import SYNTHETIC_EXPERTS
@@ -100,7 +100,7 @@ def test_roles_stand_for_their_default_experts_and_stages_take_dotted_overrides(
     assert (cfg.train.stages[0].steps, cfg.train.stages[0].train) == (7, ["slots", "heads"]), "LLM frozen first"
     assert cfg.train.stages[1].weights == {"egemaps": 0.5} and cfg.train.stages[1].lr == {"lora": 1e-4}
     assert expert_weight(cfg, "egemaps", cfg.train.stages[1]) == 0.5 and expert_weight(cfg, "egemaps") == 1.0
-    settings = expert_settings(cfg)
+    settings = cfg.expert_settings
     assert settings["sound-events"] == {"path": "/models/ast"}
     assert settings["audio-encoder"]["backbone"] == "qwen2-audio", "the backbone's own encoder"
     assert from_yaml(to_yaml(cfg)) == cfg

@@ -390,11 +390,11 @@ def test_sound_events_read_a_local_or_cached_tagger_as_multi_label(hub_models, a
 @pytest.mark.parametrize("backbone", ["qwen2-audio", "qwen2.5-omni", "audio-flamingo-3"])
 def test_audio_encoder_targets_are_the_audio_embeddings_the_llm_receives(backbone, audio):
     from coat.backbones import build_backbone
-    from coat.config import expert_settings, load_config
+    from coat.config import load_config
 
     cfg = load_config(overrides=[f"backbone.name={backbone}", "backbone.audio_window_s=2", "backbone.seed=5",
                                  "experts.names=[audio-encoder]"])
-    settings = expert_settings(cfg)["audio-encoder"]
+    settings = cfg.expert_settings["audio-encoder"]
     assert settings == {"backbone": backbone, "size": "tiny", "seed": 5, "audio_window_s": 2.0}
     expert = build_expert("audio-encoder", **settings)
     assert expert.spec == expert_spec("audio-encoder", **settings) and expert.spec.frame_rate == 25

@@ -6,6 +6,7 @@ at 44.1 kHz stereo, and one video without any audio track). Each test asserts wh
 
 import json
 import os
+from dataclasses import replace
 
 import av
 import numpy as np
@@ -17,13 +18,8 @@ from typer.testing import CliRunner
 from coat.cli import app, main
 from coat.config import default_suites
 from coat.data.corpora import GTZAN_GENRES, MELD_EMOTIONS, load_suite
-from coat.data.importers import (
-    CorpusError,
-    ImportUsageError,
-    TableColumns,
-    import_corpus,
-    seeded_split,
-)
+from coat.data.import_spec import ImportSpec, ImportUsageError, TableColumns
+from coat.data.importers import CorpusError, import_corpus, seeded_split
 from coat.data.manifest import read_manifest, reason_code, validate_rows
 
 
@@ -145,6 +141,11 @@ def test_an_import_prints_the_summary_and_errors_name_the_fix(librispeech, tmp_p
     with pytest.raises(SystemExit) as exit_:
         main(["data", "import", "librispeech", str(librispeech), "--out", str(out), "--task", "emotion"])
     assert exit_.value.code == 2 and "for the table format" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # no share left to train on
+        main(["data", "import", "librispeech", str(librispeech), "--out", str(out), "--val-share", "0.5",
+              "--test-share", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--val-share 0.5 and --test-share 0.5" in err and "some rows train" in err
     with pytest.raises(SystemExit) as exit_:  # a folder that is no LibriSpeech layout
         main(["data", "import", "librispeech", str(tmp_path / "out"), "--out", str(tmp_path / "o2")])
     assert exit_.value.code == 1 and "no LibriSpeech subset found" in capsys.readouterr().err
@@ -233,7 +234,8 @@ def gtzan(tmp_path):
 
 def test_gtzan_seeded_split_is_stratified_by_genre_and_deterministic(gtzan, tmp_path):
     def splits(seed, out):
-        summary = import_corpus("gtzan", gtzan, tmp_path / out, seed=seed, val_share=0.2, test_share=0.3)
+        spec = ImportSpec(seed=seed, val_share=0.2, test_share=0.3)
+        summary = import_corpus("gtzan", gtzan, tmp_path / out, spec)
         assert summary.quarantine.empty
         return summary.rows.set_index("id")
 
@@ -335,8 +337,8 @@ COLS = TableColumns(audio="file", question="q", answer="a", choices="opts", spea
 
 def test_table_seeded_split_by_speaker_keeps_every_speaker_in_one_split(table, tmp_path):
     def run(seed, out):
-        return import_corpus("table", table, tmp_path / out, columns=COLS, task="understanding", seed=seed,
-                             val_share=0.2, test_share=0.2)
+        spec = ImportSpec(columns=COLS, task="understanding", seed=seed, val_share=0.2, test_share=0.2)
+        return import_corpus("table", table, tmp_path / out, spec)
 
     summary = run(0, "a")
     rows = summary.rows
@@ -362,8 +364,8 @@ def test_table_jsonl_with_split_column_and_one_prompt(tmp_path):
         {"key": "y", "wav": "1.flac", "label": "tense", "part": "dev", "opts": ["calm", "tense"]},
         {"key": "z", "wav": "2.flac", "label": "calm", "part": "holdout", "opts": ["calm", "tense"]}]))
     cols = TableColumns(audio="wav", question=None, answer="label", choices="opts", split="part", id="key")
-    summary = import_corpus("table", folder / "items.jsonl", tmp_path / "out", columns=cols, task="emotion",
-                            prompt="How does it feel?")
+    spec = ImportSpec(columns=cols, task="emotion", prompt="How does it feel?")
+    summary = import_corpus("table", folder / "items.jsonl", tmp_path / "out", spec)
     assert summary.rows[["id", "split", "prompt"]].values.tolist() == [
         ["x", "train", "How does it feel?"], ["y", "val", "How does it feel?"]]
     assert _reasons(summary) == {"z": "unknown_split"}
@@ -372,12 +374,12 @@ def test_table_jsonl_with_split_column_and_one_prompt(tmp_path):
 
 def test_table_errors_name_the_file_and_column(table, tmp_path, capsys):
     with pytest.raises(ImportUsageError, match=r"qa\.csv: no column --choices-col 'options'.*'opts'"):
-        import_corpus("table", table, tmp_path / "out", task="music",
-                      columns=TableColumns(audio="file", question="q", answer="a", choices="options"))
+        import_corpus("table", table, tmp_path / "out", ImportSpec(
+            task="music", columns=TableColumns(audio="file", question="q", answer="a", choices="options")))
     with pytest.raises(ImportUsageError, match="--task must be one of"):
-        import_corpus("table", table, tmp_path / "out", columns=COLS, task="chat")
+        import_corpus("table", table, tmp_path / "out", ImportSpec(columns=COLS, task="chat"))
     with pytest.raises(CorpusError, match="not a .csv or .jsonl file"):
-        import_corpus("table", table.parent, tmp_path / "out", columns=COLS, task="music")
+        import_corpus("table", table.parent, tmp_path / "out", ImportSpec(columns=COLS, task="music"))
     assert not (tmp_path / "out").exists()
 
     args = ["data", "import", "table", str(table), "--out", str(tmp_path / "out"), "--task", "music",
@@ -405,7 +407,8 @@ def test_a_table_keeps_to_its_corpus_folder_and_refuses_what_is_not_a_file(tmp_p
     pd.DataFrame({"id": list(audio), "audio": list(audio.values()), "answer": "yes", "question": "Is it?",
                   "split": "train"}).to_csv(corpus / "items.csv", index=False)
     cols = TableColumns(split="split", id="id")
-    summary = import_corpus("table", corpus / "items.csv", tmp_path / "out", columns=cols, task="understanding")
+    spec = ImportSpec(columns=cols, task="understanding")
+    summary = import_corpus("table", corpus / "items.csv", tmp_path / "out", spec)
     assert _reasons(summary) == {"dotdot": "outside_root", "absolute": "outside_root", "zero": "outside_root",
                                  "pipe": "not_a_file", "folder": "not_a_file"}
     assert summary.rows["id"].tolist() == ["in"]
@@ -413,8 +416,7 @@ def test_a_table_keeps_to_its_corpus_folder_and_refuses_what_is_not_a_file(tmp_p
     assert str(corpus) in why["dotdot"] and "--allow-outside-root" in why["dotdot"]
     assert why["pipe"] == "not_a_file: a FIFO, not a file"
 
-    trusted = import_corpus("table", corpus / "items.csv", tmp_path / "out2", columns=cols, task="understanding",
-                            allow_outside_root=True)
+    trusted = import_corpus("table", corpus / "items.csv", tmp_path / "out2", replace(spec, allow_outside_root=True))
     assert _reasons(trusted) == {"pipe": "not_a_file", "folder": "not_a_file", "zero": "not_a_file"}
     assert sorted(trusted.rows["id"]) == ["absolute", "dotdot", "in"]
 

@@ -45,6 +45,7 @@ import soundfile as sf
 from coat.config import default_suites
 from coat.data import corpora
 from coat.data.audio import check_audio_rows  # torch: only once there is something to decode
+from coat.data.import_spec import ImportSpec, ImportUsageError, TableColumns
 from coat.data.manifest import (
     SUFFIXES,
     TASKS,
@@ -57,9 +58,8 @@ from coat.data.manifest import (
     validate_rows,
     write_table,
 )
-from coat.errors import UsageError, UserError
+from coat.errors import UserError
 
-FORMATS = ("librispeech", "meld", "gtzan", "mmau", "mmar", "table")
 LAYOUTS = {
     "librispeech": "LibriSpeech/ holding subset folders (train-clean-100, dev-clean, test-clean, ...) or one subset "
                    "folder, each of <speaker>/<chapter>/<speaker>-<chapter>.trans.txt with <utterance>.flac beside it",
@@ -77,23 +77,6 @@ MELD_SPEAKER = "Speaker"
 
 class CorpusError(UserError, ValueError):
     """The corpus copy cannot be read: missing, not in the expected layout, or a malformed file."""
-
-
-class ImportUsageError(UsageError, ValueError):
-    """The command line does not fit the corpus: unknown format, an option of another format, a bad share."""
-
-
-@dataclass(frozen=True)
-class TableColumns:
-    """Where the generic `table` format finds each field. `question` None: every row gets the `prompt` given."""
-
-    audio: str = "audio"
-    question: str | None = "question"
-    answer: str = "answer"
-    choices: str | None = None
-    split: str | None = None
-    speaker: str | None = None
-    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -252,9 +235,9 @@ def _extract_videos(rows: pd.DataFrame, out: Path, rate: int, max_seconds: float
     return rows.drop(index=list(failed)).reset_index(drop=True), quarantine
 
 
-def _gtzan(root: Path, seed: int, val_share: float, test_share: float) -> pd.DataFrame:
+def _gtzan(root: Path, spec: ImportSpec) -> pd.DataFrame:
     rows = _loaded(lambda: corpora.gtzan_clips(root))
-    rows["split"] = corpora.gtzan_splits(rows, seed, val_share, test_share)
+    rows["split"] = corpora.gtzan_splits(rows, spec.seed, spec.val_share, spec.test_share)
     rows["prompt"] = _recipe_prompt("gtzan")
     return rows
 
@@ -263,8 +246,8 @@ def _questions(fmt: str, root: Path) -> pd.DataFrame:
     return _loaded(lambda: (corpora.load_mmau if fmt == "mmau" else corpora.load_mmar)(root, "test"))
 
 
-def _table(path: Path, columns: TableColumns, task: str | None, prompt: str | None, seed: int,
-           val_share: float, test_share: float) -> pd.DataFrame:
+def _table(path: Path, spec: ImportSpec) -> pd.DataFrame:
+    columns, task, prompt = spec.columns or TableColumns(), spec.task, spec.prompt
     if path.suffix not in (".csv", ".jsonl") or not path.is_file():
         raise CorpusError(f"{path}: not a .csv or .jsonl file; the table format expects {LAYOUTS['table']}")
     if task not in TASKS:
@@ -308,7 +291,7 @@ def _table(path: Path, columns: TableColumns, task: str | None, prompt: str | No
         rows["split"] = [SPLIT_ALIASES.get(s.lower(), s.lower()) if s else None for s in text(columns.split)]
     else:
         groups = [f"speaker:{s}" if s else f"clip:{a}" for s, a in zip(rows["speaker"], rows["audio"], strict=True)]
-        rows["split"] = seeded_split(groups, seed, val_share, test_share)
+        rows["split"] = seeded_split(groups, spec.seed, spec.val_share, spec.test_share)
     if not columns.speaker:
         rows = rows.drop(columns="speaker")
     return rows
@@ -331,30 +314,21 @@ def _choices(value: object) -> object:
     return value
 
 
-def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0, val_share: float = 0.1,
-                  test_share: float = 0.1, columns: TableColumns | None = None, task: str | None = None,
-                  prompt: str | None = None, sample_rate: int = 16000, max_seconds: float | None = 30.0,
-                  allow_outside_root: bool = False, progress: Callable[[Iterable, str], Iterable] | None = None
-                  ) -> ImportSummary:
+def import_corpus(fmt: str, root: str | Path, out: str | Path, spec: ImportSpec | None = None,
+                  progress: Callable[[Iterable, str], Iterable] | None = None) -> ImportSummary:
     """Read the corpus at `root` in the published layout of `fmt` and write `out/manifest.jsonl` (rows fit to
-    use) and `out/quarantine.jsonl` (the rest, with reasons). Splits as the module docstring says; `columns`,
-    `task` and `prompt` are for `fmt="table"` only. `progress(iterable, description)` may wrap the slow loops
-    (video extraction, decoding). Rows whose audio lies outside the corpus (the folder of `root`, or of the
-    table file: an absolute path or a `..` in a table points wherever its author chose) are quarantined as
-    `outside_root` before any file is opened, unless `allow_outside_root`. The manifest is written last and
-    atomically.
+    use) and `out/quarantine.jsonl` (the rest, with reasons), as `spec` asks (default: `ImportSpec()`). Splits as
+    the module docstring says. `progress(iterable, description)` may wrap the slow loops (video extraction,
+    decoding). Rows whose audio lies outside the corpus (the folder of `root`, or of the table file: an absolute path
+    or a `..` in a table points wherever its author chose) are quarantined as `outside_root` before any file is
+    opened, unless `spec.allow_outside_root`. The manifest is written last and atomically.
 
     Raises:
         ImportUsageError: unknown format, table options with another format, shares outside [0, 1).
         CorpusError: naming the path and the layout expected, when `root` is missing or not in that layout.
     """
-    if fmt not in FORMATS:
-        raise ImportUsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt != "table" and (columns is not None or task is not None or prompt is not None):
-        raise ImportUsageError(f"{fmt}: column options, --task and --prompt are for the table format only")
-    if not (0 <= val_share < 1 and 0 <= test_share < 1 and val_share + test_share < 1):
-        raise ImportUsageError(f"--val-share {val_share} and --test-share {test_share}: each must be in [0, 1) "
-                               "and their sum below 1, so some rows train")
+    spec = spec or ImportSpec()
+    spec.check(fmt)
     root, out = Path(root).absolute(), Path(out).absolute()
     if not root.exists():
         raise CorpusError(f"{root}: not found; the {fmt} format expects {LAYOUTS[fmt]}")
@@ -363,15 +337,15 @@ def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0,
     elif fmt == "meld":
         rows = _meld(root)
     elif fmt == "gtzan":
-        rows = _gtzan(root, seed, val_share, test_share)
+        rows = _gtzan(root, spec)
     elif fmt in ("mmau", "mmar"):
         rows = _questions(fmt, root)
     else:
-        rows = _table(root, columns or TableColumns(), task, prompt, seed, val_share, test_share)
+        rows = _table(root, spec)
     rows = rows.drop(columns=[c for c in ("item",) if c in rows]).assign(source=fmt)
 
     good, bad_rows = validate_rows(rows)
-    if not allow_outside_root:
+    if not spec.allow_outside_root:
         corpus = root if root.is_dir() else root.parent
         outside = outside_root(good["audio_path"], corpus) | outside_root(
             good["video"] if "video" in good else [None] * len(good), corpus)
@@ -379,9 +353,10 @@ def import_corpus(fmt: str, root: str | Path, out: str | Path, *, seed: int = 0,
             f"outside_root: not under the corpus folder {corpus} (--allow-outside-root imports it)"] * outside.sum())],
             ignore_index=True)
         good = good[~outside].reset_index(drop=True)
-    good, bad_videos = _extract_videos(good, out, sample_rate, max_seconds, progress)
+    good, bad_videos = _extract_videos(good, out, spec.sample_rate, spec.max_seconds, progress)
     good, bad_audio, _ = check_audio_rows(
-        good, sample_rate, max_seconds, progress=(lambda paths: progress(paths, "decoding")) if progress else None)
+        good, spec.sample_rate, spec.max_seconds,
+        progress=(lambda paths: progress(paths, "decoding")) if progress else None)
     good = good.drop(columns=[c for c in ("video",) if c in good])
     quarantine = pd.concat([bad_rows, bad_videos, bad_audio], ignore_index=True)
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from coat.config import apply_overrides, expert_settings, load_config
+from coat.config import apply_overrides, load_config
 from coat.data.audio import AudioError, decode, header_seconds
 from coat.data.manifest import NotRegularFileError, quarantine_records, read_manifest, validate_rows
 from coat.data.store import FeatureStore, clip_hash, feature_rows, feature_version
@@ -232,7 +232,7 @@ def settings_of_run(config: str | Path, experts: Sequence[str]
         ConfigError, FileNotFoundError: the config cannot be used.
     """
     run = apply_overrides(load_config(config), [f"experts.names=[{','.join(experts)}]"])
-    return expert_settings(run), run.data.crop_seconds, run.data.reject_seconds
+    return run.expert_settings, run.data.crop_seconds, run.data.reject_seconds
 
 
 def set_aside_damage(store: FeatureStore, name: str, version: str, hashes: bool = True) -> set[str]:

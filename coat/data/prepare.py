@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from coat.backbones import BACKBONES, check_audio_window
-from coat.config import CoATConfig, expert_settings, mixture_name
+from coat.config import CoATConfig, mixture_name
 from coat.data.mixture import combine, sample_weights
 from coat.data.precompute import precompute
 from coat.data.stream import Stream, training_items
@@ -32,7 +32,7 @@ def prepare_data(cfg: CoATConfig) -> tuple[Path, Path]:
             )
         synthesize(manifest.parent, cfg.data.synth_size, cfg.data.synth_seed, test_share=cfg.data.synth_test_share)
     if cfg.experts.names:
-        precompute(manifest, list(cfg.experts.names), store, settings=expert_settings(cfg),
+        precompute(manifest, list(cfg.experts.names), store, settings=cfg.expert_settings,
                    crop_seconds=cfg.data.crop_seconds, verify_hashes=False, max_seconds=cfg.data.reject_seconds)
     return manifest, store
 
@@ -44,7 +44,7 @@ def training_streams(cfg: CoATConfig, manifest: Path, store: Path) -> dict[str, 
     """
     rate = BACKBONES[cfg.backbone.name].sample_rate
     common = {"max_seconds": cfg.data.max_seconds, "long_clips": cfg.data.long_clips,
-              "settings": expert_settings(cfg)}
+              "settings": cfg.expert_settings}
     items, sources, left_out = training_items(manifest, cfg.data.train_split, cfg.experts.names, store, **common)
     world = max(1, cfg.train.num_workers)
     per_step = cfg.train.batch_size * cfg.train.grad_accum

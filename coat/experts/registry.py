@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 
+from coat.config import CoATConfig
 from coat.errors import UsageError
 from coat.experts.affect import EgemapsExpert
 from coat.experts.base import Expert, ExpertSpec
@@ -90,6 +91,11 @@ def expert_spec(name: str, /, **settings) -> ExpertSpec:
     """
     cls, kwargs = _resolve(name, settings)
     return cls.describe(**kwargs)
+
+
+def expert_specs(cfg: CoATConfig) -> dict[str, ExpertSpec]:
+    """The spec of each of a run's experts, with its settings (`CoATConfig.expert_settings`), loading no weights."""
+    return {name: expert_spec(name, **settings) for name, settings in cfg.expert_settings.items()}
 
 
 def build_expert(name: str, /, **settings) -> Expert:

@@ -31,7 +31,6 @@ from coat.config import (
     CoATConfig,
     ConfigError,
     StageConfig,
-    expert_settings,
     expert_weight,
     from_yaml,
     redacted,
@@ -39,7 +38,7 @@ from coat.config import (
 )
 from coat.data.store import STD_FLOOR
 from coat.experts.base import ExpertSpec
-from coat.experts.registry import expert_spec
+from coat.experts.registry import expert_specs
 from coat.model.heads import make_head
 from coat.model.losses import distance, predicting, response_ce
 from coat.model.slots import SlotEmbedding
@@ -117,7 +116,7 @@ class CoATModel(nn.Module):
         """
         super().__init__()
         if experts is None:
-            experts = {name: expert_spec(name, **chosen) for name, chosen in expert_settings(cfg).items()}
+            experts = expert_specs(cfg)
         check_experts(cfg, experts)
         self.cfg = cfg
         self._saved_config: tuple[CoATConfig | None, str] = (None, "")  # see `_config_yaml`

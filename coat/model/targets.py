@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from coat.config import CoATConfig, expert_settings
+from coat.config import CoATConfig
 from coat.data.store import FeatureStore, read_located, standardise
 from coat.data.stream import Stream
 from coat.experts.base import ExpertSpec
@@ -108,7 +108,7 @@ def target_statistics(cfg: CoATConfig, train: Stream, store: Path) -> dict[str, 
     items = pd.DataFrame(train.items).drop_duplicates("clip_hash")
     k, features = cfg.thinking.num_slots, FeatureStore(store)
     for name, source in train.sources.items():
-        spec = expert_spec(name, **expert_settings(cfg).get(name, {}))
+        spec = expert_spec(name, **cfg.expert_settings.get(name, {}))
         if source.stats is None or spec.clip_level:
             continue
         key = f"{source.stats['id']}/slots/k={k}/rate={spec.frame_rate!r}/offset={spec.frame_offset!r}"

@@ -28,13 +28,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from coat import tracking
 from coat.backbones import backbone_source
-from coat.config import CoATConfig, expert_settings, redacted, to_yaml
+from coat.config import CoATConfig, redacted, to_yaml
 from coat.data.manifest import read_manifest, stratified_subsample
 from coat.data.prepare import data_provenance, prepare_data, training_streams
 from coat.errors import UserError
 from coat.eval.scoring import write_predictions
 from coat.eval.systems import evaluate_systems, source_parts
-from coat.experts.registry import expert_spec
+from coat.experts.registry import expert_specs
 from coat.locks import check_locking
 from coat.model.targets import target_statistics
 from coat.ray_runtime import ensure_ray
@@ -140,7 +140,7 @@ def train(cfg: CoATConfig, *, evaluate_after: bool = True, parent_run_id: str | 
     run.log_text(to_yaml(redacted(cfg)), "config.yaml")
     run.log_dict_artifact(target_stats, "target_stats.json")
     inputs = LoopInputs(
-        cfg, {n: expert_spec(n, **chosen) for n, chosen in expert_settings(cfg).items()}, streams, target_stats,
+        cfg, expert_specs(cfg), streams, target_stats,
         validation_questions(cfg, manifest) if cfg.train.val_scores else None, launched_at, storage / name, run,
         fault_spec)
     metrics, checkpoint = fit(inputs, report_to_tune)
