@@ -204,6 +204,15 @@ def data_synth_command(
     Console().print(f"coat-mini: {size} examples -> {path}")
 
 
+def _table_columns(fmt: str, prompt: str | None, **given: str | None) -> TableColumns | None:
+    """The columns named on the command line over `TableColumns`' defaults; a --prompt without --question-col
+    stands in for the default question column. None for another format when no column is named."""
+    columns = {field: name for field, name in given.items() if name is not None}
+    if prompt is not None and given["question"] is None:
+        columns["question"] = None
+    return TableColumns(**columns) if columns or fmt == "table" else None
+
+
 @data_app.command("import")
 def data_import_command(
     fmt: Annotated[str, typer.Argument(metavar="FORMAT", help=f"One of {', '.join(FORMATS)}.")],
@@ -253,14 +262,11 @@ def data_import_command(
     from coat.data.importers import import_corpus
 
     console = Console()
-    given = {"audio": audio_col, "question": question_col, "answer": answer_col, "choices": choices_col,
-             "split": split_col, "speaker": speaker_col, "id": id_col}
-    columns = {field: value for field, value in given.items() if value is not None}
-    if prompt is not None and question_col is None:
-        columns["question"] = None  # the prompt stands in for the default question column
+    columns = _table_columns(fmt, prompt, audio=audio_col, question=question_col, answer=answer_col,
+                             choices=choices_col, split=split_col, speaker=speaker_col, id=id_col)
     spec = ImportSpec(seed=seed, val_share=val_share, test_share=test_share, sample_rate=rate,
-                      max_seconds=max_seconds, allow_outside_root=allow_outside_root,
-                      columns=TableColumns(**columns) if columns or fmt == "table" else None, task=task, prompt=prompt)
+                      max_seconds=max_seconds, allow_outside_root=allow_outside_root, columns=columns, task=task,
+                      prompt=prompt)
     summary = import_corpus(fmt, root, out, spec,
                             progress=lambda items, what: track(items, description=what, console=console,
                                                                transient=True))

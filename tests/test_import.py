@@ -370,6 +370,12 @@ def test_table_jsonl_with_split_column_and_one_prompt(tmp_path):
         ["x", "train", "How does it feel?"], ["y", "val", "How does it feel?"]]
     assert _reasons(summary) == {"z": "unknown_split"}
     assert "speaker" not in summary.rows
+    # the command: --prompt without --question-col stands in for the default question column
+    args = ["data", "import", "table", str(folder / "items.jsonl"), "--out", str(tmp_path / "cli"), "--task", "emotion",
+            "--prompt", "How does it feel?", "--audio-col", "wav", "--answer-col", "label", "--choices-col", "opts",
+            "--split-col", "part", "--id-col", "key"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert (tmp_path / "cli" / "manifest.jsonl").read_text() == summary.manifest.read_text()
 
 
 def test_table_errors_name_the_file_and_column(table, tmp_path, capsys):
