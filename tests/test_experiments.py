@@ -1,6 +1,7 @@
 """The experiment scripts end to end on the embedded default (`--smoke`), as a user runs them."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,10 @@ def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
     done = run_script("ablate_thinking_len", tmp_path, "--smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sweep ablate_thinking_len-smoke: 3 trials" in done.stdout
+    printed = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr).splitlines()
+    from_trials = [line.split(")", 1)[1] for line in printed if line.startswith("(func pid=")]
+    assert all(line.strip() for line in from_trials), "a trial printed an empty line"
+    assert "Traceback" not in "\n".join(printed)
     assert "thinking.num_slots=0" in done.stdout and "thinking.targets=none" in done.stdout
     assert (tmp_path / "data" / "coat-mini-smoke" / "manifest.jsonl").is_file(), "coat-mini generated on first use"
     parent, children = sweep_children(tmp_path)

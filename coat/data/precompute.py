@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
+from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from coat.config import apply_overrides, load_config
@@ -172,7 +173,8 @@ def precompute(manifest: str | Path, experts: Sequence[str], store_dir: str | Pa
 
     runs = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    # Shown on a terminal only: elsewhere (a log, a sweep's trial) a transient bar leaves nothing but an empty line.
+    with Progress(*columns, disable=not (progress and get_console().is_interactive), transient=True) as bar:
         for name, built in versions.items():
             start, version = time.perf_counter(), feature_version(built, crop_seconds)
             damaged = set_aside_damage(store, name, version, verify_hashes) & set(clips["clip_hash"])
