@@ -35,6 +35,7 @@ from rich.progress import track
 from rich.table import Table
 
 from coat.analysis.notebooks import NOTEBOOKS
+from coat.analysis.probe_spec import ProbeSpec
 from coat.config import BASELINES, default_suites
 from coat.data.import_spec import FORMATS, ImportSpec, TableColumns
 from coat.errors import UsageError, reported
@@ -567,16 +568,18 @@ def probe_command(
         "--data", help="Manifest (default: the checkpoint config's data.manifest).")] = None,
     layers: Annotated[str | None, typer.Option(
         "--layers", help="Comma-separated hidden_states indices: 0 = embeddings, -1 = last (default: all).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split to probe.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="Split to probe.")] = ProbeSpec.split,
     store: Annotated[Path | None, typer.Option(
         "--store", help="Feature store (default: the checkpoint config's data.store).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Output folder (default: <checkpoint>/probes/<split>).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Clips per forward pass.")
+                          ] = ProbeSpec.batch_size,
     max_clips: Annotated[int | None, typer.Option(
         "--max-clips", min=1, help="A seeded random subset of N clips (default: all).")] = None,
-    folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")] = 5,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the subset, the folds and the control.")] = 0,
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")] = ProbeSpec.folds,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subset, the folds and the control.")
+                    ] = ProbeSpec.seed,
     mlflow_run: Annotated[str | None, typer.Option(
         "--mlflow-run", help="Log into this existing MLflow run.")] = None,
     experiment: Annotated[str | None, typer.Option(
@@ -610,7 +613,7 @@ def probe_command(
     if not names:
         raise typer.BadParameter("give expert names and/or 'family', comma-separated", param_hint="--targets")
     try:
-        requested = [int(t) for t in _comma_list(layers)] or None
+        requested = tuple(int(t) for t in _comma_list(layers)) or None
     except ValueError:
         raise typer.BadParameter(f"{layers!r} is not a comma-separated list of layer indices (e.g. 0,8,-1)",
                                  param_hint="--layers") from None
@@ -626,10 +629,10 @@ def probe_command(
             raise typer.BadParameter(str(err), param_hint="--targets") from None
     uri = resolve_uri(tracking_uri)
     try:
-        run = probe_checkpoint(checkpoint, names, uri=uri, split=split, data=data,
-                               store=store, out=out, layers=requested, batch_size=batch_size, max_clips=max_clips,
-                               folds=folds, seed=seed, mlflow_run=mlflow_run, experiment=experiment,
-                               lens_top_k=LENS_TOP_K if lens else None, progress=True)
+        spec = ProbeSpec(split=split, data=data, store=store, out=out, layers=requested, batch_size=batch_size,
+                         max_clips=max_clips, folds=folds, seed=seed, lens_top_k=LENS_TOP_K if lens else None)
+        run = probe_checkpoint(checkpoint, names, spec, uri=uri, mlflow_run=mlflow_run, experiment=experiment,
+                               progress=True)
     except LayerError as err:
         raise typer.BadParameter(str(err), param_hint="--layers") from None
     except ProbeError as err:

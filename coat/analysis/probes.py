@@ -30,6 +30,7 @@ from coat.analysis.linear_probes import (
     probe_targets,
     question_types,
 )
+from coat.analysis.probe_spec import ProbeSpec
 from coat.config import CoATConfig, ConfigError, from_yaml
 from coat.data.manifest import ManifestError
 from coat.data.stream import MissingFeaturesError
@@ -77,15 +78,12 @@ class ProbeRun:
     notes: list[str]
 
 
-def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split: str = "test",
-                     data: Path | None = None, store: Path | None = None, out: Path | None = None,
-                     layers: Sequence[int] | None = None, batch_size: int = 8, max_clips: int | None = None,
-                     folds: int = 5, seed: int = 0, mlflow_run: str | None = None, experiment: str | None = None,
-                     lens_top_k: int | None = None, progress: bool = False) -> ProbeRun:
-    """Probe `checkpoint` for `names` (experts and/or `family`) on `split` of `data` (default: the checkpoint
-    config's manifest and store), write `results.csv` / `results.parquet` and the per-clip `clips.parquet` to `out`
-    (default `<checkpoint>/probes/<split>`) and log them to the run `mlflow_run`, or to a new run of `experiment`.
-    With `lens_top_k`, also the slots' logit lens (`logit_lens`, that many tokens each) as `logit_lens.parquet`.
+def probe_checkpoint(checkpoint: Path, names: Sequence[str], spec: ProbeSpec, *, uri: str,
+                     mlflow_run: str | None = None, experiment: str | None = None, progress: bool = False) -> ProbeRun:
+    """Probe `checkpoint` for `names` (experts and/or `family`) as `spec` asks, write `results.csv` /
+    `results.parquet` and the per-clip `clips.parquet` to `spec.out` and log them to the run `mlflow_run`, or to a
+    new run of `experiment`. With `spec.lens_top_k`, also the slots' logit lens (`logit_lens`) as
+    `logit_lens.parquet`.
 
     The hidden states go to `<out>/hidden/` and are reused while the checkpoint, clips and layers stay the same.
     Everything that can be checked before the forward passes is (checkpoint, tracking store, data); nothing is
@@ -93,23 +91,24 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
 
     Raises:
         ProbeError: the checkpoint, data or tracking store cannot be used (the message names which).
-        LayerError: a layer in `layers` the model does not have.
+        LayerError: a layer in `spec.layers` the model does not have.
     """
     cfg = _checkpoint_config(checkpoint)
-    out = out or checkpoint / "probes" / split
+    out = spec.out or checkpoint / "probes" / spec.split
     if mlflow_run or experiment:
         _check_tracking(uri, mlflow_run)
-    rows, sources, notes = _probe_data(cfg, checkpoint, names, split, data, store, max_clips, seed)
+    rows, sources, notes = _probe_data(cfg, checkpoint, names, spec)
     try:
         model = CoATModel.load(checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
     except (FileNotFoundError, ValueError, ConfigError) as err:
         raise ProbeError(err) from None
-    chosen = normalise_layers(layers, hidden_state_count(model))
+    chosen = normalise_layers(spec.layers, hidden_state_count(model))
     read = {"max_seconds": cfg.data.max_seconds, "crop": cfg.data.crop_seconds is not None, "progress": progress}
     extraction = extract_hidden_states(
-        model, rows, out / "hidden", chosen, batch_size, **read,
+        model, rows, out / "hidden", chosen, spec.batch_size, **read,
         fingerprint=_fingerprint(checkpoint, rows, chosen, cfg.data.max_seconds, cfg.data.long_clips))
-    lens = None if lens_top_k is None else logit_lens(model, rows, chosen, batch_size, top_k=lens_top_k, **read)
+    lens = None if spec.lens_top_k is None else logit_lens(model, rows, chosen, spec.batch_size,
+                                                           top_k=spec.lens_top_k, **read)
     del model
     if extraction.reused:
         notes.append(f"reusing the hidden states in {out / 'hidden'} (same checkpoint, clips and layers)")
@@ -118,13 +117,14 @@ def probe_checkpoint(checkpoint: Path, names: Sequence[str], *, uri: str, split:
     rows = rows.set_index("id").loc[extraction.ids].reset_index()
 
     fit = fit_probes(out / "hidden", probe_targets(rows, names, sources), clip_groups(rows), question_types(rows),
-                     folds=folds, seed=seed)
-    table = fit.table.assign(checkpoint=str(checkpoint.resolve()), split=split, num_slots=cfg.thinking.num_slots)
+                     folds=spec.folds, seed=spec.seed)
+    table = fit.table.assign(checkpoint=str(checkpoint.resolve()), split=spec.split,
+                             num_slots=cfg.thinking.num_slots)
     write_tables(out, table, fit.clips, lens)
     run_id = mlflow_run
     try:
         if experiment:
-            run_id = _new_probe_run(uri, experiment, checkpoint, cfg, split, names)
+            run_id = _new_probe_run(uri, experiment, checkpoint, cfg, spec.split, names)
         if run_id:
             run = tracking.TrackedRun(uri, run_id)
             log_probe_results(run, table, fit.clips, lens)
@@ -166,16 +166,17 @@ def _check_tracking(uri: str, mlflow_run: str | None) -> None:
         raise ProbeError(f"MLflow: {str(err).splitlines()[0]}") from None
 
 
-def _probe_data(cfg: CoATConfig, checkpoint: Path, names: Sequence[str], split: str, data: Path | None,
-                store: Path | None, max_clips: int | None, seed: int) -> tuple[pd.DataFrame, dict, list[str]]:
+def _probe_data(cfg: CoATConfig, checkpoint: Path, names: Sequence[str], spec: ProbeSpec
+                ) -> tuple[pd.DataFrame, dict, list[str]]:
     """The split's rows with their expert targets (`probe_rows`), the targets' sources, and notes on how they were
     standardised and what was left out. Raises ProbeError naming the manifest, store or split."""
     experts = [n for n in names if n != FAMILY]
     try:
         rows, sources, left_out, from_store = probe_rows(
-            data or Path(cfg.data.manifest), split, experts, store or Path(cfg.data.store),
+            spec.data or Path(cfg.data.manifest), spec.split, experts, spec.store or Path(cfg.data.store),
             target_stats=load_target_stats(checkpoint), max_seconds=cfg.data.max_seconds,
-            long_clips=cfg.data.long_clips, train_split=cfg.data.train_split, max_clips=max_clips, seed=seed)
+            long_clips=cfg.data.long_clips, train_split=cfg.data.train_split, max_clips=spec.max_clips,
+            seed=spec.seed)
     except (ManifestError, MissingFeaturesError, ValueError) as err:
         raise ProbeError(err) from None
     notes = []
