@@ -602,16 +602,12 @@ def probe_command(
     Exits 2 on a bad option, 1 when the checkpoint, the data or the tracking store cannot be used.
     """
     from coat.analysis.hidden_states import LayerError
-    from coat.analysis.linear_probes import FAMILY
     from coat.analysis.probes import ProbeError, probe_checkpoint
     from coat.data.manifest import SPLITS
-    from coat.experts.registry import UnknownExpertError, expert_spec
     from coat.tracking import resolve_uri
 
     console = Console(width=None if sys.stdout.isatty() else 160)
-    names = _comma_list(targets)
-    if not names:
-        raise typer.BadParameter("give expert names and/or 'family', comma-separated", param_hint="--targets")
+    names = _probe_targets(targets)
     try:
         requested = tuple(int(t) for t in _comma_list(layers)) or None
     except ValueError:
@@ -621,12 +617,6 @@ def probe_command(
         raise typer.BadParameter(f"{split!r} is not one of {', '.join(sorted(SPLITS))}", param_hint="--split")
     if mlflow_run and experiment:
         raise typer.BadParameter("give --mlflow-run or --experiment, not both", param_hint="--experiment")
-    for name in names:
-        try:
-            if name != FAMILY:
-                expert_spec(name)
-        except (UnknownExpertError, ValueError, FileNotFoundError) as err:
-            raise typer.BadParameter(str(err), param_hint="--targets") from None
     uri = resolve_uri(tracking_uri)
     try:
         spec = ProbeSpec(split=split, data=data, store=store, out=out, layers=requested, batch_size=batch_size,
@@ -647,6 +637,23 @@ def probe_command(
         _print_logit_lens(console, run.lens)
     if run.run_id:
         console.print(f"MLflow run: {run.run_id} at {uri}", soft_wrap=True)
+
+
+def _probe_targets(targets: str) -> list[str]:
+    """`--targets` as names, each an expert or `family`; raises BadParameter naming the first that is neither."""
+    from coat.analysis.linear_probes import FAMILY
+    from coat.experts.registry import UnknownExpertError, expert_spec
+
+    names = _comma_list(targets)
+    if not names:
+        raise typer.BadParameter("give expert names and/or 'family', comma-separated", param_hint="--targets")
+    for name in names:
+        try:
+            if name != FAMILY:
+                expert_spec(name)
+        except (UnknownExpertError, ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err), param_hint="--targets") from None
+    return names
 
 
 def _print_probe_summary(console: Console, table, title: str) -> None:
