@@ -102,6 +102,7 @@ def combine_often(entries: list, out: str, times: int) -> None:
         combine([MixtureEntry(**entry) for entry in entries], out)
 
 
+@pytest.mark.faults  # processes racing to write one mixture: 25 s on 2 cores
 def test_trials_combining_one_mixture_at_once_never_tear_it(tmp_path, coat_mini, second):
     """Every trial of a sweep combines the mixture again: two at once, as two real processes, while a third reads."""
     import multiprocessing
