@@ -40,6 +40,9 @@ def test_ablate_thinking_len_smoke_runs_the_whole_job(tmp_path):
     parent, children = sweep_children(tmp_path)
     assert sorted((c.data.params["thinking.num_slots"], c.data.params["thinking.targets"]) for c in children) == [
         ("0", "experts"), ("4", "experts"), ("4", "none")]
+    for child in children:  # Tune's trial table names each trial by its whole label, as the dashboard does
+        trial_id = child.data.tags["coat.run_name"].rsplit("-", 1)[1]
+        assert any(line.startswith(f"│ {child.info.run_name} ({trial_id})") for line in printed), child.info.run_name
     assert {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert any(key.startswith("eval/") for key in children[0].data.metrics)
     notebook = tmp_path / "analysis-out" / "ablate_thinking_len-smoke" / "thinking_length"

@@ -211,14 +211,18 @@ class FeatureStore:
         """
         folder = self.folder(name, version)
         recorded = self.ledger(name, version)  # before listing: a part committed in between is read as unrecorded
-        frames = [_clip_rows(entry["clips"], folder / part, _size_problem(folder / part, entry) or "")
-                  for part, entry in recorded.items()]
+        parts = [(entry["clips"], folder / part, _size_problem(folder / part, entry) or "")
+                 for part, entry in recorded.items()]
         for part in self.parts(name, version):
             if part.name not in recorded and (hashes := _stored_hashes(part)) is not None:
-                frames.append(_clip_rows(hashes, part, ""))
-        if not frames:
-            return pd.DataFrame({"clip_hash": [], "part": [], "row": [], "damage": []})
-        index = pd.concat(frames, ignore_index=True)
+                parts.append((hashes, part, ""))
+        # One frame from flat columns: a frame per part cost 2 ms each, half a second per start at coat-mini's size.
+        index = pd.DataFrame({
+            "clip_hash": [clip for hashes, _, _ in parts for clip in hashes],
+            "part": [str(part) for hashes, part, _ in parts for _ in hashes],
+            "row": [row for hashes, _, _ in parts for row in range(len(hashes))],
+            "damage": [damage for hashes, _, damage in parts for _ in hashes],
+        })
         sound_first = index.sort_values("damage", key=lambda damage: damage != "", kind="stable")
         return sound_first.drop_duplicates("clip_hash").reset_index(drop=True)
 
@@ -438,10 +442,6 @@ def _is_ledger_entry(entry: dict) -> bool:
     """Whether a ledger line has every field `index` and `verify` rely on."""
     return (isinstance(entry.get("part"), str) and isinstance(entry.get("bytes"), int)
             and isinstance(entry.get("sha256"), str) and isinstance(entry.get("clips"), list))
-
-
-def _clip_rows(hashes: list[str], part: Path, damage: str) -> pd.DataFrame:
-    return pd.DataFrame({"clip_hash": hashes, "part": str(part), "row": np.arange(len(hashes)), "damage": damage})
 
 
 def _size_problem(part: Path, entry: Mapping) -> str | None:

@@ -358,7 +358,9 @@ def train_to_the_end(session: Session, model, coat: CoATModel, optimizer, inputs
                     metrics |= validation_losses(model, coat, val, device)  # the record too
                     if cfg.train.val_scores and session.rank == 0:
                         metrics |= validation_scores(coat, inputs.val_parts, cfg)
-                    report = {"step": at.step, "epoch": at.epoch,
+                    # Tune's table shows a trial's first four numbers: the step, what sweeps rank by, the loss.
+                    shown = {key: metrics[key] for key in (cfg.sweep.metric, "train/ce") if key in metrics}
+                    report = {"step": at.step, **shown, "epoch": at.epoch,
                               tracking.PREFILL_COST: cfg.thinking.prefill_positions, **metrics}
                     checkpoint_and_report(session, model, coat, optimizer, at, report, pending,
                                           inputs.target_stats)

@@ -22,7 +22,7 @@ import ray
 import ray.tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
@@ -44,7 +44,7 @@ class SweepResult:
     link: str | None = None  # the sweep's runs in the dashboard
 
 
-TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # the trial id in Tune's folder name for it
+TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")  # the trial id in Tune's folder name for it
 # Short names for what a sweep varies, for its children's names in the dashboard ("K=16 seed=0").
 LABELS = {"thinking.num_slots": "K", "thinking.targets": "targets", "train.seed": "seed", "experts.names": "experts",
           "backbone.name": "backbone", "loss.ce_weight": "ce"}
@@ -71,6 +71,19 @@ def grid_points(space: Space) -> dict[str, dict]:
     if len(set(labels)) < len(labels):
         labels = [", ".join(overrides(p)) for p in points]
     return dict(zip(labels, points, strict=True))
+
+
+def trial_name(trial) -> str:
+    """Tune's name for a trial, in its table and log lines: `K=16 targets=shuffled (1a2b3_00004)`, the point's label
+    and the trial id (its MLflow child run is `<sweep>-<trial id>`). Tune's table cuts a parameter's value to its
+    last 20 characters, but not a trial's name."""
+    label = trial.config["setting"] if "setting" in trial.config else trial_label(trial.config.get("point", {}))
+    return f"{label} ({trial.trial_id})"
+
+
+def trial_folder(trial) -> str:
+    """`<trainable>_<trial id>`: Tune's default folder name starts with the trial's name, which holds the label."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
 
 
 def point_of(config: dict, points: dict[str, dict]) -> dict:
@@ -203,9 +216,11 @@ def with_seeds(space: Space, seeds: list[int]) -> Space:
 def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Path, points: dict[str, dict]
                ) -> ray.tune.Tuner:
     s = cfg.sweep
-    if space.is_grid:  # by label: Tune's table shows a grid value's text, a dict's cut to its last characters
-        param_space = {"setting": ray.tune.grid_search(list(points))}
-        search_alg, scheduler, num_samples = None, None, 1
+    if space.is_grid:  # a fixed list of points, each by its label (a grid_search would add a column of them, cut)
+        param_space = {"setting": None}
+        search_alg = BasicVariantGenerator(points_to_evaluate=[{"setting": label} for label in points],
+                                           max_concurrent=max_concurrent(cfg))
+        scheduler, num_samples = None, len(points)
     else:
         param_space = {}
         if s.multi_objective:
@@ -230,8 +245,8 @@ def _new_tuner(cfg: CoATConfig, space: Space, trainable, name: str, storage: Pat
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-            max_concurrent_trials=max_concurrent(cfg) if space.is_grid else None,
             reuse_actors=True,  # a trial starts in a warm process: torch and the backbone code already imported
+            trial_name_creator=trial_name, trial_dirname_creator=trial_folder,
         ),
         run_config=ray.tune.RunConfig(
             name=name, storage_path=str(storage),
@@ -296,8 +311,8 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str, points: dict[str,
 
 
 def _trial_id(result) -> str:
-    """The trial's id: from its metrics, or for a trial that never reported from its folder's name, which Tune
-    makes `<trainable>_<trial id>_<index>_<config>`."""
+    """The trial's id: from its metrics, or for a trial that never reported from its folder's name
+    (`trial_folder`; `<trainable>_<trial id>_<index>_<config>` in sweeps begun before it)."""
     if trial_id := (result.metrics or {}).get("trial_id"):
         return trial_id
     found = TRIAL_FOLDER.search(Path(result.path).name)
