@@ -198,8 +198,11 @@ def finished_children(uri: str) -> list:
 
 
 @pytest.mark.faults
-def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_mini):
-    space = write(tmp_path / "o.yaml", "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+@pytest.mark.parametrize("search", ["optuna", "grid"])
+def test_a_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_mini, search):
+    grid = [1.0e-4, 1.0e-3, 1.0e-2]
+    space = write(tmp_path / "o.yaml", f"train.lr: {{grid: {grid}}}\n" if search == "grid" else
+                  "train.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     args = sweep_args(tmp_path, coat_mini, "sweep.name=o", "sweep.num_samples=3", "sweep.max_concurrent=1")
     script = ("import sys; from coat.config import load_config; from coat.tune.sweep import run_sweep; "
               f"run_sweep(load_config(overrides={args!r}), {str(space)!r}, resume='--resume' in sys.argv)")
@@ -235,6 +238,8 @@ def test_optuna_asha_sweep_resumes_after_the_driver_is_killed(tmp_path, coat_min
     assert again.info.end_time == first.info.end_time, "a finished trial is not rerun"
     lrs = {float(r.data.params["train.lr"]) for r in children}
     assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    if search == "grid":  # each point once, trained to the end
+        assert lrs == set(grid) and {r.info.status for r in children} == {"FINISHED"}
 
 
 def test_multi_objective_sweep_trades_quality_against_prefill_cost(sweeps):
