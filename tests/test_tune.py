@@ -11,14 +11,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray.tune
 from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
 from coat import tracking
 from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
-from coat.tune.sweep import run_sweep, trial_label, with_seeds
+from coat.tune.sweep import _trial_id, run_sweep, trial_folder, trial_label, trial_name, with_seeds
 from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, sweep_config, wait_for_health
 
 TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
@@ -145,6 +147,22 @@ def test_controls_join_the_grid_at_one_k(tmp_path):
     assert trial_label({"thinking.num_slots": 16, "thinking.targets": "none"}) == "K=16 targets=none"
     with pytest.raises(ConfigError, match="thinking.targets"):
         load_config(overrides=["thinking.targets=shuffled", "experts.names=[]"])
+
+
+def test_tune_names_a_trial_by_its_label_and_its_folder_gives_back_its_id():
+    def unreported(folder: str) -> ray.tune.Result:  # a trial that crashed before its first report
+        return ray.tune.Result(metrics={}, checkpoint=None, error=None, path=f"/runs/sweeps/k/{folder}")
+
+    grid = Trial("run_trial", config={"setting": "K=16 targets=shuffled"}, trial_id="1a2b3_00004", stub=True)
+    sampled = Trial("run_trial", config={"point": {"thinking.num_slots": 4, "experts.names": ["org/model", "mel"]}},
+                    trial_id="1a2b3c4d", stub=True)
+    assert trial_name(grid) == "K=16 targets=shuffled (1a2b3_00004)"
+    assert trial_name(sampled) == "K=4 experts=org/model+mel (1a2b3c4d)"
+    for trial in (grid, sampled):
+        assert "/" not in trial_folder(trial) and _trial_id(unreported(trial_folder(trial))) == trial.trial_id
+    # Folders Tune named itself, in sweeps begun before `trial_folder`: `--resume` still finds their trials' runs.
+    assert _trial_id(unreported("run_trial_1a2b3_00004_4_setting=K_16_2026-12-05_10-00-00")) == "1a2b3_00004"
+    assert _trial_id(unreported("run_trial_1a2b3c4d_3_point=thinking.num_slots=4_2026-12-05_10-00-00")) == "1a2b3c4d"
 
 
 def test_a_sweep_run_again_without_resume_is_a_new_sweep(tmp_path, coat_mini):

@@ -44,7 +44,8 @@ class SweepResult:
     link: str | None = None  # the sweep's runs in the dashboard
 
 
-TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_\d{5})(?:_|$)")  # the trial id in Tune's folder name for it
+# The trial id in Tune's folder name for it: `1a2b3_00004` from a grid, `1a2b3c4d` from a searcher (Optuna).
+TRIAL_FOLDER = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?:_|$)")
 # Short names for what a sweep varies, for its children's names in the dashboard ("K=16 seed=0").
 LABELS = {"thinking.num_slots": "K", "thinking.targets": "targets", "train.seed": "seed", "experts.names": "experts",
           "backbone.name": "backbone", "loss.ce_weight": "ce"}
