@@ -258,6 +258,21 @@ def test_cropped_clips_give_model_and_experts_the_same_samples(ray_address, mani
     assert long_ids <= set(left_out.loc[left_out["reason"].str.startswith("too_long"), "id"])
 
 
+@ray.remote(num_cpus=0)
+def worker_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_decode_workers_outlive_a_pause_between_two_epochs(ray_address):
+    # More task workers than CPUs, as two trials' decode tasks make on a small machine: Ray's default stops those
+    # idle for a second beyond one per CPU, and the next epoch's decode tasks wait for new processes.
+    pids = set(ray.get([worker_pid.remote(2.0) for _ in range(int(ray.cluster_resources()["CPU"]) + 2)]))
+    time.sleep(3)  # validation and a checkpoint between two epochs; Ray looks for idle workers every 200 ms
+    stopped = [pid for pid in pids if not Path(f"/proc/{pid}").exists()]
+    assert not stopped, f"Ray stopped {len(stopped)} of {len(pids)} idle workers within a pause of seconds"
+
+
 def test_stream_reads_only_the_requested_experts(first_run, manifest, tmp_path):
     store_dir = shutil.copytree(first_run[0], tmp_path / "store")
     items, sources, _ = training_items(manifest, "train", ["prosody"], store_dir)
