@@ -24,7 +24,6 @@ import faulthandler
 import importlib.util
 import json
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from coat import tracking
 from coat.config import load_config
 from coat.train.launch import train
-from coat.tune.sweep import run_sweep
+from coat.tune.sweep import TRIAL_FOLDER, run_sweep
 
 HEAD_CPUS, NODE_CPUS = 1, 2
 ONE_PER_WORKER_NODE = "train.cpus_per_worker=1.5"  # > HEAD_CPUS and > NODE_CPUS / 2
@@ -157,14 +156,14 @@ def train_scenario(scenario: dict, out: dict) -> Cluster:
 
 
 def trial_nodes() -> dict[str, str]:
-    """The node of each trial alive now, by trial id: Tune moves a trial's process into a working folder named after
-    its trial (`<trainable>_<trial id>_<index>_…`), and the trial's actor names its process and node."""
+    """The node of each trial alive now, by trial id: Tune moves a trial's process into its working folder
+    (`coat.tune.sweep.trial_folder`), and the trial's actor names its process and node."""
     nodes = {}
     for actor in ray._private.state.actors(actor_state_name="ALIVE").values():
         if actor["ActorClassName"] == TRIAL:
             with contextlib.suppress(OSError):  # a process gone since: its trial is no longer alive
                 folder = Path(os.readlink(f"/proc/{actor['Pid']}/cwd")).name
-                if match := re.search(r"_([0-9a-f]{5}_\d{5})_", folder):
+                if match := TRIAL_FOLDER.search(folder):
                     nodes[match[1]] = actor["Address"]["NodeID"]
     return nodes
 
