@@ -45,6 +45,9 @@ varied = runs.varied(done)
 weights = [p for p in varied if p.startswith("loss.")]
 families = compare.families(done)
 scores = [metric] + [compare.quality_metric(done, family) for family in families]
+if not weights:  # ASHA stopped all trials but one, or the finished ones share their weights
+    raise runs.NothingToAnalyse(f"sweep {parent['sweep']}: no loss weight varies among its {len(done)} trials that "
+                                f"trained to the end (of {len(trials)}): sample more trials (sweep.num_samples)")
 print(f"sweep {parent['name']}: {len(trials)} trials ({len(done)} finished); weights {weights}; metric {metric}")
 
 # %% [markdown]

@@ -152,7 +152,8 @@ def cluster_size(on_cluster: bool, gpus: int | None) -> tuple[int, str, float]:
 
 def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:
     """Execute the experiment's notebook on its sweep, attach its outputs to the sweep's parent run, and print
-    where the figures and the executed notebook are, and what they conclude. Exits 1 when the notebook fails."""
+    where the figures and the executed notebook are, and what they conclude. Exits 1 when the notebook fails; says
+    why when it has nothing to analyse (a sampled sweep where ASHA left one trial to finish)."""
     from rich.console import Console
 
     from coat import tracking
@@ -171,6 +172,9 @@ def conclude(name: str, sweep: str, cfg, notebooks: Path) -> None:
     if "error" in summary:
         console.print(f"analysis notebook {notebook} failed: {summary['error']} (see {out / notebook})")
         sys.exit(1)
+    if "skipped" in summary:
+        console.print(f"analysis notebook {notebook} skipped: {summary['skipped']}", markup=False, highlight=False)
+        return
     console.print(f"executed notebook: {out / notebook / f'{notebook}.ipynb'}")
     console.print("figures: " + ", ".join(str(out / notebook / f) for f in summary["figures"]))
     for sentence in summary["conclusions"]:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from scipy.stats import binomtest
 from typer.testing import CliRunner
 
+from coat import tracking
 from coat.analysis import compare, runs
 from coat.analysis.notebooks import NOTEBOOKS, EmptyFigureError, outputs
 from coat.cli import analyze_command, probe_command
@@ -320,3 +321,19 @@ def test_analyze_refuses_unknown_notebooks_and_names_failures(sweeps, tmp_path):
     failed = CliRunner().invoke(app, ["--notebooks", "thinking_length", "--tracking-uri", sweeps["uri"], "--out",
                                       str(tmp_path / "out"), "--notebook-dir", str(broken)], env={"COLUMNS": "200"})
     assert failed.exit_code == 1 and "thinking_length failed" in failed.output and "ZeroDivisionError" in failed.output
+
+
+def test_loss_weights_says_so_when_one_trial_trained_to_the_end(sweeps, tmp_path):
+    """What a sampled sweep whose trials ASHA stopped but one leaves: nothing to plot against a weight."""
+    shutil.copy(sweeps["root"] / "mlruns.db", tmp_path / "mlruns.db")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    children = tracking.child_runs(uri, sweeps["pareto"].parent_run_id)
+    for child in children[1:]:
+        MlflowClient(uri).set_terminated(child.info.run_id, "KILLED")
+    app = typer.Typer()
+    app.command()(analyze_command)
+    done = CliRunner().invoke(app, ["--notebooks", "loss_weights", "--sweep", "m", "--tracking-uri", uri, "--out",
+                                    str(tmp_path / "out")], env={"COLUMNS": "250"})
+    assert done.exit_code == 0, done.output
+    assert (f"loss_weights: skipped, sweep m: no loss weight varies among its 1 trials that trained to the end "
+            f"(of {len(children)})") in done.output and "Error" not in done.output

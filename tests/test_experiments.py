@@ -71,7 +71,8 @@ def test_other_experiments_smoke(tmp_path, name):
     done = run_script(name, tmp_path, "--smoke")
     assert done.returncode == 0, done.stderr[-3000:]
     _, children = sweep_children(tmp_path)
-    assert children and {c.info.status for c in children} == {"FINISHED"}
+    statuses = {c.info.status for c in children}  # KILLED: stopped early by ASHA (ablate_loss_weights)
+    assert "FINISHED" in statuses and statuses <= {"FINISHED", "KILLED"}
 
 
 def test_bad_override_fails_before_any_compute(tmp_path):
