@@ -1,6 +1,7 @@
 """Sweeps: search spaces, and real Ray Tune sweeps (grid and Optuna + ASHA) with MLflow parent/child runs."""
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import ray.tune
 from mlflow.tracking import MlflowClient
@@ -20,9 +22,10 @@ from coat import tracking
 from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
-from coat.tune.sweep import _trial_id, run_sweep, trial_folder, trial_label, trial_name, with_seeds
+from coat.tune.sweep import SweepResult, _trial_id, run_sweep, trial_folder, trial_label, trial_name, with_seeds
 from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, sweep_config, wait_for_health
 
+ROOT = Path(__file__).resolve().parents[1]
 TRIAL_CHECKPOINT = "trials/*/checkpoint_*/training_state.pt"
 
 
@@ -163,6 +166,31 @@ def test_tune_names_a_trial_by_its_label_and_its_folder_gives_back_its_id():
     # Folders Tune named itself, in sweeps begun before `trial_folder`: `--resume` still finds their trials' runs.
     assert _trial_id(unreported("run_trial_1a2b3_00004_4_setting=K_16_2026-12-05_10-00-00")) == "1a2b3_00004"
     assert _trial_id(unreported("run_trial_1a2b3c4d_3_point=thinking.num_slots=4_2026-12-05_10-00-00")) == "1a2b3c4d"
+
+
+def test_sweep_efficiency_counts_the_wait_for_the_data_stream_as_start_up_not_training(tmp_path):
+    """A trial whose first step waited 4.5 s for its data stream: that wait is start-up; every step counts as long
+    as it took, the first at most as long as a typical one."""
+    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "experiments/benchmarks/sweep_efficiency.py")
+    efficiency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(efficiency)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("coat")
+    parent = client.create_run(experiment).info.run_id
+    child = client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id
+    seconds = [5.0, 0.5, 0.5, 0.4]  # 8 samples per step
+    for step, (took, since) in enumerate(zip(seconds, [6.0, 6.5, 7.0, 7.4], strict=True), 1):
+        client.log_metric(child, "train/samples_per_s", 8 / took, step=step)
+        client.log_metric(child, "train/since_launch_s", since, step=step)
+    client.log_metric(child, "time/train_s", 8.0, step=4)
+    client.log_metric(child, "time/eval_s", 1.0, step=4)
+    result = SweepResult("s", pd.DataFrame({"steps": [4]}), None, parent, tmp_path)
+    shares = efficiency.summarise(result, uri, wall=10.0, concurrency=1, batch_size=8)["shares"]
+    assert shares["startup"] * 10 == pytest.approx(6.0 - 0.5)
+    assert shares["steps"] * 10 == pytest.approx(0.5 + 0.5 + 0.5 + 0.4)
+    assert shares["loop_other"] * 10 == pytest.approx(8.0 - 5.5 - 1.9)
+    assert shares["evaluation"] * 10 == pytest.approx(1.0)
 
 
 def test_a_sweep_run_again_without_resume_is_a_new_sweep(tmp_path, coat_mini):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ LR_VALUES = [1.0e-3, 3.0e-3, 1.0e-2]
 
 def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) -> dict:
     """The sweep's best trial, its cost in trial-steps, and where its wall-clock x concurrency went, as shares:
-    trial start-up (call to the first optimizer step: model, data stream), training steps, the rest of the training
-    loop (validation, checkpoints, logging), the test-split evaluation, and outside any trial (Ray and Tune
-    start-up, data preparation, scheduling, slots left idle). That last share in seconds, divided by the trials, is
-    `overhead_per_trial_s`: what the driver costs each trial beyond the trial's own work."""
+    trial start-up (call to the end of the first optimizer step, less one typical step: model, data stream),
+    training steps, the rest of the training loop (validation, checkpoints, logging), the test-split evaluation, and
+    outside any trial (Ray and Tune start-up, data preparation, scheduling, slots left idle). That last share in
+    seconds, divided by the trials, is `overhead_per_trial_s`: what the driver costs each trial beyond the trial's
+    own work."""
     table = result.table
     phases = dict.fromkeys(("startup", "steps", "loop_other", "evaluation"), 0.0)
     for run_id in tracking.child_run_ids(uri, result.parent_run_id):
@@ -48,8 +50,11 @@ def summarise(result, uri: str, wall: float, concurrency: int, batch_size: int) 
         if not history["train/since_launch_s"]:
             continue
         durations = [batch_size / r if r > 0 else 0.0 for r in history["train/samples_per_s"]]
-        steps = sum(durations)
-        startup = history["train/since_launch_s"][0] - (durations[:1] or [0.0])[0]  # the first step is a step
+        # The first step also waits for the data stream to start (Ray Data's executor, decode workers): what it
+        # takes beyond the trial's median step is start-up, not training.
+        first = min(durations[0], statistics.median(durations))
+        steps = first + sum(durations[1:])
+        startup = history["train/since_launch_s"][0] - first
         trained = (history["time/train_s"] or history["train/since_launch_s"])[-1]  # early-stopped: last step
         phases["startup"] += startup
         phases["steps"] += steps
