@@ -130,7 +130,8 @@ for backbone, group in systems.groupby("backbone", sort=True):
         if theirs.empty:
             continue
         theirs = theirs.iloc[0]
-        scores = ", ".join(f"{f} {coat[f]:.3f} vs {theirs[f]:.3f}" for f in families)
+        scores = ", ".join(f"{f} {compare.quality_metric(done, f).rsplit('/', 1)[1]} {coat[f]:.3f} vs {theirs[f]:.3f}"
+                           for f in families)
         sentences.append(f"{backbone}: {coat['system']} vs {other}: {scores}; time to first token "
                          f"{coat['ttft_s']:.4f} s vs {theirs['ttft_s']:.4f} s, answer {coat['latency_s']:.4f} s vs "
                          f"{theirs['latency_s']:.4f} s (means over runs; paired tests: thinking_length).")

@@ -1,6 +1,7 @@
 """The analysis layer: MLflow runs as tables, comparisons over seeds and against a reference, and every notebook in
 analysis/ executed headless against a real MLflow store that real sweeps wrote (the session's `sweeps`)."""
 
+import itertools
 import json
 import math
 import shutil
@@ -192,6 +193,83 @@ def test_controls_say_what_explains_a_gain(gain, over_none, over_shuffled, pause
     assert "3 seeds, 120 test examples" in sentence
 
 
+# The verdicts (Holm-adjusted) of a `make demo` run at K=16 that the old rule explained wrongly: emotion was said to
+# show no control differing from K=0 (shuffled beat it), music no control differing from CoAT (CoAT beat shuffled),
+# and transcription and understanding left out that the unsupervised positions alone beat K=0.
+DEMO_VERDICTS = {
+    "emotion": ("no different", "no different", "no different", "better",
+                "not the experts' information: shuffled targets beat K=0 too and do as well; whether the positions "
+                "alone would, the data cannot tell"),
+    "music": ("no different", "better", "no different", "no different",
+              "the data cannot tell: of the comparisons with the controls only CoAT beats the shuffled control at the "
+              "adjusted p"),
+    "transcription": ("better", "worse", "better", "better",
+                      "the positions and their supervision, not the experts' information: the positions alone beat "
+                      "K=0, supervising them adds, and shuffled targets do better than CoAT"),
+    "understanding": ("better", "no different", "better", "better",
+                      "the positions and their supervision, not the experts' information: the positions alone beat "
+                      "K=0, supervising them adds, and shuffled targets do as well"),
+}
+PAIRS = [("coat", "none"), ("coat", "shuffled"), ("none", "K=0"), ("shuffled", "K=0")]
+
+
+@pytest.mark.parametrize("family", sorted(DEMO_VERDICTS))
+def test_controls_explain_the_demo_gains_by_what_holds(family):
+    *outcomes, explanation = DEMO_VERDICTS[family]
+    as_row = {"better": (0.1, 0.01), "worse": (-0.1, 0.01), "no different": (0.05, 0.5)}
+    table = pd.DataFrame([comparison("coat", "K=0", 0.2, 0.007, family),
+                          *(comparison(a, b, *as_row[outcome], family)
+                            for (a, b), outcome in zip(PAIRS, outcomes, strict=True))])
+    (sentence,) = compare.control_sentences(table)
+    assert f"What explains it: {explanation}" in sentence
+
+
+@pytest.mark.parametrize("missing", [(), ("none",), ("shuffled",)])
+def test_every_explanation_of_a_gain_claims_only_what_its_comparisons_show(missing):
+    """Every combination of verdicts (243 with both controls): each phrase of the explanation is checked against the
+    verdict it rests on, and a comparison that is absent supports nothing."""
+    pairs = [pair for pair in PAIRS if not set(pair) & set(missing)]
+    for outcomes in itertools.product(["better", "worse", "no different"], repeat=len(pairs) + 1):
+        verdicts = {("coat", "K=0"): outcomes[0], **dict(zip(pairs, outcomes[1:], strict=True))}
+        why, said = compare.explanation(verdicts), verdicts.get
+        assert why.startswith("neither: CoAT does not beat K=0") == (said(("coat", "K=0")) != "better"), why
+        if why.startswith("neither"):
+            continue
+        lead = why.split(":", 1)[0]
+        assert (lead in ("both", "the experts' information")) <= (said(("coat", "shuffled")) == "better"), why
+        assert ("supervision" in lead and "not" not in lead.split("supervision")[0]) <= (
+            said(("coat", "none")) == "better"), why
+        claims = {
+            "the pause positions alone beat K=0": said(("none", "K=0")) == "better",
+            "the positions alone beat K=0": said(("none", "K=0")) == "better",
+            "the experts' information adds": said(("coat", "shuffled")) == "better",
+            "not the experts' information": said(("coat", "shuffled")) in ("no different", "worse"),
+            "supervising them adds": said(("coat", "none")) == "better",
+            "CoAT beats the same positions unsupervised": said(("coat", "none")) == "better",
+            "supervised with another clip's targets": said(("coat", "shuffled")) == "better",
+            "shuffled targets do as well": said(("coat", "shuffled")) == "no different",
+            "shuffled targets beat K=0 too": said(("shuffled", "K=0")) == "better",
+            "and do as well": said(("coat", "shuffled")) == "no different",
+            "do better than CoAT": said(("coat", "shuffled")) == "worse",
+            "without expert supervision do as well": said(("coat", "none")) == "no different",
+            "without expert supervision do better": said(("coat", "none")) == "worse",
+            "the none control differs from neither CoAT nor K=0":
+                said(("coat", "none")) == said(("none", "K=0")) == "no different",
+            "neither control differs from CoAT or from K=0":
+                all(said(pair) == "no different" for pair in pairs),
+            "without a shuffled control": ("coat", "shuffled") not in verdicts,
+        }
+        for phrase, true in claims.items():
+            assert phrase not in why or true, f"{verdicts}: {why!r} says {phrase!r}"
+        if "only " in why:
+            listed = why.split("only ", 1)[1].removesuffix(" at the adjusted p").split(" and ")
+            differing = [pair for pair in pairs if said(pair) != "no different"]
+            assert len(listed) == len(differing), why
+            for pair in differing:
+                verb = "beats" if said(pair) == "better" else "does worse than"
+                assert f"{compare.NAMES[pair[0]]} {verb} {compare.NAMES[pair[1]]}" in listed, why
+
+
 def test_pareto_front_and_importances():
     points = pd.DataFrame({"cost": [0, 6, 10, 18, 34], "val/ce": [3.0, 2.5, 2.7, 2.0, 2.1]})
     assert compare.pareto_front(points, "cost", "val/ce", lower_is_better=True)["cost"].tolist() == [0, 6, 18]
@@ -301,6 +379,18 @@ def test_thinking_length_concludes_from_the_pairs_it_computed(analysed):
         assert (": no K beats K=0" in sentence) != (verdicts == "better").any()
         assert f"Holm {rows['p_holm'].iloc[0]:.3g}" in sentence
     assert any("No control in this sweep" in s for s in conclusions) and any("One seed" in s for s in conclusions)
+
+
+def test_backbones_names_the_metric_of_every_score_it_compares(analysed):
+    """WER falls as a system gets better and accuracy rises: a score without its metric reads either way."""
+    _, out, _ = analysed
+    conclusions = json.loads((out / "backbones" / "summary.json").read_text())["conclusions"]
+    compared = [s for s in conclusions if " vs fine-tune, K=0: " in s]
+    assert compared
+    for sentence in compared:
+        scores = sentence.split(" vs fine-tune, K=0: ", 1)[1].split("; time to first token")[0].split(", ")
+        named = {score.split()[0]: score.split()[1] for score in scores}
+        assert named.get("transcription") == "wer" and set(named.values()) <= {"wer", "accuracy", "loglik_accuracy"}
 
 
 def test_analyze_refuses_unknown_notebooks_and_names_failures(sweeps, tmp_path):

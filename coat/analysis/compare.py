@@ -306,12 +306,57 @@ def against_controls(uri: str, children: pd.DataFrame, *, system: str = "coat", 
     return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
 
 
+NAMES = {"coat": "CoAT", "K=0": "K=0", "none": "the none control", "shuffled": "the shuffled control"}
+
+
+def explanation(verdicts: dict[tuple[str, str], str]) -> str:
+    """What explains CoAT's gain over K = 0, from the `verdict` of each (a_system, b_system) comparison at K with
+    controls. The controls make a ladder: K=0, the same K slots unsupervised (`none`: the positions), supervised with
+    another clip's targets (`shuffled`: the supervision without its information), CoAT (the experts' information).
+    Each phrase claims only what a comparison that holds at the adjusted p shows; a missing comparison shows nothing."""
+    def holds(a: str, b: str, outcome: str = "better") -> bool:
+        return verdicts.get((a, b)) == outcome
+
+    if not holds("coat", "K=0"):
+        alone = [c for c in CONTROLS if holds(c, "K=0")]
+        return "neither: CoAT does not beat K=0, so there is no gain to explain" + (
+            f" (though the {' and '.join(alone)} control{'s' if len(alone) > 1 else ''} beat K=0)" if alone else "")
+    positions, supervised = holds("none", "K=0"), holds("coat", "none")
+    has_none, has_shuffled = ("coat", "none") in verdicts, ("coat", "shuffled") in verdicts
+    shuffled = "do better than CoAT" if holds("coat", "shuffled", "worse") else "do as well"
+    if holds("coat", "shuffled") and (supervised or not has_none):
+        if positions:
+            return "both: the pause positions alone beat K=0, and the experts' information adds to them"
+        return ("the experts' information: CoAT beats the same positions "
+                f"{'unsupervised and ' if supervised else ''}supervised with another clip's targets")
+    if supervised and not has_shuffled:
+        return (f"{'the positions and ' if positions else ''}the supervision: CoAT beats the same positions "
+                f"unsupervised{'; the positions alone beat K=0' if positions else ''}; without a shuffled control the "
+                "data cannot tell the experts' information from supervision alone")
+    if supervised and positions:
+        return ("the positions and their supervision, not the experts' information: the positions alone beat K=0, "
+                f"supervising them adds, and shuffled targets {shuffled}")
+    if supervised:
+        return f"the supervision, not the experts' information: shuffled targets {shuffled}"
+    if positions:
+        unsupervised = "do better" if holds("coat", "none", "worse") else "do as well"
+        return f"the positions: the same K slots without expert supervision {unsupervised}"
+    unsure = verdicts.get(("coat", "none")) == verdicts.get(("none", "K=0")) == "no different"
+    if unsure and holds("shuffled", "K=0") and not holds("coat", "shuffled"):
+        return (f"not the experts' information: shuffled targets beat K=0 too and {shuffled}; whether the positions "
+                "alone would, the data cannot tell (the none control differs from neither CoAT nor K=0 at the "
+                "adjusted p)")
+    found = [f"{NAMES[a]} {'beats' if outcome == 'better' else 'does worse than'} {NAMES[b]}"
+             for (a, b), outcome in verdicts.items() if (a, b) != ("coat", "K=0") and outcome != "no different"]
+    if not found:
+        return "the data cannot tell: neither control differs from CoAT or from K=0 at the adjusted p"
+    return f"the data cannot tell: of the comparisons with the controls only {' and '.join(found)} at the adjusted p"
+
+
 def control_sentences(comparisons: pd.DataFrame, others: Sequence[str] = ()) -> list[str]:
-    """Per task family, K with controls and setting of `others`: what explains CoAT's gain over K = 0 — the thinking
-    positions (the `none` control alone beats K = 0), the experts' information (CoAT beats the `none` control and
-    the `shuffled` one), the supervision rather than its information (CoAT beats none but not shuffled), both, or
-    neither (no gain), or that the data cannot tell — from `comparisons`: `against_controls` rows with CoAT's own
-    row against K = 0 (a_system coat, b_system K=0), after `adjust`."""
+    """Per task family, K with controls and setting of `others`: the comparisons of CoAT, its controls and K = 0,
+    and what explains CoAT's gain over K = 0 (`explanation`), from `comparisons`: `against_controls` rows with CoAT's
+    own row against K = 0 (a_system coat, b_system K=0), after `adjust`."""
     sentences = []
     keys = ["task", K, *others]
     with_controls = comparisons[comparisons["b_system"].isin(CONTROLS)]
@@ -319,25 +364,7 @@ def control_sentences(comparisons: pd.DataFrame, others: Sequence[str] = ()) -> 
         rows = comparisons[np.logical_and.reduce([comparisons[f].astype(str) == str(v) for f, v in
                                                   zip(keys, key, strict=True)])]
         found = {(r["a_system"], r["b_system"]): r for _, r in rows.iterrows()}
-        gain = ("coat", "K=0") in found and verdict(found["coat", "K=0"]) == "better"
-        beats = {c: ("coat", c) in found and verdict(found["coat", c]) == "better" for c in CONTROLS}
-        positions = ("none", "K=0") in found and verdict(found["none", "K=0"]) == "better"
-        information = beats["none"] and (beats["shuffled"] or ("coat", "shuffled") not in found)
-        if not gain:
-            alone = [c for c in CONTROLS if (c, "K=0") in found and verdict(found[c, "K=0"]) == "better"]
-            why = "neither: CoAT does not beat K=0, so there is no gain to explain" + (
-                f" (though the {' and '.join(alone)} control{'s' if len(alone) > 1 else ''} beat K=0)" if alone else "")
-        elif information and positions:
-            why = "both: the pause positions alone beat K=0, and the experts' information adds to them"
-        elif information:
-            why = "the experts' information: CoAT beats the same positions unsupervised" + (
-                " and supervised with another clip's targets" if ("coat", "shuffled") in found else "")
-        elif beats["none"]:
-            why = "the supervision, not the experts' information: shuffled targets do as well"
-        elif positions:
-            why = "the positions: the same K slots without expert supervision do as well"
-        else:
-            why = "the data cannot tell: neither control differs from CoAT or from K=0 at the adjusted p"
+        why = explanation({pair: verdict(row) for pair, row in found.items()})
         setting = " ".join(f"{f}={v}" for f, v in zip(others, key[2:], strict=True))
         said = "; ".join(describe(found[pair], f"{pair[0]} vs {pair[1]}") for pair in
                          [("coat", "K=0"), ("coat", "none"), ("coat", "shuffled"), ("none", "K=0"),
