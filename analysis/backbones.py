@@ -132,9 +132,11 @@ for backbone, group in systems.groupby("backbone", sort=True):
         theirs = theirs.iloc[0]
         scores = ", ".join(f"{f} {compare.quality_metric(done, f).rsplit('/', 1)[1]} {coat[f]:.3f} vs {theirs[f]:.3f}"
                            for f in families)
+        paired = "; thinking_length pairs each K with K=0 seed by seed" if other == "fine-tune, K=0" else ""
         sentences.append(f"{backbone}: {coat['system']} vs {other}: {scores}; time to first token "
                          f"{coat['ttft_s']:.4f} s vs {theirs['ttft_s']:.4f} s, answer {coat['latency_s']:.4f} s vs "
-                         f"{theirs['latency_s']:.4f} s (means over runs; paired tests: thinking_length).")
+                         f"{theirs['latency_s']:.4f} s (means over {coat['runs']} and {theirs['runs']} runs, not a "
+                         f"paired test{paired}).")
 if not any(c.startswith(("base/", "cot/")) for c in done.columns):
     sentences.append("The trials evaluated no baseline: set eval.baselines=[base,cot] to compare against them.")
 out.conclude(sentences, parent["run_id"])

@@ -45,15 +45,18 @@ parent, trials = found
 trials = trials.assign(**{EXPERTS: trials[EXPERTS].map(lambda names: "+".join(names))})
 full = max(trials[EXPERTS].unique(), key=lambda s: len(s.split("+")))
 members = set(full.split("+"))
+# The reference is the full set only when it holds every expert of the sweep; otherwise each set goes by its name.
+is_full = members == {name for names in trials[EXPERTS] for name in names.split("+")}
 
 
 def label(expert_set: str) -> str:
     missing = members - set(expert_set.split("+"))
-    return f"without {missing.pop()}" if len(missing) == 1 else expert_set
+    return f"without {missing.pop()}" if is_full and len(missing) == 1 else expert_set
 
 
 families = compare.families(trials)
-print(f"sweep {parent['name']}: {len(trials)} trials; full set {full}; sets {sorted(trials[EXPERTS].unique())}")
+print(f"sweep {parent['name']}: {len(trials)} trials; {'full' if is_full else 'largest'} set {full}; sets "
+      f"{sorted(trials[EXPERTS].unique())}")
 
 # %% [markdown]
 # ## Quality per expert set
@@ -65,7 +68,8 @@ out.table(quality, "quality_by_set")
 quality
 
 # %% [markdown]
-# ## Each set against the full set (paired seed by seed; leave-one-out where one expert is missing)
+# ## Each set against the reference, the full set where one set holds every expert (paired seed by seed;
+# leave-one-out where one expert is missing)
 
 # %%
 paired = compare.adjust(compare.paired_against(uri, trials, EXPERTS, full)).assign(set=lambda d: d[EXPERTS].map(label))
@@ -76,7 +80,7 @@ for ax, family in zip(axes[0], families, strict=True):
     ax.errorbar(rows["diff"], range(len(rows)), xerr=compare.error_bars(rows), fmt="o", capsize=3)
     ax.axvline(0, color="grey", linestyle=":")
     ax.set_yticks(range(len(rows)), list(rows["set"]))
-    ax.set_title(f"{family}: set - full")
+    ax.set_title(f"{family}: set - {full}")
     ax.set_xlabel(f"difference in {rows['metric'].iloc[0] if len(rows) else 'score'}")
 fig.tight_layout()
 out.figure(fig, "paired_vs_full_set")
@@ -86,15 +90,20 @@ paired
 # ## Conclusion (computed from the pairs above)
 
 # %%
-sentences = []
+sentences = [] if is_full else [f"No set holds every expert of the sweep: each set is compared with the largest, "
+                                f"{full}, and named by its experts."]
 for key, rows in paired.groupby(["task", *others], sort=True):
-    rows = rows.assign(verdict=rows.apply(compare.verdict, axis=1))
+    rows, uneven = rows.assign(verdict=rows.apply(compare.verdict, axis=1)), compare.uneven_seeds(rows)
     hurt, helped = rows[rows["verdict"] == "worse"], rows[rows["verdict"] == "better"]
     setting = " ".join(f"{f}={v}" for f, v in zip(others, key[1:], strict=True))
     text = f"{key[0]}{f' ({setting})' if setting else ''}: " + (
-        "; ".join(f"{compare.describe(r, r['set'])} is worse than {full}" for _, r in hurt.iterrows())
+        "; ".join(f"{compare.describe(r, r['set'], uneven)} is worse than {full}" for _, r in hurt.iterrows())
         or f"no set is worse than {full} at the adjusted p")
     if len(helped):
-        text += "; better than the full set: " + "; ".join(compare.describe(r, r["set"]) for _, r in helped.iterrows())
+        text += f"; better than {full}: " + "; ".join(compare.describe(r, r["set"], uneven)
+                                                     for _, r in helped.iterrows())
     sentences.append(f"{text} ({compare.evidence(rows)}).")
+if paired.attrs["unpaired_runs"]:
+    sentences.append(f"Not compared above: {compare.plural(paired.attrs['unpaired_runs'], 'finished run')} had no "
+                     f"run of {full} with the same settings and seed.")
 out.conclude(sentences, parent["run_id"])

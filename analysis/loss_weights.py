@@ -85,18 +85,19 @@ importance
 # ## Conclusion (computed from the trials above)
 
 # %%
-best = done.sort_values(metric, ascending=mode == "min").iloc[0]
+scored = done.dropna(subset=[metric])  # a finished trial that never reported the metric is in no ranking
+best = scored.sort_values(metric, ascending=mode == "min").iloc[0]
 setting = ", ".join(f"{p}={best[p]:.3g}" if isinstance(best[p], float) else f"{p}={best[p]}" for p in varied)
-sentences = [f"Best of {len(done)} finished trials by {metric} ({mode}): {setting} ({metric} = {best[metric]:.4g})."]
+sentences = [f"Best of {len(scored)} finished trials by {metric} ({mode}): {setting} ({metric} = {best[metric]:.4g})."]
 if len(importance):
     top = importance.index[0]
-    sentences.append(f"Most important for {metric}: {top} ({importance.iloc[0]:.0%} of the explained variance"
+    sentences.append(f"Most important for {metric}: {top} ({importance.iloc[0]:.0%} of fANOVA's importance"
                      f"{'' if len(importance) == 1 else f'; next {importance.index[1]} {importance.iloc[1]:.0%}'}; "
                      f"over {importance.attrs['finished']} finished trials and {importance.attrs['stopped']} stopped "
                      "early by ASHA at their last reported value).")
 for weight in weights:
-    rho = pd.Series(done[weight]).corr(done[metric], method="spearman")
-    sentences.append(f"{weight} against {metric}: Spearman {rho:+.2f} over {len(done)} trials.")
+    rho = pd.Series(scored[weight]).corr(scored[metric], method="spearman")
+    sentences.append(f"{weight} against {metric}: Spearman {rho:+.2f} over {len(scored)} trials.")
 sentences.append("Sampled trials each train one seed: these are search results; confirm a setting over seeds "
                  "with a grid sweep (--seeds) before resting a claim on it.")
 out.conclude(sentences, parent["run_id"])

@@ -143,12 +143,14 @@ for row in held_out.itertuples():
         f"{row.plain_layer}), a difference of {row.diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] (95% bootstrap "
         f"interval over {row.n_clips} clips; each run's layer chosen on the other half of the clips).")
 for run, lens in lenses.items():
-    top = lens[(lens["rank"] == 1) & (lens["layer"] == lens["layer"].max())]
-    sentences.append(f"{run}: read through the LM head at the last layer, its slots' likeliest tokens are "
+    deepest = lens["layer"].max()  # `coat probe --layers` may leave the model's last layer out
+    top = lens[(lens["rank"] == 1) & (lens["layer"] == deepest)]
+    sentences.append(f"{run}: read through the LM head at layer {deepest}, the deepest it was read at, its slots' "
+                     "likeliest tokens are "
                      + ", ".join(f"{t!r} ({p:.2f})" for t, p in zip(top["token"], top["probability"], strict=True))
                      + ".")
-for target, note in results.loc[results["score"].isna(), ["target", "note"]].drop_duplicates("target").values:
-    sentences.append(f"{target}: not probed ({note}).")
+for (target, note), unprobed in results[results["score"].isna()].groupby(["target", "note"], sort=True):
+    sentences.append(f"{target}: not probed in {', '.join(sorted(unprobed['run'].unique()))} ({note}).")
 if held_out.empty:
     sentences.append("No CoAT run has a K = 0 twin with per-clip probe results: probe both (coat probe) to compare "
                      "them.")

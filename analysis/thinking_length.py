@@ -161,6 +161,12 @@ sentences = compare.family_sentences(paired, K, "K", 0, others) or [
 sentences += compare.control_sentences(comparisons, others) or [
     "No control in this sweep (thinking.targets none or shuffled at some K): nothing here separates the extra "
     "prefill positions from the expert supervision; ablate_thinking_len's space runs both controls at one K."]
+unpaired = (("with K > 0", vs_k0, "a K = 0 run"),
+            ("of CoAT at a control's K or of a control", vs_controls, "the run it is compared with"))
+for what, table, twin in unpaired:
+    if table.attrs["unpaired_runs"]:
+        sentences.append(f"Not compared above: {compare.plural(table.attrs['unpaired_runs'], 'finished run')} {what} "
+                         f"had no {twin} of the same settings and seed.")
 if seeds == 1:
     sentences.append("One seed: these intervals cover test examples, not training runs; rerun with --seeds.")
 out.conclude(sentences, parent["run_id"])

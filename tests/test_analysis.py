@@ -165,6 +165,21 @@ def test_verdicts_read_the_holm_adjusted_p_in_the_metrics_direction():
     assert "3 seeds, 100 test examples" in sentence and "Holm-adjusted over the 3 comparisons" in sentence
 
 
+def test_a_sentence_whose_comparisons_rest_on_different_seeds_gives_each_its_own():
+    """K=4 lost two of its three seeds: its win rests on one run, and the sentence must not say three seeds."""
+    paired = compare.adjust(pd.DataFrame({
+        "thinking.num_slots": [4, 8], "task": "emotion", "metric": "accuracy", "diff": [0.2, 0.01],
+        "diff_ci_low": [0.1, -0.05], "diff_ci_high": [0.3, 0.07], "p": [0.001, 0.7], "n_examples": [500, 480],
+        "seeds": [1, 3], "interval": ["test examples of one run (paired bootstrap)",
+                                      "seeds and test examples (two-level bootstrap)"]}))
+    (sentence,) = compare.family_sentences(paired, "thinking.num_slots", "K", 0)
+    assert "K=4 +0.200 [+0.100, +0.300], p 0.001 (Holm 0.002), 1 seed beats K=0" in sentence
+    assert ("(1 to 3 seeds, 480 to 500 test examples; 95% intervals over seeds and test examples (test examples of "
+            "one run where one seed)") in sentence
+    (even,) = compare.family_sentences(paired.assign(seeds=3), "thinking.num_slots", "K", 0)
+    assert "seed beats" not in even and "(3 seeds, 480 to 500 test examples" in even
+
+
 def comparison(a: str, b: str, diff: float, p_holm: float, family: str = "emotion") -> dict:
     return {"a_system": a, "b_system": b, "thinking.num_slots": 16, "task": family, "metric": "accuracy",
             "diff": diff, "diff_ci_low": diff - 0.05, "diff_ci_high": diff + 0.05, "p": p_holm / 2, "p_holm": p_holm,
@@ -173,13 +188,15 @@ def comparison(a: str, b: str, diff: float, p_holm: float, family: str = "emotio
 
 
 @pytest.mark.parametrize(("gain", "over_none", "over_shuffled", "pause", "explanation"), [
-    (0.01, 0.01, 0.01, 0.01, "neither: CoAT does not beat K=0, so there is no gain to explain (though the none "
-                             "control beat K=0)"),
+    (0.01, 0.01, 0.01, 0.01, "neither: CoAT does not beat K=0 at the adjusted p, so there is no gain to explain "
+                             "(though the none control beat K=0)"),
     (0.01, 0.01, 0.01, 0.5, "the experts' information: CoAT beats the same positions unsupervised and supervised "
                             "with another clip's targets"),
-    (0.01, 0.5, 0.5, 0.01, "the positions: the same K slots without expert supervision do as well"),
+    (0.01, 0.5, 0.5, 0.01, "the positions: the same K slots without expert supervision beat K=0, and CoAT does not "
+                           "beat them"),
     (0.01, 0.01, 0.01, 0.01, "both: the pause positions alone beat K=0"),
-    (0.01, 0.01, 0.5, 0.5, "the supervision, not the experts' information: shuffled targets do as well"),
+    (0.01, 0.01, 0.5, 0.5, "the supervision, not shown to need the experts' information: CoAT beats the same "
+                           "positions unsupervised but not shuffled targets"),
     (0.01, 0.5, 0.5, 0.5, "the data cannot tell"),
 ])
 def test_controls_say_what_explains_a_gain(gain, over_none, over_shuffled, pause, explanation):
@@ -198,17 +215,17 @@ def test_controls_say_what_explains_a_gain(gain, over_none, over_shuffled, pause
 # and transcription and understanding left out that the unsupervised positions alone beat K=0.
 DEMO_VERDICTS = {
     "emotion": ("no different", "no different", "no different", "better",
-                "not the experts' information: shuffled targets beat K=0 too and do as well; whether the positions "
-                "alone would, the data cannot tell"),
+                "not shown to need the experts' information: shuffled targets beat K=0 too, and CoAT does not beat "
+                "them; whether the positions alone would, the data cannot tell"),
     "music": ("no different", "better", "no different", "no different",
               "the data cannot tell: of the comparisons with the controls only CoAT beats the shuffled control at the "
               "adjusted p"),
     "transcription": ("better", "worse", "better", "better",
-                      "the positions and their supervision, not the experts' information: the positions alone beat "
-                      "K=0, supervising them adds, and shuffled targets do better than CoAT"),
+                      "the positions and their supervision, not shown to need the experts' information: the "
+                      "positions alone beat K=0, and CoAT beats them unsupervised but shuffled targets beat CoAT"),
     "understanding": ("better", "no different", "better", "better",
-                      "the positions and their supervision, not the experts' information: the positions alone beat "
-                      "K=0, supervising them adds, and shuffled targets do as well"),
+                      "the positions and their supervision, not shown to need the experts' information: the "
+                      "positions alone beat K=0, and CoAT beats them unsupervised but not shuffled targets"),
 }
 PAIRS = [("coat", "none"), ("coat", "shuffled"), ("none", "K=0"), ("shuffled", "K=0")]
 
@@ -232,7 +249,8 @@ def test_every_explanation_of_a_gain_claims_only_what_its_comparisons_show(missi
     for outcomes in itertools.product(["better", "worse", "no different"], repeat=len(pairs) + 1):
         verdicts = {("coat", "K=0"): outcomes[0], **dict(zip(pairs, outcomes[1:], strict=True))}
         why, said = compare.explanation(verdicts), verdicts.get
-        assert why.startswith("neither: CoAT does not beat K=0") == (said(("coat", "K=0")) != "better"), why
+        assert why.startswith("neither: CoAT does not beat K=0 at the adjusted p") == (
+            said(("coat", "K=0")) != "better"), why
         if why.startswith("neither"):
             continue
         lead = why.split(":", 1)[0]
@@ -243,16 +261,18 @@ def test_every_explanation_of_a_gain_claims_only_what_its_comparisons_show(missi
             "the pause positions alone beat K=0": said(("none", "K=0")) == "better",
             "the positions alone beat K=0": said(("none", "K=0")) == "better",
             "the experts' information adds": said(("coat", "shuffled")) == "better",
-            "not the experts' information": said(("coat", "shuffled")) in ("no different", "worse"),
-            "supervising them adds": said(("coat", "none")) == "better",
+            "not shown to need the experts' information": said(("coat", "shuffled")) in ("no different", "worse"),
+            "CoAT beats them unsupervised": said(("coat", "none")) == "better",
             "CoAT beats the same positions unsupervised": said(("coat", "none")) == "better",
             "supervised with another clip's targets": said(("coat", "shuffled")) == "better",
-            "shuffled targets do as well": said(("coat", "shuffled")) == "no different",
+            "but not shuffled targets": said(("coat", "shuffled")) == "no different",
+            "shuffled targets beat CoAT": said(("coat", "shuffled")) == "worse",
             "shuffled targets beat K=0 too": said(("shuffled", "K=0")) == "better",
-            "and do as well": said(("coat", "shuffled")) == "no different",
-            "do better than CoAT": said(("coat", "shuffled")) == "worse",
-            "without expert supervision do as well": said(("coat", "none")) == "no different",
-            "without expert supervision do better": said(("coat", "none")) == "worse",
+            "too, and CoAT does not beat them": said(("coat", "shuffled")) == "no different",
+            "too, and they beat CoAT": said(("coat", "shuffled")) == "worse",
+            "without expert supervision beat K=0": said(("none", "K=0")) == "better",
+            "K=0, and CoAT does not beat them": said(("coat", "none")) == "no different",
+            "K=0, and they beat CoAT": said(("coat", "none")) == "worse",
             "the none control differs from neither CoAT nor K=0":
                 said(("coat", "none")) == said(("none", "K=0")) == "no different",
             "neither control differs from CoAT or from K=0":
@@ -365,7 +385,20 @@ def test_probes_compare_a_coat_run_with_its_k0_twin_on_clips_the_layer_choice_ne
     assert lens.groupby(["layer", "slot"])["probability"].apply(lambda p: p.is_monotonic_decreasing).all()
     assert (lens["probability"].between(0, 1)).all() and "logit_lens.png" in json.loads(
         (out / "probes" / "summary.json").read_text())["figures"]
-    assert any("likeliest tokens are" in s for s in conclusions)
+    assert any(f"at layer {lens['layer'].max()}, the deepest it was read at, its slots' likeliest tokens are" in s
+               for s in conclusions)
+
+
+def test_a_run_without_a_reference_twin_is_counted_not_silently_left_out(sweeps):
+    """A K=4 run whose K=0 twin is missing is in no comparison: `paired_against` counts it for the conclusion."""
+    _, trials = runs.find_sweep(sweeps["uri"], "coat", sweep="k")
+    plain = trials[trials[compare.K].astype(str) == "0"].iloc[0]
+    without = trials.drop(plain.name)
+    paired = compare.paired_against(sweeps["uri"], without, compare.K, 0, n=200)
+    assert paired.attrs["unpaired_runs"] == 1
+    assert set(paired["experts.names"]) == {name for name in without["experts.names"].map(compare.as_text)
+                                            if name != compare.as_text(plain["experts.names"])}
+    assert compare.paired_against(sweeps["uri"], trials, compare.K, 0, n=200).attrs["unpaired_runs"] == 0
 
 
 def test_thinking_length_concludes_from_the_pairs_it_computed(analysed):
@@ -391,6 +424,7 @@ def test_backbones_names_the_metric_of_every_score_it_compares(analysed):
         scores = sentence.split(" vs fine-tune, K=0: ", 1)[1].split("; time to first token")[0].split(", ")
         named = {score.split()[0]: score.split()[1] for score in scores}
         assert named.get("transcription") == "wer" and set(named.values()) <= {"wer", "accuracy", "loglik_accuracy"}
+        assert "runs, not a paired test; thinking_length pairs each K with K=0 seed by seed)" in sentence
 
 
 def test_analyze_refuses_unknown_notebooks_and_names_failures(sweeps, tmp_path):

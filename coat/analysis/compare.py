@@ -199,19 +199,22 @@ def paired_against(uri: str, children: pd.DataFrame, field: str, reference: obje
     """Every value of `field` against `reference` (e.g. `thinking.num_slots` against 0), on the same examples:
     each finished run is paired with the reference run equal to it on every other varied field, seed included, and
     each value and setting of the other fields is compared over its seeds (`paired_between`). Columns: `field`, the
-    other varied fields but the seed, then `PAIRED_COLUMNS`; sorted by them and task."""
+    other varied fields but the seed, then `PAIRED_COLUMNS`; sorted by them and task. Runs without a reference twin
+    are counted in `attrs["unpaired_runs"]`: they are in no comparison, and a conclusion must say so."""
     done = children[children["status"] == "FINISHED"]
     match = [f for f in varied(done) if f != field]
     is_reference = done[field].astype(str) == str(reference)
-    tables = []
+    tables, unpaired = [], 0
     for _, runs in done[~is_reference].groupby(done.loc[~is_reference, field].astype(str), sort=False):
         table = paired_between(uri, runs, done[is_reference], match, system=system, n=n, seed=seed)
+        unpaired += table.attrs["unpaired_runs"]
         tables.append(table.assign(**{field: as_text(runs[field].iloc[0])}))
     others = [f for f in match if f != SEED]
-    if not tables:
-        return pd.DataFrame(columns=[field, *others, *PAIRED_COLUMNS])
-    out = pd.concat(tables, ignore_index=True)
-    return out[[field, *others, *PAIRED_COLUMNS]].sort_values([field, *others, "task"], ignore_index=True)
+    out = (pd.concat(tables, ignore_index=True)[[field, *others, *PAIRED_COLUMNS]]
+           .sort_values([field, *others, "task"], ignore_index=True) if tables
+           else pd.DataFrame(columns=[field, *others, *PAIRED_COLUMNS]))
+    out.attrs["unpaired_runs"] = unpaired
+    return out
 
 
 def adjust(paired: pd.DataFrame) -> pd.DataFrame:
@@ -235,17 +238,34 @@ def verdict(row: pd.Series) -> str:
     return "better" if (row["diff"] < 0) == better_is_lower else "worse"
 
 
-def describe(row: pd.Series, name: str) -> str:
-    """`K=4 +0.100 [+0.020, +0.200], p 0.004 (Holm 0.012)`: a paired row's difference, interval and p values."""
+def describe(row: pd.Series, name: str, seeds: bool = False) -> str:
+    """`K=4 +0.100 [+0.020, +0.200], p 0.004 (Holm 0.012)`: a paired row's difference, interval and p values; with
+    `seeds`, then the seeds it rests on (`, 1 seed`), for a sentence whose comparisons rest on different numbers."""
     holm = f" (Holm {row['p_holm']:.3g})" if "p_holm" in row and pd.notna(row["p_holm"]) else ""
-    return f"{name} {row['diff']:+.3f} [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}], p {row['p']:.3g}{holm}"
+    own = f", {plural(int(row['seeds']), 'seed')}" if seeds else ""
+    return (f"{name} {row['diff']:+.3f} [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}], p {row['p']:.3g}"
+            f"{holm}{own}")
+
+
+def plural(count: int, unit: str) -> str:
+    return f"{count} {unit}{'' if count == 1 else 's'}"
+
+
+def uneven_seeds(rows: pd.DataFrame) -> bool:
+    """Whether the comparisons in `rows` rest on different numbers of seeds (then each says its own: `describe`)."""
+    return rows["seeds"].nunique() > 1
 
 
 def evidence(rows: pd.DataFrame) -> str:
-    """What the verdicts on `rows` rest on: seeds, test examples, the interval's kind and the adjustment."""
-    seeds = int(rows["seeds"].max())
-    text = (f"{seeds} seed{'s' if seeds != 1 else ''}, {int(rows['n_examples'].max())} test examples; 95% intervals "
-            f"over {rows['interval'].iloc[0].split(' (')[0]}")
+    """What the verdicts on `rows` rest on: seeds, test examples, the interval's kind and the adjustment; a range
+    where the comparisons differ (each comparison then gives its own seeds)."""
+    def span(column: str, unit: str) -> str:
+        low, high = int(rows[column].min()), int(rows[column].max())
+        return plural(low, unit) if low == high else f"{low} to {high} {unit}s"
+
+    kinds = rows["interval"].str.split(" (", regex=False).str[0].unique()
+    over = kinds[0] if len(kinds) == 1 else "seeds and test examples (test examples of one run where one seed)"
+    text = f"{span('seeds', 'seed')}, {span('n_examples', 'test example')}; 95% intervals over {over}"
     if "comparisons" in rows:
         text += f"; p Holm-adjusted over the {int(rows['comparisons'].max())} comparisons of this analysis"
     return text
@@ -260,10 +280,10 @@ def family_sentences(paired: pd.DataFrame, field: str, label: str, reference: ob
     for key, group in paired.groupby(["task", *others], sort=True):
         family, setting = key[0], " ".join(f"{f}={v}" for f, v in zip(others, key[1:], strict=True))
         group = group.assign(verdict=group.apply(verdict, axis=1))
-        metric = group["metric"].iloc[0]
+        metric, uneven = group["metric"].iloc[0], uneven_seeds(group)
 
-        def said(rows: pd.DataFrame) -> str:
-            return "; ".join(describe(r, f"{label}={r[field]}") for _, r in rows.iterrows())
+        def said(rows: pd.DataFrame, uneven: bool = uneven) -> str:
+            return "; ".join(describe(r, f"{label}={r[field]}", uneven) for _, r in rows.iterrows())
 
         better, worse = group[group["verdict"] == "better"], group[group["verdict"] == "worse"]
         where = f"{family}{f' ({setting})' if setting else ''}"
@@ -290,20 +310,24 @@ def against_controls(uri: str, children: pd.DataFrame, *, system: str = "coat", 
     """At each K with control runs (`thinking.targets` none or shuffled): CoAT against each control, and each
     control against K = 0, paired seed by seed (`paired_between`) on the same test examples. Columns: `a_system`,
     `b_system` (coat, none, shuffled, K=0), `thinking.num_slots`, the other varied fields but the seed, then
-    `PAIRED_COLUMNS`. Empty when the sweep holds no control."""
+    `PAIRED_COLUMNS`. Empty when the sweep holds no control. A run of either side without a twin on the other is in
+    no comparison: `attrs["unpaired_runs"]` counts them."""
     done = with_targets(children[children["status"] == "FINISHED"])
     match = [f for f in varied(done) if f not in (K, TARGETS)]
     coat, controls = done[done[TARGETS] == "experts"], done[done[TARGETS].isin(CONTROLS)]
     plain = coat[coat[K].astype(str) == "0"]
-    tables = []
+    tables, unpaired = [], 0
     for (k, control), runs in controls.groupby([K, TARGETS], sort=True):
         at_k = coat[coat[K].astype(str) == str(k)]
         for a_system, a_runs, b_system, b_runs in (("coat", at_k, control, runs), (control, runs, "K=0", plain)):
             table = paired_between(uri, a_runs, b_runs, match, system=system, n=n, seed=seed)
+            unpaired += table.attrs["unpaired_runs"]
             tables.append(table.assign(a_system=a_system, b_system=b_system, **{K: k}))
     others = [f for f in match if f != SEED]
     columns = ["a_system", "b_system", K, *others, *PAIRED_COLUMNS]
-    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    out = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    out.attrs["unpaired_runs"] = unpaired
+    return out
 
 
 NAMES = {"coat": "CoAT", "K=0": "K=0", "none": "the none control", "shuffled": "the shuffled control"}
@@ -319,11 +343,11 @@ def explanation(verdicts: dict[tuple[str, str], str]) -> str:
 
     if not holds("coat", "K=0"):
         alone = [c for c in CONTROLS if holds(c, "K=0")]
-        return "neither: CoAT does not beat K=0, so there is no gain to explain" + (
+        return "neither: CoAT does not beat K=0 at the adjusted p, so there is no gain to explain" + (
             f" (though the {' and '.join(alone)} control{'s' if len(alone) > 1 else ''} beat K=0)" if alone else "")
     positions, supervised = holds("none", "K=0"), holds("coat", "none")
     has_none, has_shuffled = ("coat", "none") in verdicts, ("coat", "shuffled") in verdicts
-    shuffled = "do better than CoAT" if holds("coat", "shuffled", "worse") else "do as well"
+    shuffled = "shuffled targets beat CoAT" if holds("coat", "shuffled", "worse") else "not shuffled targets"
     if holds("coat", "shuffled") and (supervised or not has_none):
         if positions:
             return "both: the pause positions alone beat K=0, and the experts' information adds to them"
@@ -334,18 +358,20 @@ def explanation(verdicts: dict[tuple[str, str], str]) -> str:
                 f"unsupervised{'; the positions alone beat K=0' if positions else ''}; without a shuffled control the "
                 "data cannot tell the experts' information from supervision alone")
     if supervised and positions:
-        return ("the positions and their supervision, not the experts' information: the positions alone beat K=0, "
-                f"supervising them adds, and shuffled targets {shuffled}")
+        return ("the positions and their supervision, not shown to need the experts' information: the positions alone "
+                f"beat K=0, and CoAT beats them unsupervised but {shuffled}")
     if supervised:
-        return f"the supervision, not the experts' information: shuffled targets {shuffled}"
+        return (f"the supervision, not shown to need the experts' information: CoAT beats the same positions "
+                f"unsupervised but {shuffled}")
     if positions:
-        unsupervised = "do better" if holds("coat", "none", "worse") else "do as well"
-        return f"the positions: the same K slots without expert supervision {unsupervised}"
+        unsupervised = "they beat CoAT" if holds("coat", "none", "worse") else "CoAT does not beat them"
+        return f"the positions: the same K slots without expert supervision beat K=0, and {unsupervised}"
     unsure = verdicts.get(("coat", "none")) == verdicts.get(("none", "K=0")) == "no different"
     if unsure and holds("shuffled", "K=0") and not holds("coat", "shuffled"):
-        return (f"not the experts' information: shuffled targets beat K=0 too and {shuffled}; whether the positions "
-                "alone would, the data cannot tell (the none control differs from neither CoAT nor K=0 at the "
-                "adjusted p)")
+        return ("not shown to need the experts' information: shuffled targets beat K=0 too, and "
+                f"{'they beat CoAT' if holds('coat', 'shuffled', 'worse') else 'CoAT does not beat them'}; whether "
+                "the positions alone would, the data cannot tell (the none control differs from neither CoAT nor K=0 "
+                "at the adjusted p)")
     found = [f"{NAMES[a]} {'beats' if outcome == 'better' else 'does worse than'} {NAMES[b]}"
              for (a, b), outcome in verdicts.items() if (a, b) != ("coat", "K=0") and outcome != "no different"]
     if not found:
@@ -366,7 +392,7 @@ def control_sentences(comparisons: pd.DataFrame, others: Sequence[str] = ()) -> 
         found = {(r["a_system"], r["b_system"]): r for _, r in rows.iterrows()}
         why = explanation({pair: verdict(row) for pair, row in found.items()})
         setting = " ".join(f"{f}={v}" for f, v in zip(others, key[2:], strict=True))
-        said = "; ".join(describe(found[pair], f"{pair[0]} vs {pair[1]}") for pair in
+        said = "; ".join(describe(found[pair], f"{pair[0]} vs {pair[1]}", uneven_seeds(rows)) for pair in
                          [("coat", "K=0"), ("coat", "none"), ("coat", "shuffled"), ("none", "K=0"),
                           ("shuffled", "K=0")] if pair in found)
         sentences.append(f"{key[0]} at K={key[1]}{f' ({setting})' if setting else ''}: {said}. What explains it: "
