@@ -80,8 +80,11 @@ def print_eval_reports(reports: list[EvalReport], title: str = "evaluation", con
                           + ", ".join(f"{code} {n}" for code, n in counts.items())
                           + f"), first: {first_bad['id']}: {first_bad['reason']}")
     if first.get("cut"):
+        suites = {part.rsplit(":", 1)[-1] for part in str(first["suite"]).split("+")}
+        knobs = [knob for knob, governs in (("data.long_clips", "coat-mini" in suites),  # coat-mini follows data.*
+                                            ("eval.long_clips", bool(suites - {"coat-mini"}))) if governs]
         console.print(f"{first['cut']} clips are longer than the {first['heard_s']:g} s the model hears of a clip: "
-                      "heard as their first part (eval.long_clips=reject leaves them out)")
+                      f"heard as their first part ({' or '.join(f'{k}=reject' for k in knobs)} leaves them out)")
 
 
 def print_preflight_report(report: Report) -> None:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from coat.backbones import check_audio_window
@@ -21,6 +23,7 @@ from coat.data.corpora import load_suite
 from coat.data.manifest import model_prompt, read_manifest
 from coat.data.synth import EMOTIONS, synthesize
 from coat.eval.evaluate import (
+    EvalReport,
     base_model,
     choose_rows,
     circular_rows,
@@ -31,10 +34,11 @@ from coat.eval.evaluate import (
     token_budget,
 )
 from coat.eval.scoring import normalise_transcript, string_match
-from coat.eval.systems import evaluate_systems, source_parts
+from coat.eval.systems import evaluate_systems, pooled_latency, source_parts
 from coat.eval.tasks import final_answer, split_answer
 from coat.model import CoATModel
 from coat.provenance import provenance
+from coat.report import print_eval_reports
 from tests.conftest import write_tone
 from tests.test_scoring import official_accuracy
 
@@ -116,6 +120,30 @@ def choice_logprobs(model, audio, prompt: str, choices: list[str]) -> list[tuple
     return out
 
 
+def test_latency_over_several_sources_is_that_of_all_their_measured_examples():
+    """A mixture's sources are measured apart: pooled, the count is their sum, the 90th percentiles are over every
+    measured example and the decode rate over every decode step, as one measurement of all of them would give."""
+    timings = {"a": ([0.1, 0.2, 0.3], [0.5, 0.6, 0.9], [4, 4, 6]), "b": ([1.0], [2.0], [2])}
+
+    def report(source: str) -> EvalReport:
+        ttft, total, steps = (np.array(v, dtype=float) for v in timings[source])
+        latency = {"ttft_s": ttft.mean(), "ttft_p90_s": np.quantile(ttft, 0.9), "total_s": total.mean(),
+                   "total_p90_s": np.quantile(total, 0.9), "new_tokens": (steps + 1).mean(), "examples": len(ttft),
+                   "s_per_decode_step": (total - ttft).sum() / steps.sum()}
+        examples = pd.DataFrame({"id": [f"{source}{i}" for i in range(len(ttft))], "ttft_s": ttft, "latency_s": total})
+        return EvalReport("coat", "coat-mini", examples, pd.DataFrame(), latency, {}, source=source)
+
+    reports = [report("a"), report("b")]
+    pooled = pooled_latency(reports, pd.concat([r.examples for r in reports], ignore_index=True))
+    ttft, total, steps = (np.concatenate([np.array(timings[s][i], dtype=float) for s in "ab"]) for i in range(3))
+    assert pooled["examples"] == 4
+    assert pooled["ttft_s"] == pytest.approx(ttft.mean()) and pooled["total_s"] == pytest.approx(total.mean())
+    assert pooled["ttft_p90_s"] == pytest.approx(np.quantile(ttft, 0.9))
+    assert pooled["total_p90_s"] == pytest.approx(np.quantile(total, 0.9))
+    assert pooled["new_tokens"] == pytest.approx((steps + 1).mean())
+    assert pooled["s_per_decode_step"] == pytest.approx((total - ttft).sum() / steps.sum())
+
+
 def test_loglik_scoring_ranks_the_choices_per_token_by_default_summed_or_calibrated(model, manifest):
     rows = read_manifest(manifest)
     rows = rows[rows["choices"].notna()].head(4)
@@ -179,7 +207,6 @@ def test_circular_eval_asks_every_rotation_and_counts_an_item_only_when_every_ro
 
 
 def test_benchmarks_are_heard_whole_up_to_the_backbones_window_and_longer_clips_are_counted(model, tmp_path):
-    import pandas as pd
 
     rows = pd.DataFrame([{"id": f"g{i}", "audio": str(write_tone(tmp_path / f"g{i}.wav", seconds=seconds)),
                           "task": "music", "prompt": None, "answer": "blues", "choices": ["blues", "rock"],
@@ -190,6 +217,11 @@ def test_benchmarks_are_heard_whole_up_to_the_backbones_window_and_longer_clips_
     assert heard.setting["cut"] == 2 and heard.metrics()["eval/cut"] == 2 and len(heard.examples) == 3
     rejected = evaluate(model, rows, replace(cfg, long_clips="reject"), suite="gtzan", progress=False)
     assert list(rejected.examples["id"]) == ["g0"] and rejected.metrics()["eval/quarantined/too_long"] == 2
+    for suite, knob in (("gtzan", "eval.long_clips"), ("coat-mini", "data.long_clips")):  # coat-mini follows data.*
+        console = Console(record=True, width=250)
+        print_eval_reports([replace(heard, setting=heard.setting | {"suite": suite})], console=console)
+        assert (f"2 clips are longer than the 8 s the model hears of a clip: heard as their first part ({knob}=reject "
+                "leaves them out)") in console.export_text()
     with pytest.raises(ConfigError, match=r"data.max_seconds.*10 s is longer than qwen2-audio hears of a clip \(8 s\)"):
         check_audio_window(load_config(overrides=["data.max_seconds=10"]))
 
@@ -411,7 +443,6 @@ def mmau(tmp_path_factory) -> Path:
 
 
 def test_a_subsample_names_the_column_it_was_really_stratified_by():
-    import pandas as pd
 
     cfg = replace(load_config().eval, max_examples=4)
     recipe = default_suites()["mmau"]  # single-family benchmarks stratify by their first breakdown

@@ -831,6 +831,20 @@ def test_score_json_for_wer_f1_and_mixed_suites(score, tmp_path):
     assert code == 1 and "mixed.jsonl" in output and "declare the scoring modes" in output
 
 
+def test_score_rescores_every_rotation_of_a_circular_evaluation(score, tmp_path):
+    """The file's `correct_circular` was scored by the rule of the run that wrote it: `coat score` scores each
+    rotation's response itself, and an item without them is left out of the circular accuracy, not counted right."""
+    rows = _examples([("m1", "emotion", "joy", list(MELD_EMOTIONS), "joy"),
+                      ("m2", "emotion", "anger", list(MELD_EMOTIONS), "anger"),
+                      ("m3", "emotion", "joy", list(MELD_EMOTIONS), "joy")],
+                     circular_responses=[["joy"] * 7, ["anger", "joy", *["anger"] * 5], None],
+                     correct_circular=[False, True, None])  # as a run under another rule had scored them
+    path = write_predictions(score_examples(rows, "choice"), "meld", tmp_path / "circular.jsonl")
+    code, output, stdout = score("--suite", "meld", path, "--json", "--bootstrap", "20")
+    assert code == 0, output
+    assert json.loads(stdout)["metrics"]["circular_accuracy"] == 0.5, "m1 right under every rotation, m2 not"
+
+
 def test_score_against_a_baseline(score, tmp_path):
     rows = _examples([(f"q{i}", "reasoning", "Man", VOICES, "man") for i in range(12)])
     a = write_predictions(score_examples(rows, "choice"), "coat-mini", tmp_path / "a.jsonl")

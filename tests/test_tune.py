@@ -22,7 +22,16 @@ from coat import tracking
 from coat.config import ConfigError, load_config
 from coat.data.store import FeatureStore
 from coat.tune.space import SpaceError, load_space, overrides
-from coat.tune.sweep import SweepResult, _trial_id, run_sweep, trial_folder, trial_label, trial_name, with_seeds
+from coat.tune.sweep import (
+    SweepResult,
+    _trial_id,
+    run_sweep,
+    trial_folder,
+    trial_label,
+    trial_name,
+    trial_status,
+    with_seeds,
+)
 from tests.conftest import free_port, kill_when, mlflow_server, open_run, sweep_args, sweep_config, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +175,23 @@ def test_tune_names_a_trial_by_its_label_and_its_folder_gives_back_its_id():
     # Folders Tune named itself, in sweeps begun before `trial_folder`: `--resume` still finds their trials' runs.
     assert _trial_id(unreported("run_trial_1a2b3_00004_4_setting=K_16_2026-12-05_10-00-00")) == "1a2b3_00004"
     assert _trial_id(unreported("run_trial_1a2b3c4d_3_point=thinking.num_slots=4_2026-12-05_10-00-00")) == "1a2b3c4d"
+
+
+def test_a_trial_asha_stopped_stays_stopped_when_a_resumed_sweep_summarises_again(tmp_path):
+    """The first summary closes a stopped trial's run KILLED; a later `--resume` summarises again and must not count
+    it among the trials that trained to the end (and the candidates for the best)."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.get_or_create_experiment(uri, "coat")
+    runs = {state: client.create_run(experiment).info.run_id for state in ("RUNNING", "FINISHED")}
+    client.set_terminated(runs["FINISHED"], "FINISHED")
+    assert trial_status(uri, runs["RUNNING"], error=False) == "stopped"
+    assert tracking.run_status(uri, runs["RUNNING"]) == "KILLED"
+    assert trial_status(uri, runs["RUNNING"], error=False) == "stopped", "summarised again after a resume"
+    assert trial_status(uri, runs["FINISHED"], error=False) == "done"
+    crashed = client.create_run(experiment).info.run_id
+    assert trial_status(uri, crashed, error=True) == "error" and tracking.run_status(uri, crashed) == "FAILED"
+    assert trial_status(uri, crashed, error=False) == "error"
 
 
 def test_sweep_efficiency_counts_the_wait_for_the_data_stream_as_start_up_not_training(tmp_path):

@@ -29,7 +29,21 @@ def scored(path: Path, suite: str, recipe: SuiteRecipe) -> tuple[pd.DataFrame, s
     if len(declared) > 1 or not declared <= set(SCORING_MODES):
         raise ValueError(f"{path}: its records declare the scoring modes {sorted(declared)}; one of "
                          f"{', '.join(SCORING_MODES)} per file")
-    return score_examples(rows, recipe.rule), declared.pop() if declared else "generate"
+    examples = score_examples(rows, recipe.rule)
+    if "circular_responses" in examples:
+        examples = examples.assign(correct_circular=circular_correct(examples, recipe.rule))
+    return examples, declared.pop() if declared else "generate"
+
+
+def circular_correct(examples: pd.DataFrame, rule: str) -> pd.Series:
+    """Whether each item is right under every rotation of its choices, each of its `circular_responses` scored by
+    `rule` as its first answer is (what the file's own `correct_circular` says was scored by the rule of the run that
+    wrote it); NaN for an item without them, which the circular accuracy then leaves out."""
+    asked = examples[examples["circular_responses"].map(lambda said: isinstance(said, list) and len(said) > 0)]
+    rotations = asked[["id", "task", "answer", "choices", "circular_responses"]].explode("circular_responses")
+    rotations = rotations.rename(columns={"circular_responses": "response"}).reset_index(drop=True)
+    right = score_examples(rotations, rule).groupby("id")["correct"].all() if len(rotations) else pd.Series(dtype=bool)
+    return examples["id"].map(right)
 
 
 def json_metrics(examples: pd.DataFrame, table: pd.DataFrame, recipe: SuiteRecipe, scoring: str) -> dict:

@@ -179,8 +179,9 @@ def _family_rows(name: str, family: str, group: pd.DataFrame, metrics: Sequence[
             est = weighted_f1(list(group["answer"]), list(said), n=n, seed=seed)
         rows.append((name, metric, *est[:3], est.n, stratified_f1(group["answer"]) if metric == "weighted_f1"
                      else chance, scoring))
-    if "correct_circular" in group:
-        est = accuracy(group["correct_circular"].astype(bool), n=n, seed=seed)
+    circular = group["correct_circular"].dropna() if "correct_circular" in group else ()
+    if len(circular):  # an item without its rotations' answers is in no circular accuracy
+        est = accuracy(circular.astype(bool), n=n, seed=seed)
         rows.append((name, CIRCULAR, *est[:3], est.n, chance, scoring))
     return rows
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from coat.config import CoATConfig, EvalConfig, from_yaml
@@ -75,8 +76,8 @@ def evaluate_systems(checkpoint: Path, parts: list[tuple[str | None, str, pd.Dat
 def join_sources(reports: list[EvalReport], cfg: EvalConfig) -> EvalReport:
     """One system's reports on several sources as one: each source's rows of the table under `<source>/<task>`, each
     scored by its own suite's recipe, and pooled rows per task family of the metrics of one kind every source has
-    (accuracy, or WER for transcription) over all sources' examples; the examples with their `source`, latency
-    averaged over the sources by examples measured. A single report (source None) is returned as it is."""
+    (accuracy, or WER for transcription) over all sources' examples; the examples with their `source`, latency over
+    every source's measured examples (`pooled_latency`). A single report (source None) is returned as it is."""
     if len(reports) == 1 and reports[0].source is None:
         return reports[0]
     examples = pd.concat([r.examples.assign(source=r.source) for r in reports], ignore_index=True)
@@ -85,9 +86,7 @@ def join_sources(reports: list[EvalReport], cfg: EvalConfig) -> EvalReport:
     table = pd.concat([pooled, *[r.table.assign(task=r.source + "/" + r.table["task"]) for r in reports]],
                       ignore_index=True)
     measured = [r for r in reports if r.latency]
-    weights = [r.latency["examples"] for r in measured]
-    latency = {key: sum(w * r.latency[key] for w, r in zip(weights, measured, strict=True)) / sum(weights)
-               for key in measured[0].latency} if measured else {}
+    latency = pooled_latency(measured, examples) if measured else {}
     first = reports[0]
     setting = first.setting | {"suite": "+".join(f"{r.source}:{r.suite}" for r in reports),
                                "examples": len(examples), "eligible": sum(r.setting["eligible"] for r in reports),
@@ -95,6 +94,25 @@ def join_sources(reports: list[EvalReport], cfg: EvalConfig) -> EvalReport:
                                "subsample": "; ".join(f"{r.source}: {r.setting['subsample']}" for r in reports)}
     quarantine = pd.concat([r.quarantine for r in reports], ignore_index=True)
     return EvalReport(first.system, setting["suite"], examples, table, latency, setting, quarantine)
+
+
+def pooled_latency(measured: list[EvalReport], examples: pd.DataFrame) -> dict[str, float]:
+    """The latency of several sources' measurements as one: means weighted by the examples each measured, those
+    examples counted, 90th percentiles over every measured example (`examples`' `ttft_s` and `latency_s`), and
+    seconds per decode step over every decode step (each source's steps recovered from its decode time and rate)."""
+    counts = np.array([r.latency["examples"] for r in measured])
+
+    def mean(key: str) -> float:
+        return float(np.dot(counts, [r.latency[key] for r in measured]) / counts.sum())
+
+    decoding = counts * np.array([r.latency["total_s"] - r.latency["ttft_s"] for r in measured])
+    rates = np.array([r.latency["s_per_decode_step"] for r in measured])
+    steps = np.divide(decoding, rates, out=np.zeros_like(decoding), where=np.isfinite(rates) & (rates > 0))
+    timed = examples.dropna(subset=["ttft_s"])
+    return {"ttft_s": mean("ttft_s"), "ttft_p90_s": float(np.quantile(timed["ttft_s"], 0.9)),
+            "total_s": mean("total_s"), "total_p90_s": float(np.quantile(timed["latency_s"], 0.9)),
+            "new_tokens": mean("new_tokens"), "examples": float(counts.sum()),
+            "s_per_decode_step": float(decoding.sum() / steps.sum()) if steps.sum() else float("nan")}
 
 
 def paired_with_coat(reports: list[EvalReport], n: int, seed: int) -> pd.DataFrame | None:

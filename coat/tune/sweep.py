@@ -192,10 +192,13 @@ def sweep_description(name: str, space: Space, table: pd.DataFrame, best: dict |
     if best is not None:
         lines.append(f"Best by {cfg.sweep.metric} ({cfg.sweep.mode}): {best['setting']} "
                      f"({cfg.sweep.metric} = {best[cfg.sweep.metric]:.4g}).")
-    lines.append("Units: eval/<task>/accuracy and wer are fractions of the test split, with 95% bootstrap intervals "
-                 f"in *_ci_low/*_ci_high; latency/* are seconds at batch size 1; {tracking.PREFILL_COST} counts "
-                 "tokens; time/train_s and time/eval_s are a run's wall seconds; val/* and train/* are losses. "
-                 "`coat analyze` adds figures, tables and conclusions here.")
+    lines.append("Units: eval/<task>/accuracy, loglik_accuracy and wer are fractions over the test examples "
+                 "evaluated (eval.max_examples caps them), with 95% bootstrap intervals in *_ci_low/*_ci_high; "
+                 "latency/*_s are seconds at batch size 1, latency/new_tokens and latency/examples counts; "
+                 f"{tracking.PREFILL_COST} counts tokens; time/train_s and time/eval_s are a run's wall seconds; "
+                 "val/* are validation losses, and val/<task>/<metric> scores (train.val_scores); train/* are the "
+                 "training losses, learning rates, gradient norm and stage. `coat analyze` adds figures, tables and "
+                 "conclusions here.")
     return "\n\n".join(lines)
 
 
@@ -298,17 +301,25 @@ def _results_table(grid, uri: str, cfg: CoATConfig, name: str, points: dict[str,
     for result in grid:
         metrics = result.metrics or {}
         trial_id = _trial_id(result)
-        run_id = tracking.find_run(uri, experiment, f"{name}-{trial_id}")
-        running = run_id is not None and tracking.run_status(uri, run_id) == "RUNNING"
-        status = "error" if result.error else "stopped" if running else "done"
-        if running:
-            tracking.TrackedRun(uri, run_id).end("FAILED" if result.error else "KILLED")
+        status = trial_status(uri, tracking.find_run(uri, experiment, f"{name}-{trial_id}"), bool(result.error))
         point = point_of(result.config, points) if result.config else {}
         row = {"trial": trial_id, "status": status, "setting": ", ".join(overrides(point)),
                "steps": metrics.get("step", 0)}
         row |= {k: v for k, v in metrics.items() if k.startswith(("val/", "eval/", "cost/", "latency/"))}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trial_status(uri: str, run_id: str | None, error: bool) -> str:
+    """"done", "stopped" (ASHA stopped it early) or "error", from its child run, which is closed here if it could not
+    close itself: FAILED for a trial that crashed past its retries, KILLED for one ASHA stopped. A run closed so by an
+    earlier summary of the sweep (a resumed sweep summarises again) keeps its status: only a trial that trained to the
+    end is "done", and a candidate for the best."""
+    status = tracking.run_status(uri, run_id) if run_id is not None else "FINISHED"
+    if status == "RUNNING":
+        status = "FAILED" if error else "KILLED"
+        tracking.TrackedRun(uri, run_id).end(status)
+    return "error" if error or status == "FAILED" else "stopped" if status == "KILLED" else "done"
 
 
 def _trial_id(result) -> str:
