@@ -529,7 +529,7 @@ def score_command(
     console = Console()
     try:
         examples, scoring = rescoring.scored(file, suite, recipe)
-        other = rescoring.scored(against, suite, recipe)[0] if against is not None else None
+        other, other_scoring = rescoring.scored(against, suite, recipe) if against is not None else (None, None)
     except (OSError, ValueError) as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
@@ -548,10 +548,14 @@ def score_command(
         console.print(f"{examples.attrs['skipped']} items without a model output skipped, as the official "
                       "scorer skips them")
     if paired is not None:
-        console.print(rescored_pairs_table(paired, f"A: {file}, B: {against}, paired on id"))
+        console.print(rescored_pairs_table(paired, f"A: {file} ({scoring}), B: {against} ({other_scoring}), paired "
+                                                   "on id"))
         if paired.attrs["a_unpaired"] + paired.attrs["b_unpaired"]:
             console.print(f"not compared: {paired.attrs['a_unpaired']} ids only in A, "
                           f"{paired.attrs['b_unpaired']} only in B")
+        if other.attrs.get("skipped"):
+            console.print(f"{other.attrs['skipped']} items of B without a model output skipped, as the official "
+                          "scorer skips them")
 
 
 def _comma_list(text: str | None) -> list[str]:

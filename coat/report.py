@@ -38,19 +38,21 @@ def print_eval_reports(reports: list[EvalReport], title: str = "evaluation", con
     keyed = [r.table.set_index(["task", "metric"]) if len(r.table) else None for r in reports]
     rows = list(dict.fromkeys(k for t in keyed if t is not None for k in t.index))
     for task, metric in rows:
-        cells, n, chance = [], "", ""
+        cells, counts, chances = [], [], []
         for t in keyed:
             if t is None or (task, metric) not in t.index:
                 cells.append("-")
                 continue
             row = t.loc[(task, metric)]
-            cells.append(f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]")
-            n, chance = str(int(row["n"])), "" if pd.isna(row["chance"]) else f"{row['chance']:.3f}"
-            if pd.notna(row.get("chance_empirical")):
-                chance += f" / {row['chance_empirical']:.3f} on silence"
+            cell = f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+            if pd.notna(row.get("chance_empirical")):  # each system's own scorer on silence
+                cell += f" ({row['chance_empirical']:.3f} on silence)"
+            cells.append(cell)
+            counts.append(str(int(row["n"])))
+            chances.append("" if pd.isna(row["chance"]) else f"{row['chance']:.3f}")
         scoring = reports[0].setting["scoring"]
         table.add_row(task, metric if scoring == "generate" or metric == "wer" else f"{metric} ({scoring})", *cells,
-                      n, chance)
+                      " / ".join(dict.fromkeys(counts)), " / ".join(dict.fromkeys(chances)))
     budgets = [r.metrics().get("eval/out_of_budget") for r in reports]
     table.add_row("out of budget", "share", *["-" if b is None else f"{b:.3f}" for b in budgets], "", "")
     for label, key, fmt in (("new tokens", "new_tokens", "{:.1f}"), ("time to first token (s)", "ttft_s", "{:.4f}"),

@@ -177,6 +177,12 @@ def test_loglik_scoring_reports_the_scorers_chance_on_silence(model, manifest):
             right.append(item["choices"][int(np.argmax([total / n for total, n in heard]))] == item["answer"])
         assert row["chance_empirical"] == pytest.approx(np.mean(right)), task
         assert out.metrics()[f"eval/{task}/chance_empirical"] == row["chance_empirical"]
+    other = replace(out, system="base", table=out.table.assign(chance_empirical=0.125))  # another system's silence
+    console = Console(record=True, width=300)
+    print_eval_reports([out, other], console=console)
+    printed = console.export_text()
+    for task, row in table.iterrows():
+        assert f"({row['chance_empirical']:.3f} on silence)" in printed and "(0.125 on silence)" in printed, task
 
 
 def test_circular_eval_asks_every_rotation_and_counts_an_item_only_when_every_rotation_is_right(model, manifest):

@@ -853,6 +853,7 @@ def test_score_against_a_baseline(score, tmp_path):
     code, output, _ = score("--suite", "coat-mini", a, "--against", b, "--bootstrap", "50")
     assert code == 0, output
     assert "p McN" in output and "10/0" in output and "1 ids only in A" in output
+    assert f"A: {a} (generate), B: {b} (generate), paired on id" in output, "each file's scoring mode is named"
     code, _, stdout = score("--suite", "coat-mini", a, "--against", b, "--json", "--bootstrap", "50")
     paired = json.loads(stdout)["paired"]
     assert len(paired) == 1 and paired[0]["a_only_correct"] == 10 and paired[0]["n_pairs"] == 11
