@@ -173,3 +173,25 @@ def test_a_sampled_sweep_states_ashas_saving_as_an_estimate_beside_the_full_bill
     assert bill["gpu_hours"] == pytest.approx(2 * 6 / 3600)
     assert bill["asha"]["gpu_hours"] == pytest.approx(2 * 4 / 3600)
     assert any(note.startswith("ASHA (estimate)") for note in bill["notes"])
+
+
+def test_a_sampled_space_that_varies_a_trials_gpus_is_billed_as_its_costliest_value_and_says_so(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("train.num_workers: {choice: [1, 4]}\ntrain.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    cfg = load_config(overrides=["train.use_gpu=true", "sweep.num_samples=6"])
+    bill = cost.estimate(cfg, load_space(space_file, cfg), [], step_s=1.0, gpus=8)
+    (row,) = bill.rows
+    assert row.gpus == 4 and "billed at the most steps" in row.setting and "an upper bound" in row.setting
+    assert row.gpu_hours * row.trials == pytest.approx(6 * cfg.train.total_steps * 4 / 3600)
+
+
+def test_a_measured_bill_says_that_stages_freezing_more_are_billed_at_the_last_stages_step(tmp_path):
+    cfg = load_config(overrides=["train.use_gpu=true"])
+    assert len({tuple(stage.train) for stage in cfg.train.stages}) > 1, "the default stages train different parts"
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("thinking.num_slots: {grid: [4]}\n")
+    stage_note = "every stage's steps are billed at it"
+    measured = cost.estimate(cfg, load_space(space_file, cfg), [])
+    assert any(stage_note in note for note in measured.notes)
+    one_stage = load_config(overrides=["train.use_gpu=true", "train.stages=[{steps: 10}]"])
+    assert not any(stage_note in note for note in cost.estimate(one_stage, load_space(space_file, one_stage), []).notes)

@@ -343,13 +343,16 @@ def _sampled_row(cfg: CoATConfig, space: Space, timed, overhead_s: float) -> Row
     if varied:
         label += " (mean over " + ", ".join(f"{path} in {sorted({str(p.get(path)) for p in points})}"
                                             for path in varied) + ")"
+    steps, gpus = max(r.steps for r in rows), max(r.gpus for r in rows)
+    if len({(r.steps, r.gpus) for r in rows}) > 1:  # no mean of a product: each trial billed as the costliest
+        label += f"; billed at the most steps ({steps}) and GPUs ({gpus}) of any value: an upper bound"
     missing = [r.step for r in rows if r.step.seconds is None]
     sources = "; ".join(dict.fromkeys(r.step.source for r in rows))
     step = missing[0] if missing else StepTime(sum(r.step.seconds for r in rows) / len(rows), sources,
                                                "given" if all(r.step.kind == "given" for r in rows) else
                                                "measured" if all(r.step.kind == "measured" for r in rows) else
                                                "scaled")
-    return Row(label, cfg.sweep.num_samples, rows[0].steps, rows[0].gpus, step, overhead_s)
+    return Row(label, cfg.sweep.num_samples, steps, gpus, step, overhead_s)
 
 
 def representative(space: Space) -> Space:
@@ -378,6 +381,9 @@ def _notes(cfg: CoATConfig, space: Space, bill: Bill, given: bool) -> list[str]:
     if per_trial > 1:
         notes.append("step time measured on one device: communication between a trial's "
                      f"{per_trial} workers is not in it")
+    if not given and len({tuple(stage.train) for stage in cfg.train.stages}) > 1:
+        notes.append("a step is measured training the last stage's parts and every stage's steps are billed at it: "
+                     "stages that freeze more (e.g. the LLM) step faster, so the bill is an upper bound")
     notes.append(EXCLUDED)
     if space.is_grid:
         notes.append("grid: every trial runs to its last step (coat.tune.sweep uses no early stopping on grids)")
