@@ -452,8 +452,10 @@ def largest_batch(peaks: list[tuple[int, float | None]], card_gb: float, headroo
            "headroom": headroom, "fixed_gb": None, "per_sample_gb": None, "largest_batch": None, "note": ""}
     if len(fitted) < len(peaks):
         failed = [b for b, gb in peaks if gb is None]
-        out["largest_batch"] = max((b for b, _ in fitted), default=0)
-        out["note"] = f"batch {failed[0]} ran out of memory"
+        tight = [b for b, gb in fitted if gb > card_gb * (1 - headroom)]  # fit, but without the headroom
+        out["largest_batch"] = max((b for b, _ in fitted if b not in tight), default=0)
+        out["note"] = f"batch {failed[0]} ran out of memory" + "".join(
+            f"; batch {b} fit with less than {headroom:.0%} of the card free" for b in tight)
         return out
     (small, small_gb), (large, large_gb) = fitted
     per_sample = (large_gb - small_gb) / (large - small)

@@ -126,6 +126,9 @@ def test_the_largest_batch_follows_from_two_measured_peaks_with_headroom():
     assert largest_batch([(1, 90.0), (2, 120.0)], 80.0)["largest_batch"] == 0  # not even one clip fits
     short = largest_batch([(4, 70.0), (8, None)], 80.0)  # the larger batch ran out of memory
     assert (short["largest_batch"], short["note"]) == (4, "batch 8 ran out of memory")
+    tight = largest_batch([(4, 75.0), (8, None)], 80.0)  # batch 4 fit, but with 5 GB of 80 free
+    assert (tight["largest_batch"], tight["note"]) == (
+        0, "batch 8 ran out of memory; batch 4 fit with less than 10% of the card free")
     flat = largest_batch([(1, 20.0), (2, 20.0)], 80.0)
     assert flat["largest_batch"] is None and "did not grow" in flat["note"] and batch_summary(flat).startswith("- (")
     assert batch_summary(None) == "-"
